@@ -1,0 +1,44 @@
+# Every target works on a fresh machine: it creates .venv and installs what it needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install demo test lint bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Install torch first so a CPU-only machine never resolves a multi-GB CUDA build.
+$(STAMP): $(PY) pyproject.toml setup.py
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch==$(TORCH_VERSION) (CUDA build)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "No GPU: installing the CPU build of torch==$(TORCH_VERSION)"; \
+		$(PIP) install -q --no-index "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.routing_bench
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.routing_bench
+
+lint: $(STAMP)
+	$(VENV)/bin/pre-commit run --all-files
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,30 @@
+"""Shared fixtures: a local CPU-only Ray, started once per test module that asks for it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep Ray light on a 2-core machine: no dashboard, no usage stats, quiet logs.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with explicit resources; shut down when the module's tests are done."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        num_cpus=4,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,107 @@
+"""Validation of the server_routing schema and the shipped YAML defaults."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from verl_omni.workers.config.rollout_routing import (
+    VALID_ROLLOUT_SERVER_ROUTING_POLICIES,
+    RolloutServerRoutingConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults():
+    cfg = RolloutServerRoutingConfig()
+    assert cfg.policy == "least_inflight"
+    assert cfg.routing_key_field == "uid"
+    assert cfg.max_imbalance is None
+    assert cfg.cache_size == 10000
+
+
+def test_valid_policies_listed():
+    assert VALID_ROLLOUT_SERVER_ROUTING_POLICIES == (
+        "prompt_uid_affinity",
+        "least_inflight",
+        "prompt_hash_sharding",
+        "round_robin",
+    )
+    for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES:
+        assert RolloutServerRoutingConfig(policy=policy).policy == policy
+
+
+def test_unknown_policy_names_key_value_and_choices():
+    with pytest.raises(ValueError) as err:
+        RolloutServerRoutingConfig(policy="random")
+    msg = str(err.value)
+    assert "server_routing.policy" in msg and "'random'" in msg
+    for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES:
+        assert policy in msg
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
+def test_bad_max_imbalance(bad):
+    with pytest.raises(ValueError, match=r"server_routing\.max_imbalance"):
+        RolloutServerRoutingConfig(policy="prompt_uid_affinity", max_imbalance=bad)
+
+
+@pytest.mark.parametrize("bad", ["", "  ", None])
+def test_empty_routing_key_field(bad):
+    with pytest.raises(ValueError, match=r"server_routing\.routing_key_field"):
+        RolloutServerRoutingConfig(routing_key_field=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_bad_cache_size(bad):
+    with pytest.raises(ValueError, match=r"server_routing\.cache_size=" + str(bad)):
+        RolloutServerRoutingConfig(cache_size=bad)
+
+
+def test_frozen_like_verl_configs():
+    cfg = RolloutServerRoutingConfig()
+    with pytest.raises(Exception, match="frozen"):
+        cfg.policy = "round_robin"
+
+
+def test_shipped_yaml_matches_schema_defaults():
+    section = OmegaConf.load(REPO / "configs" / "server_routing.yaml")
+    assert RolloutServerRoutingConfig.from_config(section) == RolloutServerRoutingConfig()
+
+
+def test_from_config_partial_section_and_missing_section():
+    assert RolloutServerRoutingConfig.from_config(None) == RolloutServerRoutingConfig()
+    cfg = RolloutServerRoutingConfig.from_config(OmegaConf.create({"policy": "round_robin"}))
+    assert cfg.policy == "round_robin" and cfg.cache_size == 10000
+
+
+def test_from_config_rejects_unknown_key():
+    with pytest.raises(ValueError, match=r"\['polcy'\].*valid keys"):
+        RolloutServerRoutingConfig.from_config({"polcy": "round_robin"})
+
+
+def test_yaml_is_included_by_other_configs(tmp_path):
+    """A user config pulls the shared file in through its defaults list and overrides only `policy`."""
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "user.yaml").write_text(
+        "hydra:\n"
+        f"  searchpath: [file://{REPO / 'configs'}]\n"
+        "defaults:\n"
+        "  - server_routing@actor_rollout_ref.rollout.server_routing\n"
+        "  - _self_\n"
+        "actor_rollout_ref:\n"
+        "  rollout:\n"
+        "    server_routing:\n"
+        "      policy: prompt_uid_affinity\n"
+    )
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        cfg = compose("user", overrides=["actor_rollout_ref.rollout.server_routing.policy=round_robin"])
+        default_cfg = compose("user")
+    assert RolloutServerRoutingConfig.from_config(default_cfg.actor_rollout_ref.rollout.server_routing).policy == (
+        "prompt_uid_affinity"
+    )
+    routing = RolloutServerRoutingConfig.from_config(cfg.actor_rollout_ref.rollout.server_routing)
+    assert routing.policy == "round_robin"
+    assert routing.routing_key_field == "uid" and routing.cache_size == 10000

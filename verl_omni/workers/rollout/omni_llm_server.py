@@ -1,0 +1,97 @@
+"""Server manager and client that carry a per-group ``routing_key`` to the load balancer.
+
+verl's ``LLMServerClient.generate`` forwards every extra kwarg both to the balancer (filtered by
+``require_acquire_fields``) and to the server, and replaces the caller's ``request_id`` with a
+fresh uuid. ``OmniLLMServerClient`` keeps verl's request path but sends ``routing_key`` to the
+balancer only and forwards the caller's ``request_id`` so a request can be traced end to end.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+from typing import Any
+
+import ray
+from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
+
+from verl_omni.workers.config.rollout import ensure_omni_rollout_target
+from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
+from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
+
+# The routing key of the generate() call running in the current asyncio task. A context variable
+# (copied per task) lets verl's own generate() run unchanged while the key reaches only the
+# balancer; concurrent calls never see each other's key.
+_ROUTING_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("verl_omni_routing_key", default=None)
+
+
+class OmniLLMServerClient(LLMServerClient):
+    """verl's client plus a ``routing_key`` for the balancer and caller-id forwarding."""
+
+    async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> Any:
+        """Generate through the replica the balancer picks for ``routing_key`` (or ``request_id``).
+
+        ``routing_key`` is consumed here and never sent to the server; the replica is released in
+        ``finally`` (by verl's generate), also when the server raises.
+        """
+        token = _ROUTING_KEY.set(routing_key)
+        try:
+            return await super().generate(request_id, **kwargs)
+        finally:
+            _ROUTING_KEY.reset(token)
+
+    async def _acquire_server(self, request_id: str, **extra: Any) -> tuple[str, ray.actor.ActorHandle]:
+        routing_key = _ROUTING_KEY.get()
+        if routing_key is not None:
+            extra["routing_key"] = routing_key
+        return await super()._acquire_server(request_id, **extra)
+
+    def _vllm_request_id(self, request_id: str) -> str:
+        """Forward the caller's id so server logs and traces match the agent loop's request."""
+        return request_id
+
+
+class OmniLLMServerManager(LLMServerManager):
+    """verl's server manager with ``OmniRequestLoadBalancer`` configured from ``rollout.server_routing``.
+
+    The routing section is validated in the constructor, before any replica is launched.
+    """
+
+    def __init__(self, config: Any, *args: Any, load_balancer_cls: type | None = None, **kwargs: Any):
+        rollout_config = config.actor_rollout_ref.rollout
+        ensure_omni_rollout_target(rollout_config)
+        self.routing_config = RolloutServerRoutingConfig.from_config(
+            rollout_config.get("server_routing"), prefix="actor_rollout_ref.rollout.server_routing"
+        )
+        super().__init__(config, *args, load_balancer_cls=load_balancer_cls or OmniRequestLoadBalancer, **kwargs)
+
+    async def _init_global_load_balancer(self) -> None:
+        cfg = self.routing_config
+        if getattr(self.rollout_config, "router_config_path", None):
+            logger.warning(
+                "rollout.router_config_path=%r is ignored: routing is set by rollout.server_routing",
+                self.rollout_config.router_config_path,
+            )
+        servers = dict(zip(self.server_addresses, self.server_handles, strict=True))
+        self.global_load_balancer = ray.remote(self._load_balancer_cls).remote(
+            servers=servers,
+            max_cache_size=cfg.cache_size,
+            full_determinism=bool(getattr(self.rollout_config, "full_determinism", False)),
+            policy=cfg.policy,
+            max_imbalance=cfg.max_imbalance,
+        )
+        logger.info(
+            "Rollout routing: policy=%s max_imbalance=%s cache_size=%d over %d replicas",
+            cfg.policy,
+            cfg.max_imbalance,
+            cfg.cache_size,
+            len(servers),
+        )
+
+    def get_client(self, client_cls: type[LLMServerClient] | None = None, **kwargs: Any) -> LLMServerClient:
+        """An ``OmniLLMServerClient`` by default; any verl client class can still be passed."""
+        return super().get_client(client_cls=client_cls or OmniLLMServerClient, **kwargs)

@@ -1,0 +1,199 @@
+"""``OmniRequestLoadBalancer``: verl's rollout load balancer with group-aware routing policies.
+
+In FlowGRPO every prompt is expanded into ``rollout.n`` requests that share a group id (``uid``).
+verl's ``GlobalRequestLoadBalancer`` routes each request by its own ``request_id``, so a group
+scatters over replicas. This balancer is a drop-in for it (same constructor arguments, methods
+and status keys) that can route by a per-group ``routing_key`` instead.
+
+Like verl's, it is a plain class: wrap it with ``ray.remote(...)`` at instantiation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import os
+from typing import Any
+
+from verl_omni.workers.config.rollout_routing import (
+    DEFAULT_ROUTING_CACHE_SIZE,
+    VALID_ROLLOUT_SERVER_ROUTING_POLICIES,
+    validate_routing_options,
+)
+from verl_omni.workers.rollout.load_buckets import LoadBuckets
+from verl_omni.workers.rollout.sticky_cache import StickyLRU
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+__all__ = ["OmniRequestLoadBalancer", "stable_hash", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
+
+
+def stable_hash(key: str) -> int:
+    """A 64-bit hash of ``key`` that is identical across processes and runs (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class OmniRequestLoadBalancer:
+    """Sticky, load-aware request router shared by all agent-loop workers.
+
+    Policies (``policy=``):
+
+    - ``least_inflight`` (default): verl's behaviour. Sticky on ``request_id``; a new id goes to a
+      uniformly random server among the least loaded.
+    - ``prompt_uid_affinity``: sticky on ``routing_key`` (``request_id`` when the key is None or
+      empty), so all copies of a prompt land on one replica. A new key goes to the least-loaded
+      replica. With ``max_imbalance`` set, a request whose pinned replica has more than
+      ``max_imbalance`` in-flight requests above the least-loaded one is diverted and the key
+      re-pinned (soft affinity).
+    - ``prompt_hash_sharding``: ``sorted(server_ids)[stable_hash(key) % R]``; the same key maps to
+      the same replica in every process and run for a fixed pool.
+    - ``round_robin``: rotates over the sorted server ids, ignoring load and keys.
+
+    Every pick is O(1) in the number of replicas (``LoadBuckets``); the sorted id list is kept
+    up to date on add/remove instead of being rebuilt per request.
+    """
+
+    def __init__(
+        self,
+        servers: dict[str, Any],
+        max_cache_size: int = DEFAULT_ROUTING_CACHE_SIZE,
+        full_determinism: bool = False,
+        policy: str = "least_inflight",
+        max_imbalance: int | None = None,
+    ):
+        validate_routing_options(policy=policy, max_imbalance=max_imbalance, cache_size=max_cache_size)
+        self._policy = policy
+        self._max_imbalance = max_imbalance
+        # verl's full_determinism routes by a hash of request_id; here that hash is stable across runs.
+        self._full_determinism = full_determinism
+        self._servers: dict[str, Any] = {}
+        self._sorted_ids: list[str] = []
+        self._load = LoadBuckets()
+        self._sticky = StickyLRU(maxsize=max_cache_size)
+        self._served: dict[str, int] = {}
+        self._rr_next = 0
+        self._diversions = 0
+        self._acquires = 0
+        self._releases = 0
+        self._pick = {
+            "least_inflight": self._pick_least_inflight,
+            "prompt_uid_affinity": self._pick_affinity,
+            "prompt_hash_sharding": self._pick_hash,
+            "round_robin": self._pick_round_robin,
+        }[policy]
+        self.add_servers(servers)
+
+    # ------------------------------------------------------------------ routing
+    def acquire_server(self, request_id: str, routing_key: str | None = None) -> tuple[str, Any]:
+        """Pick a server for the request, count it in flight, and return ``(server_id, handle)``."""
+        if not self._servers:
+            raise RuntimeError("No available servers in load balancer")
+        server_id = self._pick(request_id, routing_key)
+        self._load.increment(server_id)
+        self._served[server_id] = self._served.get(server_id, 0) + 1
+        self._acquires += 1
+        return server_id, self._servers[server_id]
+
+    def release_server(self, server_id: str, request_id: str | None = None) -> None:
+        """Count a request as finished; an unknown or idle server is ignored (as in verl)."""
+        if self._load.decrement(server_id):
+            self._releases += 1
+
+    def require_acquire_fields(self) -> list[str]:
+        """verl's client sends these ``generate()`` kwargs to :meth:`acquire_server`."""
+        return ["routing_key"]
+
+    def require_release_fields(self) -> list[str]:
+        return []
+
+    def _sticky_lookup(self, key: str) -> str | None:
+        server_id = self._sticky.get(key)
+        if server_id is None:
+            return None
+        if server_id in self._servers:
+            return server_id
+        self._sticky.pop(key)  # pinned to a removed server: re-route
+        return None
+
+    def _pick_least_inflight(self, request_id: str, routing_key: str | None) -> str:
+        server_id = self._sticky_lookup(request_id)
+        if server_id is None:
+            if self._full_determinism:
+                server_id = self._sorted_ids[stable_hash(request_id) % len(self._sorted_ids)]
+            else:
+                server_id = self._load.pick_least_loaded()
+            self._sticky.put(request_id, server_id)
+        return server_id
+
+    def _pick_affinity(self, request_id: str, routing_key: str | None) -> str:
+        key = routing_key or request_id
+        server_id = self._sticky_lookup(key)
+        if server_id is not None:
+            if self._max_imbalance is None or self._load.count(server_id) - self._load.min_count <= self._max_imbalance:
+                return server_id
+            self._diversions += 1
+        server_id = self._load.pick_least_loaded()
+        self._sticky.put(key, server_id)
+        return server_id
+
+    def _pick_hash(self, request_id: str, routing_key: str | None) -> str:
+        key = routing_key or request_id
+        return self._sorted_ids[stable_hash(key) % len(self._sorted_ids)]
+
+    def _pick_round_robin(self, request_id: str, routing_key: str | None) -> str:
+        server_id = self._sorted_ids[self._rr_next % len(self._sorted_ids)]
+        self._rr_next = (self._rr_next + 1) % len(self._sorted_ids)
+        return server_id
+
+    # ------------------------------------------------------------- pool changes
+    def add_servers(self, servers: dict[str, Any]) -> None:
+        """Add (or re-register) servers; a re-registered server keeps its in-flight count."""
+        for server_id, handle in servers.items():
+            if server_id not in self._servers:
+                bisect.insort(self._sorted_ids, server_id)
+                self._load.add(server_id)
+            self._servers[server_id] = handle
+        logger.info("[OmniRequestLoadBalancer] added %d servers", len(servers))
+
+    def remove_servers(self, server_ids: list[str]) -> None:
+        """Remove servers; sticky entries that point to them are re-routed on next use."""
+        for server_id in server_ids:
+            if self._servers.pop(server_id, None) is None:
+                continue
+            self._sorted_ids.pop(bisect.bisect_left(self._sorted_ids, server_id))
+            self._load.remove(server_id)
+        logger.info("[OmniRequestLoadBalancer] removed %d servers", len(server_ids))
+
+    # ---------------------------------------------------------------- inspection
+    def get_inflight_count(self, server_id: str) -> int:
+        return self._load.count(server_id)
+
+    def get_all_servers(self) -> list[str]:
+        return list(self._servers)
+
+    def get_total_inflight(self) -> int:
+        return self._load.total
+
+    def clear_sticky_cache(self) -> dict:
+        """Forget all pins (verl calls this on phase switches); in-flight counts are kept."""
+        cleared = len(self._sticky)
+        self._sticky.clear()
+        return {"cleared_entries": cleared, "server_loads": self._load.as_dict()}
+
+    def get_status(self) -> dict:
+        """verl's status keys plus the policy, per-replica served counts, pins and diversions."""
+        return {
+            "servers": self._load.as_dict(),
+            "total_inflight": self._load.total,
+            "active_servers": len(self._servers),
+            "registered_handles": list(self._servers),
+            "policy": self._policy,
+            "max_imbalance": self._max_imbalance,
+            "served": {sid: self._served.get(sid, 0) for sid in self._servers},
+            "pinned_keys": len(self._sticky),
+            "diversions": self._diversions,
+            "acquires": self._acquires,
+            "releases": self._releases,
+        }
