@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml setup.py
 		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	else \
 		echo "No GPU: installing the CPU build of torch==$(TORCH_VERSION)"; \
-		$(PIP) install -q --no-index "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PIP) install -q -e ".[dev]"
