@@ -1,0 +1,1 @@
+"""Runnable recipes built on verl-omni."""

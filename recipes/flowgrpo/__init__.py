@@ -1,0 +1,1 @@
+"""FlowGRPO recipe: online RL of a flow-matching diffusion model with verl."""

@@ -1,0 +1,175 @@
+"""Reward registry, JPEG (in)compressibility and PickScore (with a tiny random CLIP built locally)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from verl_omni.rewards import get_reward_fn, register_reward, registered_rewards
+from verl_omni.rewards.jpeg import jpeg_size_kb
+from verl_omni.rewards.registry import _REGISTRY
+
+
+def _smooth_and_noisy(size: int = 64) -> torch.Tensor:
+    flat = torch.full((3, size, size), 128, dtype=torch.uint8)
+    noisy = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.stack([flat, noisy])
+
+
+def test_builtin_rewards_are_registered():
+    assert {"jpeg_compressibility", "jpeg_incompressibility", "pickscore"} <= set(registered_rewards())
+
+
+def test_unknown_reward_names_key_value_and_choices():
+    with pytest.raises(ValueError, match=r"reward\.name='nope'.*jpeg_compressibility.*pickscore"):
+        get_reward_fn("nope")
+
+
+def test_unknown_reward_option_is_rejected():
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['qualty'\].*valid options: \['quality'\]"):
+        get_reward_fn("jpeg_compressibility", qualty=80)
+
+
+def test_register_reward_and_duplicate_name():
+    name = "test_constant_reward"
+    try:
+
+        @register_reward(name)
+        def constant(value: float = 1.0):
+            return lambda images, prompts: torch.full((images.shape[0],), value)
+
+        fn = get_reward_fn(name, value=2.5)
+        assert fn(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), ["a", "b", "c"]).tolist() == [2.5, 2.5, 2.5]
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward(name)(lambda: None)
+    finally:
+        _REGISTRY.pop(name, None)
+
+
+def test_jpeg_compressibility_is_minus_size_in_kb():
+    images = _smooth_and_noisy()
+    reward = get_reward_fn("jpeg_compressibility", quality=90)(images, ["flat", "noise"])
+    assert reward.dtype == torch.float32 and reward.shape == (2,)
+    for i in range(2):
+        buffer = io.BytesIO()
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=90)
+        assert reward[i].item() == pytest.approx(-buffer.tell() / 1000.0)
+    # A flat image compresses far better than noise, so it earns the higher reward.
+    assert reward[0] > reward[1]
+
+
+def test_jpeg_incompressibility_is_the_negative():
+    images = _smooth_and_noisy()
+    compress = get_reward_fn("jpeg_compressibility")(images, ["a", "b"])
+    incompress = get_reward_fn("jpeg_incompressibility")(images, ["a", "b"])
+    torch.testing.assert_close(incompress, -compress)
+    assert incompress[1] > incompress[0]
+    assert jpeg_size_kb(images[1]) == pytest.approx(incompress[1].item())
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.zeros(2, 3, 8, 8), "uint8"),
+        (torch.zeros(2, 8, 8, 3, dtype=torch.uint8), r"\(B, 3, H, W\)"),
+        (torch.zeros(3, 3, 8, 8, dtype=torch.uint8), "3 images but 2 prompts"),
+    ],
+)
+def test_reward_rejects_bad_images(images, match):
+    with pytest.raises(ValueError, match=match):
+        get_reward_fn("jpeg_compressibility")(images, ["a", "b"])
+
+
+def test_jpeg_quality_is_validated():
+    with pytest.raises(ValueError, match="quality"):
+        get_reward_fn("jpeg_compressibility", quality=0)
+
+
+# ---------------------------------------------------------------- PickScore on a tiny random CLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random CLIP model + processor saved with save_pretrained: an ASCII character vocab, 32x32 images."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = image_processor_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_pickscore_matches_logit_scale_times_cosine(tiny_clip_dir):
+    from transformers import AutoProcessor, CLIPModel
+
+    images = torch.randint(0, 256, (3, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cube", "blue sky over green hills", "a cat"]
+    reward = get_reward_fn("pickscore", model_path=str(tiny_clip_dir), batch_size=2)
+    scores = reward(images, prompts)
+    assert scores.dtype == torch.float32 and scores.shape == (3,)
+
+    # Independent reference: PickScore's own recipe (embed separately, normalise, scale the dot product).
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        pixel = processor(images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt")
+        text = processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        img_emb = model.visual_projection(model.vision_model(**pixel).pooler_output)
+        txt_emb = model.text_projection(model.text_model(**text).pooler_output)
+        img_emb = img_emb / img_emb.norm(dim=-1, keepdim=True)
+        txt_emb = txt_emb / txt_emb.norm(dim=-1, keepdim=True)
+        expected = model.logit_scale.exp() * (img_emb * txt_emb).sum(-1)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert scores.abs().max() <= model.logit_scale.exp().item() + 1e-4  # a scaled cosine
+    # Different prompts for the same image give different scores: the text actually conditions the score.
+    same_image = reward(images[:1].expand(2, -1, -1, -1).contiguous(), ["a red cube", "blue sky over green hills"])
+    assert not torch.isclose(same_image[0], same_image[1])
+
+
+def test_pickscore_bfloat16_close_to_float32(tiny_clip_dir):
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    full = get_reward_fn("pickscore", model_path=str(tiny_clip_dir))(images, ["a", "b"])
+    half = get_reward_fn("pickscore", model_path=str(tiny_clip_dir), dtype="bfloat16")(images, ["a", "b"])
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+
+
+def test_pickscore_needs_a_loadable_model_path(tmp_path):
+    with pytest.raises(ValueError, match="model_path"):
+        get_reward_fn("pickscore")
+    with pytest.raises(ValueError, match=r"could not load a CLIP model from model_path="):
+        get_reward_fn("pickscore", model_path=str(tmp_path))
+    with pytest.raises(ValueError, match="dtype"):
+        get_reward_fn("pickscore", model_path=str(tmp_path), dtype="int8")

@@ -1,0 +1,67 @@
+"""Sample grids and reward curves are real PNGs of the expected size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from verl_omni.utils.visualize import save_image_grid, save_reward_curve
+
+
+def _images(count: int, height: int = 16, width: int = 24) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (count, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def test_grid_layout_and_pixels(tmp_path):
+    images = _images(5)
+    path = save_image_grid(images, tmp_path / "sub" / "grid.png", ncols=3, pad=2)
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.size == (3 * (24 + 2) + 2, 2 * (16 + 2) + 2)
+        png = png.convert("RGB")
+        # Image 4 sits in row 1, column 1; its pixels are copied exactly.
+        tile = png.crop((2 + 26, 2 + 18, 2 + 26 + 24, 2 + 18 + 16))
+        assert torch.equal(torch.from_numpy(np.array(tile)).permute(2, 0, 1), images[4])
+
+
+def test_grid_with_captions_and_scale(tmp_path):
+    images = _images(4)
+    plain = save_image_grid(images, tmp_path / "plain.png", scale=3)
+    captioned = save_image_grid(images, tmp_path / "cap.png", captions=["a red cube on a table"] * 4, scale=3)
+    with Image.open(plain) as a, Image.open(captioned) as b:
+        assert a.size == (2 * (72 + 2) + 2, 2 * (48 + 2) + 2)  # ncols defaults to ceil(sqrt(4)) = 2
+        assert b.size[0] == a.size[0] and b.size[1] > a.size[1]
+        # Caption text is drawn: the strip under the first image is not blank.
+        strip = b.convert("L").crop((2, 2 + 48, 2 + 72, 2 + 48 + 10))
+        assert strip.getextrema()[0] < 128
+
+
+def test_grid_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        save_image_grid(torch.zeros(2, 3, 4, 4), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        save_image_grid(_images(2), tmp_path / "x.png", captions=["a"])
+
+
+def test_reward_curve_png(tmp_path):
+    steps = list(range(1, 21))
+    means = [-10 + 0.3 * s for s in steps]
+    path = save_reward_curve(steps, means, [0.5] * 20, tmp_path / "curve.png", size=(500, 300))
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (500, 300)
+        colors = {c for _, c in png.convert("RGB").getcolors(maxcolors=1 << 16)}
+        assert (31, 119, 180) in colors  # the mean line is drawn
+    single = save_reward_curve([3], [1.0], None, tmp_path / "one.png")
+    with Image.open(single) as png:
+        assert png.size == (640, 400)
+
+
+def test_reward_curve_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="same non-zero length"):
+        save_reward_curve([1, 2], [1.0], None, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="finite"):
+        save_reward_curve([1], [float("nan")], None, tmp_path / "c.png")

@@ -1,0 +1,84 @@
+"""Name -> reward factory registry, so the recipe picks a reward by config (``reward.name``).
+
+A reward is any callable ``(images, prompts) -> scores`` where ``images`` is a uint8 tensor of shape
+``(B, 3, H, W)``, ``prompts`` a list of ``B`` strings and ``scores`` a float32 tensor of shape ``(B,)``.
+The registry stores factories (usually classes) so that options such as a model path reach the reward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import torch
+
+REWARD_NAME_KEY = "reward.name"
+
+
+class RewardFn(Protocol):
+    """What every registered reward returns once built."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+_F = TypeVar("_F", bound=Callable[..., RewardFn])
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward(name: str) -> Callable[[_F], _F]:
+    """Register a reward factory under ``name``; a second registration of the same name is an error."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_reward needs a non-empty string name, got {name!r}")
+
+    def decorator(factory: _F) -> _F:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not factory:
+            raise ValueError(f"reward {name!r} is already registered to {existing!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def registered_rewards() -> tuple[str, ...]:
+    """Sorted names of all registered rewards (the built-in ones included)."""
+    _import_builtin_rewards()
+    return tuple(sorted(_REGISTRY))
+
+
+def get_reward_fn(name: str, **kwargs) -> RewardFn:
+    """Build the reward registered as ``name`` with ``kwargs``.
+
+    Raises ``ValueError`` naming ``reward.name``, the bad value and the valid choices for an unknown name,
+    and naming the reward's valid options for an unknown keyword, so a config typo fails before any work.
+    """
+    _import_builtin_rewards()
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"Unknown {REWARD_NAME_KEY}={name!r}; valid choices: {sorted(_REGISTRY)}")
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_any:
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for {REWARD_NAME_KEY}={name!r}; valid options: {sorted(params)}"
+            )
+    return factory(**kwargs)
+
+
+def validate_reward_inputs(images: torch.Tensor, prompts: list[str] | None = None) -> None:
+    """Reject inputs a reward would silently mis-score (float images cast to uint8 turn black)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a uint8 torch.Tensor of shape (B, 3, H, W), got {got}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if prompts is not None and len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; need one prompt per image")
+
+
+def _import_builtin_rewards() -> None:
+    """Import the package so the built-in rewards register themselves, whichever module was imported first."""
+    import verl_omni.rewards  # noqa: F401

@@ -1,0 +1,1 @@
+"""Trainers built on verl's single-controller design; FlowGRPO is the first."""

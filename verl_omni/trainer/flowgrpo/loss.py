@@ -1,0 +1,101 @@
+"""FlowGRPO policy loss: PPO-style clipped ratio of SDE transition log-probs plus a closed-form KL to the reference.
+
+Both policies share the transition std ``sigma`` and differ only in the Gaussian mean, so the KL between the
+two transitions is ``||mean_theta - mean_ref||^2 / (2 sigma^2)`` (averaged over dimensions, as the log-prob is).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _per_sample_sigma(std_dev: torch.Tensor, batch: int) -> torch.Tensor:
+    """Transition std as shape ``(B,)``: accepts a scalar, ``(B,)`` or ``(B, 1, ..., 1)``."""
+    std_dev = torch.as_tensor(std_dev)
+    if std_dev.numel() == 1:
+        return std_dev.reshape(()).expand(batch)
+    if std_dev.numel() == batch and std_dev.shape[0] == batch:
+        return std_dev.reshape(batch)
+    raise ValueError(f"std_dev must be a scalar or hold one value per sample (B={batch}), got {tuple(std_dev.shape)}")
+
+
+def transition_kl(
+    prev_sample_mean: torch.Tensor, ref_prev_sample_mean: torch.Tensor, std_dev: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample ``mean_over_dims((mean_theta - mean_ref)^2) / (2 sigma^2)``, shape ``(B,)``; grads flow to theta."""
+    if prev_sample_mean.shape != ref_prev_sample_mean.shape or prev_sample_mean.ndim < 1:
+        raise ValueError(
+            f"prev_sample_mean {tuple(prev_sample_mean.shape)} and ref_prev_sample_mean "
+            f"{tuple(ref_prev_sample_mean.shape)} must have the same (B, ...) shape"
+        )
+    batch = prev_sample_mean.shape[0]
+    sigma = _per_sample_sigma(std_dev, batch).detach().to(prev_sample_mean)
+    diff = prev_sample_mean - ref_prev_sample_mean.detach()
+    return diff.pow(2).reshape(batch, -1).mean(dim=1) / (2 * sigma**2)
+
+
+def flowgrpo_policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    prev_sample_mean: torch.Tensor | None = None,
+    ref_prev_sample_mean: torch.Tensor | None = None,
+    std_dev: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over the ``B`` (sample, trained step) rows of ``max(-A r, -A clip(r, 1-eps, 1+eps)) + beta * kl``.
+
+    ``log_prob`` is recomputed under the current policy (carries grad); ``old_log_prob`` comes from the rollout
+    and ``advantages`` from the group normalisation (both treated as constants). With ``beta > 0`` the
+    current and reference transition means and the transition std ``sigma`` are required; with ``beta == 0``
+    they are optional and, when given, only reported. Metrics are Python floats: ``pg_loss``, ``kl``,
+    ``clip_frac`` (share of rows with ``|r - 1| > eps``), ``approx_kl`` (``0.5 mean((logp - old)^2)``),
+    ``ratio_mean``, ``ratio_max``, ``loss``.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
+    if not beta >= 0:
+        raise ValueError(f"beta (KL coefficient) must be >= 0, got {beta!r}")
+    if log_prob.ndim != 1 or old_log_prob.shape != log_prob.shape or advantages.shape != log_prob.shape:
+        raise ValueError(
+            "log_prob, old_log_prob and advantages must share one 1-D shape (B,), got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}"
+        )
+    if log_prob.numel() == 0:
+        raise ValueError("flowgrpo_policy_loss got an empty batch (B=0)")
+    kl_inputs = {"prev_sample_mean": prev_sample_mean, "ref_prev_sample_mean": ref_prev_sample_mean, "std_dev": std_dev}
+    missing = [name for name, value in kl_inputs.items() if value is None]
+    if beta > 0 and missing:
+        raise ValueError(f"beta={beta} > 0 needs prev_sample_mean, ref_prev_sample_mean and std_dev; missing {missing}")
+
+    old_log_prob = old_log_prob.detach()
+    advantages = advantages.detach().to(log_prob.dtype)
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_loss = torch.maximum(unclipped, clipped).mean()
+
+    if not missing:
+        if prev_sample_mean.shape[0] != log_prob.shape[0]:
+            raise ValueError(
+                f"prev_sample_mean has {prev_sample_mean.shape[0]} rows but log_prob has {log_prob.shape[0]}"
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and beta > 0):
+            kl = transition_kl(prev_sample_mean, ref_prev_sample_mean, std_dev).mean()
+    else:
+        kl = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    loss = pg_loss + beta * kl if beta > 0 else pg_loss
+
+    with torch.no_grad():
+        metrics = {
+            "loss": loss.item(),
+            "pg_loss": pg_loss.item(),
+            "kl": kl.item(),
+            "clip_frac": (torch.abs(ratio - 1.0) > clip_range).float().mean().item(),
+            "approx_kl": (0.5 * log_ratio.pow(2).mean()).item(),
+            "ratio_mean": ratio.mean().item(),
+            "ratio_max": ratio.max().item(),
+        }
+    return loss, metrics

@@ -1,0 +1,199 @@
+"""PNG visualisations drawn with Pillow alone (no plotting dependency): sample grids and the reward curve."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+_AXIS = (90, 90, 90)
+_GRID = (225, 225, 225)
+_LINE = (31, 119, 180)
+_BAND = (31, 119, 180, 60)
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def _line_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    left, top, right, bottom = font.getbbox("Ag")
+    return bottom - top + 3
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; the last line is cut with an ellipsis when the text does not fit."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if font.getlength(candidate) <= width or not current:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1] + "..."
+    for i, line in enumerate(lines):
+        while font.getlength(line) > width and len(line) > 1:
+            line = line[:-4] + "..." if len(line) > 4 else line[:-1]
+        lines[i] = line
+    return lines
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    captions: Sequence[str] | None = None,
+    ncols: int | None = None,
+    pad: int = 2,
+    scale: int = 1,
+    caption_lines: int = 2,
+) -> Path:
+    """Save uint8 ``(B, 3, H, W)`` images as one PNG grid, optionally captioned under each image.
+
+    ``ncols`` defaults to ``ceil(sqrt(B))``. ``scale`` enlarges each image by an integer factor (nearest
+    neighbour) so tiny-model samples stay visible. The image is ``ncols * (W*scale + pad) + pad`` wide and
+    ``nrows * (H*scale + caption_height + pad) + pad`` high, with ``caption_height`` 0 without captions.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a uint8 tensor of shape (B, 3, H, W) with B >= 1, got {desc}")
+    count, _, height, width = images.shape
+    if count == 0:
+        raise ValueError("images must hold at least one image")
+    if captions is not None and len(captions) != count:
+        raise ValueError(f"got {count} images but {len(captions)} captions")
+    if ncols is not None and ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    if scale < 1 or pad < 0:
+        raise ValueError(f"scale must be >= 1 and pad >= 0, got scale={scale}, pad={pad}")
+    ncols = min(ncols or math.ceil(math.sqrt(count)), count)
+    nrows = math.ceil(count / ncols)
+    cell_w, cell_h = width * scale, height * scale
+    font = _font()
+    line_h = _line_height(font)
+    caption_h = caption_lines * line_h + 2 if captions is not None else 0
+
+    canvas = Image.new("RGB", (ncols * (cell_w + pad) + pad, nrows * (cell_h + caption_h + pad) + pad), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    pixels = images.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
+    for i in range(count):
+        row, col = divmod(i, ncols)
+        x = pad + col * (cell_w + pad)
+        y = pad + row * (cell_h + caption_h + pad)
+        tile = Image.fromarray(pixels[i])
+        if scale > 1:
+            tile = tile.resize((cell_w, cell_h), Image.Resampling.NEAREST)
+        canvas.paste(tile, (x, y))
+        if captions is not None:
+            for j, line in enumerate(_wrap(str(captions[i]), font, cell_w, caption_lines)):
+                draw.text((x, y + cell_h + 1 + j * line_h), line, fill=_TEXT, font=font)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG")
+    return out
+
+
+def _nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten) covering ``[low, high]``."""
+    span = high - low
+    raw = span / max(target, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks = []
+    value = first
+    while value <= high + 1e-9 * step:
+        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
+        value += step
+    return ticks
+
+
+def _format_tick(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def save_reward_curve(
+    steps: Sequence[float],
+    rewards_mean: Sequence[float],
+    rewards_std: Sequence[float] | None,
+    path: str | os.PathLike,
+    size: tuple[int, int] = (640, 400),
+    title: str = "reward mean per step",
+) -> Path:
+    """Plot the mean reward per step, with a +-std band when ``rewards_std`` is given, as a ``size`` PNG."""
+    steps = [float(s) for s in steps]
+    means = [float(r) for r in rewards_mean]
+    stds = None if rewards_std is None else [float(s) for s in rewards_std]
+    if not steps or len(means) != len(steps) or (stds is not None and len(stds) != len(steps)):
+        lengths = (len(steps), len(means), None if stds is None else len(stds))
+        raise ValueError(f"steps, rewards_mean and rewards_std need the same non-zero length, got {lengths}")
+    values = means + ([] if stds is None else stds)
+    if not all(math.isfinite(v) for v in steps + values):
+        raise ValueError("steps and rewards must be finite numbers")
+    width, height = size
+    if width < 200 or height < 150:
+        raise ValueError(f"size must be at least (200, 150), got {size}")
+
+    lows = means if stds is None else [m - s for m, s in zip(means, stds, strict=True)]
+    highs = means if stds is None else [m + s for m, s in zip(means, stds, strict=True)]
+    y_low, y_high = min(lows), max(highs)
+    margin = (y_high - y_low) * 0.05 or max(abs(y_high) * 0.05, 1e-3)
+    y_low, y_high = y_low - margin, y_high + margin
+    x_low, x_high = min(steps), max(steps)
+    if x_high == x_low:
+        x_low, x_high = x_low - 1, x_high + 1
+
+    font = _font()
+    line_h = _line_height(font)
+    left, right, top, bottom = 64, width - 16, 12 + 2 * line_h, height - 2 * line_h - 12
+
+    def px(x: float) -> float:
+        return left + (x - x_low) / (x_high - x_low) * (right - left)
+
+    def py(y: float) -> float:
+        return bottom - (y - y_low) / (y_high - y_low) * (bottom - top)
+
+    canvas = Image.new("RGBA", size, _BACKGROUND + (255,))
+    draw = ImageDraw.Draw(canvas)
+    for tick in _nice_ticks(y_low, y_high, target=6):
+        y = py(tick)
+        draw.line([(left, y), (right, y)], fill=_GRID)
+        label = _format_tick(tick)
+        draw.text((left - 6 - font.getlength(label), y - line_h / 2), label, fill=_TEXT, font=font)
+    for tick in _nice_ticks(x_low, x_high, target=8):
+        x = px(tick)
+        draw.line([(x, bottom), (x, bottom + 4)], fill=_AXIS)
+        label = _format_tick(tick)
+        draw.text((x - font.getlength(label) / 2, bottom + 6), label, fill=_TEXT, font=font)
+
+    if stds is not None:
+        band = Image.new("RGBA", size, (0, 0, 0, 0))
+        upper = [(px(x), py(y)) for x, y in zip(steps, highs, strict=True)]
+        lower = [(px(x), py(y)) for x, y in zip(steps, lows, strict=True)]
+        ImageDraw.Draw(band).polygon(upper + lower[::-1], fill=_BAND)
+        canvas = Image.alpha_composite(canvas, band)
+        draw = ImageDraw.Draw(canvas)
+    points = [(px(x), py(y)) for x, y in zip(steps, means, strict=True)]
+    if len(points) > 1:
+        draw.line(points, fill=_LINE, width=2)
+    for x, y in points:
+        draw.ellipse([(x - 2, y - 2), (x + 2, y + 2)], fill=_LINE)
+
+    draw.rectangle([(left, top), (right, bottom)], outline=_AXIS)
+    draw.text(((left + right - font.getlength(title)) / 2, 6), title, fill=_TEXT, font=font)
+    draw.text(((left + right - font.getlength("step")) / 2, height - line_h - 6), "step", fill=_TEXT, font=font)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.convert("RGB").save(out, format="PNG")
+    return out
