@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test patches-check lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Apply patches/series to a temporary copy of the installed verl and import it (never site-packages).
+patches-check: $(STAMP)
+	$(PY) -m verl_omni.patches check
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.routing_bench

@@ -177,3 +177,26 @@ def test_manager_rejects_bad_policy_before_launching_replicas(ray_local):
     cfg = _trainer_config("+actor_rollout_ref.rollout.server_routing.policy=fastest")
     with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.policy='fastest'"):
         OmniLLMServerManager(cfg)
+
+
+async def test_dead_replica_is_removed_and_requests_fail_over(ray_local):
+    alive, dead = RecordingServer.remote("alive"), RecordingServer.remote("dead")
+    await alive.get_calls.remote()
+    await dead.get_calls.remote()
+    lb = _balancer({"alive": alive, "dead": dead}, policy="prompt_hash_sharding")
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
+    ray.kill(dead)
+    outs = await asyncio.gather(
+        *[client.generate(f"r{i}", prompt_ids=[i], sampling_params={}, routing_key=f"g{i}") for i in range(12)]
+    )
+    assert {o.extra_fields["server"] for o in outs} == {"alive"}  # every sample completed
+    assert sorted(o.extra_fields["request_id"] for o in outs) == sorted(f"r{i}" for i in range(12))
+    assert await lb.get_all_servers.remote() == ["alive"]
+
+
+async def test_server_error_is_not_retried(ray_local):
+    lb = _balancer({"bad": RecordingServer.remote("bad", fail=True)})
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
+    with pytest.raises(Exception, match="server exploded"):
+        await client.generate("r0", prompt_ids=[1], sampling_params={})
+    assert await lb.get_all_servers.remote() == ["bad"]  # a request error is not a dead replica

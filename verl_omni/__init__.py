@@ -4,3 +4,46 @@ Importing the package registers its extensions in verl's registries; it never pa
 """
 
 __version__ = "0.1.0"
+
+# The overlay subclasses verl internals and patches/ is diffed against this exact release.
+PINNED_VERL_VERSION = "0.9.1"
+
+
+class VerlVersionWarning(UserWarning):
+    """The installed verl is not the release the overlay (and patches/) were written against."""
+
+
+# Kept across importlib.reload (which reuses this module's namespace), so the warning shows once.
+_verl_version_warned: bool = globals().get("_verl_version_warned", False)
+
+
+def check_verl_version() -> str | None:
+    """Warn once per process when the installed verl differs from ``PINNED_VERL_VERSION``.
+
+    A warning, not an error: a nearby release may work, but subclassed internals can change
+    silently between verl releases. Reads package metadata only, so importing stays light.
+    Returns the warning text (``None`` when verl matches).
+    """
+    global _verl_version_warned
+    from importlib import metadata
+
+    try:
+        installed = metadata.version("verl")
+    except metadata.PackageNotFoundError:
+        installed = None
+    if installed == PINNED_VERL_VERSION:
+        return None
+    found = f"verl {installed} is installed" if installed else "verl is not installed"
+    message = (
+        f"{found}, but verl-omni is pinned to verl=={PINNED_VERL_VERSION}; "
+        f'install it with: pip install "verl=={PINNED_VERL_VERSION}"'
+    )
+    if not _verl_version_warned:
+        _verl_version_warned = True
+        import warnings
+
+        warnings.warn(message, VerlVersionWarning, stacklevel=2)
+    return message
+
+
+check_verl_version()

@@ -27,10 +27,25 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 # (copied per task) lets verl's own generate() run unchanged while the key reaches only the
 # balancer; concurrent calls never see each other's key.
 _ROUTING_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("verl_omni_routing_key", default=None)
+# The server id the current generate() attempt was given, so a dead replica can be dropped.
+_ACQUIRED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("verl_omni_acquired", default=None)
+
+# Errors that mean the replica itself is gone (not that the request was bad).
+_REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
 
 class OmniLLMServerClient(LLMServerClient):
-    """verl's client plus a ``routing_key`` for the balancer and caller-id forwarding."""
+    """verl's client plus a ``routing_key`` for the balancer, caller-id forwarding, and failover.
+
+    Args:
+        max_replica_failures: how many dead replicas one request may meet before it fails. A replica
+            whose actor died is removed from the balancer and the request is sent again (same
+            request id and sampling params, so the same seed), so a lost replica loses no samples.
+    """
+
+    def __init__(self, config: Any, load_balancer_handle: Any = None, max_replica_failures: int = 2, **kwargs: Any):
+        super().__init__(config=config, load_balancer_handle=load_balancer_handle, **kwargs)
+        self.max_replica_failures = max_replica_failures
 
     async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> Any:
         """Generate through the replica the balancer picks for ``routing_key`` (or ``request_id``).
@@ -39,8 +54,21 @@ class OmniLLMServerClient(LLMServerClient):
         ``finally`` (by verl's generate), also when the server raises.
         """
         token = _ROUTING_KEY.set(routing_key)
+        failures = 0
         try:
-            return await super().generate(request_id, **kwargs)
+            while True:
+                acquired: list[str] = []
+                acquired_token = _ACQUIRED.set(acquired)
+                try:
+                    return await super().generate(request_id, **kwargs)
+                except _REPLICA_GONE:
+                    failures += 1
+                    if not acquired or failures > self.max_replica_failures:
+                        raise
+                    logger.warning("replica %s is gone; removing it and retrying %s", acquired[-1], request_id)
+                    await self._load_balancer.remove_servers.remote([acquired[-1]])
+                finally:
+                    _ACQUIRED.reset(acquired_token)
         finally:
             _ROUTING_KEY.reset(token)
 
@@ -48,7 +76,11 @@ class OmniLLMServerClient(LLMServerClient):
         routing_key = _ROUTING_KEY.get()
         if routing_key is not None:
             extra["routing_key"] = routing_key
-        return await super()._acquire_server(request_id, **extra)
+        server_id, handle = await super()._acquire_server(request_id, **extra)
+        acquired = _ACQUIRED.get()
+        if acquired is not None:
+            acquired.append(server_id)
+        return server_id, handle
 
     def _vllm_request_id(self, request_id: str) -> str:
         """Forward the caller's id so server logs and traces match the agent loop's request."""
