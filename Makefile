@@ -29,7 +29,7 @@ $(STAMP): $(PY) pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.routing_bench
+	$(PY) -m recipes.flowgrpo.main
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

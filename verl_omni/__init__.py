@@ -46,4 +46,19 @@ def check_verl_version() -> str | None:
     return message
 
 
+def _load_diffusers_replica() -> type:
+    """Lazy loader: the diffusers backend (torch models, diffusers) is imported only when a replica is built."""
+    from verl_omni.workers.rollout.diffusers_replica import DiffusersRolloutReplica
+
+    return DiffusersRolloutReplica
+
+
+def _register_rollout_backends() -> None:
+    """Register the overlay's rollout backends by name in verl's registry (verl's own extension point)."""
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register("diffusers", _load_diffusers_replica)
+
+
 check_verl_version()
+_register_rollout_backends()

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+from dataclasses import fields
 from typing import Any
 
 import ray
+from verl.utils.ray_utils import auto_await
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
@@ -123,6 +125,20 @@ class OmniLLMServerManager(LLMServerManager):
             cfg.cache_size,
             len(servers),
         )
+
+    @auto_await
+    async def set_routing(self, **overrides: Any) -> None:
+        """Swap in a new balancer with changed routing options, over the same replicas.
+
+        For comparing policies on one set of warm replicas (benchmarks, tests) without relaunching
+        them. Clients handed out before keep the old balancer: call :meth:`get_client` again.
+        """
+        current = {f.name: getattr(self.routing_config, f.name) for f in fields(self.routing_config)}
+        current.pop("_target_", None)
+        self.routing_config = RolloutServerRoutingConfig.from_config(
+            {**current, **overrides}, prefix="actor_rollout_ref.rollout.server_routing"
+        )
+        await self._init_global_load_balancer()
 
     def get_client(self, client_cls: type[LLMServerClient] | None = None, **kwargs: Any) -> LLMServerClient:
         """An ``OmniLLMServerClient`` by default; any verl client class can still be passed."""

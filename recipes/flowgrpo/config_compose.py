@@ -1,0 +1,16 @@
+"""Compose the recipe config from Python (tests, notebooks, benchmarks) exactly as the CLI does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+RECIPE_CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+def compose_recipe(*overrides: str, config_name: str = "flowgrpo_tiny") -> DictConfig:
+    """The config `python -m recipes.flowgrpo.main <overrides>` would run with."""
+    with initialize_config_dir(config_dir=str(RECIPE_CONFIG_DIR), version_base=None):
+        return compose(config_name, overrides=list(overrides))

@@ -1,0 +1,136 @@
+"""The routing key's path uid -> agent loop -> client -> balancer -> replica, on real Ray actors.
+
+CPU, local Ray, the ``diffusers`` backend serving the tiny model, everything launched through
+``OmniLLMServerManager`` and ``OmniAgentLoopManager`` as the recipe does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import ray
+import torch
+from verl.protocol import DataProto
+
+from verl_omni.agent_loop import OmniAgentLoopManager
+from verl_omni.workers.config.rollout_routing import VALID_ROLLOUT_SERVER_ROUTING_POLICIES
+from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
+
+pytestmark = pytest.mark.integration
+
+PROMPTS, N = 4, 4
+
+
+def _config(model_path: str, replicas: int, workers: int, policy: str = "prompt_uid_affinity"):
+    from recipes.flowgrpo.config_compose import compose_recipe
+
+    return compose_recipe(
+        f"actor_rollout_ref.model.path={model_path}",
+        f"server_routing.policy={policy}",
+        f"actor_rollout_ref.rollout.n_gpus_per_node={replicas}",
+        f"actor_rollout_ref.rollout.agent.num_workers={workers}",
+        f"actor_rollout_ref.rollout.n={N}",
+        "actor_rollout_ref.rollout.diffusion.num_inference_steps=4",
+        "actor_rollout_ref.rollout.diffusion.height=32",
+        "actor_rollout_ref.rollout.diffusion.width=32",
+    )
+
+
+def _batch(step: int = 0, prompts: int = PROMPTS) -> DataProto:
+    texts = [f"a {c} cube on a table" for c in ("red", "green", "blue", "yellow", "white", "black")[:prompts]]
+    rows = [(texts[p], f"uid-{step}-{p}") for p in range(prompts) for _ in range(N)]
+    prompt_col = np.empty(len(rows), dtype=object)
+    prompt_col[:] = [r[0] for r in rows]
+    uid_col = np.empty(len(rows), dtype=object)
+    uid_col[:] = [r[1] for r in rows]
+    return DataProto.from_dict(
+        non_tensors={"prompt": prompt_col, "uid": uid_col, "row_index": np.arange(len(rows))},
+        meta_info={"global_steps": step, "seed": 1234, "validate": False},
+    )
+
+
+def _by_request(out: DataProto) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    ids = out.non_tensor_batch["request_id"]
+    return {rid: (out.batch["images"][i], out.batch["old_log_probs"][i]) for i, rid in enumerate(ids)}
+
+
+@pytest.fixture(scope="module")
+def two_replicas(ray_local, tiny_model_path):
+    manager = OmniLLMServerManager.create(_config(tiny_model_path, replicas=2, workers=2))
+    yield manager
+    for replica in manager.get_replicas():
+        for server in replica.servers:
+            ray.kill(server)
+
+
+def _agent_loops(manager: OmniLLMServerManager, cfg) -> OmniAgentLoopManager:
+    return OmniAgentLoopManager.create(cfg, manager.get_client())
+
+
+def _shutdown(agent_loops: OmniAgentLoopManager) -> None:
+    for worker in agent_loops.agent_loop_workers:
+        ray.kill(worker)
+
+
+def test_uid_reaches_balancer_affinity_colocates_groups(two_replicas, tiny_model_path):
+    cfg = _config(tiny_model_path, replicas=2, workers=2)
+    loops = _agent_loops(two_replicas, cfg)
+    out = loops.generate_sequences(_batch())
+    metrics = out.meta_info["metrics"]
+    assert metrics["rollout_routing/colocation"] == 1.0
+    assert metrics["rollout_routing/replicas_used"] == 2.0  # groups spread, copies stay together
+    served = out.non_tensor_batch["rollout_server"]
+    for uid in set(out.non_tensor_batch["uid"]):
+        assert len({s for s, u in zip(served, out.non_tensor_batch["uid"], strict=True) if u == uid}) == 1
+    assert out.batch["images"].dtype == torch.uint8 and out.batch["images"].shape[0] == PROMPTS * N
+    assert out.batch["rewards"].shape == (PROMPTS * N,)
+
+    two_replicas.set_routing(policy="least_inflight")
+    loops.set_client(two_replicas.get_client())
+    metrics = loops.generate_sequences(_batch(step=1)).meta_info["metrics"]
+    assert metrics["rollout_routing/colocation"] < 1.0  # request-id routing scatters the groups
+    _shutdown(loops)
+
+
+def test_same_seeds_same_samples_under_every_policy_replicas_and_workers(ray_local, two_replicas, tiny_model_path):
+    one_cfg = _config(tiny_model_path, replicas=1, workers=1, policy="least_inflight")
+    one_replica = OmniLLMServerManager.create(one_cfg, start_rank=10)
+    loops = _agent_loops(one_replica, one_cfg)
+    reference = _by_request(loops.generate_sequences(_batch(step=3)))
+    _shutdown(loops)
+    for replica in one_replica.get_replicas():
+        for server in replica.servers:
+            ray.kill(server)
+
+    loops = _agent_loops(two_replicas, _config(tiny_model_path, replicas=2, workers=2))
+    for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES:
+        two_replicas.set_routing(policy=policy)
+        loops.set_client(two_replicas.get_client())
+        got = _by_request(loops.generate_sequences(_batch(step=3)))
+        assert got.keys() == reference.keys()
+        for rid, (image, log_probs) in got.items():
+            assert torch.equal(image, reference[rid][0]), (policy, rid)
+            assert torch.equal(log_probs, reference[rid][1]), (policy, rid)
+    _shutdown(loops)
+
+
+def test_replica_removed_mid_run_loses_no_sample(two_replicas, tiny_model_path):
+    two_replicas.set_routing(policy="round_robin")
+    cfg = _config(tiny_model_path, replicas=2, workers=2)
+    loops = _agent_loops(two_replicas, cfg)
+    balancer = loops.llm_client._load_balancer
+    servers = ray.get(balancer.get_all_servers.remote())
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", loops.generate_sequences(_batch(step=5))))
+    thread.start()
+    ray.get(balancer.remove_servers.remote([servers[1]]))  # while the burst is in flight
+    thread.join(timeout=300)
+    out = result["out"]
+    assert out.batch["images"].shape[0] == PROMPTS * N  # every sample completed
+    assert set(out.non_tensor_batch["rollout_server"]) <= set(servers)  # and says which replica served it
+    after = loops.generate_sequences(_batch(step=6))
+    assert set(after.non_tensor_batch["rollout_server"]) == {servers[0]}
+    _shutdown(loops)
+    ray.get(balancer.add_servers.remote({servers[1]: two_replicas.get_replicas()[1].server_handle}))

@@ -1,0 +1,330 @@
+"""Recipe configs and scripts: the SD3.5 LoRA config composes and validates for one 8-GPU node, config errors
+name their key before anything starts, the run scripts parse and check their inputs, and the GPU smoke test
+skips cleanly (installing nothing) where there is no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from recipes.flowgrpo.validate import num_rollout_replicas, validate_recipe_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "recipes" / "flowgrpo" / "config"
+RUN_SCRIPT = ROOT / "recipes" / "flowgrpo" / "run_sd35_medium_lora.sh"
+MULTINODE_SCRIPT = ROOT / "recipes" / "flowgrpo" / "run_sd35_medium_lora_multinode.sh"
+SMOKE_SCRIPT = ROOT / "tests" / "gpu_smoke" / "run.sh"
+SD35 = "flowgrpo_sd35_medium_lora"
+TINY = "flowgrpo_tiny"
+POLICIES = ("prompt_uid_affinity", "least_inflight", "prompt_hash_sharding", "round_robin")
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Keys the SD3.5 config may have beyond the tiny one: GPU placement and the PickScore options.
+SD35_ONLY_KEYS = {
+    "actor_rollout_ref.rollout.diffusion.device",
+    "actor_rollout_ref.rollout.diffusion.dtype",
+    "actor_rollout_ref.rollout.diffusion.num_gpus_per_replica",
+    "reward.kwargs.model_path",
+    "reward.kwargs.processor_path",
+    "reward.kwargs.device",
+    "reward.kwargs.dtype",
+    "reward.kwargs.batch_size",
+}
+
+
+def compose_recipe(name: str, overrides: list[str] | None = None) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=name, overrides=overrides or [])
+
+
+def write_pipeline(path: Path, components: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **components}))
+    return path
+
+
+@pytest.fixture()
+def sd35_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A minimal pipeline directory and a PickScore directory, exported as the config expects them."""
+    model = write_pipeline(tmp_path / "sd35", {"transformer": ["diffusers", "SD3Transformer2DModel"]})
+    pickscore = tmp_path / "pickscore"
+    pickscore.mkdir()
+    monkeypatch.setenv("MODEL_PATH", str(model))
+    monkeypatch.setenv("PICKSCORE_PATH", str(pickscore))
+    monkeypatch.delenv("PICKSCORE_PROCESSOR_PATH", raising=False)
+    monkeypatch.delenv("VERL_OMNI_PROMPTS", raising=False)
+    return {"model": model, "pickscore": pickscore}
+
+
+@pytest.fixture()
+def tiny_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VERL_OMNI_PROMPTS", raising=False)
+
+
+# ------------------------------------------------------------------ SD3.5 config
+def test_sd35_config_validates_on_one_8_gpu_node(sd35_env: dict[str, Path]) -> None:
+    cfg = compose_recipe(SD35)
+    assert cfg.actor_rollout_ref.model.path == str(sd35_env["model"])
+    assert cfg.reward.name == "pickscore"
+    assert cfg.reward.kwargs.model_path == str(sd35_env["pickscore"])
+    assert cfg.reward.kwargs.processor_path is None  # the reward then uses model_path
+    prompts = validate_recipe_config(cfg, available_gpus=8)
+    assert prompts
+
+    model, actor, rollout = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    assert (model.lora_rank, model.lora_alpha) == (32, 64)
+    assert list(model.target_modules) == SD3_LORA_TARGETS
+    diffusion = rollout.diffusion
+    assert (diffusion.height, diffusion.width, diffusion.num_inference_steps) == (512, 512, 10)
+    assert (diffusion.guidance_scale, diffusion.noise_level) == (4.5, 0.7)
+    assert (diffusion.device, diffusion.dtype, diffusion.num_gpus_per_replica) == ("cuda", "bfloat16", 1)
+    assert actor.use_kl_loss is True and actor.kl_loss_coef == 0.04 and actor.optim.lr == 3.0e-4
+    assert num_rollout_replicas(cfg) == 4 and cfg.trainer.n_gpus_per_node == 4
+    assert cfg.ray_kwargs.ray_init.num_cpus is None  # no CPU cap, and joining a cluster forbids one
+    assert {"console", "tensorboard", "file"} <= set(cfg.trainer.logger)
+
+    # Every stage splits evenly: replicas, agent-loop workers, training ranks, mini- and micro-batches.
+    samples = cfg.data.train_batch_size * rollout.n
+    ranks = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
+    assert samples % num_rollout_replicas(cfg) == 0 and samples % rollout.agent.num_workers == 0
+    assert samples % actor.ppo_mini_batch_size == 0 and actor.ppo_mini_batch_size % ranks == 0
+    assert (actor.ppo_mini_batch_size // ranks) % actor.ppo_micro_batch_size_per_gpu == 0
+
+
+def test_sd35_config_refuses_too_few_gpus(sd35_env: dict[str, Path]) -> None:
+    cfg = compose_recipe(SD35)
+    with pytest.raises(ValueError, match=r"4 rollout replicas .* = 8 GPUs, but 4 are available"):
+        validate_recipe_config(cfg, available_gpus=4)
+
+
+def test_sd35_model_path_is_mandatory(sd35_env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODEL_PATH")
+    cfg = compose_recipe(SD35)
+    with pytest.raises(InterpolationResolutionError, match="MODEL_PATH"):
+        validate_recipe_config(cfg, available_gpus=8)
+    # An explicit override needs no environment.
+    cfg = compose_recipe(SD35, [f"actor_rollout_ref.model.path={sd35_env['model']}"])
+    validate_recipe_config(cfg, available_gpus=8)
+
+
+def test_sd35_model_path_must_be_a_pipeline_with_a_transformer(sd35_env: dict[str, Path], tmp_path: Path) -> None:
+    cfg = compose_recipe(SD35, [f"actor_rollout_ref.model.path={tmp_path / 'empty'}"])
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.model.path=.*no model_index.json"):
+        validate_recipe_config(cfg, available_gpus=8)
+    unet_only = write_pipeline(tmp_path / "unet_only", {"unet": ["diffusers", "UNet2DConditionModel"]})
+    cfg = compose_recipe(SD35, [f"actor_rollout_ref.model.path={unet_only}"])
+    with pytest.raises(ValueError, match="no 'transformer'"):
+        validate_recipe_config(cfg, available_gpus=8)
+
+
+def test_sd35_config_has_the_tiny_configs_keys(sd35_env: dict[str, Path]) -> None:
+    """The SD3.5 config repeats the tiny one's keys (Hydra cannot inherit it): a key added to one fails here."""
+
+    def leaf_keys(cfg: DictConfig) -> set[str]:
+        def walk(node: object, prefix: str) -> set[str]:
+            if isinstance(node, dict):  # an empty section ({}) has no keys of its own
+                return set().union(set(), *(walk(value, f"{prefix}{key}.") for key, value in node.items()))
+            return {prefix.rstrip(".")}
+
+        return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+    tiny, sd35 = leaf_keys(compose_recipe(TINY)), leaf_keys(compose_recipe(SD35))
+    assert tiny - sd35 == set(), "keys of flowgrpo_tiny.yaml missing from flowgrpo_sd35_medium_lora.yaml"
+    assert sd35 - tiny <= SD35_ONLY_KEYS, f"unexpected keys in {SD35}.yaml: {sorted(sd35 - tiny - SD35_ONLY_KEYS)}"
+
+
+def test_sd35_lora_targets_are_sd3_attention_projections() -> None:
+    """Each target names a linear layer of diffusers' SD3 transformer (joint and dual attention), and peft wraps it."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    cfg_targets = list(OmegaConf.load(CONFIG_DIR / f"{SD35}.yaml").actor_rollout_ref.model.target_modules)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),  # SD3.5-M's extra self-attention in the first blocks
+    )
+    model.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=cfg_targets))
+    wrapped = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_modules() if name.endswith(".lora_A")}
+    for target in cfg_targets:
+        assert any(name.endswith(f".{target}") for name in wrapped), f"LoRA target {target!r} matched no layer"
+    assert any(".attn2." in name for name in wrapped)
+
+
+# ---------------------------------------------------------- tiny config, errors
+def test_tiny_config_validates_without_gpus(tiny_env: None) -> None:
+    cfg = compose_recipe(TINY)
+    assert cfg.actor_rollout_ref.model.path is None  # the built-in tiny model
+    assert validate_recipe_config(cfg, available_gpus=0)
+
+
+def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: None) -> None:
+    cfg = compose_recipe(TINY, ["server_routing.policy=round_robin"])
+    assert cfg.actor_rollout_ref.rollout.server_routing.policy == "round_robin"
+    validate_recipe_config(cfg, available_gpus=0)
+    cfg = compose_recipe(
+        TINY,
+        ["server_routing.policy=round_robin", "actor_rollout_ref.rollout.server_routing.policy=least_inflight"],
+    )
+    assert cfg.actor_rollout_ref.rollout.server_routing.policy == "least_inflight"
+    validate_recipe_config(cfg, available_gpus=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            ["server_routing.policy=fastest"],
+            r"actor_rollout_ref\.rollout\.server_routing\.policy='fastest'.*valid choices: " + ", ".join(POLICIES),
+        ),
+        (["actor_rollout_ref.rollout.n=1"], r"actor_rollout_ref\.rollout\.n=1: .*at least 2"),
+        (["data.train_files=/nonexistent/prompts.txt"], r"data\.train_files='/nonexistent/prompts\.txt': file not"),
+        (["reward.name=aesthetic_v9"], r"reward\.name='aesthetic_v9'.*jpeg_compressibility"),
+    ],
+    ids=["unknown-policy", "group-of-one", "missing-prompts", "unknown-reward"],
+)
+def test_bad_config_raises_naming_the_key(tiny_env: None, overrides: list[str], pattern: str) -> None:
+    cfg = compose_recipe(TINY, overrides)
+    with pytest.raises(ValueError, match=pattern):
+        validate_recipe_config(cfg, available_gpus=0)
+
+
+# ------------------------------------------------------------------ shell scripts
+@pytest.mark.parametrize("script", [RUN_SCRIPT, MULTINODE_SCRIPT, SMOKE_SCRIPT], ids=lambda p: p.name)
+def test_script_syntax(script: Path) -> None:
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def write_tool(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text(f"#!/bin/sh\n{body}\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+
+
+def run_script(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60, cwd=env.get("HOME")
+    )
+
+
+# Stand-in interpreter for the run scripts: records where it ran and its arguments instead of training.
+RECORD_ARGV = """
+import json, os, sys
+print(json.dumps({"cwd": os.getcwd(), "argv": sys.argv[1:]}))
+"""
+
+
+def scripted_config(script: Path, env: dict[str, str], *args: str) -> DictConfig:
+    """The config the script would start main.py with, composed here from the arguments it passed."""
+    result = run_script(script, env, *args)
+    assert result.returncode == 0, result.stderr
+    call = json.loads(result.stdout)
+    assert call["cwd"] == str(ROOT)  # `-m recipes...` imports from the repo root
+    assert call["argv"][:4] == ["-m", "recipes.flowgrpo.main", "--config-name", SD35]
+    return compose_recipe(SD35, call["argv"][4:])
+
+
+def test_run_scripts_pass_paths_and_node_counts_to_hydra(tmp_path: Path) -> None:
+    """Both scripts' overrides parse and land in the config: relative paths made absolute, a path with a space
+    intact, node counts, and the caller's extra overrides."""
+    model = write_pipeline(tmp_path / "sd35", {"transformer": ["diffusers", "SD3Transformer2DModel"]})
+    (tmp_path / "pick score").mkdir()
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "record_argv.py").write_text(RECORD_ARGV)
+    write_tool(tmp_path / "bin", "python", f'exec {sys.executable} {tmp_path / "record_argv.py"} "$@"')
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "PYTHON": str(tmp_path / "bin" / "python"),
+        "MODEL_PATH": model.name,  # relative to the caller's directory
+        "PICKSCORE_PATH": "pick score",
+        "PROMPTS": "prompts.txt",
+        "NNODES": "2",
+    }
+    single = scripted_config(RUN_SCRIPT, env, "trainer.total_training_steps=7")
+    assert single.actor_rollout_ref.model.path == str(model)
+    assert single.reward.kwargs.processor_path == str(tmp_path / "pick score")
+    assert single.data.train_files == str(tmp_path / "prompts.txt")
+    assert single.trainer.total_training_steps == 7
+    validate_recipe_config(single, available_gpus=8)
+
+    multi = scripted_config(MULTINODE_SCRIPT, env)
+    assert multi.trainer.nnodes == 2 and multi.actor_rollout_ref.rollout.nnodes == 2
+    assert multi.trainer.n_gpus_per_node == 4 and multi.actor_rollout_ref.rollout.n_gpus_per_node == 4
+    assert num_rollout_replicas(multi) == 8
+    assert multi.data.train_batch_size == 2 * single.data.train_batch_size
+    assert multi.actor_rollout_ref.model.path == str(model)
+    validate_recipe_config(multi, available_gpus=16)  # 8 per node, as validate counts them
+    with pytest.raises(ValueError, match="16 GPUs, but 8 are available"):
+        validate_recipe_config(multi, available_gpus=8)
+
+
+@pytest.mark.parametrize("script", [RUN_SCRIPT, MULTINODE_SCRIPT], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    ("unset", "message"),
+    [("MODEL_PATH", "set MODEL_PATH"), ("PICKSCORE_PATH", "set PICKSCORE_PATH"), ("PROMPTS", "set PROMPTS")],
+)
+def test_run_scripts_name_a_missing_input(tmp_path: Path, script: Path, unset: str, message: str) -> None:
+    model = write_pipeline(tmp_path / "sd35", {"transformer": ["diffusers", "SD3Transformer2DModel"]})
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    env = {**os.environ, "MODEL_PATH": str(model), "PICKSCORE_PATH": str(tmp_path), "NNODES": "1"}
+    env["PROMPTS"] = str(tmp_path / "prompts.txt")
+    env.pop(unset)
+    result = run_script(script, env)
+    assert result.returncode == 2 and message in result.stderr
+
+
+# -------------------------------------------------------------- GPU smoke test
+@pytest.mark.parametrize(
+    "nvidia_smi",
+    [
+        None,
+        "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9",
+        "echo 'No devices were found'",
+    ],
+    ids=["no-nvidia-smi", "no-driver", "no-devices"],
+)
+def test_gpu_smoke_skips_without_a_gpu_and_installs_nothing(tmp_path: Path, nvidia_smi: str | None) -> None:
+    bin_dir = tmp_path / "bin"
+    write_tool(bin_dir, "make", f'echo "$@" >> {tmp_path / "make_calls"}')
+    if nvidia_smi is not None:
+        write_tool(bin_dir, "nvidia-smi", nvidia_smi)
+    # Only the stand-ins and grep on PATH: a real nvidia-smi or make on this machine must not be reached.
+    (bin_dir / "grep").symlink_to(shutil.which("grep"))
+    env = {**os.environ, "PATH": str(bin_dir), "HOME": str(tmp_path)}
+    result = subprocess.run(["/bin/bash", str(SMOKE_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "SKIP gpu_smoke: no GPU found" in result.stdout
+    assert not (tmp_path / "make_calls").exists()
+
+
+def test_gpu_smoke_installs_through_make_when_a_gpu_is_listed(tmp_path: Path) -> None:
+    """The GPU branch really runs: it calls `make install` first, and a failed install fails the smoke test."""
+    bin_dir = tmp_path / "bin"
+    write_tool(bin_dir, "nvidia-smi", "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'")
+    write_tool(bin_dir, "make", f'echo "$@" >> {tmp_path / "make_calls"}; exit 7')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", str(SMOKE_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 7
+    assert (tmp_path / "make_calls").read_text().split() == ["install"]

@@ -1,0 +1,147 @@
+"""``DiffusionAgentLoopWorker``: runs diffusion agent loops for a chunk of the batch on one Ray actor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigWrap, _agent_loop_registry
+from verl.protocol import DataProto
+
+from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput
+from verl_omni.agent_loop.sampling import row_seed, sampling_params_for_row
+from verl_omni.rewards import get_reward_fn
+
+# Per-sample tensors stacked into the output batch, and the DiffusionOutput field each comes from.
+_TENSOR_FIELDS = {
+    "images": "image",
+    "latents": "latents",
+    "next_latents": "next_latents",
+    "sigmas": "sigmas",
+    "sigmas_next": "sigmas_next",
+    "timesteps": "timesteps",
+    "old_log_probs": "log_probs",
+    "prompt_embeds": "prompt_embeds",
+    "pooled_prompt_embeds": "pooled_prompt_embeds",
+    "negative_prompt_embeds": "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds": "negative_pooled_prompt_embeds",
+}
+
+
+class DiffusionAgentLoopWorker(AgentLoopWorker):
+    """Agent-loop worker for diffusion rollouts (and, when ``reward.name`` is set, per-sample rewards).
+
+    verl's ``AgentLoopWorker.__init__`` loads an HF tokenizer/processor for the model path; a
+    diffusers pipeline has its own, loaded by each replica, so this worker keeps verl's
+    constructor signature (``AgentLoopManager`` passes the same positional arguments) and
+    only what diffusion needs. Each row's seed comes from (base seed, global step, global row
+    index), so how the batch is chunked over workers and replicas never changes a sample.
+    """
+
+    def __init__(
+        self,
+        config: DictConfig,
+        llm_client: Any,
+        teacher_client: Any = None,
+        reward_loop_worker_handles: list | None = None,
+    ):
+        self.config = config
+        self.llm_client = llm_client
+        self.teacher_client = teacher_client
+        self.reward_loop_worker_handles = reward_loop_worker_handles
+        self.rollout_config = config.actor_rollout_ref.rollout
+        reward = config.get("reward") or {}
+        self.reward_fn = None
+        if reward.get("name"):
+            kwargs = OmegaConf.to_container(reward.get("kwargs") or OmegaConf.create({}), resolve=True)
+            self.reward_fn = get_reward_fn(reward.name, **kwargs)
+
+    def set_client(self, llm_client: Any) -> None:
+        """Route later requests through ``llm_client`` (a client of another balancer)."""
+        self.llm_client = llm_client
+
+    async def generate_sequences(self, batch: DataProto) -> DataProto:
+        """Generate one image per row; returns tensors per sample plus routing/timing fields."""
+        meta = batch.meta_info
+        validate = bool(meta.get("validate", False))
+        global_step = int(meta.get("global_steps", 0))
+        base_seed = int(meta.get("seed", self.config.get("trainer", {}).get("seed", 0) or 0))
+        non_tensor = batch.non_tensor_batch
+        n = len(batch)
+        row_index = non_tensor.get("row_index", np.arange(n))
+        agent_names = non_tensor.get("agent_name", np.array([DIFFUSION_AGENT_NAME] * n, dtype=object))
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            kwargs = {k: v[i] for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
+            seed = row_seed(base_seed, global_step, int(row_index[i]))
+            kwargs.setdefault("request_id", f"step{global_step}-row{int(row_index[i])}")
+            params = sampling_params_for_row(self.rollout_config, seed=seed, validate=validate)
+            tasks.append(asyncio.create_task(self._run_agent_loop(str(agent_names[i]), params, kwargs)))
+        results: list[DiffusionAgentLoopOutput] = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        return self._collate(results, non_tensor, meta, elapsed)
+
+    async def _run_agent_loop(
+        self, agent_name: str, sampling_params: dict[str, Any], kwargs: dict[str, Any]
+    ) -> DiffusionAgentLoopOutput:
+        if agent_name not in _agent_loop_registry:
+            raise ValueError(
+                f"agent_name={agent_name!r} is not a registered agent loop; registered: {sorted(_agent_loop_registry)}"
+            )
+        agent_loop = hydra.utils.instantiate(
+            config=_agent_loop_registry[agent_name],
+            trainer_config=DictConfigWrap(config=self.config),
+            server_manager=self.llm_client,
+            tokenizer=None,
+            processor=None,
+            dataset_cls=None,
+            data_config=DictConfigWrap(self.config.get("data", OmegaConf.create({}))),
+            reward_fn=self.reward_fn,
+        )
+        return await agent_loop.run(sampling_params, **kwargs)
+
+    @staticmethod
+    def _collate(
+        results: list[DiffusionAgentLoopOutput],
+        non_tensor: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        elapsed: float,
+    ) -> DataProto:
+        outputs = [r.output for r in results]
+        tensors: dict[str, torch.Tensor] = {}
+        for key, field in _TENSOR_FIELDS.items():
+            values = [getattr(o, field) for o in outputs]
+            if any(v is None for v in values):
+                if not all(v is None for v in values):
+                    raise ValueError(f"field {field!r} is set for some samples and missing for others")
+                continue
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) != 1:
+                raise ValueError(f"field {field!r} has different shapes across samples: {sorted(shapes)}")
+            tensors[key] = torch.stack(values)
+        tensors["model_version"] = torch.tensor([o.model_version for o in outputs], dtype=torch.int64)
+        if all(r.reward is not None for r in results):
+            tensors["rewards"] = torch.tensor([r.reward for r in results], dtype=torch.float32)
+
+        def column(values: list[Any]) -> np.ndarray:
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            return arr
+
+        passthrough = {k: v for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
+        passthrough["request_id"] = column([r.request_id for r in results])
+        passthrough["rollout_server"] = column([o.extra_fields.get("server_id") for o in outputs])
+        passthrough["rollout_batch_size"] = column([o.extra_fields.get("batch_size") for o in outputs])
+        passthrough["rollout_cache_hit"] = column([o.extra_fields.get("cache_hit") for o in outputs])
+        passthrough["rollout_generate_s"] = column([o.extra_fields.get("generate_s") for o in outputs])
+        passthrough["reward_s"] = column([r.reward_s for r in results])
+        out_meta = {k: v for k, v in meta.items() if k != "metrics"}
+        out_meta["worker_generate_s"] = elapsed
+        return DataProto.from_dict(tensors=tensors, non_tensors=passthrough, meta_info=out_meta)

@@ -1,0 +1,1 @@
+"""Models the overlay builds locally (tiny test/CPU models)."""

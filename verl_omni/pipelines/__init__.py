@@ -1,0 +1,1 @@
+"""Sampling pipelines built on diffusers models (flow-matching SDE with log-probabilities)."""

@@ -1,0 +1,335 @@
+"""Flow-matching SDE sampling with per-step log-probabilities (FlowGRPO), shared by rollout and trainer.
+
+The rollout server samples with :func:`sample_flow_match_sde`; the trainer recomputes log-probs of
+the stored transitions with :func:`compute_log_prob`. Both go through :func:`predict_velocity` and
+:func:`sde_step_with_logprob`, so at the first inner step (same weights) the recomputed log-prob
+equals the stored one. Math and notation: ``shared/FLOWGRPO.md``.
+
+Conventions (diffusers' ``FlowMatchEulerDiscreteScheduler``): noise level ``s`` runs from 1 (noise)
+to 0 (data), the transformer's timestep input is ``s * 1000``, latents are float32 and the
+transformer runs in its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+TIMESTEP_SCALE = 1000.0  # SD3's num_train_timesteps: the transformer's timestep input is sigma * 1000
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class SDEStepOutput:
+    """One SDE transition ``x_s -> x_next`` and its Gaussian density.
+
+    Attributes:
+        prev_sample: ``x_next`` (B, ...).
+        log_prob: ``log p(x_next | x_s)`` averaged over all non-batch dims (B,).
+        prev_sample_mean: the transition mean (B, ...); the KL term compares these.
+        std_dev: the transition standard deviation ``std * sqrt(-dt)``, shaped (B, 1, ..., 1).
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    prev_sample_mean: torch.Tensor
+    std_dev: torch.Tensor
+
+
+@dataclass
+class SDETrajectory:
+    """What :func:`sample_flow_match_sde` records for a batch of B samples and T SDE steps.
+
+    Attributes:
+        final_latents: (B, C, h, w) denoised latents (before VAE decoding).
+        latents / next_latents: (B, T, C, h, w) ``x_s`` and ``x_next`` of every SDE step.
+        log_probs: (B, T) log-prob of every SDE step under the sampling policy.
+        sigmas / sigmas_next / timesteps: (T,) the schedule of the SDE steps (shared by the batch).
+        step_indices: (T,) the indices of the SDE steps in the full schedule.
+    """
+
+    final_latents: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    sigmas_next: torch.Tensor
+    timesteps: torch.Tensor
+    step_indices: torch.Tensor
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) value as float32 shaped (B, 1, ..., 1) to broadcast against ``like``."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if t.ndim == 0:
+        t = t.expand(like.shape[0])
+    return t.reshape(like.shape[0], *([1] * (like.ndim - 1)))
+
+
+def sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """FlowGRPO's diffusion coefficient ``a * sqrt(s / (1 - s))``.
+
+    At ``s == 1`` (first step of a schedule) ``1 - s`` is replaced by ``1 - s_next`` (the second sigma
+    of the schedule), as in the reference implementation, to avoid dividing by zero.
+    """
+    denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
+    return noise_level * torch.sqrt(sigma / (1.0 - denom_sigma))
+
+
+def ode_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+) -> torch.Tensor:
+    """Deterministic Euler step ``x + v * (s_next - s)``, as ``FlowMatchEulerDiscreteScheduler.step``."""
+    sample = sample.float()
+    dt = _per_sample(sigma_next, sample) - _per_sample(sigma, sample)
+    return sample + dt * model_output.float()
+
+
+def sde_step_with_logprob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> SDEStepOutput:
+    """One FlowGRPO SDE step ``x_s -> x_next`` with the log-density of the transition.
+
+    Args:
+        model_output: predicted velocity ``v`` (B, ...), guidance already applied.
+        sample: ``x_s`` (B, ...).
+        sigma, sigma_next: noise levels ``s`` and ``s_next < s`` (scalars or (B,)).
+        noise_level: ``a`` in FLOWGRPO.md (paper: 0.7). With 0 the step is the ODE Euler step and its
+            ``log_prob`` is 0 (a deterministic step has no density; 0 keeps policy ratios at 1).
+        prev_sample: an observed ``x_next`` to score (trainer); when None one is sampled.
+        noise: the standard normal draw to use when sampling; otherwise drawn from ``generator``
+            (one generator per sample gives per-sample reproducibility).
+
+    Returns:
+        :class:`SDEStepOutput`; all tensors float32.
+    """
+    sample = sample.float()
+    v = model_output.float()
+    s = _per_sample(sigma, sample)
+    s_next = _per_sample(sigma_next, sample)
+    dt = s_next - s
+    std = sde_std(s, s_next, noise_level)
+    mean = sample * (1.0 + std**2 / (2.0 * s) * dt) + v * (1.0 + std**2 * (1.0 - s) / (2.0 * s)) * dt
+    std_dev = std * torch.sqrt(-dt)
+
+    if prev_sample is None:
+        if noise is None:
+            noise = standard_normal(sample.shape, generator, sample.device)
+        prev_sample = mean + std_dev * noise.float()
+    prev_sample = prev_sample.float()
+
+    if noise_level == 0:
+        log_prob = torch.zeros(sample.shape[0], dtype=torch.float32, device=sample.device)
+    else:
+        log_prob = -((prev_sample.detach() - mean) ** 2) / (2.0 * std_dev**2) - torch.log(std_dev) - _LOG_SQRT_2PI
+        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std_dev)
+
+
+def standard_normal(
+    shape: torch.Size | Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """``N(0, I)`` of ``shape``; with a list of generators, row ``i`` is drawn from ``generator[i]``.
+
+    Drawing each row from its own generator makes a sample's noise independent of the batch it is in.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack(
+        [torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32) for g in generator]
+    )
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    sigmas: float | torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The transformer's velocity at ``(latents, sigma)``, with classifier-free guidance when ``guidance_scale > 1``.
+
+    CFG runs the negative and positive conditioning in one batch (negative first, as diffusers) and
+    combines ``v_neg + g * (v_pos - v_neg)``. Returns float32 (B, C, h, w).
+    """
+    batch = latents.shape[0]
+    sig = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
+    timestep = (sig.expand(batch) if sig.ndim == 0 else sig) * TIMESTEP_SCALE
+    dtype = next(transformer.parameters()).dtype
+    x = latents.to(dtype)
+    do_cfg = guidance_scale > 1.0
+    if do_cfg:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds and pooled ones")
+        x = torch.cat([x, x])
+        timestep = torch.cat([timestep, timestep])
+        enc = torch.cat([negative_prompt_embeds, prompt_embeds])
+        pooled = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
+    else:
+        enc, pooled = prompt_embeds, pooled_prompt_embeds
+    out = transformer(
+        hidden_states=x,
+        timestep=timestep,
+        encoder_hidden_states=enc.to(dtype),
+        pooled_projections=pooled.to(dtype),
+        return_dict=False,
+    )[0].float()
+    if do_cfg:
+        v_neg, v_pos = out.chunk(2)
+        out = v_neg + guidance_scale * (v_pos - v_neg)
+    return out
+
+
+def compute_log_prob(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    sigmas_next: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    noise_level: float = 0.7,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob of stored transitions ``latents -> next_latents`` under ``transformer`` (with gradients).
+
+    The trainer's half of FlowGRPO: the same velocity and SDE-step math the sampler used, on a batch of
+    transitions that may come from different samples and steps.
+
+    Args:
+        latents, next_latents: (B, C, h, w) stored ``x_s`` and ``x_next``.
+        sigmas, sigmas_next: (B,) their noise levels.
+        prompt_embeds (B, L, D), pooled_prompt_embeds (B, P): the conditioning the sample used; the
+            negative ones are required when ``guidance_scale > 1`` (use the sampler's guidance scale).
+        noise_level: the sampler's ``noise_level``.
+
+    Returns:
+        ``(log_prob (B,), prev_sample_mean (B, C, h, w), std_dev (B, 1, 1, 1))``, float32.
+    """
+    velocity = predict_velocity(
+        transformer,
+        latents,
+        sigmas,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        guidance_scale,
+    )
+    out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
+    return out.log_prob, out.prev_sample_mean, out.std_dev
+
+
+def resolve_sde_window(num_inference_steps: int, sde_window: Sequence[int] | None) -> tuple[int, int]:
+    """Validate an SDE window ``[start, end)`` of step indices; None means every step."""
+    if sde_window is None:
+        return 0, num_inference_steps
+    if (
+        not isinstance(sde_window, Sequence)
+        or isinstance(sde_window, str)
+        or len(sde_window) != 2
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in sde_window)
+    ):
+        raise ValueError(f"sde_window={sde_window!r} must be [start, end) step indices (two ints) or null")
+    start, end = sde_window
+    if not 0 <= start < end <= num_inference_steps:
+        raise ValueError(
+            f"sde_window={list(sde_window)!r} is outside the schedule: need 0 <= start < end <= "
+            f"num_inference_steps={num_inference_steps}"
+        )
+    return start, end
+
+
+@torch.no_grad()
+def sample_flow_match_sde(
+    transformer: torch.nn.Module,
+    sigmas: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    latent_shape: Sequence[int],
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    noise_level: float = 0.7,
+    sde_window: Sequence[int] | None = None,
+) -> SDETrajectory:
+    """Denoise a batch from pure noise over ``sigmas``, SDE steps inside the window and ODE steps outside.
+
+    Each sample draws its initial latents and then its per-step noise from its own generator, in that
+    order, so a sample's trajectory does not depend on the rest of the batch.
+
+    Args:
+        sigmas: (N + 1,) the scheduler's sigmas (decreasing, last one 0) for N inference steps.
+        generators: one seeded ``torch.Generator`` per sample (on the latents' device).
+        latent_shape: (C, h, w) of one sample's latents.
+        sde_window: ``[start, end)`` step indices that are SDE steps; None: all. Steps in the window are
+            recorded; with ``noise_level == 0`` every step is an ODE step and nothing is recorded.
+    """
+    num_steps = int(sigmas.numel()) - 1
+    if num_steps < 1:
+        raise ValueError(f"sigmas must hold num_inference_steps + 1 >= 2 values, got {sigmas.numel()}")
+    start, end = resolve_sde_window(num_steps, None if sde_window is None else list(sde_window))
+    if noise_level == 0:
+        start = end = 0
+    device = prompt_embeds.device
+    batch = prompt_embeds.shape[0]
+    sigmas = sigmas.to(device=device, dtype=torch.float32)
+    x = standard_normal((batch, *latent_shape), list(generators), device)
+
+    rec_x, rec_next, rec_logp = [], [], []
+    for i in range(num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        v = predict_velocity(
+            transformer,
+            x,
+            sigma,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            guidance_scale,
+        )
+        if start <= i < end:
+            out = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, generator=list(generators))
+            rec_x.append(x)
+            rec_next.append(out.prev_sample)
+            rec_logp.append(out.log_prob)
+            x = out.prev_sample
+        else:
+            x = ode_step(v, x, sigma, sigma_next)
+
+    steps = torch.arange(start, end, device=device)
+    empty = torch.empty((batch, 0, *latent_shape), device=device)
+    return SDETrajectory(
+        final_latents=x,
+        latents=torch.stack(rec_x, dim=1) if rec_x else empty,
+        next_latents=torch.stack(rec_next, dim=1) if rec_next else empty.clone(),
+        log_probs=torch.stack(rec_logp, dim=1) if rec_logp else torch.empty((batch, 0), device=device),
+        sigmas=sigmas[start:end].clone(),
+        sigmas_next=sigmas[start + 1 : end + 1].clone(),
+        timesteps=sigmas[start:end] * TIMESTEP_SCALE,
+        step_indices=steps,
+    )

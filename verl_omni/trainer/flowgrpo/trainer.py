@@ -1,0 +1,276 @@
+"""The FlowGRPO training loop: rollout through routed replicas, group advantages, policy update, weight sync."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+from verl.protocol import DataProto
+from verl.utils.tracking import Tracking
+
+from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats
+from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from verl_omni.utils.visualize import save_image_grid, save_reward_curve
+
+logger = logging.getLogger(__name__)
+
+# Tensors the policy update needs; everything else in the rollout batch stays on the driver.
+_TRAIN_KEYS = (
+    "latents",
+    "next_latents",
+    "sigmas",
+    "sigmas_next",
+    "old_log_probs",
+    "advantages",
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+
+
+class OffPolicyBatchError(RuntimeError):
+    """A rollout sample was produced by weights other than the current policy's."""
+
+
+class FlowGRPOTrainer:
+    """Drives one FlowGRPO run; the heavy parts live in Ray actors (replicas, agent-loop workers, actor).
+
+    Args:
+        config: the recipe config (verl key names).
+        batcher: yields each step's prompts (``PromptBatch``), a pure function of the step.
+        agent_loop_manager: ``OmniAgentLoopManager``: returns images, trajectories, rewards, routing metrics.
+        actor_wg: ``RayWorkerGroup`` of ``DiffusionActorWorker``.
+        replicas: the rollout replicas (``server_manager.get_replicas()``) that receive new weights.
+        run_dir: where samples, curves, metrics and checkpoints go.
+    """
+
+    def __init__(
+        self,
+        config: DictConfig,
+        batcher: Any,
+        agent_loop_manager: Any,
+        actor_wg: Any,
+        replicas: list[Any],
+        run_dir: str | os.PathLike,
+        tracker_factory: Callable[[], Tracking] | None = None,
+    ):
+        self.config = config
+        self.batcher = batcher
+        self.agent_loop_manager = agent_loop_manager
+        self.actor_wg = actor_wg
+        self.replicas = replicas
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.sample_dir = self.run_dir / "samples"
+        self.total_steps = int(config.trainer.total_training_steps)
+        self.seed = int(config.trainer.seed)
+        self.version = 0
+        self.start_step = 0
+        self.history: list[dict[str, float]] = []
+        self._tracker_factory = tracker_factory or self._default_tracker
+
+    # ---------------------------------------------------------------- helpers
+    def _default_tracker(self) -> Tracking:
+        os.environ.setdefault("TENSORBOARD_DIR", str(self.run_dir / "tensorboard"))
+        os.environ["VERL_FILE_LOGGER_PATH"] = str(self.run_dir / f"metrics_from_step{self.start_step}.jsonl")
+        backends = list(self.config.trainer.logger)
+        return Tracking(
+            project_name=self.config.trainer.project_name,
+            experiment_name=self.config.trainer.experiment_name,
+            default_backend=backends,
+            config=OmegaConf.to_container(self.config, resolve=True),
+        )
+
+    def _resume(self) -> None:
+        mode = self.config.trainer.get("resume_mode", "auto")
+        if mode == "disable":
+            return
+        if mode == "resume_path":
+            path = self.config.trainer.get("resume_from_path")
+            if not path or not Path(path).is_dir():
+                raise ValueError(f"trainer.resume_from_path={path!r} is not a checkpoint directory")
+            found = (int(Path(path).name.rsplit("_", 1)[-1]), Path(path))
+        else:
+            found = find_latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            return
+        step, path = found
+        state = load_checkpoint(path, weights_only=False)
+        self.actor_wg.load_state_dict(state["actor"])
+        trainer_state = state["trainer"]
+        self.batcher.load_state_dict(trainer_state["batcher"])
+        self.start_step = int(trainer_state["step"])
+        self.version = int(trainer_state["version"])
+        self.history = list(trainer_state["history"])
+        self._sync_weights()
+        print(f"Resumed from {path} at step {self.start_step} (model version {self.version})")
+
+    def _save(self, step: int) -> None:
+        actor_state = self.actor_wg.state_dict()
+        state = {
+            "actor": actor_state[0] if isinstance(actor_state, list) else actor_state,
+            "trainer": {
+                "step": step,
+                "version": self.version,
+                "history": self.history,
+                "batcher": self.batcher.state_dict(),
+            },
+        }
+        keep = self.config.trainer.get("max_actor_ckpt_to_keep")
+        save_checkpoint(self.ckpt_dir, step, state, keep_last=keep)
+
+    def _sync_weights(self) -> float:
+        """Push the current policy to every rollout replica, tagged with ``self.version``."""
+        start = time.perf_counter()
+        weights = self.actor_wg.get_rollout_weights()
+        weights = weights[0] if isinstance(weights, list) else weights
+        # One object-store copy shared by all replicas; top-level ObjectRef kwargs arrive resolved.
+        refs = {key: ray.put(value) for key, value in weights.items()}
+        futures = [
+            server.update_weights.remote(**refs, version=self.version)
+            for replica in self.replicas
+            for server in replica.servers
+        ]
+        ray.get(futures)
+        return time.perf_counter() - start
+
+    def _make_batch(self, step: int) -> tuple[DataProto, Any]:
+        rows = self.batcher.batch(step)
+
+        def column(values: list[Any]) -> np.ndarray:
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            return arr
+
+        data = DataProto.from_dict(
+            non_tensors={
+                "prompt": column(rows.prompts),
+                "uid": column(rows.uids),
+                "row_index": np.asarray(rows.row_index, dtype=np.int64),
+            },
+            meta_info={"global_steps": step, "seed": self.seed, "validate": False},
+        )
+        return data, rows
+
+    # ------------------------------------------------------------------- loop
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``trainer.total_training_steps``; returns the per-step metric history."""
+        self._resume()
+        if self.start_step == 0:
+            self._sync_weights()
+        tracker = self._tracker_factory()
+        save_freq = int(self.config.trainer.get("save_freq", -1) or -1)
+        algo = self.config.algorithm
+        bar = tqdm(range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps)
+        bar.set_description("FlowGRPO")
+        try:
+            for step in bar:
+                metrics = self._train_step(step, algo)
+                self.history.append({"step": step, **metrics})
+                tracker.log(data=metrics, step=step)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('actor/kl', 0.0):.2e}")
+                done = step + 1
+                if save_freq > 0 and (done % save_freq == 0 or done == self.total_steps):
+                    self._save(done)
+        finally:
+            bar.close()
+            for backend in getattr(tracker, "logger", {}).values():
+                if hasattr(backend, "finish"):
+                    backend.finish()
+        self._save_reward_curve()
+        return self.history
+
+    def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        data, rows = self._make_batch(step)
+        out = self.agent_loop_manager.generate_sequences(data)
+        timings["timing_s/rollout"] = time.perf_counter() - t0
+
+        versions = out.batch["model_version"]
+        if not bool((versions == self.version).all()):
+            raise OffPolicyBatchError(
+                f"step {step}: rollout used model versions {sorted(set(versions.tolist()))}, "
+                f"policy is at version {self.version}; refusing an off-policy batch"
+            )
+        rewards = out.batch["rewards"].float()
+        uids = list(out.non_tensor_batch["uid"])
+        advantages = compute_group_advantages(
+            rewards,
+            uids,
+            global_std=bool(algo.get("global_std", False)),
+            clip_max=algo.get("adv_clip_max"),
+        )
+        out.batch["advantages"] = advantages
+
+        sample_freq = int(self.config.trainer.get("sample_freq", -1) or -1)
+        if sample_freq > 0 and ((step + 1) % sample_freq == 0 or step == 0 or step + 1 == self.total_steps):
+            self._save_samples(step, out)
+
+        t1 = time.perf_counter()
+        present = set(out.batch.keys())
+        keys = [k for k in _TRAIN_KEYS if k in present]
+        train_batch = out.select(batch_keys=keys)
+        actor_metrics = self.actor_wg.update_policy(train_batch)
+        actor_metrics = _mean_dicts(actor_metrics if isinstance(actor_metrics, list) else [actor_metrics])
+        timings["timing_s/update"] = time.perf_counter() - t1
+        self.version += 1
+        timings["timing_s/weight_sync"] = self._sync_weights()
+        timings["timing_s/step"] = time.perf_counter() - t0
+
+        metrics: dict[str, float] = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std(unbiased=False)),
+            "reward/max": float(rewards.max()),
+            "reward/min": float(rewards.min()),
+            "advantages/abs_mean": float(advantages.abs().mean()),
+            "rollout/model_version": float(self.version - 1),
+            **{f"reward/{k}": float(v) for k, v in group_reward_stats(rewards, uids).items()},
+            **actor_metrics,
+            **timings,
+        }
+        for key, value in (out.meta_info.get("metrics") or {}).items():
+            metrics[key] = float(value)
+        if "reward_s" in out.non_tensor_batch:
+            metrics["timing_s/reward_mean_per_sample"] = float(np.mean(out.non_tensor_batch["reward_s"]))
+        return metrics
+
+    def _save_samples(self, step: int, out: DataProto) -> None:
+        n = int(self.config.actor_rollout_ref.rollout.n)
+        images = out.batch["images"]
+        rewards = out.batch["rewards"]
+        prompts = list(out.non_tensor_batch["prompt"])
+        # one row per prompt group: its n samples side by side
+        captions = [f"{p[:40]} | r={float(r):.2f}" for p, r in zip(prompts, rewards, strict=True)]
+        save_image_grid(
+            images,
+            self.sample_dir / f"step_{step + 1:05d}.png",
+            captions=captions,
+            ncols=n,
+            scale=int(self.config.trainer.get("sample_scale", 2)),
+        )
+
+    def _save_reward_curve(self) -> None:
+        if not self.history:
+            return
+        steps = [h["step"] + 1 for h in self.history]
+        save_reward_curve(
+            steps,
+            [h["reward/mean"] for h in self.history],
+            [h["reward/std"] for h in self.history],
+            self.run_dir / "reward_curve.png",
+        )
+
+
+def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in dicts for k in d}
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in sorted(keys)}

@@ -1,0 +1,262 @@
+"""FlowGRPO policy worker: recomputes log-probs of stored SDE transitions and updates the transformer.
+
+A verl single-controller ``Worker`` so it runs in a ``RayWorkerGroup`` like verl's actors: one
+CPU process here, one process per GPU otherwise. With several ranks each takes a strided shard
+of the batch and gradients are all-reduced (data parallel).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from verl.protocol import DataProto
+from verl.single_controller.base import Worker
+from verl.single_controller.base.decorator import Dispatch, register
+
+from verl_omni.pipelines.flow_match_sde import compute_log_prob
+from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+
+_DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a diffusers pipeline's ``transformer`` with ``from_pretrained``, whatever its class."""
+    index_file = Path(model_path) / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(
+            f"actor_rollout_ref.model.path={model_path!r} is not a diffusers pipeline directory (no model_index.json)"
+        )
+    index = json.loads(index_file.read_text())
+    if "transformer" not in index:
+        raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' component to train")
+    import diffusers
+
+    library, class_name = index["transformer"]
+    cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+
+
+class DiffusionActorWorker(Worker):
+    """Holds the trainable transformer, its optimizer and (when ``beta > 0``) the reference."""
+
+    def __init__(self, config: DictConfig):
+        super().__init__()
+        self.config = config
+        self.model: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+
+    # ------------------------------------------------------------------ setup
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self) -> None:
+        cfg = self.config
+        actor = cfg.actor_rollout_ref.actor
+        model_cfg = cfg.actor_rollout_ref.model
+        threads = int(cfg.trainer.get("cpu_threads", 0) or 0)
+        if threads > 0 and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(int(cfg.trainer.seed))
+
+        self.model = load_transformer(model_cfg.path).to(self.device)
+        self.lora_rank = int(model_cfg.get("lora_rank", 0) or 0)
+        self.beta = float(actor.get("kl_loss_coef", 0.0) if actor.get("use_kl_loss", False) else 0.0)
+        if self.lora_rank > 0:
+            from peft import LoraConfig
+
+            targets = model_cfg.get("target_modules", _DEFAULT_LORA_TARGETS)
+            if isinstance(targets, str) and targets == "all-linear":
+                targets = _DEFAULT_LORA_TARGETS
+            self.lora_config = {
+                "r": self.lora_rank,
+                "lora_alpha": int(model_cfg.get("lora_alpha", 16)),
+                "init_lora_weights": "gaussian",
+                "target_modules": list(targets),
+            }
+            self.model.requires_grad_(False)
+            self.model.add_adapter(LoraConfig(**self.lora_config))
+        else:
+            self.lora_config = None
+            if self.beta > 0:
+                self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if model_cfg.get("enable_gradient_checkpointing", False) and hasattr(
+            self.model, "enable_gradient_checkpointing"
+        ):
+            self.model.enable_gradient_checkpointing()
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optim = actor.optim
+        self.optimizer = torch.optim.AdamW(
+            self.trainable,
+            lr=float(optim.lr),
+            betas=tuple(optim.get("betas", (0.9, 0.999))),
+            weight_decay=float(optim.get("weight_decay", 0.0)),
+            eps=float(optim.get("eps", 1e-8)),
+        )
+        self.grad_clip = float(actor.get("grad_clip", 1.0))
+        self.clip_range = float(actor.clip_ratio)
+        self.ppo_epochs = int(actor.ppo_epochs)
+        self.micro_batch_size = int(actor.get("ppo_micro_batch_size_per_gpu") or 1)
+        self.mini_batch_size = int(actor.ppo_mini_batch_size)
+        # The recomputation must use the sampler's guidance and noise level, or step 0 is off-policy.
+        diffusion = DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.get("diffusion"))
+        self.guidance_scale = float(diffusion.guidance_scale)
+        self.noise_level = float(diffusion.noise_level)
+        self._update_calls = 0
+
+    # ---------------------------------------------------------------- update
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def update_policy(self, data: DataProto) -> dict[str, float]:
+        """Clipped-ratio FlowGRPO update over ``ppo_epochs`` passes of the batch; returns mean metrics."""
+        batch = {k: v for k, v in data.batch.items()}
+        n = batch["latents"].shape[0]
+        rows = np.arange(self.rank, n, self.world_size)
+        if len(rows) == 0:
+            raise ValueError(f"batch of {n} samples is smaller than the {self.world_size} training ranks")
+        steps = batch["latents"].shape[1]
+        rng = np.random.default_rng(int(self.config.trainer.seed) + 7919 * self._update_calls)
+        self._update_calls += 1
+        mini = min(self.mini_batch_size // self.world_size or 1, len(rows))
+        micro = min(self.micro_batch_size, mini)
+        totals: dict[str, list[float]] = {}
+        first_ratio: float | None = None
+        for _ in range(self.ppo_epochs):
+            order = rows[rng.permutation(len(rows))]
+            for m_start in range(0, len(order), mini):
+                mini_rows = order[m_start : m_start + mini]
+                self.optimizer.zero_grad(set_to_none=True)
+                for u_start in range(0, len(mini_rows), micro):
+                    idx = torch.as_tensor(mini_rows[u_start : u_start + micro])
+                    weight = len(idx) / len(mini_rows) / steps
+                    for t in range(steps):
+                        loss, metrics = self._loss_at_step(batch, idx, t)
+                        (loss * weight).backward()
+                        if first_ratio is None:
+                            first_ratio = metrics["ratio_mean"]
+                        for key, value in metrics.items():
+                            totals.setdefault(key, []).append(value)
+                grad_norm = self._step()
+                totals.setdefault("grad_norm", []).append(grad_norm)
+        out = {f"actor/{k}": float(np.mean(v)) for k, v in totals.items()}
+        out["actor/ratio_first_step"] = float(first_ratio if first_ratio is not None else 1.0)
+        out["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return out
+
+    def _loss_at_step(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int):
+        dev = self.device
+
+        def take(key: str) -> torch.Tensor | None:
+            value = batch.get(key)
+            return None if value is None else value[idx].to(dev)
+
+        cond = {
+            "prompt_embeds": take("prompt_embeds"),
+            "pooled_prompt_embeds": take("pooled_prompt_embeds"),
+            "negative_prompt_embeds": take("negative_prompt_embeds"),
+            "negative_pooled_prompt_embeds": take("negative_pooled_prompt_embeds"),
+        }
+        step_args = {
+            "latents": batch["latents"][idx, t].to(dev),
+            "next_latents": batch["next_latents"][idx, t].to(dev),
+            "sigmas": batch["sigmas"][idx, t].to(dev),
+            "sigmas_next": batch["sigmas_next"][idx, t].to(dev),
+            "guidance_scale": self.guidance_scale,
+            "noise_level": self.noise_level,
+            **cond,
+        }
+        log_prob, mean, std = compute_log_prob(self.model, **step_args)
+        ref_mean = None
+        if self.beta > 0:
+            with torch.no_grad(), self._reference():
+                ref_model = self.ref_model if self.ref_model is not None else self.model
+                _, ref_mean, _ = compute_log_prob(ref_model, **step_args)
+        return flowgrpo_policy_loss(
+            log_prob=log_prob,
+            old_log_prob=batch["old_log_probs"][idx, t].to(dev),
+            advantages=batch["advantages"][idx].to(dev),
+            clip_range=self.clip_range,
+            prev_sample_mean=mean,
+            ref_prev_sample_mean=ref_mean,
+            std_dev=std,
+            beta=self.beta,
+        )
+
+    def _reference(self):
+        """With LoRA the reference is the base model: the same module with adapters disabled."""
+        if self.lora_config is None:
+            return nullcontext()
+        model = self.model
+
+        class _Disabled:
+            def __enter__(self):
+                model.disable_adapters()
+
+            def __exit__(self, *exc):
+                model.enable_adapters()
+
+        return _Disabled()
+
+    def _step(self) -> float:
+        if self.world_size > 1:
+            for p in self.trainable:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    # --------------------------------------------------------- weights, state
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def get_rollout_weights(self) -> dict[str, Any] | None:
+        """What the rollout replicas load: the LoRA adapter (with its config) or the full state dict.
+
+        Ranks hold identical weights (gradients are averaged), so only rank 0 returns them.
+        """
+        if self.rank != 0:
+            return None
+        if self.lora_config is not None:
+            from peft.utils import get_peft_model_state_dict
+
+            state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+            return {"lora_state_dict": state, "lora_config": dict(self.lora_config)}
+        return {"state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def state_dict(self) -> dict[str, Any] | None:
+        """Trainable weights and optimizer state for a checkpoint (rank 0's; the others return None)."""
+        if self.rank != 0:
+            return None
+        trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"trainable": trainable, "optimizer": self.optimizer.state_dict(), "update_calls": self._update_calls}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(state["trainable"]) - set(params))
+        if missing:
+            raise ValueError(f"checkpoint has parameters this model does not: {missing[:5]}")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._update_calls = int(state.get("update_calls", 0))
+
+
+def worker_config(config: DictConfig) -> DictConfig:
+    """The config the worker needs, resolved (so the Ray actor never resolves interpolations)."""
+    return OmegaConf.create(OmegaConf.to_container(config, resolve=True))

@@ -1,0 +1,400 @@
+"""The compute half of the ``diffusers`` rollout server: one loaded pipeline that runs fused batches.
+
+:class:`DiffusersEngine` is synchronous and single-threaded by design: the async server
+(:mod:`diffusers_server`) decides which requests fuse and calls :meth:`DiffusersEngine.run_batch`,
+``update_weights``, ``sleep`` and ``wake_up`` from one worker thread, so a batch never sees half-updated
+weights and the prompt cache needs no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from verl_omni.pipelines.flow_match_sde import sample_flow_match_sde
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
+from verl_omni.workers.rollout.prompt_cache import PromptEmbeddingCache
+from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+LORA_ADAPTER_NAME = "verl_omni_rollout"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineRequest:
+    """One admitted request: its caller id, prompt text and resolved sampling parameters."""
+
+    request_id: str
+    prompt: str
+    params: DiffusionSamplingParams
+
+
+def _plain(value: Any) -> Any:
+    """Containers as plain dicts and lists (OmegaConf configs, tuples and sets included) for peft and ``==``."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@contextmanager
+def _onednn(enabled: bool) -> Iterator[None]:
+    """Toggle oneDNN (mkldnn) for the block; unlike ``torch.backends.mkldnn.flags`` it leaves TF32 settings alone."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def resolve_torch_dtype(dtype: str, device: str, rollout_dtype: str | None = None) -> torch.dtype:
+    """``auto``: float32 on CPU (exact, and bf16 matmuls are slow there), the rollout dtype on GPU."""
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32
+        return _DTYPES.get(str(rollout_dtype), torch.bfloat16)
+    return _DTYPES[dtype]
+
+
+class DiffusersEngine:
+    """A diffusers SD3-family pipeline loaded with ``from_pretrained``, driven by the FlowGRPO SDE sampler."""
+
+    def __init__(
+        self,
+        model_path: str,
+        config: DiffusionRolloutConfig,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from diffusers import DiffusionPipeline
+        from diffusers.pipelines import pipeline_utils
+
+        self.spec = DiffusersModelSpec.from_path(model_path)
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # diffusers >= 0.42 takes `dtype` and deprecates `torch_dtype`; older releases take only the latter.
+        dtype_kw = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        self.pipe = DiffusionPipeline.from_pretrained(self.spec.path, **{dtype_kw: dtype})
+        self.pipe.set_progress_bar_config(disable=True)
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.pipe.to(self.device)
+        self.transformer = self.pipe.transformer
+        self.max_sequence_length = config.max_sequence_length or self.spec.default_max_sequence_length()
+        self.batch_invariant = bool(config.batch_invariant and self.device.type == "cpu")
+        if self.batch_invariant and not os.environ.get("MKL_CBWR", "").upper().endswith("STRICT"):
+            logger.warning(
+                "batch_invariant=True but MKL_CBWR is not a STRICT mode in this process: batched results may "
+                "differ from unbatched ones in the last bits (the replica sets it for its own actors)"
+            )
+        self.cache = PromptEmbeddingCache(config.prompt_cache_size)
+        self.version = 0
+        self.texts_encoded = 0
+        self.sleeping = False
+        self._lora_config: dict[str, Any] | None = None
+
+    # ----- prompts -------------------------------------------------------------------------------
+
+    def prompt_text(self, prompt_ids: Any) -> str:
+        """The prompt as text: a string as is, token ids decoded with the pipeline's (first) tokenizer."""
+        if isinstance(prompt_ids, str):
+            return prompt_ids
+        if hasattr(prompt_ids, "tolist") and not isinstance(prompt_ids, list | tuple):  # torch / numpy arrays
+            prompt_ids = prompt_ids.tolist()
+        if not isinstance(prompt_ids, list | tuple):
+            raise ValueError(f"prompt_ids={prompt_ids!r} must be the prompt text (str) or a list of token ids")
+        tokenizer = self.pipe.tokenizer
+        vocab = len(tokenizer)
+        for i, tok in enumerate(prompt_ids):
+            if not isinstance(tok, numbers.Integral) or isinstance(tok, bool) or not 0 <= int(tok) < vocab:
+                raise ValueError(f"prompt_ids[{i}]={tok!r} is not a token id of the model's tokenizer (size {vocab})")
+        return tokenizer.decode([int(t) for t in prompt_ids], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the text encoders once over ``texts``; per-text float32 ``(embeds (L, D), pooled (P,))`` on the host.
+
+        Host memory keeps a large prompt cache off the GPU (an SD3.5 entry is about 5.5 MB in float32);
+        a batch moves its few rows to the device.
+        """
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        self.texts_encoded += len(texts)
+        embeds, pooled = embeds.float().cpu(), pooled.float().cpu()
+        return [(embeds[i].clone(), pooled[i].clone()) for i in range(len(texts))]
+
+    def _encodings(self, texts: list[str]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
+        """Encodings of ``texts`` (with repeats), each distinct text encoded at most once; and per-text cache hits.
+
+        Without a cache (size 0) every occurrence is encoded, as a server without the cache would.
+        """
+        if self.cache.maxsize == 0:
+            for text in texts:
+                self.cache.get(text)  # counts the miss; a disabled cache stores nothing
+            return self._encode_texts(texts), [False] * len(texts)
+        found: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        hits: list[bool] = []
+        for text in texts:
+            if text in found:  # encoded (or found) for an earlier request of this batch
+                self.cache.record_hit()
+                hits.append(True)
+                continue
+            entry = self.cache.get(text)
+            found[text] = entry
+            hits.append(entry is not None)
+        missing = [t for t, e in found.items() if e is None]
+        if missing:
+            for text, enc in zip(missing, self._encode_texts(missing), strict=True):
+                found[text] = enc
+                self.cache.put(text, enc)
+        return [found[t] for t in texts], hits
+
+    # ----- sampling ------------------------------------------------------------------------------
+
+    def _sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """The scheduler's sigmas (N + 1 values) exactly as the SD3 pipeline sets them."""
+        scheduler = self.pipe.scheduler
+        kwargs: dict[str, Any] = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            seq_len = (height // self.spec.vae_scale_factor // self.spec.patch_size) * (
+                width // self.spec.vae_scale_factor // self.spec.patch_size
+            )
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(num_inference_steps, device="cpu", **kwargs)
+        return scheduler.sigmas.clone()
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode (B, C, h, w) latents to uint8 (B, 3, H, W) on CPU, as the SD3 pipeline post-processes."""
+        vae = self.pipe.vae
+        z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)
+        if self.batch_invariant:  # oneDNN convolutions round differently for different batch sizes
+            images = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
+        else:
+            images = vae.decode(z, return_dict=False)[0]
+        return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    @torch.no_grad()
+    def run_batch(self, requests: Sequence[EngineRequest]) -> list[DiffusionOutput]:
+        """Denoise ``requests`` (equal ``batch_key``) in one fused run; one :class:`DiffusionOutput` each.
+
+        ``extra_fields`` get ``request_id``, ``batch_size``, ``cache_hit``, ``global_steps``, ``seed``,
+        ``sde_step_indices`` (schedule index of each recorded step) and ``encode_s``; the server adds
+        ``server_id``, ``queue_s`` and ``generate_s``.
+        """
+        if not requests:
+            return []
+        params = requests[0].params
+        if any(r.params.batch_key != params.batch_key for r in requests):
+            raise ValueError("run_batch got requests with different batch keys; the server must not fuse them")
+        self._ensure_awake()
+        version = self.version
+        t0 = time.perf_counter()
+        texts = [r.prompt for r in requests]
+        if params.do_cfg:
+            texts += [r.params.negative_prompt for r in requests]
+        encodings, hits = self._encodings(texts)
+        encode_s = time.perf_counter() - t0
+        n = len(requests)
+        prompt_embeds = torch.stack([e[0] for e in encodings[:n]]).to(self.device)
+        pooled = torch.stack([e[1] for e in encodings[:n]]).to(self.device)
+        neg_embeds = neg_pooled = None
+        if params.do_cfg:
+            neg_embeds = torch.stack([e[0] for e in encodings[n:]]).to(self.device)
+            neg_pooled = torch.stack([e[1] for e in encodings[n:]]).to(self.device)
+
+        generators = [torch.Generator(device=self.device).manual_seed(r.params.seed) for r in requests]
+        sigmas = self._sigmas(params.num_inference_steps, params.height, params.width)
+        latent_shape = (
+            self.spec.latent_channels,
+            params.height // self.spec.vae_scale_factor,
+            params.width // self.spec.vae_scale_factor,
+        )
+        with _onednn(enabled=not self.batch_invariant):  # oneDNN kernels round differently per batch size
+            traj = sample_flow_match_sde(
+                self.transformer,
+                sigmas,
+                prompt_embeds,
+                pooled,
+                generators,
+                latent_shape,
+                negative_prompt_embeds=neg_embeds,
+                negative_pooled_prompt_embeds=neg_pooled,
+                guidance_scale=params.guidance_scale,
+                noise_level=params.noise_level,
+                sde_window=params.sde_window,
+            )
+        images = self._decode(traj.final_latents)
+
+        outputs = []
+        cpu = torch.device("cpu")
+        sig, sig_next, tsteps = (traj.sigmas.to(cpu), traj.sigmas_next.to(cpu), traj.timesteps.to(cpu))
+        step_indices = traj.step_indices.tolist()  # which schedule steps the T recorded transitions are
+        for i, req in enumerate(requests):
+            cache_hit = hits[i] and (not params.do_cfg or hits[n + i])
+            neg = encodings[n + i] if params.do_cfg else None
+            outputs.append(
+                DiffusionOutput(
+                    image=images[i].clone(),
+                    latents=traj.latents[i].to(cpu).clone(),
+                    next_latents=traj.next_latents[i].to(cpu).clone(),
+                    sigmas=sig.clone(),
+                    sigmas_next=sig_next.clone(),
+                    timesteps=tsteps.clone(),
+                    log_probs=traj.log_probs[i].to(cpu).clone(),
+                    prompt_embeds=encodings[i][0].clone(),
+                    pooled_prompt_embeds=encodings[i][1].clone(),
+                    negative_prompt_embeds=None if neg is None else neg[0].clone(),
+                    negative_pooled_prompt_embeds=None if neg is None else neg[1].clone(),
+                    model_version=version,
+                    extra_fields={
+                        "request_id": req.request_id,
+                        "batch_size": n,
+                        "cache_hit": bool(cache_hit),
+                        "global_steps": version,
+                        "seed": req.params.seed,
+                        "sde_step_indices": step_indices,
+                        "encode_s": encode_s,
+                    },
+                )
+            )
+        return outputs
+
+    # ----- weights and memory --------------------------------------------------------------------
+
+    def update_weights(
+        self,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        lora_state_dict: Mapping[str, torch.Tensor] | None = None,
+        lora_config: Any | None = None,
+        version: int | None = None,
+    ) -> int:
+        """Load new transformer weights (full or partial state dict, and/or a peft LoRA adapter); bump the version.
+
+        Batches that start after this call report the new version. ``version=None`` increments it.
+        """
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ValueError(f"version={version!r} must be an integer or None")
+        if state_dict is None and lora_state_dict is None and lora_config is None and version is None:
+            raise ValueError("update_weights needs state_dict, lora_state_dict (+ lora_config) or version")
+        self._ensure_awake()
+        if state_dict is not None:
+            self._load_full_state_dict(state_dict)
+        if lora_config is not None or lora_state_dict is not None:
+            self._load_lora(lora_state_dict, lora_config)
+        self.version = self.version + 1 if version is None else version
+        return self.version
+
+    def _load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        own = self.transformer.state_dict()
+        mapped: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key, value in state_dict.items():
+            target = key
+            if target not in own:  # with a LoRA adapter loaded, peft renames base weights to *.base_layer.*
+                head, _, leaf = key.rpartition(".")
+                target = f"{head}.base_layer.{leaf}"
+            if target not in own:
+                unknown.append(key)
+                continue
+            if tuple(value.shape) != tuple(own[target].shape):
+                expected = tuple(own[target].shape)
+                raise ValueError(f"state_dict[{key!r}] has shape {tuple(value.shape)}, the transformer's is {expected}")
+            mapped[target] = value
+        if unknown:
+            raise ValueError(
+                f"state_dict has key(s) the transformer does not: {unknown[:5]}{'...' if len(unknown) > 5 else ''}"
+            )
+        with torch.no_grad():
+            for key, value in mapped.items():
+                own[key].copy_(value.to(device=own[key].device, dtype=own[key].dtype))
+
+    def _load_lora(self, lora_state_dict: Mapping[str, torch.Tensor] | None, lora_config: Any | None) -> None:
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+
+        if lora_config is not None:
+            config_dict = _plain(lora_config.to_dict() if isinstance(lora_config, LoraConfig) else dict(lora_config))
+            if config_dict != self._lora_config:
+                try:
+                    peft_config = lora_config if isinstance(lora_config, LoraConfig) else LoraConfig(**config_dict)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"lora_config={lora_config!r} is not a peft LoraConfig: {err}") from None
+                if self._lora_config is not None:  # a new adapter shape replaces the old adapter
+                    self.transformer.delete_adapters(LORA_ADAPTER_NAME)
+                    self._lora_config = None
+                self.transformer.add_adapter(peft_config, adapter_name=LORA_ADAPTER_NAME)
+                self.transformer.set_adapter(LORA_ADAPTER_NAME)
+                self._lora_config = config_dict
+        if lora_state_dict is None:
+            return
+        if self._lora_config is None:
+            raise ValueError("lora_state_dict given but no LoRA adapter is loaded: pass lora_config with it")
+        prefix = "base_model.model."
+        cleaned = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in lora_state_dict.items()}
+        result = set_peft_model_state_dict(self.transformer, cleaned, adapter_name=LORA_ADAPTER_NAME)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"lora_state_dict has key(s) the adapter does not: {unexpected[:5]}")
+        self.transformer.requires_grad_(False)
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights to host); a no-op on CPU."""
+        if self.device.type == "cpu" or self.sleeping:
+            return
+        self.pipe.to("cpu")
+        torch.cuda.empty_cache()
+        self.sleeping = True
+
+    def wake_up(self) -> None:
+        """Restore what :meth:`sleep` released; a no-op on CPU."""
+        if not self.sleeping:
+            return
+        self.pipe.to(self.device)
+        self.sleeping = False
+
+    def _ensure_awake(self) -> None:
+        if self.sleeping:
+            logger.warning("generate/update_weights on a sleeping diffusers replica: waking it up")
+            self.wake_up()

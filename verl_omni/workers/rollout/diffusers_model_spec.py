@@ -1,0 +1,129 @@
+"""What the ``diffusers`` backend needs to know about a model directory, read from its JSON configs.
+
+Reading ``model_index.json`` and the component configs (no weights, no torch) lets the replica reject
+a wrong model path or an image size the VAE cannot take before any Ray actor starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Pipelines whose components and encode_prompt() the sampler drives (SD3 / SD3.5 family).
+SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusion3Pipeline",)
+_REQUIRED_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+_SD3_T5_DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class DiffusersModelSpec:
+    """Static facts of a diffusers pipeline directory that bound valid requests."""
+
+    path: str
+    pipeline_class: str
+    vae_scale_factor: int
+    patch_size: int
+    latent_channels: int
+    default_height: int
+    default_width: int
+    max_latent_size: int | None
+    has_t5: bool
+    t5_max_length: int | None
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE downsampling times transformer patch)."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def max_image_size(self) -> int | None:
+        """Largest height/width the transformer's positional embedding covers, in pixels."""
+        return None if self.max_latent_size is None else self.max_latent_size * self.vae_scale_factor
+
+    def default_max_sequence_length(self) -> int:
+        """T5 tokens when the config leaves ``max_sequence_length`` null."""
+        if self.t5_max_length is None:
+            return _SD3_T5_DEFAULT_MAX_SEQUENCE_LENGTH
+        return min(self.t5_max_length, _SD3_T5_DEFAULT_MAX_SEQUENCE_LENGTH)
+
+    def check_image_size(self, name: str, value: Any) -> int:
+        """Return ``value`` if the VAE and transformer accept it as ``name`` (height/width), else raise."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer number of pixels")
+        if value % self.size_multiple:
+            raise ValueError(
+                f"{name}={value!r} is not a multiple of {self.size_multiple} (VAE scale factor "
+                f"{self.vae_scale_factor} x transformer patch size {self.patch_size}) for {self.path}"
+            )
+        if self.max_image_size is not None and value > self.max_image_size:
+            raise ValueError(
+                f"{name}={value!r} exceeds {self.max_image_size}, the largest size the transformer's "
+                f"positional embedding covers for {self.path}"
+            )
+        return value
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, key: str = "actor_rollout_ref.model.path") -> DiffusersModelSpec:
+        """Read and validate a local diffusers pipeline directory; ``ValueError`` naming ``key`` otherwise."""
+        root = Path(os.path.expanduser(str(path))).resolve()  # actors may run in another working directory
+        if not root.is_dir():
+            raise ValueError(f"{key}={str(path)!r} is not a directory: the diffusers backend needs a local pipeline")
+        index_file = root / "model_index.json"
+        if not index_file.is_file():
+            raise ValueError(
+                f"{key}={str(path)!r} is not a diffusers pipeline (no model_index.json); "
+                "build the tiny CPU model with `python -m verl_omni.models.tiny_sd3 --out DIR`"
+            )
+        index = _read_json(index_file, key, path)
+        pipeline_class = index.get("_class_name")
+        if pipeline_class not in SUPPORTED_PIPELINES:
+            raise ValueError(
+                f"{key}={str(path)!r} holds a {pipeline_class!r} pipeline; the diffusers rollout backend supports "
+                f"{', '.join(SUPPORTED_PIPELINES)}"
+            )
+        missing = [c for c in _REQUIRED_COMPONENTS if not _component_present(index, root, c)]
+        if missing:
+            raise ValueError(f"{key}={str(path)!r} lacks pipeline component(s) {missing}")
+
+        vae = _read_json(root / "vae" / "config.json", key, path)
+        transformer = _read_json(root / "transformer" / "config.json", key, path)
+        vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        patch_size = int(transformer.get("patch_size", 2))
+        sample_size = int(transformer.get("sample_size", 128))
+        pos_max = transformer.get("pos_embed_max_size")
+        has_t5 = _component_present(index, root, "text_encoder_3")
+        t5_max = None
+        if _component_present(index, root, "tokenizer_3"):
+            tok_cfg_file = root / "tokenizer_3" / "tokenizer_config.json"
+            if tok_cfg_file.is_file():
+                raw = _read_json(tok_cfg_file, key, path).get("model_max_length")
+                t5_max = int(raw) if isinstance(raw, int | float) and raw < 1e9 else None
+        return cls(
+            path=str(root),
+            pipeline_class=pipeline_class,
+            vae_scale_factor=vae_scale_factor,
+            patch_size=patch_size,
+            latent_channels=int(transformer.get("in_channels", vae.get("latent_channels", 16))),
+            default_height=sample_size * vae_scale_factor,
+            default_width=sample_size * vae_scale_factor,
+            max_latent_size=None if pos_max is None else int(pos_max) * patch_size,
+            has_t5=has_t5,
+            t5_max_length=t5_max,
+        )
+
+
+def _component_present(index: dict[str, Any], root: Path, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / name).is_dir()
+
+
+def _read_json(file: Path, key: str, path: Any) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{key}={str(path)!r} is missing {file.relative_to(file.parents[1])}") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{key}={str(path)!r}: cannot read {file.name}: {err}") from None
