@@ -1,1 +1,1 @@
-"""Small utilities of the overlay: atomic checkpoints and PNG visualisations."""
+"""Small utilities of the overlay: LRU map, stable seeds, atomic checkpoints and PNG visualisations."""

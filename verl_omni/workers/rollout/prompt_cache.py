@@ -7,8 +7,9 @@ transformer is), so entries stay valid across weight updates.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
+
+from verl_omni.utils.lru import LRUMap
 
 
 class PromptEmbeddingCache:
@@ -22,18 +23,17 @@ class PromptEmbeddingCache:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
             raise ValueError(f"prompt_cache_size={maxsize!r} must be an integer >= 0")
         self.maxsize = maxsize
-        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._entries = LRUMap(maxsize) if maxsize > 0 else None
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
     def get(self, text: str) -> Any | None:
         """The cached encoding of ``text`` (marked most recently used), or None; counts a hit or a miss."""
-        entry = self._entries.get(text)
+        entry = self._entries.get(text) if self._entries is not None else None
         if entry is None:
             self.misses += 1
             return None
-        self._entries.move_to_end(text)
         self.hits += 1
         return entry
 
@@ -43,28 +43,24 @@ class PromptEmbeddingCache:
 
     def put(self, text: str, value: Any) -> None:
         """Store ``value`` for ``text``, evicting the least recently used entry beyond ``maxsize``."""
-        if self.maxsize == 0:
-            return
-        self._entries[text] = value
-        self._entries.move_to_end(text)
-        while len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        if self._entries is not None and self._entries.put(text, value):
             self.evictions += 1
 
     def clear(self) -> None:
-        self._entries.clear()
+        if self._entries is not None:
+            self._entries.clear()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) if self._entries is not None else 0
 
     def __contains__(self, text: object) -> bool:
-        return text in self._entries
+        return self._entries is not None and text in self._entries
 
     def stats(self) -> dict[str, int]:
         return {
             "hits": self.hits,
             "misses": self.misses,
-            "size": len(self._entries),
+            "size": len(self),
             "capacity": self.maxsize,
             "evictions": self.evictions,
         }

@@ -16,13 +16,13 @@ import logging
 import os
 from typing import Any
 
+from verl_omni.utils.lru import LRUMap
 from verl_omni.workers.config.rollout_routing import (
     DEFAULT_ROUTING_CACHE_SIZE,
     VALID_ROLLOUT_SERVER_ROUTING_POLICIES,
     validate_routing_options,
 )
 from verl_omni.workers.rollout.load_buckets import LoadBuckets
-from verl_omni.workers.rollout.sticky_cache import StickyLRU
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -71,7 +71,7 @@ class OmniRequestLoadBalancer:
         self._servers: dict[str, Any] = {}
         self._sorted_ids: list[str] = []
         self._load = LoadBuckets()
-        self._sticky = StickyLRU(maxsize=max_cache_size)
+        self._sticky = LRUMap(maxsize=max_cache_size)
         self._served: dict[str, int] = {}
         self._rr_next = 0
         self._diversions = 0

@@ -1,7 +1,8 @@
-"""A small LRU map for sticky routing, on ``OrderedDict`` (C-implemented).
+"""A small LRU map on ``OrderedDict`` (C-implemented): the balancer's sticky pins and the replicas'
+prompt-embedding cache.
 
 verl uses ``cachetools.LRUCache``; its pure-Python get/set costs about 1.4 us per request here,
-more than the rest of a routing decision, so the balancer keeps its own.
+more than the rest of a routing decision.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Hashable
 from typing import Any
 
 
-class StickyLRU:
+class LRUMap:
     """Key -> server id with least-recently-used eviction beyond ``maxsize`` entries."""
 
     def __init__(self, maxsize: int) -> None:
@@ -25,12 +26,15 @@ class StickyLRU:
             self._data.move_to_end(key)
         return value
 
-    def put(self, key: Hashable, value: Any) -> None:
+    def put(self, key: Hashable, value: Any) -> bool:
+        """Store ``value``; returns True when the least recently used entry was evicted to make room."""
         data = self._data
         data[key] = value
         data.move_to_end(key)
         if len(data) > self.maxsize:
             data.popitem(last=False)
+            return True
+        return False
 
     def pop(self, key: Hashable) -> None:
         self._data.pop(key, None)

@@ -1,8 +1,8 @@
-from verl_omni.workers.rollout.sticky_cache import StickyLRU
+from verl_omni.utils.lru import LRUMap
 
 
 def test_evicts_least_recently_used():
-    lru = StickyLRU(maxsize=2)
+    lru = LRUMap(maxsize=2)
     lru.put("a", "s0")
     lru.put("b", "s1")
     assert lru.get("a") == "s0"  # a is now most recent
@@ -12,7 +12,7 @@ def test_evicts_least_recently_used():
 
 
 def test_pop_and_clear():
-    lru = StickyLRU(maxsize=4)
+    lru = LRUMap(maxsize=4)
     lru.put("a", "s0")
     lru.pop("a")
     lru.pop("missing")

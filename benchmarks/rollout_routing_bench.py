@@ -1,0 +1,683 @@
+"""What routing policy buys a FlowGRPO rollout: every policy on the same 2 warm CPU diffusers replicas, one run.
+
+The rollout runs as the recipe runs it (``compose_recipe``: the tiny SD3 model, its CPU diffusion settings,
+request batching and the prompt cache on, 2 replicas, 2 agent-loop workers), through ``OmniLLMServerManager``
+and ``OmniAgentLoopManager``. Policies are switched with ``set_routing`` + ``set_client``, so every policy
+sees the same warm replicas; bursts are interleaved over rounds (the policy order rotates each round) and the
+median per metric is reported, with ratios against ``least_inflight`` measured in this same run.
+
+- even burst (default 4 prompts x 8 copies): every policy, plus affinity with ``max_imbalance``;
+- uneven burst (default 3 prompts x 8 copies over 2 replicas): ``least_inflight`` vs strict affinity (a
+  replica can get 2 groups while the other gets 1) vs soft affinity (``max_imbalance``).
+
+Every burst has new prompts (tagged with the burst index), so each replica's prompt cache starts cold for
+it, as in training where every step draws new prompts. Per burst: images/s, mean replica batch size, texts
+encoded, prompt-cache hit rate (``get_stats`` deltas of the replicas), co-location (the manager's routing
+metrics), acquire+release RPCs and diversions (``get_status`` deltas of the balancer), requests per replica.
+
+The model's cost mix (text encoding vs one denoising step vs VAE decode, at batch 1 and 8) is measured in a
+Ray task with the replica's environment and printed next to the ratios: what affinity saves depends on it.
+
+    python -m benchmarks.rollout_routing_bench [--prompts 4] [--n 8] [--uneven-prompts 3] [--rounds 3]
+        [--max-imbalance 4] [--no-cost-mix] [hydra overrides of the recipe, e.g. \
+actor_rollout_ref.rollout.diffusion.guidance_scale=4.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from omegaconf import DictConfig, OmegaConf
+from verl.protocol import DataProto
+
+from recipes.flowgrpo.config_compose import compose_recipe
+from recipes.flowgrpo.data import prompt_uid
+from verl_omni.agent_loop import OmniAgentLoopManager
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
+
+GROUP = 8  # rollout.n: copies per prompt
+# Soft-affinity bound for the max_imbalance setups; see _MAX_IMBALANCE_WHY (printed with the results).
+MAX_IMBALANCE = 4
+_MAX_IMBALANCE_WHY = (
+    "max_imbalance = n/2: a group whose copies arrive together keeps together until its replica is n/2 requests "
+    "ahead, so a split group still fuses into two halves; an uneven burst ends at most ~n/2 apart (vs n strict)"
+)
+BASELINE = "least_inflight"
+SEED = 1234
+_PROMPTS_FILE = Path(__file__).resolve().parents[1] / "recipes" / "flowgrpo" / "data" / "prompts.txt"
+_FALLBACK_PROMPTS = ["a red apple on a wooden table", "a white cat sleeping on a blue sofa"]
+
+
+@dataclass(frozen=True)
+class RoutingSetup:
+    """One routing configuration under test: a label, the policy and its soft-affinity bound."""
+
+    label: str
+    policy: str
+    max_imbalance: int | None = None
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.policy, self.max_imbalance
+
+
+@dataclass
+class BurstResult:
+    """What one burst measured; every count is a delta over the burst."""
+
+    kind: str  # "even" or "uneven"
+    setup: str
+    round: int
+    prompts: int
+    samples: int
+    wall_s: float
+    images_per_s: float
+    batches: int
+    mean_batch_size: float
+    texts_encoded: int
+    cache_hits: int
+    cache_misses: int
+    cache_hit_rate: float
+    colocation: float
+    acquires: int
+    releases: int
+    diversions: int
+    load: dict[str, int]
+    # distinct (prompt, replica) pairs of the burst: with a cold cache, what each replica must encode
+    prompt_replica_pairs: int
+
+    @property
+    def rpcs(self) -> int:
+        return self.acquires + self.releases
+
+    @property
+    def load_max_min(self) -> tuple[int, int]:
+        return max(self.load.values()), min(self.load.values())
+
+
+@dataclass
+class CostMix:
+    """Median seconds per call of each pipeline component, by batch size, in one replica-like process."""
+
+    settings: dict[str, Any]
+    seconds: dict[str, dict[int, float]]
+    ray_call_s: float = 0.0
+
+
+@dataclass
+class BenchResult:
+    """All bursts of a run, the setups per burst kind, and the cost mix."""
+
+    settings: dict[str, Any]
+    setups: dict[str, list[RoutingSetup]]
+    bursts: list[BurstResult] = field(default_factory=list)
+    cost_mix: CostMix | None = None
+    sweep: list[SweepRow] = field(default_factory=list)
+
+    def runs(self, kind: str, label: str) -> list[BurstResult]:
+        return [b for b in self.bursts if b.kind == kind and b.setup == label]
+
+    def median(self, kind: str, label: str, metric: str) -> float:
+        return statistics.median(float(getattr(b, metric)) for b in self.runs(kind, label))
+
+    def ratio(self, kind: str, label: str, metric: str) -> float:
+        """Median over rounds of ``label`` / ``least_inflight`` in the same round (paired: drift cancels)."""
+        base = {b.round: float(getattr(b, metric)) for b in self.runs(kind, BASELINE)}
+        pairs = [float(getattr(b, metric)) / base[b.round] for b in self.runs(kind, label) if base.get(b.round)]
+        return statistics.median(pairs) if pairs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def default_setups(max_imbalance: int = MAX_IMBALANCE) -> dict[str, list[RoutingSetup]]:
+    """Even burst: every policy plus soft affinity. Uneven burst: baseline vs strict vs soft affinity."""
+    soft = RoutingSetup(f"prompt_uid_affinity mi={max_imbalance}", "prompt_uid_affinity", max_imbalance)
+    even = [RoutingSetup(p, p) for p in ("least_inflight", "prompt_uid_affinity", "prompt_hash_sharding")]
+    even += [RoutingSetup("round_robin", "round_robin"), soft]
+    uneven = [
+        RoutingSetup("least_inflight", "least_inflight"),
+        RoutingSetup("prompt_uid_affinity", "prompt_uid_affinity"),
+    ]
+    return {"even": even, "uneven": [*uneven, soft]}
+
+
+def bench_config(model_path: str, n: int, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The recipe's config as the CLI composes it, with rewards off (this measures the rollout only)."""
+    return compose_recipe(
+        f"actor_rollout_ref.model.path={model_path}",
+        f"actor_rollout_ref.rollout.n={n}",
+        "actor_rollout_ref.rollout.n_gpus_per_node=2",
+        "reward.name=null",
+        *overrides,
+    )
+
+
+def burst_batch(burst: int, prompts: int, n: int) -> DataProto:
+    """A FlowGRPO step's batch: ``prompts`` new prompts (tagged with ``burst``), each ``n`` times, interleaved."""
+    pool = _load_prompts()
+    texts = [f"{pool[(burst * prompts + p) % len(pool)]}, burst {burst}" for p in range(prompts)]
+    rows = [(texts[p], prompt_uid(SEED, burst, p)) for p in range(prompts) for _ in range(n)]
+
+    def column(values: list[Any]) -> np.ndarray:
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        return arr
+
+    return DataProto.from_dict(
+        non_tensors={
+            "prompt": column([r[0] for r in rows]),
+            "uid": column([r[1] for r in rows]),
+            "row_index": np.arange(len(rows), dtype=np.int64),
+        },
+        meta_info={"global_steps": burst, "seed": SEED, "validate": False},
+    )
+
+
+def _load_prompts() -> list[str]:
+    if _PROMPTS_FILE.is_file():
+        lines = [line.strip() for line in _PROMPTS_FILE.read_text().splitlines()]
+        return [line for line in lines if line] or _FALLBACK_PROMPTS
+    return _FALLBACK_PROMPTS
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def _server_handles(manager: OmniLLMServerManager) -> dict[str, Any]:
+    return dict(zip(manager.server_addresses, manager.server_handles, strict=True))
+
+
+def _stats(servers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(zip(servers, ray.get([h.get_stats.remote() for h in servers.values()]), strict=True))
+
+
+def _settled_status(balancer: Any, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The balancer's status once every release has landed (releases are fire-and-forget)."""
+    deadline = time.perf_counter() + timeout_s
+    status = ray.get(balancer.get_status.remote())
+    while status["total_inflight"] and time.perf_counter() < deadline:
+        time.sleep(0.01)
+        status = ray.get(balancer.get_status.remote())
+    return status
+
+
+def run_burst(
+    loops: OmniAgentLoopManager,
+    balancer: Any,
+    servers: dict[str, Any],
+    batch: DataProto,
+    kind: str,
+    label: str,
+    round_index: int = 0,
+) -> BurstResult:
+    """Generate ``batch`` through the agent loops and measure it (deltas of replica and balancer counters)."""
+    before, status0 = _stats(servers), _settled_status(balancer)
+    start = time.perf_counter()
+    out = loops.generate_sequences(batch)
+    wall = time.perf_counter() - start
+    after, status1 = _stats(servers), _settled_status(balancer)
+
+    def delta(get: Any) -> int:
+        return int(sum(get(after[s]) - get(before[s]) for s in servers))
+
+    served, batches = delta(lambda s: s["requests_served"]), delta(lambda s: s["batches"])
+    hits, misses = delta(lambda s: s["prompt_cache"]["hits"]), delta(lambda s: s["prompt_cache"]["misses"])
+    nt = out.non_tensor_batch
+    placed = [str(s) for s in nt["rollout_server"]]
+    load = Counter(placed)
+    return BurstResult(
+        kind=kind,
+        setup=label,
+        round=round_index,
+        prompts=len(set(nt["prompt"])),
+        samples=len(out),
+        wall_s=wall,
+        images_per_s=len(out) / wall,
+        batches=batches,
+        mean_batch_size=served / batches if batches else 0.0,
+        texts_encoded=delta(lambda s: s["texts_encoded"]),
+        cache_hits=hits,
+        cache_misses=misses,
+        cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+        colocation=float(out.meta_info["metrics"]["rollout_routing/colocation"]),
+        acquires=status1["acquires"] - status0["acquires"],
+        releases=status1["releases"] - status0["releases"],
+        diversions=status1["diversions"] - status0["diversions"],
+        load={s: load.get(s, 0) for s in servers},
+        prompt_replica_pairs=len(set(zip(nt["prompt"], placed, strict=True))),
+    )
+
+
+def _measure_cost_mix(model_path: str, diffusion: dict[str, Any], batch_sizes: list[int], repeats: int) -> CostMix:
+    """Time text encoding, one denoising step and VAE decode as the replica's engine runs them.
+
+    Runs in a process with the replica's environment (threads, MKL mode) on an engine built from the same
+    ``rollout.diffusion`` section; each component is called directly, median of ``repeats`` calls.
+    """
+    import torch
+
+    from verl_omni.pipelines.flow_match_sde import predict_velocity, sde_step_with_logprob
+    from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest, _onednn
+    from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
+
+    cfg = DiffusionRolloutConfig.from_config(diffusion)
+    torch.set_num_threads(cfg.cpu_threads)
+    engine = DiffusersEngine(model_path, cfg, device="cpu", dtype=torch.float32)
+    params = resolve_sampling_params({"seed": 0}, cfg, engine.spec)
+    pipe, spec = engine.pipe, engine.spec
+    latent = (spec.latent_channels, params.height // spec.vae_scale_factor, params.width // spec.vae_scale_factor)
+    sigmas = engine._sigmas(params.num_inference_steps, params.height, params.width)
+    counter = iter(range(10**9))
+
+    def timed(fn: Any) -> float:
+        fn()  # warm-up: first calls allocate
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    seconds: dict[str, dict[int, float]] = {"text_encode": {}, "denoise_step": {}, "vae_decode": {}, "generate": {}}
+    with torch.no_grad():
+        for b in batch_sizes:
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=["x"] * b, prompt_2=None, prompt_3=None, device=engine.device,
+                do_classifier_free_guidance=False, max_sequence_length=engine.max_sequence_length,
+            )  # fmt: skip
+            neg = (embeds, pooled) if params.do_cfg else (None, None)
+            x = torch.randn((b, *latent))
+            gens = [torch.Generator().manual_seed(i) for i in range(b)]
+
+            def encode(b: int = b) -> None:
+                texts = [f"cost mix prompt {next(counter)}" for _ in range(b)]
+                pipe.encode_prompt(
+                    prompt=texts, prompt_2=None, prompt_3=None, device=engine.device,
+                    do_classifier_free_guidance=False, max_sequence_length=engine.max_sequence_length,
+                )  # fmt: skip
+
+            def step(x: torch.Tensor = x, e: Any = embeds, p: Any = pooled, n: Any = neg, g: Any = gens) -> None:
+                with _onednn(enabled=not engine.batch_invariant):
+                    v = predict_velocity(engine.transformer, x, sigmas[0], e, p, n[0], n[1], params.guidance_scale)
+                    sde_step_with_logprob(v, x, sigmas[0], sigmas[1], params.noise_level, generator=g)
+
+            def generate(b: int = b) -> None:  # b copies of one new prompt: one group, as affinity batches it
+                prompt = f"cost mix prompt {next(counter)}"
+                engine.run_batch([EngineRequest(f"r{i}", prompt, params) for i in range(b)])
+
+            seconds["text_encode"][b] = timed(encode)
+            seconds["denoise_step"][b] = timed(step)
+            seconds["vae_decode"][b] = timed(lambda x=x: engine._decode(x))
+            seconds["generate"][b] = timed(generate)
+    settings = {
+        "steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "cfg": params.do_cfg,
+        "height": params.height,
+        "width": params.width,
+        "max_sequence_length": engine.max_sequence_length,
+        "cpu_threads": cfg.cpu_threads,
+        "batch_invariant": engine.batch_invariant,
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+    }
+    return CostMix(settings=settings, seconds=seconds)
+
+
+def measure_cost_mix(
+    manager: OmniLLMServerManager, cfg: DictConfig, batch_sizes: list[int], repeats: int, balancer: Any
+) -> CostMix:
+    """Run :func:`_measure_cost_mix` in a Ray task with replica 0's resources and environment."""
+    replica = manager.get_replicas()[0]
+    device, _ = replica.placement()
+    diffusion = OmegaConf.to_container(cfg.actor_rollout_ref.rollout.diffusion, resolve=True)
+    task = ray.remote(_measure_cost_mix).options(
+        num_cpus=replica.diffusion_config.ray_num_cpus, runtime_env={"env_vars": replica.server_env(device)}
+    )
+    mix = ray.get(task.remote(str(cfg.actor_rollout_ref.model.path), diffusion, batch_sizes, repeats))
+    calls = []  # one Ray actor round trip, for scale: each sample costs 2 balancer calls + 1 replica call
+    for _ in range(repeats * 6):
+        start = time.perf_counter()
+        ray.get(balancer.get_total_inflight.remote())
+        calls.append(time.perf_counter() - start)
+    mix.ray_call_s = statistics.median(calls)
+    return mix
+
+
+def run_bench(
+    model_path: str,
+    *,
+    prompts: int = 4,
+    n: int = GROUP,
+    uneven_prompts: int = 3,
+    rounds: int = 3,
+    max_imbalance: Sequence[int] = (MAX_IMBALANCE,),
+    overrides: list[str] | tuple[str, ...] = (),
+    cost_mix: bool = True,
+    cost_repeats: int = 5,
+    warmup: bool = True,
+) -> BenchResult:
+    """Launch 2 replicas and the agent loops (Ray must be initialised), run every setup, tear down.
+
+    Returns every burst's measurements; medians, ratios and targets are computed from them.
+    """
+    cfg = bench_config(model_path, n, overrides)
+    setups = default_setups(max_imbalance)
+    result = BenchResult(
+        settings={
+            "prompts": prompts,
+            "n": n,
+            "uneven_prompts": uneven_prompts,
+            "rounds": rounds,
+            "max_imbalance": list(max_imbalance),
+            "diffusion": dataclasses.asdict(
+                DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.diffusion)
+            ),
+            "agent_workers": int(cfg.actor_rollout_ref.rollout.agent.num_workers),
+            "overrides": list(overrides),
+        },
+        setups=setups,
+    )
+    t0 = time.perf_counter()
+    manager = OmniLLMServerManager.create(cfg)
+    _progress(t0, "replicas up")
+    balancers: dict[tuple[str, int | None], tuple[Any, Any]] = {}
+    loops = None
+    try:
+        servers = _server_handles(manager)
+        for setup in (s for kind in setups.values() for s in kind):
+            if setup.key not in balancers:  # one balancer per setup, over the same warm replicas
+                manager.set_routing(policy=setup.policy, max_imbalance=setup.max_imbalance)
+                balancers[setup.key] = (manager.global_load_balancer, manager.get_client())
+        loops = OmniAgentLoopManager.create(cfg, balancers[(BASELINE, None)][1])
+        burst = 0
+        if warmup:  # first bursts pay for worker start-up and first-call allocations: not measured
+            for setup in setups["even"]:
+                loops.set_client(balancers[setup.key][1])
+                run_burst(loops, balancers[setup.key][0], servers, burst_batch(burst, prompts, n), "warmup", "")
+                burst += 1
+            _progress(t0, "warm-up done")
+        for r in range(rounds):
+            for kind, count in (("even", prompts), ("uneven", uneven_prompts)):
+                order = setups[kind][r % len(setups[kind]) :] + setups[kind][: r % len(setups[kind])]
+                for setup in order:  # rotated each round: no setup always runs first or last
+                    balancer, client = balancers[setup.key]
+                    loops.set_client(client)
+                    result.bursts.append(
+                        run_burst(loops, balancer, servers, burst_batch(burst, count, n), kind, setup.label, r)
+                    )
+                    burst += 1
+            _progress(t0, f"round {r + 1}/{rounds} done")
+        result.sweep = imbalance_sweep(
+            [prompts, uneven_prompts], n, sorted({None, 1, 2, *max_imbalance, n // 2, n - 1}, key=lambda v: v or 0)
+        )
+        if cost_mix:
+            result.cost_mix = measure_cost_mix(manager, cfg, [1, n], cost_repeats, balancers[(BASELINE, None)][0])
+    finally:
+        if loops is not None:
+            for worker in loops.agent_loop_workers:
+                ray.kill(worker)
+        for balancer, _ in balancers.values():
+            ray.kill(balancer)
+        for replica in manager.get_replicas():
+            for server in replica.servers:
+                ray.kill(server)
+    return result
+
+
+@dataclass
+class SweepRow:
+    """Where soft affinity places one burst, for one ``max_imbalance`` and one arrival order (no timing)."""
+
+    prompts: int
+    arrival: str
+    max_imbalance: int | None
+    max_load: int
+    min_load: int
+    colocation: float
+    diversions: int
+
+
+def imbalance_sweep(
+    prompt_counts: list[int], n: int, values: list[int | None], workers: int = 2, replicas: int = 2
+) -> list[SweepRow]:
+    """Route bursts through an in-process ``OmniRequestLoadBalancer`` with every request in flight at once.
+
+    Agent-loop workers each get a contiguous chunk of rows (as ``DataProto.chunk`` splits them); their
+    requests reach the balancer either ``interleaved`` (one from each worker in turn) or ``by worker`` (all
+    of one worker's, then the next's): real bursts fall in between. Shows what each bound does to placement
+    without timing noise.
+    """
+    from verl_omni.agent_loop.routing_metrics import colocation_rate
+    from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
+
+    rows = []
+    for prompts in prompt_counts:
+        samples = [(f"p{p}-c{c}", f"uid-{p}") for p in range(prompts) for c in range(n)]
+        size = -(-len(samples) // workers)
+        chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
+        orders = {
+            "interleaved": [c[i] for i in range(size) for c in chunks if i < len(c)],
+            "by worker": [r for c in chunks for r in c],
+        }
+        for arrival, order in orders.items():
+            for value in values:
+                lb = OmniRequestLoadBalancer(
+                    {f"replica-{i}": None for i in range(replicas)}, policy="prompt_uid_affinity", max_imbalance=value
+                )
+                placed = [lb.acquire_server(rid, routing_key=uid)[0] for rid, uid in order]
+                loads = Counter(placed)
+                rows.append(
+                    SweepRow(
+                        prompts=prompts,
+                        arrival=arrival,
+                        max_imbalance=value,
+                        max_load=max(loads.values()),
+                        min_load=min(loads.get(f"replica-{i}", 0) for i in range(replicas)),
+                        colocation=colocation_rate([uid for _, uid in order], placed),
+                        diversions=lb.get_status()["diversions"],
+                    )
+                )
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- printing
+
+
+def targets(result: BenchResult) -> list[tuple[str, str, bool]]:
+    """The issue's targets: (what, measured, met). Texts encoded are the new prompts of a burst (a CFG
+    negative prompt is the same every burst, so it is cached from the warm-up on)."""
+    n = result.settings["n"]
+    cfg = result.settings["diffusion"]["guidance_scale"] > 1.0
+    rows = []
+    aff = result.runs("even", "prompt_uid_affinity")
+    once = sum(b.texts_encoded == b.prompts and b.colocation == 1.0 for b in aff)
+    hit = result.median("even", "prompt_uid_affinity", "cache_hit_rate")
+    hit_ok = cfg or abs(hit - (n - 1) / n) < 1e-9  # with CFG every request also looks up its negative
+    rows.append(
+        (
+            f"prompt_uid_affinity encodes each prompt once (on its one replica), hit rate (n-1)/n = {(n - 1) / n:.3f}",
+            f"texts encoded == prompts with co-location 1.0 in {once}/{len(aff)} bursts, hit rate {hit:.3f}",
+            once == len(aff) and hit_ok,
+        )
+    )
+    ratio = result.ratio("even", "prompt_uid_affinity", "images_per_s")
+    rows.append(("prompt_uid_affinity / least_inflight images/s, even burst, >= 0.97", f"{ratio:.3f}", ratio >= 0.97))
+    soft = next(s.label for s in result.setups["uneven"] if s.max_imbalance is not None)
+    ratio = result.ratio("uneven", soft, "images_per_s")
+    rows.append((f"{soft} / least_inflight images/s, uneven burst, >= 0.95", f"{ratio:.3f}", ratio >= 0.95))
+    return rows
+
+
+def print_report(result: BenchResult) -> None:
+    """Settings, the cost mix, one table per burst kind (medians and ratios), and the targets."""
+    s = result.settings
+    d = s["diffusion"]
+    print(
+        f"2 diffusers CPU replicas, {s['agent_workers']} agent-loop workers, recipe flowgrpo_tiny "
+        f"(tiny SD3, {d['height']}x{d['width']}, {d['num_inference_steps']} steps, CFG {d['guidance_scale']}, "
+        f"admission window {d['admission_window_ms']} ms, max_num_seqs {d['max_num_seqs']}, "
+        f"prompt cache {d['prompt_cache_size']}, cpu_threads {d['cpu_threads']}); "
+        f"overrides: {s['overrides'] or 'none'}"
+    )
+    print(f"median of {s['rounds']} interleaved rounds; new prompts every burst (cold prompt cache); load {_loadavg()}")
+    if result.cost_mix is not None:
+        _print_cost_mix(result.cost_mix, s["n"])
+    for kind, count in (("even", s["prompts"]), ("uneven", s["uneven_prompts"])):
+        samples = count * s["n"]
+        print(f"\n{kind} burst: {count} prompts x {s['n']} copies = {samples} samples over 2 replicas")
+        header = (
+            f"{'setup':<26}{'img/s':>7}{'ratio':>7}{'batch':>7}{'texts enc':>10}{'ratio':>7}"
+            f"{'hit rate':>9}{'coloc':>7}{'RPCs':>6}{'ratio':>7}{'load max/min':>13}{'divert':>7}"
+        )
+        print(header)
+        print("-" * len(header))
+        for setup in result.setups[kind]:
+            lab = setup.label
+            med = {m: result.median(kind, lab, m) for m in ("texts_encoded", "rpcs", "diversions")}
+            loads = [b.load_max_min for b in result.runs(kind, lab)]
+            load = f"{statistics.median(x for x, _ in loads):g}/{statistics.median(y for _, y in loads):g}"
+            print(
+                f"{lab:<26}{result.median(kind, lab, 'images_per_s'):>7.1f}"
+                f"{result.ratio(kind, lab, 'images_per_s'):>6.2f}x"
+                f"{result.median(kind, lab, 'mean_batch_size'):>7.2f}{med['texts_encoded']:>10g}"
+                f"{result.ratio(kind, lab, 'texts_encoded'):>6.2f}x"
+                f"{result.median(kind, lab, 'cache_hit_rate'):>9.3f}{result.median(kind, lab, 'colocation'):>7.2f}"
+                f"{med['rpcs']:>6g}{result.ratio(kind, lab, 'rpcs'):>6.2f}x"
+                f"{load:>13}{med['diversions']:>7g}"
+            )
+        per_round = {
+            setup.label: " ".join(f"{b.images_per_s:.1f}" for b in result.runs(kind, setup.label))
+            for setup in result.setups[kind]
+        }
+        print("  img/s per round: " + "; ".join(f"{k}: {v}" for k, v in per_round.items()))
+    print(
+        "\ncolumns: img/s = samples / wall time of generate_sequences; ratio = vs least_inflight (same run); "
+        "batch = requests / fused batches; texts enc = text-encoder inputs; RPCs = balancer acquires + releases"
+    )
+    _print_sweep(result.sweep, s["n"])
+    print(f"max_imbalance={s['max_imbalance'][0]} (judged by the targets): {_MAX_IMBALANCE_WHY}")
+    print("\ntargets (issue 6):")
+    for what, measured, met in targets(result):
+        print(f"  [{'MET' if met else 'NOT MET'}] {what}: {measured}")
+
+
+def _print_sweep(rows: list[SweepRow], n: int) -> None:
+    if not rows:
+        return
+    values = list(dict.fromkeys(r.max_imbalance for r in rows))
+    print(
+        "\nmax_imbalance sweep (in-process balancer, 2 replicas, 2 workers, whole burst in flight; no timing): "
+        "max/min requests per replica, co-location"
+    )
+    print(f"{'burst':<12}{'arrival':<13}" + "".join(f"{'strict' if v is None else f'mi={v}':>14}" for v in values))
+    for prompts, arrival in dict.fromkeys((r.prompts, r.arrival) for r in rows):
+        cells = [
+            f"{r.max_load}/{r.min_load} {r.colocation:.2f}"
+            for v in values
+            for r in rows
+            if (r.prompts, r.arrival, r.max_imbalance) == (prompts, arrival, v)
+        ]
+        print(f"{f'{prompts} x {n}':<12}{arrival:<13}" + "".join(f"{c:>14}" for c in cells))
+
+
+def _print_cost_mix(mix: CostMix, n: int) -> None:
+    st, sec = mix.settings, mix.seconds
+    print(
+        f"\ncost mix of the model (one replica-like process: {st['cpu_threads']} thread(s), MKL_CBWR={st['mkl_cbwr']}, "
+        f"batch_invariant={st['batch_invariant']}; {st['height']}x{st['width']}, CFG={st['cfg']}, "
+        f"text length {st['max_sequence_length']}), median ms per call:"
+    )
+    sizes = sorted(sec["text_encode"])
+    print(f"{'component':<34}" + "".join(f"{f'batch {b}':>12}" for b in sizes))
+    names = {
+        "text_encode": "text encoding (b distinct prompts)",
+        "denoise_step": "one denoising step",
+        "vae_decode": "VAE decode",
+        "generate": f"whole request ({st['steps']} steps, b copies)",
+    }
+    for key, name in names.items():
+        print(f"{name:<34}" + "".join(f"{sec[key][b] * 1e3:>12.2f}" for b in sizes))
+    print(f"{'Ray actor call round trip':<34}{mix.ray_call_s * 1e3:>12.2f}")
+    big = max(sizes)
+    enc, step, dec = sec["text_encode"][1], sec["denoise_step"][big] / big, sec["vae_decode"][big] / big
+    work = st["steps"] * step + dec
+    print(
+        f"per image in a fused batch of {big}: {st['steps']} steps {st['steps'] * step * 1e3:.2f} ms + decode "
+        f"{dec * 1e3:.2f} ms; one prompt encoding = {enc / step:.1f} denoising steps at that batch = "
+        f"{enc / work:.2f} of an image's work (affinity saves up to {n - 1} of {n} encodings per group)"
+    )
+
+
+def _progress(t0: float, what: str) -> None:
+    print(f"[{time.perf_counter() - t0:6.1f} s] {what}, load {_loadavg()}", file=sys.stderr, flush=True)
+
+
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0] + " (1-min)"
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="diffusers pipeline directory (default: the tiny SD3, built once)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts in the even burst")
+    parser.add_argument("--n", type=int, default=GROUP, help="copies per prompt (rollout.n)")
+    parser.add_argument("--uneven-prompts", type=int, default=3, help="prompts in the uneven burst")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--max-imbalance",
+        type=int,
+        nargs="+",
+        default=[MAX_IMBALANCE],
+        help="soft-affinity bounds; the first is judged",
+    )
+    parser.add_argument("--no-cost-mix", action="store_true")
+    parser.add_argument("--save", help="also write every burst's measurements to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe config")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from recipes.flowgrpo.main import TINY_MODEL_CACHE
+        from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
+
+        args.model = str(ensure_tiny_sd3(TINY_MODEL_CACHE))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    start = time.perf_counter()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        result = run_bench(
+            args.model,
+            prompts=args.prompts,
+            n=args.n,
+            uneven_prompts=args.uneven_prompts,
+            rounds=args.rounds,
+            max_imbalance=args.max_imbalance,
+            overrides=args.overrides,
+            cost_mix=not args.no_cost_mix,
+        )
+    finally:
+        ray.shutdown()
+    print_report(result)
+    if args.save:
+        Path(args.save).write_text(json.dumps(dataclasses.asdict(result), indent=1, default=str))
+    print(f"\n(total wall time {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
