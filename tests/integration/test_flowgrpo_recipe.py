@@ -120,3 +120,27 @@ def test_ctrl_c_leaves_last_checkpoint_intact(cache, tmp_path):
     step, path = find_latest_checkpoint(run_dir / "checkpoints")
     state = load_checkpoint(path, weights_only=False)
     assert state["trainer"]["step"] == step >= 1
+
+
+def test_lora_with_kl_and_cfg_is_on_policy_and_syncs_the_adapter(cache, tmp_path):
+    """The real-checkpoint path on the tiny model: LoRA adapter, KL to the adapter-disabled base, CFG."""
+    run_dir = tmp_path / "lora"
+    _main(
+        run_dir,
+        cache,
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=2",
+        "actor_rollout_ref.model.lora_rank=4",
+        "actor_rollout_ref.actor.use_kl_loss=true",
+        "actor_rollout_ref.actor.kl_loss_coef=0.04",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "actor_rollout_ref.rollout.diffusion.guidance_scale=3.0",
+    )
+    rows = [r["data"] for r in _metrics(run_dir / "metrics_from_step0.jsonl")]
+    for data in rows:
+        assert abs(data["actor/ratio_first_step"] - 1.0) < 1e-4  # CFG in sampling and recomputation agree
+    assert rows[1]["rollout/model_version"] == 1.0  # the replicas served step 2 with the updated adapter
+    assert rows[1]["actor/kl"] > 0.0  # the adapter moved the policy away from the base
+    step, path = find_latest_checkpoint(run_dir / "checkpoints")
+    trainable = load_checkpoint(path, weights_only=False)["actor"]["trainable"]
+    assert trainable and all("lora" in name for name in trainable)  # only the adapter is trained and saved
