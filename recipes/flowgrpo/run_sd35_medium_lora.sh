@@ -17,48 +17,9 @@
 # Outputs go to outputs/verl_omni_flowgrpo/sd35_medium_lora_pickscore/ under the repo; rerunning resumes.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Hydra parses override values: quote them so paths with spaces, commas or '=' survive.
-hydra_str() {
-  printf "'%s'" "${1//\'/\\\'}"
-}
-
-# The script changes to the repo root, so relative paths are made absolute first.
-abspath() {
-  if [[ -d "$1" ]]; then (cd "$1" && pwd); else echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; fi
-}
-
-[[ -n "${MODEL_PATH:-}" ]] ||
-  die "set MODEL_PATH to a diffusers SD3/SD3.5 pipeline directory (e.g. a local copy of stabilityai/stable-diffusion-3.5-medium)"
-[[ -f "$MODEL_PATH/model_index.json" ]] ||
-  die "MODEL_PATH=$MODEL_PATH has no model_index.json: not a diffusers pipeline directory"
-[[ -n "${PICKSCORE_PATH:-}" ]] ||
-  die "set PICKSCORE_PATH to a CLIP model directory saved with save_pretrained (e.g. yuvalkirstain/PickScore_v1)"
-[[ -d "$PICKSCORE_PATH" ]] || die "PICKSCORE_PATH=$PICKSCORE_PATH is not a directory"
-PICKSCORE_PROCESSOR_PATH="${PICKSCORE_PROCESSOR_PATH:-$PICKSCORE_PATH}"
-[[ -d "$PICKSCORE_PROCESSOR_PATH" ]] || die "PICKSCORE_PROCESSOR_PATH=$PICKSCORE_PROCESSOR_PATH is not a directory"
-[[ -n "${PROMPTS:-}" ]] ||
-  die "set PROMPTS to a prompt file (.txt, .jsonl or .parquet); $ROOT/recipes/flowgrpo/data/prompts.txt is a small example"
-[[ -f "$PROMPTS" ]] || die "PROMPTS=$PROMPTS is not a file"
-MODEL_PATH="$(abspath "$MODEL_PATH")"
-PICKSCORE_PATH="$(abspath "$PICKSCORE_PATH")"
-PICKSCORE_PROCESSOR_PATH="$(abspath "$PICKSCORE_PROCESSOR_PATH")"
-PROMPTS="$(abspath "$PROMPTS")"
-
-PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-[[ -x "$PYTHON" ]] || die "no interpreter at $PYTHON: run \`make install\` in $ROOT (or set PYTHON)"
+# shellcheck source=recipes/flowgrpo/sd35_inputs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/sd35_inputs.sh"
 
 cd "$ROOT"
 export PYTHONUNBUFFERED=1
-exec "$PYTHON" -m recipes.flowgrpo.main --config-name flowgrpo_sd35_medium_lora \
-  "actor_rollout_ref.model.path=$(hydra_str "$MODEL_PATH")" \
-  "reward.kwargs.model_path=$(hydra_str "$PICKSCORE_PATH")" \
-  "reward.kwargs.processor_path=$(hydra_str "$PICKSCORE_PROCESSOR_PATH")" \
-  "data.train_files=$(hydra_str "$PROMPTS")" \
-  "$@"
+exec "$PYTHON" -m recipes.flowgrpo.main --config-name flowgrpo_sd35_medium_lora "${SD35_OVERRIDES[@]}" "$@"

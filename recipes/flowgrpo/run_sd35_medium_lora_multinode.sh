@@ -21,47 +21,14 @@
 # Extra arguments are Hydra overrides and win over the ones set here.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Hydra parses override values: quote them so paths with spaces, commas or '=' survive.
-hydra_str() {
-  printf "'%s'" "${1//\'/\\\'}"
-}
-
-# The script changes to the repo root, so relative paths are made absolute first.
-abspath() {
-  if [[ -d "$1" ]]; then (cd "$1" && pwd); else echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; fi
-}
+# shellcheck source=recipes/flowgrpo/sd35_inputs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/sd35_inputs.sh"
 
 [[ "${NNODES:-}" =~ ^[1-9][0-9]*$ ]] || die "set NNODES to the number of GPU nodes in the Ray cluster (got '${NNODES:-}')"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 if ! [[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || ((GPUS_PER_NODE % 2)); then
   die "GPUS_PER_NODE=$GPUS_PER_NODE must be an even number of GPUs (half rollout, half training)"
 fi
-[[ -n "${MODEL_PATH:-}" ]] ||
-  die "set MODEL_PATH to a diffusers SD3/SD3.5 pipeline directory (e.g. a local copy of stabilityai/stable-diffusion-3.5-medium)"
-[[ -f "$MODEL_PATH/model_index.json" ]] ||
-  die "MODEL_PATH=$MODEL_PATH has no model_index.json: not a diffusers pipeline directory"
-[[ -n "${PICKSCORE_PATH:-}" ]] ||
-  die "set PICKSCORE_PATH to a CLIP model directory saved with save_pretrained (e.g. yuvalkirstain/PickScore_v1)"
-[[ -d "$PICKSCORE_PATH" ]] || die "PICKSCORE_PATH=$PICKSCORE_PATH is not a directory"
-PICKSCORE_PROCESSOR_PATH="${PICKSCORE_PROCESSOR_PATH:-$PICKSCORE_PATH}"
-[[ -d "$PICKSCORE_PROCESSOR_PATH" ]] || die "PICKSCORE_PROCESSOR_PATH=$PICKSCORE_PROCESSOR_PATH is not a directory"
-[[ -n "${PROMPTS:-}" ]] ||
-  die "set PROMPTS to a prompt file (.txt, .jsonl or .parquet); $ROOT/recipes/flowgrpo/data/prompts.txt is a small example"
-[[ -f "$PROMPTS" ]] || die "PROMPTS=$PROMPTS is not a file"
-MODEL_PATH="$(abspath "$MODEL_PATH")"
-PICKSCORE_PATH="$(abspath "$PICKSCORE_PATH")"
-PICKSCORE_PROCESSOR_PATH="$(abspath "$PICKSCORE_PROCESSOR_PATH")"
-PROMPTS="$(abspath "$PROMPTS")"
-
-PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-[[ -x "$PYTHON" ]] || die "no interpreter at $PYTHON: run \`make install\` in $ROOT (or set PYTHON)"
 
 # main.py calls ray.init() only with ray_kwargs.ray_init (num_cpus: null in this config), so Ray takes the
 # address from RAY_ADDRESS and joins the cluster instead of starting a local one.
@@ -70,11 +37,7 @@ HALF=$((GPUS_PER_NODE / 2))
 
 cd "$ROOT"
 export PYTHONUNBUFFERED=1
-exec "$PYTHON" -m recipes.flowgrpo.main --config-name flowgrpo_sd35_medium_lora \
-  "actor_rollout_ref.model.path=$(hydra_str "$MODEL_PATH")" \
-  "reward.kwargs.model_path=$(hydra_str "$PICKSCORE_PATH")" \
-  "reward.kwargs.processor_path=$(hydra_str "$PICKSCORE_PROCESSOR_PATH")" \
-  "data.train_files=$(hydra_str "$PROMPTS")" \
+exec "$PYTHON" -m recipes.flowgrpo.main --config-name flowgrpo_sd35_medium_lora "${SD35_OVERRIDES[@]}" \
   "trainer.nnodes=$NNODES" \
   "trainer.n_gpus_per_node=$HALF" \
   "actor_rollout_ref.rollout.nnodes=$NNODES" \
