@@ -20,19 +20,37 @@ from recipes.flowgrpo.validate import validate_recipe_config
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
 
 
+def _joins_cluster(cfg: DictConfig) -> bool:
+    ray_init = cfg.get("ray_kwargs", {}).get("ray_init", {}) or {}
+    return bool(os.environ.get("RAY_ADDRESS") or ray_init.get("address"))
+
+
 def run(cfg: DictConfig) -> list[dict[str, float]]:
     """Validate, start Ray and the actors, train; returns the per-step metric history."""
-    prompts = validate_recipe_config(cfg)  # before Ray or any model starts
-
     import ray
-    import torch
+
+    # Resolve once, here: env vars and interpolations mean the driver's values on every node.
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    ray_init = OmegaConf.to_container(cfg.get("ray_kwargs", {}).get("ray_init", {}), resolve=True)
+    ray_init = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        **{k: v for k, v in ray_init.items() if v is not None},
+    }
+    available_gpus = None  # this machine's GPUs; a cluster's are only known once connected (cheap)
+    if _joins_cluster(cfg) and not ray.is_initialized():
+        ray.init(**ray_init)
+    if ray.is_initialized():
+        available_gpus = int(ray.cluster_resources().get("GPU", 0))
+    prompts = validate_recipe_config(cfg, available_gpus=available_gpus)  # before a local Ray or any model
+
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
     from recipes.flowgrpo.data import PromptBatcher
     from verl_omni.agent_loop import OmniAgentLoopManager
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
-    from verl_omni.workers.diffusion_actor import DiffusionActorWorker, worker_config
+    from verl_omni.workers.diffusion_actor import DiffusionActorWorker
     from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
     if cfg.actor_rollout_ref.model.get("path") is None:
@@ -43,19 +61,18 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     if not ray.is_initialized():
-        ray_init = OmegaConf.to_container(cfg.get("ray_kwargs", {}).get("ray_init", {}), resolve=True)
-        ray.init(**{"include_dashboard": False, "log_to_driver": True, **ray_init})
+        ray.init(**ray_init)
 
     server_manager = OmniLLMServerManager.create(cfg)
     client = server_manager.get_client()
     agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
 
-    use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and torch.cuda.is_available()
+    use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
     world = [int(cfg.trainer.n_gpus_per_node)] * int(cfg.trainer.nnodes) if use_gpu else [1]
     pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
     actor_wg = RayWorkerGroup(
         resource_pool=pool,
-        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=worker_config(cfg)),
+        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
         name_prefix="flowgrpo_actor",
         device_name="cuda" if use_gpu else "cpu",
     )

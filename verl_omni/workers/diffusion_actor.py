@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from verl.protocol import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
@@ -255,8 +255,3 @@ class DiffusionActorWorker(Worker):
                 params[name].copy_(value.to(params[name].device))
         self.optimizer.load_state_dict(state["optimizer"])
         self._update_calls = int(state.get("update_calls", 0))
-
-
-def worker_config(config: DictConfig) -> DictConfig:
-    """The config the worker needs, resolved (so the Ray actor never resolves interpolations)."""
-    return OmegaConf.create(OmegaConf.to_container(config, resolve=True))
