@@ -10,6 +10,7 @@ code on GPUs. ``--cfg job`` prints the resolved config.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recipes.flowgrpo.validate import validate_recipe_config
 
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
+
+
+class ConfigError(ValueError):
+    """A bad recipe config: reported as one line, without a traceback."""
 
 
 def _joins_cluster(cfg: DictConfig) -> bool:
@@ -42,7 +47,10 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         ray.init(**ray_init)
     if ray.is_initialized():
         available_gpus = int(ray.cluster_resources().get("GPU", 0))
-    prompts = validate_recipe_config(cfg, available_gpus=available_gpus)  # before a local Ray or any model
+    try:
+        prompts = validate_recipe_config(cfg, available_gpus=available_gpus)  # before a local Ray or any model
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
@@ -100,6 +108,9 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(
             f"Interrupted. The last checkpoint under {cfg.trainer.default_local_dir}/checkpoints is intact; "

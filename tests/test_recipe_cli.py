@@ -1,0 +1,33 @@
+"""Bad input on the recipe's command line: one clear line, exit code 2, before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("server_routing.policy=fastest", "server_routing.policy='fastest' is not a valid routing policy"),
+        ("data.train_files=/nonexistent/prompts.txt", "data.train_files="),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_before_ray(override: str, message: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.flowgrpo.main", override, f"trainer.default_local_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "config.yaml").exists()  # nothing was written either
