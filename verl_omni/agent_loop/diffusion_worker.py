@@ -16,6 +16,7 @@ from verl.protocol import DataProto
 from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput
 from verl_omni.agent_loop.sampling import row_seed, sampling_params_for_row
 from verl_omni.rewards import get_reward_fn
+from verl_omni.utils.arrays import object_column
 
 # Per-sample tensors stacked into the output batch, and the DiffusionOutput field each comes from.
 _TENSOR_FIELDS = {
@@ -130,18 +131,13 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         if all(r.reward is not None for r in results):
             tensors["rewards"] = torch.tensor([r.reward for r in results], dtype=torch.float32)
 
-        def column(values: list[Any]) -> np.ndarray:
-            arr = np.empty(len(values), dtype=object)
-            arr[:] = values
-            return arr
-
         passthrough = {k: v for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
-        passthrough["request_id"] = column([r.request_id for r in results])
-        passthrough["rollout_server"] = column([o.extra_fields.get("server_id") for o in outputs])
-        passthrough["rollout_batch_size"] = column([o.extra_fields.get("batch_size") for o in outputs])
-        passthrough["rollout_cache_hit"] = column([o.extra_fields.get("cache_hit") for o in outputs])
-        passthrough["rollout_generate_s"] = column([o.extra_fields.get("generate_s") for o in outputs])
-        passthrough["reward_s"] = column([r.reward_s for r in results])
+        passthrough["request_id"] = object_column([r.request_id for r in results])
+        passthrough["rollout_server"] = object_column([o.extra_fields.get("server_id") for o in outputs])
+        passthrough["rollout_batch_size"] = object_column([o.extra_fields.get("batch_size") for o in outputs])
+        passthrough["rollout_cache_hit"] = object_column([o.extra_fields.get("cache_hit") for o in outputs])
+        passthrough["rollout_generate_s"] = object_column([o.extra_fields.get("generate_s") for o in outputs])
+        passthrough["reward_s"] = object_column([r.reward_s for r in results])
         out_meta = {k: v for k, v in meta.items() if k != "metrics"}
         out_meta["worker_generate_s"] = elapsed
         return DataProto.from_dict(tensors=tensors, non_tensors=passthrough, meta_info=out_meta)

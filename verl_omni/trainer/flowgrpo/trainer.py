@@ -17,6 +17,7 @@ from verl.protocol import DataProto
 from verl.utils.tracking import Tracking
 
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats
+from verl_omni.utils.arrays import object_column
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.utils.visualize import save_image_grid, save_reward_curve
 
@@ -143,23 +144,17 @@ class FlowGRPOTrainer:
         ray.get(futures)
         return time.perf_counter() - start
 
-    def _make_batch(self, step: int) -> tuple[DataProto, Any]:
+    def _make_batch(self, step: int) -> DataProto:
         rows = self.batcher.batch(step)
 
-        def column(values: list[Any]) -> np.ndarray:
-            arr = np.empty(len(values), dtype=object)
-            arr[:] = values
-            return arr
-
-        data = DataProto.from_dict(
+        return DataProto.from_dict(
             non_tensors={
-                "prompt": column(rows.prompts),
-                "uid": column(rows.uids),
+                "prompt": object_column(rows.prompts),
+                "uid": object_column(rows.uids),
                 "row_index": np.asarray(rows.row_index, dtype=np.int64),
             },
             meta_info={"global_steps": step, "seed": self.seed, "validate": False},
         )
-        return data, rows
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, float]]:
@@ -192,8 +187,7 @@ class FlowGRPOTrainer:
     def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        data, rows = self._make_batch(step)
-        out = self.agent_loop_manager.generate_sequences(data)
+        out = self.agent_loop_manager.generate_sequences(self._make_batch(step))
         timings["timing_s/rollout"] = time.perf_counter() - t0
 
         versions = out.batch["model_version"]
