@@ -153,6 +153,9 @@ class DiffusionActorWorker(Worker):
         out = {f"actor/{k}": float(np.mean(v)) for k, v in totals.items()}
         out["actor/ratio_first_step"] = float(first_ratio if first_ratio is not None else 1.0)
         out["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        # Identical on every rank when gradients are averaged correctly: a cheap sync check.
+        with torch.no_grad():
+            out["actor/param_norm"] = float(torch.linalg.vector_norm(torch.stack([p.norm() for p in self.trainable])))
         return out
 
     def _loss_at_step(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int):
