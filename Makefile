@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.routing_bench
 
 lint: $(STAMP)
-	$(VENV)/bin/pre-commit run --all-files
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pre-commit run --all-files  # hooks run the venv's tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
