@@ -14,7 +14,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigW
 from verl.protocol import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput
-from verl_omni.agent_loop.sampling import row_seed, sampling_params_for_row
+from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.rewards import get_reward_fn
 from verl_omni.utils.arrays import object_column
 
@@ -78,12 +78,12 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         agent_names = non_tensor.get("agent_name", np.array([DIFFUSION_AGENT_NAME] * n, dtype=object))
 
         start = time.perf_counter()
+        shared_params = sampling_params(self.rollout_config, validate=validate)
         tasks = []
         for i in range(n):
             kwargs = {k: v[i] for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
-            seed = row_seed(base_seed, global_step, int(row_index[i]))
             kwargs.setdefault("request_id", f"step{global_step}-row{int(row_index[i])}")
-            params = sampling_params_for_row(self.rollout_config, seed=seed, validate=validate)
+            params = {**shared_params, "seed": row_seed(base_seed, global_step, int(row_index[i]))}
             tasks.append(asyncio.create_task(self._run_agent_loop(str(agent_names[i]), params, kwargs)))
         results: list[DiffusionAgentLoopOutput] = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl_omni.utils.seeding import row_seed
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
-__all__ = ["SAMPLING_KEYS", "row_seed", "sampling_params_for_row"]
+__all__ = ["SAMPLING_KEYS", "row_seed", "sampling_params"]
 
 # Fields of the diffusion config that are per-request sampling parameters.
 SAMPLING_KEYS = (
@@ -27,9 +27,9 @@ SAMPLING_KEYS = (
 )
 
 
-def sampling_params_for_row(rollout_config: Any, *, seed: int, validate: bool) -> dict[str, Any]:
-    """Sampling params of one request: the ``rollout.diffusion`` defaults, with
-    ``rollout.diffusion_val`` overrides for validation, plus the row's seed."""
+def sampling_params(rollout_config: Any, *, validate: bool) -> dict[str, Any]:
+    """Sampling params shared by a call's requests: the ``rollout.diffusion`` defaults, with
+    ``rollout.diffusion_val`` overrides for validation. Each request adds its row's ``seed``."""
     diffusion = DiffusionRolloutConfig.from_config(_get(rollout_config, "diffusion"))
     params = {key: getattr(diffusion, key) for key in SAMPLING_KEYS}
     if validate:
@@ -42,9 +42,7 @@ def sampling_params_for_row(rollout_config: Any, *, seed: int, validate: bool) -
                 f"actor_rollout_ref.rollout.diffusion_val has unknown key(s) {unknown}; valid: {list(SAMPLING_KEYS)}"
             )
         params.update(overrides)
-    params = {k: v for k, v in params.items() if v is not None}
-    params["seed"] = int(seed)
-    return params
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _get(section: Any, key: str) -> Any:
