@@ -15,6 +15,7 @@ import torch
 from verl.protocol import DataProto
 
 from verl_omni.agent_loop import OmniAgentLoopManager
+from verl_omni.utils.arrays import object_column
 from verl_omni.workers.config.rollout_routing import VALID_ROLLOUT_SERVER_ROUTING_POLICIES
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
@@ -41,12 +42,12 @@ def _config(model_path: str, replicas: int, workers: int, policy: str = "prompt_
 def _batch(step: int = 0, prompts: int = PROMPTS) -> DataProto:
     texts = [f"a {c} cube on a table" for c in ("red", "green", "blue", "yellow", "white", "black")[:prompts]]
     rows = [(texts[p], f"uid-{step}-{p}") for p in range(prompts) for _ in range(N)]
-    prompt_col = np.empty(len(rows), dtype=object)
-    prompt_col[:] = [r[0] for r in rows]
-    uid_col = np.empty(len(rows), dtype=object)
-    uid_col[:] = [r[1] for r in rows]
     return DataProto.from_dict(
-        non_tensors={"prompt": prompt_col, "uid": uid_col, "row_index": np.arange(len(rows))},
+        non_tensors={
+            "prompt": object_column([r[0] for r in rows]),
+            "uid": object_column([r[1] for r in rows]),
+            "row_index": np.arange(len(rows)),
+        },
         meta_info={"global_steps": step, "seed": 1234, "validate": False},
     )
 
