@@ -6,14 +6,17 @@ and ``OmniAgentLoopManager``. Policies are switched with ``set_routing`` + ``set
 sees the same warm replicas; bursts are interleaved over rounds (the policy order rotates each round) and the
 median per metric is reported, with ratios (of medians) against ``least_inflight`` measured in this same run.
 
-- even burst (default 4 prompts x 8 copies): every policy, plus affinity with ``max_imbalance``;
-- uneven burst (default 3 prompts x 8 copies over 2 replicas): ``least_inflight`` vs strict affinity (a
-  replica can get 2 groups while the other gets 1) vs soft affinity (``max_imbalance``).
+- even burst (default 4 prompts x 8 copies): every policy, plus affinity with ``max_imbalance``, plus strict
+  affinity without group dispatch (``group_dispatch=false``: one call per copy) next to it with (one per group);
+- uneven burst (default 3 prompts x 8 copies over 2 replicas): ``least_inflight`` vs strict affinity with and
+  without group dispatch (a replica can get 2 groups while the other gets 1) vs soft affinity (``max_imbalance``).
 
 Every burst has new prompts (tagged with the burst index), so each replica's prompt cache starts cold for
 it, as in training where every step draws new prompts. Per burst: images/s, mean replica batch size, texts
 encoded, prompt-cache hit rate (``get_stats`` deltas of the replicas), co-location (the manager's routing
-metrics), acquire+release RPCs and diversions (``get_status`` deltas of the balancer), requests per replica.
+metrics), acquire+release calls and diversions (``get_status`` deltas of the balancer), calls the replicas
+received (``get_stats``), requests per replica. Ray calls per sample = (balancer acquire + release calls +
+replica generate calls) / samples.
 
 The model's cost mix (text encoding vs one denoising step vs VAE decode, at batch 1 and 8) is measured in a
 Ray task with the replica's environment and printed next to the ratios: what affinity saves depends on it.
@@ -68,6 +71,8 @@ _MAX_IMBALANCE_WHY = (
     "like imbalance to an in-flight bound, so any bound below n-1 can split groups of an even burst.)"
 )
 BASELINE = "least_inflight"
+# strict affinity with group_dispatch=false: the label "prompt_uid_affinity" is the default, group dispatch on
+PER_SAMPLE = "prompt_uid_affinity per-sample"
 SEED = 1234
 _PROMPTS_FILE = Path(__file__).resolve().parents[1] / "recipes" / "flowgrpo" / "data" / "prompts.txt"
 _FALLBACK_PROMPTS = ["a red apple on a wooden table", "a white cat sleeping on a blue sofa"]
@@ -75,15 +80,16 @@ _FALLBACK_PROMPTS = ["a red apple on a wooden table", "a white cat sleeping on a
 
 @dataclass(frozen=True)
 class RoutingSetup:
-    """One routing configuration under test: a label, the policy and its soft-affinity bound."""
+    """One routing configuration under test: a label, the policy, its soft-affinity bound, group dispatch."""
 
     label: str
     policy: str
     max_imbalance: int | None = None
+    group_dispatch: bool = True
 
     @property
-    def key(self) -> tuple[str, int | None]:
-        return self.policy, self.max_imbalance
+    def key(self) -> tuple[str, int | None, bool]:
+        return self.policy, self.max_imbalance, self.group_dispatch
 
 
 @dataclass
@@ -104,8 +110,11 @@ class BurstResult:
     cache_misses: int
     cache_hit_rate: float
     colocation: float
-    acquires: int
+    acquires: int  # requests acquired (a group counts its copies)
     releases: int
+    acquire_calls: int  # balancer calls that carried them
+    release_calls: int
+    server_calls: int  # generate / generate_group calls the replicas received
     diversions: int
     load: dict[str, int]
     # distinct (prompt, replica) pairs of the burst: with a cold cache, what each replica must encode
@@ -115,7 +124,13 @@ class BurstResult:
 
     @property
     def rpcs(self) -> int:
-        return self.acquires + self.releases
+        """Balancer calls (acquire + release)."""
+        return self.acquire_calls + self.release_calls
+
+    @property
+    def calls_per_sample(self) -> float:
+        """Ray calls per sample: balancer acquire + release calls and replica generate calls."""
+        return (self.rpcs + self.server_calls) / self.samples
 
     @property
     def load_max_min(self) -> tuple[int, int]:
@@ -190,11 +205,14 @@ def default_setups(max_imbalance: Sequence[int] = MAX_IMBALANCE) -> dict[str, li
     One soft-affinity setup per ``max_imbalance`` value; the first is the one the targets judge.
     """
     soft = [RoutingSetup(f"prompt_uid_affinity mi={m}", "prompt_uid_affinity", m) for m in max_imbalance]
-    even = [RoutingSetup(p, p) for p in ("least_inflight", "prompt_uid_affinity", "prompt_hash_sharding")]
+    per_sample = RoutingSetup(PER_SAMPLE, "prompt_uid_affinity", group_dispatch=False)
+    even = [RoutingSetup(p, p) for p in ("least_inflight", "prompt_uid_affinity")]
+    even += [per_sample, RoutingSetup("prompt_hash_sharding", "prompt_hash_sharding")]
     even += [RoutingSetup("round_robin", "round_robin"), *soft]
     uneven = [
         RoutingSetup("least_inflight", "least_inflight"),
         RoutingSetup("prompt_uid_affinity", "prompt_uid_affinity"),
+        per_sample,
     ]
     return {"even": even, "uneven": [*uneven, *soft]}
 
@@ -297,6 +315,9 @@ def run_burst(
         colocation=float(out.meta_info["metrics"]["rollout_routing/colocation"]),
         acquires=status1["acquires"] - status0["acquires"],
         releases=status1["releases"] - status0["releases"],
+        acquire_calls=status1["acquire_calls"] - status0["acquire_calls"],
+        release_calls=status1["release_calls"] - status0["release_calls"],
+        server_calls=delta(lambda s: s["generate_calls"]),
         diversions=status1["diversions"] - status0["diversions"],
         load={s: load.get(s, 0) for s in servers},
         prompt_replica_pairs=len(set(zip(nt["prompt"], placed, strict=True))),
@@ -393,7 +414,7 @@ def measure_cost_mix(
         num_cpus=replica.diffusion_config.ray_num_cpus, runtime_env={"env_vars": replica.server_env(device)}
     )
     mix = ray.get(task.remote(str(cfg.actor_rollout_ref.model.path), diffusion, batch_sizes, repeats))
-    calls = []  # one Ray actor round trip, for scale: each sample costs 2 balancer calls + 1 replica call
+    calls = []  # one Ray actor round trip, for scale: per-sample dispatch costs 2 balancer calls + 1 replica call
     for _ in range(repeats * 6):
         start = time.perf_counter()
         ray.get(balancer.get_total_inflight.remote())
@@ -441,15 +462,17 @@ def run_bench(
     manager = OmniLLMServerManager.create(cfg)
     _progress(t0, "replicas up")
     initial_balancer = manager.global_load_balancer  # the config's own; replaced below
-    balancers: dict[tuple[str, int | None], tuple[Any, Any]] = {}
+    balancers: dict[tuple[str, int | None, bool], tuple[Any, Any]] = {}
     loops = None
     try:
         servers = _server_handles(manager)
         for setup in (s for kind in setups.values() for s in kind):
             if setup.key not in balancers:  # one balancer per setup, over the same warm replicas
-                manager.set_routing(policy=setup.policy, max_imbalance=setup.max_imbalance)
+                manager.set_routing(
+                    policy=setup.policy, max_imbalance=setup.max_imbalance, group_dispatch=setup.group_dispatch
+                )
                 balancers[setup.key] = (manager.global_load_balancer, manager.get_client())
-        loops = OmniAgentLoopManager.create(cfg, balancers[(BASELINE, None)][1])
+        loops = OmniAgentLoopManager.create(cfg, balancers[(BASELINE, None, True)][1])
         burst = 0
         if warmup:  # first bursts pay for worker start-up and first-call allocations: not measured
             for setup in setups["even"]:
@@ -472,7 +495,7 @@ def run_bench(
             [prompts, uneven_prompts], n, sorted({None, 1, 2, *max_imbalance, n // 2, n - 1}, key=lambda v: v or 0)
         )
         if cost_mix:
-            result.cost_mix = measure_cost_mix(manager, cfg, [1, n], cost_repeats, balancers[(BASELINE, None)][0])
+            result.cost_mix = measure_cost_mix(manager, cfg, [1, n], cost_repeats, balancers[(BASELINE, None, True)][0])
     finally:
         if loops is not None:
             for worker in loops.agent_loop_workers:
@@ -599,8 +622,8 @@ def print_report(result: BenchResult) -> None:
         samples = count * s["n"]
         print(f"\n{kind} burst: {count} prompts x {s['n']} copies = {samples} samples over 2 replicas")
         header = (
-            f"{'setup':<26}{'img/s':>7}{'ratio':>7}{'batch':>7}{'texts enc':>10}{'ratio':>7}"
-            f"{'hit rate':>9}{'coloc':>7}{'RPCs':>6}{'ratio':>7}{'load max/min':>13}{'divert':>7}"
+            f"{'setup':<32}{'img/s':>7}{'ratio':>7}{'batch':>7}{'texts enc':>10}{'ratio':>7}"
+            f"{'hit rate':>9}{'coloc':>7}{'RPCs':>6}{'ratio':>7}{'calls/smp':>10}{'load max/min':>13}{'divert':>7}"
             f"{'busiest ms':>11}{'wall ms':>8}"
         )
         print(header)
@@ -611,13 +634,13 @@ def print_report(result: BenchResult) -> None:
             loads = [b.load_max_min for b in result.runs(kind, lab)]
             load = f"{statistics.median(x for x, _ in loads):g}/{statistics.median(y for _, y in loads):g}"
             print(
-                f"{lab:<26}{result.median(kind, lab, 'images_per_s'):>7.1f}"
+                f"{lab:<32}{result.median(kind, lab, 'images_per_s'):>7.1f}"
                 f"{result.ratio(kind, lab, 'images_per_s'):>6.2f}x"
                 f"{result.median(kind, lab, 'mean_batch_size'):>7.2f}{med['texts_encoded']:>10g}"
                 f"{result.ratio(kind, lab, 'texts_encoded'):>6.2f}x"
                 f"{result.median(kind, lab, 'cache_hit_rate'):>9.3f}{result.median(kind, lab, 'colocation'):>7.2f}"
                 f"{med['rpcs']:>6g}{result.ratio(kind, lab, 'rpcs'):>6.2f}x"
-                f"{load:>13}{med['diversions']:>7g}"
+                f"{result.median(kind, lab, 'calls_per_sample'):>10.3f}{load:>13}{med['diversions']:>7g}"
                 f"{result.median(kind, lab, 'busiest_s') * 1e3:>11.0f}{result.median(kind, lab, 'wall_s') * 1e3:>8.0f}"
             )
         spread = "; ".join(
@@ -628,14 +651,35 @@ def print_report(result: BenchResult) -> None:
         print(f"  img/s interquartile range over rounds: {spread}")
     print(
         "\ncolumns: img/s = samples / wall time of generate_sequences; ratio = vs least_inflight (same run); "
-        "batch = requests / fused batches; texts enc = text-encoder inputs; RPCs = balancer acquires + releases; "
+        "batch = requests / fused batches; texts enc = text-encoder inputs; RPCs = balancer acquire + release "
+        "calls; calls/smp = (RPCs + replica generate calls) / samples; "
         "busiest ms = engine time of the busier replica (sum of its batches) vs the burst's wall time"
     )
+    _print_group_dispatch(result)
     _print_sweep(result.sweep, s["n"])
     print(f"max_imbalance={s['max_imbalance'][0]} is the one judged by the targets: {_MAX_IMBALANCE_WHY}")
     print("\ntargets (issue 6):")
     for what, measured, met in targets(result):
         print(f"  [{'MET' if met else 'NOT MET'}] {what}: {measured}")
+
+
+def _print_group_dispatch(result: BenchResult) -> None:
+    """Strict affinity with group dispatch vs without (one call per copy) vs ``least_inflight``, per burst kind."""
+    labels = ("prompt_uid_affinity", PER_SAMPLE, BASELINE)
+    print(
+        "\ngroup dispatch: strict affinity sending each group in one call vs one call per copy vs least_inflight "
+        "(wall ms per burst: median [interquartile range] over rounds; ratio = median wall / per-sample's)"
+    )
+    print(f"{'burst':<8}{'setup':<32}{'wall ms':>9}{'IQR':>13}{'ratio':>8}{'Ray calls/sample':>18}")
+    for kind in ("even", "uneven"):
+        base = result.median(kind, PER_SAMPLE, "wall_s")
+        for label in labels:
+            wall = result.median(kind, label, "wall_s")
+            q1, q3 = result.quartiles(kind, label, "wall_s")
+            print(
+                f"{kind:<8}{label:<32}{wall * 1e3:>9.0f}{f'{q1 * 1e3:.0f}-{q3 * 1e3:.0f}':>13}"
+                f"{wall / base:>7.3f}x{result.median(kind, label, 'calls_per_sample'):>18.3f}"
+            )
 
 
 def _print_sweep(rows: list[SweepRow], n: int) -> None:

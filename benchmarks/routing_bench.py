@@ -2,7 +2,8 @@
 
 Part 1 (in-process): mean cost of one acquire+release pair at 4..1024 replicas, with a FlowGRPO-
 shaped request stream (groups of ``n`` copies sharing a ``uid``) and a steady in-flight window.
-Part 2 (Ray): balancer RPCs for one burst of B prompts x n copies through ``OmniLLMServerClient``.
+Part 2 (Ray): balancer RPCs for one burst of B prompts x n copies through ``OmniLLMServerClient``, per copy
+under every policy and per group with group dispatch (``generate_group``, strict affinity).
 
     python -m benchmarks.routing_bench [--replicas 4 64 256 1024] [--pairs 20000] [--no-ray]
 """
@@ -87,7 +88,7 @@ def print_in_process(results: dict[tuple[str, int], float], replica_counts: list
         print(line)
 
 
-async def _burst_rpcs(policy: str, prompts: int, n: int) -> dict:
+async def _burst_rpcs(policy: str, prompts: int, n: int, group: bool = False) -> dict:
     import ray
 
     from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerClient
@@ -100,19 +101,29 @@ async def _burst_rpcs(policy: str, prompts: int, n: int) -> dict:
             await asyncio.sleep(0.005)
             return TokenOutput(token_ids=[0])
 
+        async def generate_group(self, requests):
+            return [await self.generate(**r) for r in requests]
+
     servers = {f"replica-{i}": NoopServer.remote() for i in range(2)}
     lb = ray.remote(OmniRequestLoadBalancer).remote(servers=servers, policy=policy)
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": "bench", "full_determinism": False}}})
     client = OmniLLMServerClient(config=cfg, load_balancer_handle=lb)
-    await asyncio.gather(
-        *[
-            client.generate(f"p{p}-c{c}", prompt_ids=[p], sampling_params={}, routing_key=f"uid-{p}")
+    if group:
+        groups = [
+            [{"request_id": f"p{p}-c{c}", "prompt_ids": [p], "sampling_params": {}} for c in range(n)]
             for p in range(prompts)
-            for c in range(n)
         ]
-    )
+        await asyncio.gather(*[client.generate_group(g, routing_key=f"uid-{p}") for p, g in enumerate(groups)])
+    else:
+        await asyncio.gather(
+            *[
+                client.generate(f"p{p}-c{c}", prompt_ids=[p], sampling_params={}, routing_key=f"uid-{p}")
+                for p in range(prompts)
+                for c in range(n)
+            ]
+        )
     for _ in range(100):  # releases are fire-and-forget
         status = await lb.get_status.remote()
         if status["total_inflight"] == 0:
@@ -130,16 +141,18 @@ def bench_rpcs(prompts: int, n: int) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         print(f"\nbalancer RPCs for one FlowGRPO burst of {prompts} prompts x {n} copies over 2 replicas")
-        print(f"{'policy':<22}{'acquire':>9}{'release':>9}{'setup':>7}{'total':>7}{'per sample':>12}")
-        for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES:
-            status = asyncio.run(_burst_rpcs(policy, prompts, n))
-            setup = 2  # require_acquire_fields + require_release_fields, once per client
-            total = status["acquires"] + status["releases"] + setup
+        print(f"{'policy':<38}{'acquire':>9}{'release':>9}{'setup':>7}{'total':>7}{'per sample':>12}")
+        runs = [(policy, False) for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES]
+        for policy, group in [*runs, ("prompt_uid_affinity", True)]:
+            status = asyncio.run(_burst_rpcs(policy, prompts, n, group))
+            setup = 0 if group else 2  # require_acquire_fields + require_release_fields, once per verl client
+            total = status["acquire_calls"] + status["release_calls"] + setup
+            label = f"{policy}, group dispatch" if group else policy
             print(
-                f"{policy:<22}{status['acquires']:>9}{status['releases']:>9}{setup:>7}{total:>7}"
+                f"{label:<38}{status['acquire_calls']:>9}{status['release_calls']:>9}{setup:>7}{total:>7}"
                 f"{total / (prompts * n):>12.2f}"
             )
-        print("  (one acquire and one release per sample: batching a group into one call is the next cut)")
+        print("  (per copy: one acquire and one release per sample; group dispatch: one of each per group)")
     finally:
         ray.shutdown()
 

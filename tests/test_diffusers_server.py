@@ -123,6 +123,47 @@ async def test_incompatible_requests_are_not_fused_and_the_cap_holds(make_server
     assert stats["batch_size_histogram"] == {2: 2, 3: 1} and stats["max_batch_size"] == 3
 
 
+def _group(prefix: str, seeds: range, prompt: str = PROMPT, **params) -> list[dict]:
+    return [
+        {"request_id": f"{prefix}{s}", "prompt_ids": prompt, "sampling_params": {"seed": s, **FAST, **params}}
+        for s in seeds
+    ]
+
+
+async def test_a_group_fuses_with_other_pending_requests_and_comes_back_in_order(make_server):
+    server = make_server(guidance_scale=1.0)
+    group = server.generate_group(_group("g", range(3)))
+    singles = [server.generate(f"s{i}", "another prompt", {"seed": 10 + i, **FAST}) for i in range(2)]
+    outs, *single_outs = await asyncio.gather(group, *singles)
+    assert [o.extra_fields["request_id"] for o in outs] == ["g0", "g1", "g2"]
+    assert [o.extra_fields["seed"] for o in outs] == [0, 1, 2]
+    assert {o.extra_fields["batch_size"] for o in [*outs, *single_outs]} == {5}  # one fused run of all five
+    assert [o.extra_fields["cache_hit"] for o in outs] == [False, True, True]  # the group's prompt encoded once
+    stats = await server.get_stats()
+    assert stats["batches"] == 1 and stats["requests_served"] == 5 and stats["generate_calls"] == 3
+
+
+async def test_a_group_larger_than_max_num_seqs_is_split_and_keeps_its_order(make_server):
+    server = make_server(max_num_seqs=3)
+    outs = await server.generate_group(_group("g", range(5)))
+    assert [o.extra_fields["request_id"] for o in outs] == [f"g{i}" for i in range(5)]
+    assert [o.extra_fields["batch_size"] for o in outs] == [3, 3, 3, 2, 2]
+    assert (await server.get_stats())["batch_size_histogram"] == {2: 1, 3: 1}
+    assert await server.generate_group([]) == []
+
+
+async def test_one_bad_request_fails_its_group_before_anything_is_queued(make_server):
+    server = make_server()
+    bad = _group("g", range(3))
+    bad[2]["sampling_params"]["num_inference_steps"] = 0
+    with pytest.raises(ValueError, match=r"num_inference_steps=0"):
+        await server.generate_group(bad)
+    with pytest.raises(ValueError, match=r"routing_key='u'"):
+        await server.generate_group([{**_group("h", range(1))[0], "routing_key": "u"}])
+    stats = await server.get_stats()
+    assert stats["pending"] == 0 and stats["requests_served"] == 0 and stats["generate_calls"] == 0
+
+
 async def test_sde_window_and_ode_requests(make_server):
     server = make_server()
     windowed = await server.generate("w", PROMPT, {"seed": 0, "num_inference_steps": 6, "sde_window": [1, 4]})

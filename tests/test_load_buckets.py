@@ -27,13 +27,15 @@ def test_matches_brute_force_under_random_ops():
         elif op < 0.55:
             sid = buckets.pick_least_loaded()
             assert model[sid] == min(model.values())
-            buckets.increment(sid)
-            model[sid] += 1
+            k = 1 if rng.random() < 0.7 else rng.randint(2, 9)  # a group acquired at once
+            buckets.increment(sid, k)
+            model[sid] += k
         else:
             sid = rng.choice(sorted(model))
-            changed = buckets.decrement(sid)
-            assert changed == (model[sid] > 0)
-            model[sid] = max(0, model[sid] - 1)
+            k = 1 if rng.random() < 0.7 else rng.randint(2, 9)
+            changed = buckets.decrement(sid, k)
+            assert changed == min(k, model[sid])
+            model[sid] = max(0, model[sid] - k)
         assert buckets.min_count == min(model.values())
         assert buckets.total == sum(model.values())
         assert buckets.as_dict() == model
@@ -59,3 +61,16 @@ def test_idle_and_unknown_decrement_ignored():
 def test_empty_pool_raises_verl_message():
     with pytest.raises(RuntimeError, match="No available servers in load balancer"):
         LoadBuckets().pick_least_loaded()
+
+
+def test_group_moves_keep_the_minimum_right():
+    buckets = LoadBuckets()
+    for sid in ("a", "b"):
+        buckets.add(sid)
+    buckets.increment("a", 8)
+    assert buckets.min_count == 0 and buckets.pick_least_loaded() == "b"
+    buckets.increment("b", 5)  # the minimum jumps over the empty counts 1..4
+    assert buckets.min_count == 5 and buckets.pick_least_loaded() == "b"
+    assert buckets.decrement("a", 8) == 8 and buckets.min_count == 0
+    assert buckets.decrement("b", 9) == 5  # never below zero
+    assert buckets.total == 0 and buckets.as_dict() == {"a": 0, "b": 0}

@@ -23,17 +23,22 @@ from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 class RecordingServer:
     """Accepts exactly the kwargs verl's client sends to a server; an unexpected kwarg raises."""
 
-    def __init__(self, name: str, fail: bool = False):
+    def __init__(self, name: str, fail: bool = False, delay: float = 0.01):
         self.name = name
         self.fail = fail
+        self.delay = delay
         self.calls: list[dict] = []
 
     async def generate(self, request_id, prompt_ids, sampling_params, image_data=None, video_data=None):
         self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids)})
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("server exploded")
         return TokenOutput(token_ids=[1, 2], extra_fields={"server": self.name, "request_id": request_id})
+
+    async def generate_group(self, requests):
+        self.calls.append({"group": [r["request_id"] for r in requests]})
+        return [await self.generate(**r) for r in requests]
 
     def get_calls(self):
         return self.calls
@@ -200,3 +205,109 @@ async def test_server_error_is_not_retried(ray_local):
     with pytest.raises(Exception, match="server exploded"):
         await client.generate("r0", prompt_ids=[1], sampling_params={})
     assert await lb.get_all_servers.remote() == ["bad"]  # a request error is not a dead replica
+
+
+# ----- a group in one call ------------------------------------------------------------------------------
+
+
+def _group(uid: str, k: int) -> list[dict]:
+    return [{"request_id": f"{uid}-req-{c}", "prompt_ids": [c], "sampling_params": {"seed": c}} for c in range(k)]
+
+
+async def _settled(lb) -> dict:
+    for _ in range(50):  # release is fire-and-forget, as in verl
+        status = await lb.get_status.remote()
+        if status["total_inflight"] == 0:
+            return status
+        await asyncio.sleep(0.02)
+    return status
+
+
+async def test_group_is_one_acquire_one_server_call_one_release(ray_local):
+    servers = {f"s{i}": RecordingServer.remote(f"s{i}") for i in range(2)}
+    lb = _balancer(servers, policy="prompt_uid_affinity")
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb, dispatches_groups=True)
+    groups = await asyncio.gather(*[client.generate_group(_group(f"g{g}", 4), routing_key=f"g{g}") for g in range(3)])
+    for g, outs in enumerate(groups):
+        assert [o.extra_fields["request_id"] for o in outs] == [f"g{g}-req-{c}" for c in range(4)]  # in order
+        assert len({o.extra_fields["server"] for o in outs}) == 1
+        assert all(o.extra_fields["min_global_steps"] is None for o in outs)  # as verl's generate sets it
+    calls = sum((ray.get(s.get_calls.remote()) for s in servers.values()), [])
+    assert sorted(c["group"] for c in calls if "group" in c) == [[f"g{g}-req-{c}" for c in range(4)] for g in range(3)]
+    status = await _settled(lb)
+    assert (status["acquire_calls"], status["release_calls"]) == (3, 3)  # per group, not per copy
+    assert status["acquires"] == status["releases"] == 12 and sum(status["served"].values()) == 12
+    assert sorted(status["served"].values()) == [4, 8]  # whole groups; the third went to the less loaded
+    assert await client.generate_group([], routing_key="g") == []
+
+
+async def test_group_holds_its_full_weight_while_in_flight(ray_local):
+    servers = {name: RecordingServer.remote(name, delay=0.2) for name in ("a", "b")}
+    lb = _balancer(servers, policy="prompt_uid_affinity")
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
+    running = asyncio.ensure_future(client.generate_group(_group("g0", 6), routing_key="g0"))
+    for _ in range(100):
+        if (await lb.get_total_inflight.remote()) == 6:
+            break
+        await asyncio.sleep(0.005)
+    assert sorted((await lb.get_status.remote())["servers"].values()) == [0, 6]  # all six on the picked replica
+    await running
+    assert (await _settled(lb))["total_inflight"] == 0
+
+
+async def test_group_on_a_dead_replica_is_resent_whole(ray_local):
+    alive, dead = RecordingServer.remote("alive"), RecordingServer.remote("dead")
+    await alive.get_calls.remote()
+    await dead.get_calls.remote()
+    lb = _balancer({"alive": alive, "dead": dead}, policy="prompt_uid_affinity")
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
+    ray.kill(dead)
+    groups = await asyncio.gather(*[client.generate_group(_group(f"g{g}", 3), routing_key=f"g{g}") for g in range(4)])
+    for g, outs in enumerate(groups):  # every sample of every group, in order, from the survivor
+        assert [o.extra_fields["request_id"] for o in outs] == [f"g{g}-req-{c}" for c in range(3)]
+        assert {o.extra_fields["server"] for o in outs} == {"alive"}
+    assert await lb.get_all_servers.remote() == ["alive"]
+    assert (await _settled(lb))["total_inflight"] == 0
+
+
+async def test_group_server_error_is_raised_not_retried_and_released(ray_local):
+    lb = _balancer({"bad": RecordingServer.remote("bad", fail=True)})
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
+    with pytest.raises(Exception, match="server exploded"):
+        await client.generate_group(_group("g", 3), routing_key="g")
+    status = await _settled(lb)
+    assert status["total_inflight"] == 0 and status["releases"] == 3 and status["release_calls"] == 1
+    assert await lb.get_all_servers.remote() == ["bad"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dispatches"),
+    [
+        (["+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity"], True),
+        (
+            [
+                "+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity",
+                "+actor_rollout_ref.rollout.server_routing.group_dispatch=false",
+            ],
+            False,
+        ),
+        (
+            [
+                "+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity",
+                "+actor_rollout_ref.rollout.server_routing.max_imbalance=4",
+            ],
+            False,
+        ),
+        (["+actor_rollout_ref.rollout.server_routing.policy=least_inflight"], False),
+    ],
+)
+def test_manager_tells_the_client_whether_to_dispatch_groups(ray_local, overrides, dispatches):
+    manager = OmniLLMServerManager(_trainer_config(*overrides))
+    manager.global_load_balancer = None  # no replicas needed: get_client only reads the routing config
+    assert manager.get_client().dispatches_groups is dispatches
+
+
+def test_manager_rejects_bad_group_dispatch_before_launching_replicas(ray_local):
+    cfg = _trainer_config("+actor_rollout_ref.rollout.server_routing.group_dispatch=maybe")
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.group_dispatch='maybe'"):
+        OmniLLMServerManager(cfg)

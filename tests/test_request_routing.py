@@ -252,3 +252,53 @@ def test_counts_return_to_zero(policy):
         lb.release_server(sid)
     assert lb.get_total_inflight() == 0
     assert all(v == 0 for v in lb.get_status()["servers"].values())
+
+
+# ---------------------------------------------------------------- groups acquired at once
+def test_group_acquire_counts_every_request_in_flight():
+    lb = _lb(2, policy="prompt_uid_affinity")
+    sid, handle = lb.acquire_server("g0-copy0", routing_key="g0", count=8)
+    assert handle == f"handle-{sid[-1]}"
+    assert lb.get_inflight_count(sid) == 8 and lb.get_total_inflight() == 8
+    status = lb.get_status()
+    assert status["acquires"] == 8 and status["acquire_calls"] == 1 and status["served"][sid] == 8
+    # the next group sees the first one's full weight: least loaded is the other replica
+    other, _ = lb.acquire_server("g1-copy0", routing_key="g1", count=8)
+    assert other != sid
+    # a single copy of g0 acquired alone still follows its group's pin
+    assert lb.acquire_server("g0-late", routing_key="g0")[0] == sid
+    lb.release_server(sid, count=8)
+    lb.release_server(sid)
+    lb.release_server(other, "g1-copy0", count=8)
+    status = lb.get_status()
+    assert status["total_inflight"] == 0
+    assert status["releases"] == status["acquires"] == 17
+    assert (status["acquire_calls"], status["release_calls"]) == (3, 3)
+
+
+def test_group_weight_steers_least_inflight_and_soft_affinity():
+    lb = _lb(2, policy="least_inflight")
+    heavy, _ = lb.acquire_server("r0", count=5)
+    picks = [lb.acquire_server(f"r{i}")[0] for i in range(1, 5)]
+    assert heavy not in picks  # 4 singles go to the other replica until the loads meet
+    soft = _lb(2, policy="prompt_uid_affinity", max_imbalance=2)
+    pinned, _ = soft.acquire_server("g0-0", routing_key="g0", count=3)
+    assert soft.acquire_server("g0-1", routing_key="g0")[0] != pinned  # 3 above the idle replica: diverted
+    assert soft.get_status()["diversions"] == 1
+
+
+def test_release_count_never_goes_below_zero():
+    lb = _lb(2)
+    sid, _ = lb.acquire_server("r", count=2)
+    lb.release_server(sid, count=5)
+    assert lb.get_inflight_count(sid) == 0 and lb.get_status()["releases"] == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_count_is_rejected_before_counting(bad):
+    lb = _lb(2)
+    with pytest.raises(ValueError, match=r"count=.* must be a positive integer"):
+        lb.acquire_server("r", count=bad)
+    with pytest.raises(ValueError, match=r"count=.* must be a positive integer"):
+        lb.release_server("replica-0", count=bad)
+    assert lb.get_total_inflight() == 0 and lb.get_status()["acquire_calls"] == 0

@@ -19,6 +19,7 @@ def test_defaults():
     assert cfg.routing_key_field == "uid"
     assert cfg.max_imbalance is None
     assert cfg.cache_size == 10000
+    assert cfg.group_dispatch is True and not cfg.dispatches_groups  # least_inflight decides per request
 
 
 def test_valid_policies_listed():
@@ -105,3 +106,27 @@ def test_yaml_is_included_by_other_configs(tmp_path):
     routing = RolloutServerRoutingConfig.from_config(cfg.actor_rollout_ref.rollout.server_routing)
     assert routing.policy == "round_robin"
     assert routing.routing_key_field == "uid" and routing.cache_size == 10000
+
+
+@pytest.mark.parametrize(
+    ("options", "dispatches"),
+    [
+        ({"policy": "prompt_uid_affinity"}, True),
+        ({"policy": "prompt_uid_affinity", "group_dispatch": False}, False),
+        ({"policy": "prompt_uid_affinity", "max_imbalance": 2}, False),  # soft affinity decides per request
+        ({"policy": "prompt_hash_sharding"}, False),
+        ({"policy": "round_robin"}, False),
+    ],
+)
+def test_group_dispatch_only_under_strict_affinity(options, dispatches):
+    assert RolloutServerRoutingConfig(**options).dispatches_groups is dispatches
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_group_dispatch_names_key_and_value(bad):
+    with pytest.raises(ValueError, match=r"server_routing\.group_dispatch=.* must be true or false"):
+        RolloutServerRoutingConfig(group_dispatch=bad)
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.group_dispatch="):
+        RolloutServerRoutingConfig.from_config(
+            {"group_dispatch": bad}, prefix="actor_rollout_ref.rollout.server_routing"
+        )

@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.rollout_routing_bench import (
     BASELINE,
+    PER_SAMPLE,
     BenchResult,
     bench_config,
     cost_mix_in_process,
@@ -59,6 +60,7 @@ def test_every_setup_ran_once_per_burst_kind(result):
     assert {s.label for s in result.setups["even"]} >= {
         "least_inflight",
         "prompt_uid_affinity",
+        PER_SAMPLE,
         "prompt_hash_sharding",
         "round_robin",
         "prompt_uid_affinity mi=1",
@@ -67,9 +69,13 @@ def test_every_setup_ran_once_per_burst_kind(result):
 
 def test_counts_follow_from_routing(result):
     for burst in result.bursts:
-        # one acquire and one release per sample, whatever the policy
+        # every sample is acquired and released, whatever the policy
         assert burst.acquires == burst.releases == burst.samples
-        assert burst.rpcs == 2 * burst.samples
+        # one call of each kind per sample, except strict affinity with group dispatch: one per group (the
+        # single agent-loop worker holds whole groups)
+        calls = burst.prompts if burst.setup == "prompt_uid_affinity" else burst.samples
+        assert (burst.acquire_calls, burst.release_calls, burst.server_calls) == (calls, calls, calls), burst.setup
+        assert burst.rpcs == 2 * calls and burst.calls_per_sample == 3 * calls / burst.samples
         assert sum(burst.load.values()) == burst.samples
         assert burst.busy_s.keys() == burst.load.keys()
         assert all((burst.busy_s[s] > 0) == (burst.load[s] > 0) for s in burst.load)  # busy iff it served
@@ -82,7 +88,7 @@ def test_counts_follow_from_routing(result):
 
 def test_affinity_and_hashing_colocate_and_encode_once(result):
     for kind in ("even", "uneven"):
-        for label in ("prompt_uid_affinity", "prompt_hash_sharding"):
+        for label in ("prompt_uid_affinity", PER_SAMPLE, "prompt_hash_sharding"):
             for burst in result.runs(kind, label):
                 assert burst.colocation == 1.0, (kind, label)
                 assert burst.texts_encoded == burst.prompts, (kind, label)
@@ -95,7 +101,8 @@ def test_affinity_and_hashing_colocate_and_encode_once(result):
 
 def test_ratios_sweep_cost_mix_and_report(result, capsys):
     assert result.ratio("even", BASELINE, "images_per_s") == 1.0
-    assert result.ratio("even", "prompt_uid_affinity", "rpcs") == 1.0  # same RPCs per sample under every policy
+    assert result.ratio("even", "prompt_uid_affinity", "rpcs") == 1 / N  # one acquire + release per group
+    assert result.ratio("even", PER_SAMPLE, "rpcs") == 1.0  # per copy, like every other policy
     rows = targets(result)
     assert len(rows) == 3 and all(isinstance(met, bool) for _, _, met in rows)
     assert rows[0][2]  # affinity encodes each prompt once: a count, not a timing
@@ -114,3 +121,4 @@ def test_ratios_sweep_cost_mix_and_report(result, capsys):
     print_report(result)
     out = capsys.readouterr().out
     assert "targets (issue 6)" in out and "cost mix" in out and "uneven burst" in out
+    assert "group dispatch:" in out and PER_SAMPLE in out

@@ -47,18 +47,49 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> DiffusionAgentLoopOutput:
         """Generate one sample; ``kwargs`` are the row's non-tensor fields (``prompt``, ``uid``, ...)."""
-        prompt = kwargs.get("prompt")
-        if not isinstance(prompt, str):
-            raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(prompt).__name__}: {prompt!r}")
-        request_id = str(kwargs["request_id"])
-        key = kwargs.get(self.routing_key_field)
-        routing_key = None if key is None else str(key)
+        prompt, request_id, routing_key = self._request(kwargs)
         output = await self.server_manager.generate(
             request_id,
             prompt_ids=prompt,
             sampling_params=sampling_params,
             routing_key=routing_key,
         )
+        return await self._result(prompt, request_id, routing_key, output)
+
+    async def run_group(self, samples: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[DiffusionAgentLoopOutput]:
+        """Generate samples of one routing key with one client call (``generate_group``), in order.
+
+        ``samples`` holds ``(sampling_params, row fields)`` as :meth:`run` takes them; each output is
+        scored in its own thread once the group is back, so scoring never holds up other groups.
+        """
+        requests = [self._request(kwargs) for _, kwargs in samples]
+        keys = {routing_key for _, _, routing_key in requests}
+        if len(keys) != 1:
+            raise ValueError(f"run_group() needs samples of one routing key, got {sorted(map(str, keys))}")
+        outputs = await self.server_manager.generate_group(
+            [
+                {"request_id": request_id, "prompt_ids": prompt, "sampling_params": params}
+                for (params, _), (prompt, request_id, _) in zip(samples, requests, strict=True)
+            ],
+            routing_key=keys.pop(),
+        )
+        return list(
+            await asyncio.gather(
+                *(self._result(*request, output) for request, output in zip(requests, outputs, strict=True))
+            )
+        )
+
+    def _request(self, kwargs: dict[str, Any]) -> tuple[str, str, str | None]:
+        """``(prompt, request_id, routing_key)`` of a row."""
+        prompt = kwargs.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(prompt).__name__}: {prompt!r}")
+        key = kwargs.get(self.routing_key_field)
+        return prompt, str(kwargs["request_id"]), None if key is None else str(key)
+
+    async def _result(
+        self, prompt: str, request_id: str, routing_key: str | None, output: DiffusionOutput
+    ) -> DiffusionAgentLoopOutput:
         result = DiffusionAgentLoopOutput(request_id=request_id, routing_key=routing_key, output=output)
         if self.reward_fn is not None:
             # Scored as soon as this sample is back, in a thread: other samples keep rolling out.

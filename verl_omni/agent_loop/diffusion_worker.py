@@ -17,6 +17,7 @@ from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, Diff
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.rewards import get_reward_fn
 from verl_omni.utils.arrays import object_column
+from verl_omni.workers.config.rollout_routing import DEFAULT_ROUTING_KEY_FIELD
 
 # Per-sample tensors stacked into the output batch, and the DiffusionOutput field each comes from.
 _TENSOR_FIELDS = {
@@ -42,6 +43,9 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
     constructor signature (``AgentLoopManager`` passes the same positional arguments) and
     only what diffusion needs. Each row's seed comes from (base seed, global step, global row
     index), so how the batch is chunked over workers and replicas never changes a sample.
+
+    When the client says it dispatches groups (strict ``prompt_uid_affinity``), the rows of one
+    routing key go out in one call instead of one call each; the output is the same either way.
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         if reward.get("name"):
             kwargs = OmegaConf.to_container(reward.get("kwargs") or OmegaConf.create({}), resolve=True)
             self.reward_fn = get_reward_fn(reward.name, **kwargs)
+        routing = self.rollout_config.get("server_routing") or {}
+        self.routing_key_field: str = routing.get("routing_key_field", DEFAULT_ROUTING_KEY_FIELD)
 
     def set_client(self, llm_client: Any) -> None:
         """Route later requests through ``llm_client`` (a client of another balancer)."""
@@ -79,24 +85,57 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
 
         start = time.perf_counter()
         shared_params = sampling_params(self.rollout_config, validate=validate)
-        tasks = []
+        samples = []
         for i in range(n):
             kwargs = {k: v[i] for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
             kwargs.setdefault("request_id", f"step{global_step}-row{int(row_index[i])}")
             params = {**shared_params, "seed": row_seed(base_seed, global_step, int(row_index[i]))}
-            tasks.append(asyncio.create_task(self._run_agent_loop(str(agent_names[i]), params, kwargs)))
-        results: list[DiffusionAgentLoopOutput] = await asyncio.gather(*tasks)
+            samples.append((str(agent_names[i]), params, kwargs))
+        if getattr(self.llm_client, "dispatches_groups", False):
+            results = await self._run_groups(samples)
+        else:
+            tasks = [asyncio.create_task(self._run_agent_loop(name, p, kw)) for name, p, kw in samples]
+            results = list(await asyncio.gather(*tasks))
         elapsed = time.perf_counter() - start
         return self._collate(results, non_tensor, meta, elapsed)
+
+    async def _run_groups(self, samples: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[Any]:
+        """One task per (agent loop, routing key): the client sends each group's rows in one call.
+
+        Results land back in row order; a row without a routing key is a group of its own.
+        """
+        groups: dict[tuple[str, Any], list[int]] = {}
+        for i, (name, _, kwargs) in enumerate(samples):
+            key = kwargs.get(self.routing_key_field)
+            groups.setdefault((name, ("row", i) if key is None else str(key)), []).append(i)
+        outputs = await asyncio.gather(
+            *(self._run_group(name, [samples[i][1:] for i in rows]) for (name, _), rows in groups.items())
+        )
+        results: list[Any] = [None] * len(samples)
+        for rows, group_results in zip(groups.values(), outputs, strict=True):
+            for i, result in zip(rows, group_results, strict=True):
+                results[i] = result
+        return results
+
+    async def _run_group(
+        self, agent_name: str, samples: list[tuple[dict[str, Any], dict[str, Any]]]
+    ) -> list[DiffusionAgentLoopOutput]:
+        agent_loop = self._agent_loop(agent_name)
+        if not hasattr(agent_loop, "run_group"):  # an agent loop that only knows single samples
+            return list(await asyncio.gather(*(agent_loop.run(params, **kwargs) for params, kwargs in samples)))
+        return await agent_loop.run_group(samples)
 
     async def _run_agent_loop(
         self, agent_name: str, sampling_params: dict[str, Any], kwargs: dict[str, Any]
     ) -> DiffusionAgentLoopOutput:
+        return await self._agent_loop(agent_name).run(sampling_params, **kwargs)
+
+    def _agent_loop(self, agent_name: str) -> Any:
         if agent_name not in _agent_loop_registry:
             raise ValueError(
                 f"agent_name={agent_name!r} is not a registered agent loop; registered: {sorted(_agent_loop_registry)}"
             )
-        agent_loop = hydra.utils.instantiate(
+        return hydra.utils.instantiate(
             config=_agent_loop_registry[agent_name],
             trainer_config=DictConfigWrap(config=self.config),
             server_manager=self.llm_client,
@@ -106,7 +145,6 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             data_config=DictConfigWrap(self.config.get("data", OmegaConf.create({}))),
             reward_fn=self.reward_fn,
         )
-        return await agent_loop.run(sampling_params, **kwargs)
 
     @staticmethod
     def _collate(

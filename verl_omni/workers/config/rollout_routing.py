@@ -29,6 +29,10 @@ class RolloutServerRoutingConfig(BaseConfig):
             has more than this many in-flight requests above the least-loaded one is diverted.
             ``None`` keeps strict affinity.
         cache_size: size of the sticky LRU (routing key or request id -> replica).
+        group_dispatch: under strict ``prompt_uid_affinity`` (``max_imbalance`` null), send the copies of a
+            group that one agent-loop worker holds to their replica in one call (one acquire, one server
+            call, one release) instead of one call each. Ignored by the other policies and by soft affinity,
+            which decide per request. A switch only to measure what it saves (or rule it out when debugging).
     """
 
     _target_: str = "verl_omni.workers.config.rollout_routing.RolloutServerRoutingConfig"
@@ -36,6 +40,7 @@ class RolloutServerRoutingConfig(BaseConfig):
     routing_key_field: str = DEFAULT_ROUTING_KEY_FIELD
     max_imbalance: int | None = None
     cache_size: int = DEFAULT_ROUTING_CACHE_SIZE
+    group_dispatch: bool = True
 
     def __post_init__(self) -> None:
         validate_routing_options(
@@ -43,7 +48,13 @@ class RolloutServerRoutingConfig(BaseConfig):
             routing_key_field="" if self.routing_key_field is None else self.routing_key_field,
             max_imbalance=self.max_imbalance,
             cache_size=self.cache_size,
+            group_dispatch=self.group_dispatch,
         )
+
+    @property
+    def dispatches_groups(self) -> bool:
+        """Whether a group's copies go out in one call: only strict affinity sends a whole group to one replica."""
+        return self.group_dispatch and self.policy == "prompt_uid_affinity" and self.max_imbalance is None
 
     @classmethod
     def from_config(cls, section: Any | None, prefix: str = "server_routing") -> RolloutServerRoutingConfig:
@@ -57,7 +68,7 @@ class RolloutServerRoutingConfig(BaseConfig):
 
         data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
         data.pop("_target_", None)
-        known = {"policy", "routing_key_field", "max_imbalance", "cache_size"}
+        known = {"policy", "routing_key_field", "max_imbalance", "cache_size", "group_dispatch"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in {prefix}; valid keys: {sorted(known)}")
@@ -67,6 +78,7 @@ class RolloutServerRoutingConfig(BaseConfig):
             routing_key_field=data.get("routing_key_field", defaults.routing_key_field) or "",
             max_imbalance=data.get("max_imbalance", defaults.max_imbalance),
             cache_size=data.get("cache_size", defaults.cache_size),
+            group_dispatch=data.get("group_dispatch", defaults.group_dispatch),
             prefix=prefix,
         )
         return cls(**data)
@@ -78,6 +90,7 @@ def validate_routing_options(
     max_imbalance: int | None,
     cache_size: int,
     routing_key_field: str | None = None,
+    group_dispatch: bool = True,
     prefix: str = "server_routing",
 ) -> None:
     """Raise ``ValueError`` naming the key, the bad value and what is allowed.
@@ -104,3 +117,5 @@ def validate_routing_options(
         raise ValueError(
             f"{prefix}.cache_size={cache_size!r} must be a positive integer (default: {DEFAULT_ROUTING_CACHE_SIZE})"
         )
+    if not isinstance(group_dispatch, bool):
+        raise ValueError(f"{prefix}.group_dispatch={group_dispatch!r} must be true or false (default: true)")

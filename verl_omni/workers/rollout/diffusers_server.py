@@ -91,6 +91,7 @@ class DiffusersRolloutServer:
         self._batch_sizes: Counter[int] = Counter()
         self._served = 0
         self._failed = 0
+        self._calls = 0
 
     # ----- generation ----------------------------------------------------------------------------
 
@@ -107,6 +108,30 @@ class DiffusersRolloutServer:
 
         Raises ``ValueError`` (before queuing) for unknown kwargs or sampling fields and invalid values.
         """
+        request = self._prepare(request_id, prompt_ids, sampling_params, image_data, video_data, **kwargs)
+        (output,) = await self._submit([request])
+        return output
+
+    async def generate_group(self, requests: list[dict[str, Any]]) -> list[DiffusionOutput]:
+        """Generate several images in one call: each entry holds :meth:`generate`'s arguments.
+
+        For a GRPO group routed to this replica as a whole, so it costs one call instead of one per copy.
+        The requests join the same queue as :meth:`generate`'s, so they fuse with each other and with
+        other pending requests, within ``max_num_seqs``. Outputs come back in the order of ``requests``.
+        Every request is validated before any is queued: one bad request fails the call, nothing runs.
+        """
+        prepared = [self._prepare(**request) for request in requests]
+        return await self._submit(prepared) if prepared else []
+
+    def _prepare(
+        self,
+        request_id: str,
+        prompt_ids: Any,
+        sampling_params: dict[str, Any] | None = None,
+        image_data: Any = None,
+        video_data: Any = None,
+        **kwargs: Any,
+    ) -> EngineRequest:
         if kwargs:
             shown = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
             raise ValueError(f"generate() got unexpected argument(s) {shown} (request_id={request_id!r})")
@@ -116,15 +141,25 @@ class DiffusersRolloutServer:
                     f"{name}={type(value).__name__} is not supported: the diffusers backend is text-to-image"
                 )
         params = resolve_sampling_params(sampling_params, self.config, self.engine.spec)
-        prompt = self.engine.prompt_text(prompt_ids)
-        if self._reject:
-            raise RuntimeError(f"request {request_id!r} rejected: generation is aborted on {self.server_id}")
+        return EngineRequest(str(request_id), self.engine.prompt_text(prompt_ids), params)
 
+    async def _submit(self, requests: list[EngineRequest]) -> list[DiffusionOutput]:
+        """Queue ``requests`` for the batching loop (all in one step, so they arrive together) and await them."""
+        if self._reject:
+            raise RuntimeError(
+                f"request {requests[0].request_id!r} rejected: generation is aborted on {self.server_id}"
+            )
         self._ensure_loop()
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(EngineRequest(str(request_id), prompt, params), future))
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(request, loop.create_future()) for request in requests]
+        self._pending.extend(pending)
+        self._calls += 1
         self._wakeup.set()
-        return await future
+        results = await asyncio.gather(*(p.future for p in pending), return_exceptions=True)
+        for result in results:  # every future is awaited, so no failure goes unretrieved
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     def _ensure_loop(self) -> None:
         if self._wakeup is None:
@@ -291,11 +326,12 @@ class DiffusersRolloutServer:
         }
 
     async def get_stats(self) -> dict[str, Any]:
-        """Batches formed, mean/max batch size, prompt-cache hits and misses, requests served."""
+        """Batches formed, mean/max batch size, prompt-cache hits and misses, requests served, calls received."""
         batches = sum(self._batch_sizes.values())
         return {
             "server_id": self.server_id,
             "requests_served": self._served,
+            "generate_calls": self._calls,
             "requests_failed": self._failed,
             "batches": batches,
             "mean_batch_size": (self._served / batches) if batches else 0.0,

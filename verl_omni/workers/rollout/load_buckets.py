@@ -13,7 +13,8 @@ class LoadBuckets:
     its list (``_pos``), and the minimum count is maintained incrementally. Moving a server
     between buckets is a swap-remove plus an append, and a uniform pick among the least loaded
     is one index into the minimum bucket: O(1) whatever the pool size. Only removing the last
-    server at the minimum scans upward over counts (bounded by the largest count, not by R).
+    server at the minimum, or moving it up by ``k`` (a group acquired at once), scans upward over
+    counts (bounded by the largest count or by ``k``, never by R).
 
     The hot methods are written out flat on purpose: this runs once per rollout request inside
     the single balancer actor, where Python call overhead dominates.
@@ -69,38 +70,45 @@ class LoadBuckets:
             while self._min not in self._buckets:
                 self._min += 1
 
-    def increment(self, server_id: Hashable) -> None:
+    def increment(self, server_id: Hashable, k: int = 1) -> None:
+        """Raise the count by ``k`` (a group of ``k`` requests acquired in one call)."""
         count = self._count[server_id]
-        self._count[server_id] = count + 1
-        self._total += 1
+        self._count[server_id] = count + k
+        self._total += k
         buckets, pos = self._buckets, self._pos
         # swap-remove from bucket `count`
         items = buckets[count]
         last = items.pop()
+        emptied = False
         if last != server_id:
             idx = pos[server_id]
             items[idx] = last
             pos[last] = idx
         elif not items:
             del buckets[count]
-            if count == self._min:
-                self._min = count + 1
-        # append to bucket `count + 1`
-        items = buckets.get(count + 1)
+            emptied = True
+        # append to bucket `count + k`
+        items = buckets.get(count + k)
         if items is None:
-            buckets[count + 1] = [server_id]
+            buckets[count + k] = [server_id]
             pos[server_id] = 0
         else:
             pos[server_id] = len(items)
             items.append(server_id)
+        if emptied and count == self._min:
+            # the next minimum is at most `count + k` (where this server now is): at most k lookups
+            self._min = count + 1
+            while self._min not in buckets:
+                self._min += 1
 
-    def decrement(self, server_id: Hashable) -> bool:
-        """Lower the count by one; returns False (and changes nothing) for an unknown or idle server."""
+    def decrement(self, server_id: Hashable, k: int = 1) -> int:
+        """Lower the count by ``k`` (at most to zero); returns by how much (0 for an unknown or idle server)."""
         count = self._count.get(server_id)
         if not count:
-            return False
-        self._count[server_id] = count - 1
-        self._total -= 1
+            return 0
+        k = min(k, count)
+        self._count[server_id] = count - k
+        self._total -= k
         buckets, pos = self._buckets, self._pos
         items = buckets[count]
         last = items.pop()
@@ -110,16 +118,16 @@ class LoadBuckets:
             pos[last] = idx
         elif not items:
             del buckets[count]
-        items = buckets.get(count - 1)
+        items = buckets.get(count - k)
         if items is None:
-            buckets[count - 1] = [server_id]
+            buckets[count - k] = [server_id]
             pos[server_id] = 0
         else:
             pos[server_id] = len(items)
             items.append(server_id)
-        if count - 1 < self._min:
-            self._min = count - 1
-        return True
+        if count - k < self._min:
+            self._min = count - k
+        return k
 
     def pick_least_loaded(self) -> Hashable:
         """A uniformly random server among those with the fewest in-flight requests."""

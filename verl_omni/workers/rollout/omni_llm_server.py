@@ -3,7 +3,9 @@
 verl's ``LLMServerClient.generate`` forwards every extra kwarg both to the balancer (filtered by
 ``require_acquire_fields``) and to the server, and replaces the caller's ``request_id`` with a
 fresh uuid. ``OmniLLMServerClient`` keeps verl's request path but sends ``routing_key`` to the
-balancer only and forwards the caller's ``request_id`` so a request can be traced end to end.
+balancer only and forwards the caller's ``request_id`` so a request can be traced end to end. Its
+``generate_group`` sends a whole GRPO group to one replica in one call (strict affinity puts it on one
+replica anyway): one acquire, one server call and one release instead of one of each per copy.
 """
 
 from __future__ import annotations
@@ -40,14 +42,24 @@ class OmniLLMServerClient(LLMServerClient):
     """verl's client plus a ``routing_key`` for the balancer, caller-id forwarding, and failover.
 
     Args:
-        max_replica_failures: how many dead replicas one request may meet before it fails. A replica
-            whose actor died is removed from the balancer and the request is sent again (same
+        max_replica_failures: how many dead replicas one request (or group) may meet before it fails. A
+            replica whose actor died is removed from the balancer and the request is sent again (same
             request id and sampling params, so the same seed), so a lost replica loses no samples.
+        dispatches_groups: tells callers to send a group's copies with :meth:`generate_group` (set by
+            ``OmniLLMServerManager`` from ``server_routing``: strict affinity with ``group_dispatch``).
     """
 
-    def __init__(self, config: Any, load_balancer_handle: Any = None, max_replica_failures: int = 2, **kwargs: Any):
+    def __init__(
+        self,
+        config: Any,
+        load_balancer_handle: Any = None,
+        max_replica_failures: int = 2,
+        dispatches_groups: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(config=config, load_balancer_handle=load_balancer_handle, **kwargs)
         self.max_replica_failures = max_replica_failures
+        self.dispatches_groups = dispatches_groups
 
     async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> Any:
         """Generate through the replica the balancer picks for ``routing_key`` (or ``request_id``).
@@ -73,6 +85,44 @@ class OmniLLMServerClient(LLMServerClient):
                     _ACQUIRED.reset(acquired_token)
         finally:
             _ROUTING_KEY.reset(token)
+
+    async def generate_group(self, requests: list[dict[str, Any]], *, routing_key: str | None = None) -> list[Any]:
+        """Generate several requests on one replica: one acquire, one server call, one release.
+
+        Each entry holds the server's ``generate`` arguments (``request_id``, ``prompt_ids``,
+        ``sampling_params``); outputs come back in the same order. The balancer picks once (for the
+        first request id and ``routing_key``) and counts all ``len(requests)`` in flight, so other
+        requests' load-aware picks see the group's full weight. Needs a balancer whose
+        ``acquire_server``/``release_server`` take ``count`` and a server with ``generate_group``.
+        A dead replica is removed and the whole group resent (same request ids and sampling params).
+        """
+        if not requests:
+            return []
+        count = len(requests)
+        lead = str(requests[0]["request_id"])
+        sent = [{**r, "request_id": self._vllm_request_id(str(r["request_id"]))} for r in requests]
+        failures = 0
+        while True:
+            server_id, server = await self._load_balancer.acquire_server.remote(
+                request_id=lead, routing_key=routing_key, count=count
+            )
+            try:
+                outputs = await server.generate_group.remote(requests=sent)
+            except _REPLICA_GONE:
+                failures += 1
+                if failures > self.max_replica_failures:
+                    raise
+                logger.warning("replica %s is gone; removing it and resending group %s", server_id, routing_key or lead)
+                await self._load_balancer.remove_servers.remote([server_id])
+                continue
+            finally:
+                # fire-and-forget, as verl releases; a removed replica's release is ignored by the balancer
+                self._load_balancer.release_server.remote(server_id=server_id, count=count)
+            for output in outputs:  # as verl's generate does for each output
+                global_steps = output.extra_fields.get("global_steps")
+                output.extra_fields.setdefault("min_global_steps", global_steps)
+                output.extra_fields.setdefault("max_global_steps", global_steps)
+            return outputs
 
     async def _acquire_server(self, request_id: str, **extra: Any) -> tuple[str, ray.actor.ActorHandle]:
         routing_key = _ROUTING_KEY.get()
@@ -141,5 +191,8 @@ class OmniLLMServerManager(LLMServerManager):
         await self._init_global_load_balancer()
 
     def get_client(self, client_cls: type[LLMServerClient] | None = None, **kwargs: Any) -> LLMServerClient:
-        """An ``OmniLLMServerClient`` by default; any verl client class can still be passed."""
-        return super().get_client(client_cls=client_cls or OmniLLMServerClient, **kwargs)
+        """An ``OmniLLMServerClient`` told whether to dispatch groups; any verl client class can still be passed."""
+        client_cls = client_cls or OmniLLMServerClient
+        if issubclass(client_cls, OmniLLMServerClient):
+            kwargs.setdefault("dispatches_groups", self.routing_config.dispatches_groups)
+        return super().get_client(client_cls=client_cls, **kwargs)

@@ -77,6 +77,8 @@ class OmniRequestLoadBalancer:
         self._diversions = 0
         self._acquires = 0
         self._releases = 0
+        self._acquire_calls = 0
+        self._release_calls = 0
         self._pick = {
             "least_inflight": self._pick_least_inflight,
             "prompt_uid_affinity": self._pick_affinity,
@@ -86,20 +88,28 @@ class OmniRequestLoadBalancer:
         self.add_servers(servers)
 
     # ------------------------------------------------------------------ routing
-    def acquire_server(self, request_id: str, routing_key: str | None = None) -> tuple[str, Any]:
-        """Pick a server for the request, count it in flight, and return ``(server_id, handle)``."""
+    def acquire_server(self, request_id: str, routing_key: str | None = None, count: int = 1) -> tuple[str, Any]:
+        """Pick a server for the request, count it in flight, and return ``(server_id, handle)``.
+
+        ``count`` > 1 acquires a group of requests that share ``routing_key`` in one call: one pick
+        (made for ``request_id``, the group's first request), ``count`` requests in flight, so the
+        load every later pick sees is the same as if they had been acquired one by one.
+        """
         if not self._servers:
             raise RuntimeError("No available servers in load balancer")
+        _check_count(count)
         server_id = self._pick(request_id, routing_key)
-        self._load.increment(server_id)
-        self._served[server_id] = self._served.get(server_id, 0) + 1
-        self._acquires += 1
+        self._load.increment(server_id, count)
+        self._served[server_id] = self._served.get(server_id, 0) + count
+        self._acquires += count
+        self._acquire_calls += 1
         return server_id, self._servers[server_id]
 
-    def release_server(self, server_id: str, request_id: str | None = None) -> None:
-        """Count a request as finished; an unknown or idle server is ignored (as in verl)."""
-        if self._load.decrement(server_id):
-            self._releases += 1
+    def release_server(self, server_id: str, request_id: str | None = None, count: int = 1) -> None:
+        """Count ``count`` requests as finished; an unknown or idle server is ignored (as in verl)."""
+        _check_count(count)
+        self._release_calls += 1
+        self._releases += self._load.decrement(server_id, count)
 
     def require_acquire_fields(self) -> list[str]:
         """verl's client sends these ``generate()`` kwargs to :meth:`acquire_server`."""
@@ -183,7 +193,11 @@ class OmniRequestLoadBalancer:
         return {"cleared_entries": cleared, "server_loads": self._load.as_dict()}
 
     def get_status(self) -> dict:
-        """verl's status keys plus the policy, per-replica served counts, pins and diversions."""
+        """verl's status keys plus the policy, per-replica served counts, pins and diversions.
+
+        ``acquires``/``releases`` count requests; ``acquire_calls``/``release_calls`` count the calls
+        that carried them (fewer when groups are acquired at once).
+        """
         return {
             "servers": self._load.as_dict(),
             "total_inflight": self._load.total,
@@ -196,4 +210,11 @@ class OmniRequestLoadBalancer:
             "diversions": self._diversions,
             "acquires": self._acquires,
             "releases": self._releases,
+            "acquire_calls": self._acquire_calls,
+            "release_calls": self._release_calls,
         }
+
+
+def _check_count(count: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count={count!r} must be a positive integer (the number of requests acquired or released)")
