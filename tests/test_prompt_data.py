@@ -10,7 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from recipes.flowgrpo.data import DEFAULT_PROMPTS_FILE, PromptBatcher, load_prompts, prompt_uid, row_seed
+from recipes.flowgrpo.data import (
+    DEFAULT_PROMPTS_FILE,
+    DEFAULT_VAL_PROMPTS_FILE,
+    VAL_FILES_KEY,
+    PromptBatcher,
+    ValidationBatches,
+    load_prompts,
+    prompt_uid,
+    row_seed,
+    validation_seed,
+)
 
 
 def test_shipped_prompts():
@@ -137,3 +147,57 @@ def test_batcher_rejects_bad_sizes():
         PromptBatcher(["a"], batch_size=0, n=2)
     with pytest.raises(ValueError, match="n "):
         PromptBatcher(["a"], batch_size=1, n=0)
+
+
+# ------------------------------------------------------------------ validation rows
+def test_shipped_validation_prompts_are_few_and_not_training_prompts():
+    val = load_prompts(DEFAULT_VAL_PROMPTS_FILE, key=VAL_FILES_KEY)
+    assert 4 <= len(val) <= 8 and len(set(val)) == len(val)
+    assert not set(val) & set(load_prompts(DEFAULT_PROMPTS_FILE))
+
+
+def test_validation_files_errors_name_their_key(tmp_path):
+    empty = tmp_path / "val.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"data\.val_files=.*val\.txt.*holds no prompts"):
+        load_prompts(empty, key=VAL_FILES_KEY)
+
+
+def test_validation_rows_are_interleaved_groups_with_fixed_seeds():
+    prompts = ["a", "b", "c"]
+    (batch,) = ValidationBatches(prompts, n=2, seed=7).batches()
+    assert batch.prompts == ["a", "a", "b", "b", "c", "c"] and batch.prompt_index == [0, 0, 1, 1, 2, 2]
+    assert batch.uids[0] == batch.uids[1] != batch.uids[2] == batch.uids[3] != batch.uids[4]
+    assert batch.row_index == list(range(6)) and len(set(batch.seeds)) == 6
+    assert batch.base_seed == validation_seed(7) and batch.step == ValidationBatches.SEED_STEP
+    assert batch.seeds == [row_seed(batch.base_seed, batch.step, r) for r in range(6)]
+    # the same rows at every validation, in any process; another trainer.seed draws other noise
+    assert ValidationBatches(prompts, n=2, seed=7).batches() == [batch]
+    assert ValidationBatches(prompts, n=2, seed=8).batches()[0].seeds != batch.seeds
+
+
+def test_validation_chunks_keep_each_rows_seed_and_uid():
+    prompts = [f"p{i}" for i in range(5)]
+    whole = ValidationBatches(prompts, n=2, seed=3).batches()[0]
+    chunks = ValidationBatches(prompts, n=2, batch_size=2, seed=3).batches()
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    for field in ("prompts", "uids", "row_index", "seeds", "prompt_index"):
+        assert [v for c in chunks for v in getattr(c, field)] == getattr(whole, field), field
+
+
+def test_validation_never_shares_seeds_or_uids_with_training():
+    prompts = [f"p{i}" for i in range(8)]
+    val = ValidationBatches(prompts, n=2, seed=42).batches()[0]
+    batcher = PromptBatcher(prompts, batch_size=8, n=2, seed=42)
+    train = [batcher.batch(step) for step in range(20)]
+    assert not set(val.seeds) & {s for b in train for s in b.seeds}
+    assert not set(val.uids) & {u for b in train for u in b.uids}
+
+
+def test_validation_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        ValidationBatches([], n=1)
+    with pytest.raises(ValueError, match="samples per validation prompt"):
+        ValidationBatches(["a"], n=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ValidationBatches(["a"], n=1, batch_size=0)

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
     [
         ("server_routing.policy=fastest", "server_routing.policy='fastest' is not a valid routing policy"),
         ("data.train_files=/nonexistent/prompts.txt", "data.train_files="),
+        ("data.val_files=/nonexistent/val.txt", "data.val_files='/nonexistent/val.txt': file not found"),
+        ("trainer.test_freq=-2", "trainer.test_freq=-2 is not valid; valid choices:"),
     ],
 )
 def test_bad_config_exits_2_with_one_line_before_ray(override: str, message: str, tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_sd35_config_validates_on_one_8_gpu_node(sd35_env: dict[str, Path]) -> N
     assert cfg.reward.kwargs.model_path == str(sd35_env["pickscore"])
     assert cfg.reward.kwargs.processor_path is None  # the reward then uses model_path
     prompts = validate_recipe_config(cfg, available_gpus=8)
-    assert prompts
+    assert prompts.train and prompts.val
 
     model, actor, rollout = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
     assert (model.lora_rank, model.lora_alpha) == (32, 64)
@@ -90,6 +90,12 @@ def test_sd35_config_validates_on_one_8_gpu_node(sd35_env: dict[str, Path]) -> N
     assert (diffusion.guidance_scale, diffusion.noise_level) == (4.5, 0.7)
     assert (diffusion.device, diffusion.dtype, diffusion.num_gpus_per_replica) == ("cuda", "bfloat16", 1)
     assert actor.use_kl_loss is True and actor.kl_loss_coef == 0.04 and actor.optim.lr == 3.0e-4
+    # validation as the paper evaluates: 40 ODE steps, at the training resolution and guidance
+    assert dict(OmegaConf.to_container(rollout.diffusion_val, resolve=True)) == {
+        "num_inference_steps": 40,
+        "noise_level": 0.0,
+    }
+    assert (cfg.trainer.test_freq, cfg.trainer.val_before_train, cfg.data.val_batch_size) == (25, True, 64)
     assert num_rollout_replicas(cfg) == 4 and cfg.trainer.n_gpus_per_node == 4
     assert cfg.ray_kwargs.ray_init.num_cpus is None  # no CPU cap, and joining a cluster forbids one
     assert {"console", "tensorboard", "file"} <= set(cfg.trainer.logger)
@@ -175,7 +181,23 @@ def test_sd35_lora_targets_are_sd3_attention_projections() -> None:
 def test_tiny_config_validates_without_gpus(tiny_env: None) -> None:
     cfg = compose_recipe(TINY)
     assert cfg.actor_rollout_ref.model.path is None  # the built-in tiny model
-    assert validate_recipe_config(cfg, available_gpus=0)
+    prompts = validate_recipe_config(cfg, available_gpus=0)
+    assert prompts.train and 4 <= len(prompts.val) <= 8  # data.val_files=null: the shipped validation prompts
+
+
+def test_tiny_validation_follows_the_training_steps_with_ode_sampling(tiny_env: None) -> None:
+    cfg = compose_recipe(TINY, ["actor_rollout_ref.rollout.diffusion.num_inference_steps=4"])
+    val = OmegaConf.to_container(cfg.actor_rollout_ref.rollout.diffusion_val, resolve=True)
+    assert val == {"num_inference_steps": 4, "noise_level": 0.0}
+    assert cfg.actor_rollout_ref.rollout.val_kwargs.n == 1
+    assert (cfg.trainer.test_freq, cfg.trainer.val_before_train) == (10, True)
+
+
+def test_validation_prompts_load_like_training_prompts(tiny_env: None, tmp_path: Path) -> None:
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps({"caption": "a teapot"}) + "\n")
+    cfg = compose_recipe(TINY, [f"data.val_files=[{path}]", "data.prompt_key=caption", f"data.train_files={path}"])
+    assert validate_recipe_config(cfg, available_gpus=0).val == ["a teapot"]
 
 
 def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: None) -> None:
@@ -200,11 +222,62 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
         (["actor_rollout_ref.rollout.n=1"], r"actor_rollout_ref\.rollout\.n=1: .*at least 2"),
         (["data.train_files=/nonexistent/prompts.txt"], r"data\.train_files='/nonexistent/prompts\.txt': file not"),
         (["reward.name=aesthetic_v9"], r"reward\.name='aesthetic_v9'.*jpeg_compressibility"),
+        (["data.val_files=/nonexistent/val.txt"], r"data\.val_files='/nonexistent/val\.txt': file not found"),
+        (["data.val_files=EMPTY"], r"data\.val_files='.*empty\.txt' holds no prompts"),
+        (["trainer.test_freq=-2"], r"trainer\.test_freq=-2 is not valid; valid choices: a positive integer .*-1"),
+        (["trainer.test_freq=often"], r"trainer\.test_freq='often' is not valid"),
+        (["trainer.val_before_train=2"], r"trainer\.val_before_train=2 is not valid; valid choices: true, false"),
+        (["data.val_batch_size=0"], r"data\.val_batch_size=0 must be a positive integer .* or null"),
+        (["actor_rollout_ref.rollout.val_kwargs.n=0"], r"actor_rollout_ref\.rollout\.val_kwargs\.n=0 must be"),
+        (
+            ["+actor_rollout_ref.rollout.diffusion_val.max_num_seqs=4"],
+            r"diffusion_val has unknown key\(s\) \['max_num_seqs'\]; valid: \['num_inference_steps'",
+        ),
+        (
+            ["actor_rollout_ref.rollout.diffusion_val.num_inference_steps=0"],
+            r"actor_rollout_ref\.rollout\.diffusion_val\.num_inference_steps=0 must be an integer >= 1",
+        ),
+        (
+            ["actor_rollout_ref.actor.strategy=fsdp"],
+            r"actor_rollout_ref\.actor\.strategy='fsdp' is not supported .*; valid choices: fsdp2",
+        ),
+        (
+            ["actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp8"],
+            r"actor\.fsdp_config\.mixed_precision\.param_dtype='fp8' is not a valid dtype; valid choices: float32, bf",
+        ),
+        (
+            ["trainer.n_gpus_per_node=3"],
+            r"rollout batch \(data\.train_batch_size x rollout\.n = 32\) must divide evenly over the 3 training ranks",
+        ),
+        (
+            ["trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.ppo_mini_batch_size=5"],
+            r"actor_rollout_ref\.actor\.ppo_mini_batch_size=5 must be a multiple of the 2 training ranks",
+        ),
     ],
-    ids=["unknown-policy", "group-of-one", "missing-prompts", "unknown-reward"],
+    ids=[
+        "unknown-policy",
+        "group-of-one",
+        "missing-prompts",
+        "unknown-reward",
+        "missing-val-prompts",
+        "empty-val-prompts",
+        "negative-test-freq",
+        "word-test-freq",
+        "non-bool-val-before-train",
+        "zero-val-batch",
+        "zero-val-samples",
+        "unknown-val-sampling-key",
+        "bad-val-sampling-value",
+        "fsdp1-strategy",
+        "bad-mixed-precision",
+        "batch-over-ranks",
+        "mini-batch-over-ranks",
+    ],
 )
-def test_bad_config_raises_naming_the_key(tiny_env: None, overrides: list[str], pattern: str) -> None:
-    cfg = compose_recipe(TINY, overrides)
+def test_bad_config_raises_naming_the_key(tiny_env: None, tmp_path: Path, overrides: list[str], pattern: str) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    cfg = compose_recipe(TINY, [o.replace("EMPTY", str(empty)) for o in overrides])
     with pytest.raises(ValueError, match=pattern):
         validate_recipe_config(cfg, available_gpus=0)
 

@@ -60,6 +60,22 @@ def test_reward_curve_png(tmp_path):
         assert png.size == (640, 400)
 
 
+def test_reward_curve_draws_the_validation_reward(tmp_path):
+    def colors(path):
+        with Image.open(path) as png:
+            return {c for _, c in png.convert("RGB").getcolors(maxcolors=1 << 16)}
+
+    steps = list(range(1, 11))
+    train = save_reward_curve(steps, [0.1 * s for s in steps], None, tmp_path / "train.png")
+    both = save_reward_curve(
+        steps, [0.1 * s for s in steps], None, tmp_path / "both.png", val_points=[(0, 5.0), (10, 2.0)]
+    )
+    assert (214, 39, 40) not in colors(train)
+    assert (214, 39, 40) in colors(both)  # the val line (and its legend), on an axis that reaches step 0
+    with pytest.raises(ValueError, match="finite"):
+        save_reward_curve([1], [1.0], None, tmp_path / "c.png", val_points=[(0, float("inf"))])
+
+
 def test_reward_curve_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="same non-zero length"):
         save_reward_curve([1, 2], [1.0], None, tmp_path / "c.png")

@@ -1,4 +1,5 @@
-"""Prompt data for the FlowGRPO recipe: loading prompt files and a seeded, resumable per-step batch order.
+"""Prompt data for the FlowGRPO recipe: loading prompt files, a seeded, resumable per-step batch order, and the
+fixed validation rows.
 
 Everything here is a pure function of (prompts, seed, step), so resuming at step ``k`` reproduces the prompts,
 ``uid``s and per-row seeds of an uninterrupted run, in any process.
@@ -20,9 +21,11 @@ import torch
 from verl_omni.utils.seeding import row_seed, stable_int
 
 TRAIN_FILES_KEY = "data.train_files"
+VAL_FILES_KEY = "data.val_files"
 DEFAULT_PROMPT_FIELD = "prompt"
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "prompts.txt"
+DEFAULT_VAL_PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "val_prompts.txt"
 
 _UID_NAMESPACE = uuid.UUID("6f1c2a47-5d0e-4c1b-9a57-3f0b1e2d4c58")  # fixed: uids must not change between runs
 
@@ -30,6 +33,10 @@ _UID_NAMESPACE = uuid.UUID("6f1c2a47-5d0e-4c1b-9a57-3f0b1e2d4c58")  # fixed: uid
 def prompt_uid(base_seed: int, global_step: int, prompt_index: int) -> str:
     """Group id of the ``prompt_index``-th prompt of a step: a UUID string like verl's, but reproducible."""
     return str(uuid.uuid5(_UID_NAMESPACE, f"{int(base_seed)}:{int(global_step)}:{int(prompt_index)}"))
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _bad_input(path: str, expected: str, key: str) -> ValueError:
@@ -113,13 +120,14 @@ def load_prompts(
 
 @dataclass(frozen=True)
 class PromptBatch:
-    """The rows of one training step: ``batch_size`` prompts, each repeated ``n`` times interleaved.
+    """The rows of one training step (or one validation chunk): prompts, each repeated ``n`` times interleaved.
 
     Row ``r`` belongs to group ``r // n``; ``row_index`` is its position in the whole step's batch (across all
-    workers), and ``seeds[r] == row_seed(base_seed, step, row_index[r])``.
+    workers and validation chunks), and ``seeds[r] == row_seed(base_seed, step, row_index[r])``.
     """
 
     step: int
+    base_seed: int  # with ``step``, what the rollout derives each row's seed from (``meta_info`` seed)
     prompts: list[str]
     uids: list[str]
     row_index: list[int]
@@ -141,9 +149,9 @@ class PromptBatcher:
     def __init__(self, prompts: Sequence[str], batch_size: int, n: int, seed: int = 0, shuffle: bool = True) -> None:
         if not prompts:
             raise ValueError("PromptBatcher needs at least one prompt")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_positive_int(batch_size):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not _is_positive_int(n):
             raise ValueError(f"n (samples per prompt) must be a positive int, got {n!r}")
         self.prompts = list(prompts)
         self.batch_size = batch_size
@@ -181,6 +189,7 @@ class PromptBatcher:
         rows = list(range(len(prompt_index)))
         return PromptBatch(
             step=step,
+            base_seed=self.seed,
             prompts=[self.prompts[p] for p in prompt_index],
             uids=uids,
             row_index=rows,
@@ -210,3 +219,52 @@ class PromptBatcher:
                 f"now seed={self.seed!r}, batch_size={self.batch_size!r}, {len(self.prompts)} prompts from "
                 f"{TRAIN_FILES_KEY}); resuming would not reproduce the data order"
             )
+
+
+def validation_seed(base_seed: int) -> int:
+    """Base seed of the validation rows: derived from ``trainer.seed``, apart from every training step's seeds
+    and uids, so validating never reuses (or shifts) training noise."""
+    return stable_int("validation", int(base_seed))
+
+
+class ValidationBatches:
+    """The validation rows: every prompt ``n`` times (interleaved), in chunks of ``batch_size`` prompts.
+
+    The rows, uids and seeds are the same at every validation (drawn as "step 0" under
+    :func:`validation_seed`), so successive validations differ only by the policy: same prompts, same noise.
+    A row's seed depends on its index among all validation rows, never on the chunking.
+    """
+
+    SEED_STEP = 0
+
+    def __init__(self, prompts: Sequence[str], n: int, batch_size: int | None = None, seed: int = 0) -> None:
+        if not prompts:
+            raise ValueError("ValidationBatches needs at least one prompt")
+        if not _is_positive_int(n):
+            raise ValueError(f"n (samples per validation prompt) must be a positive int, got {n!r}")
+        if batch_size is not None and not _is_positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        self.prompts = list(prompts)
+        self.n = n
+        self.batch_size = batch_size or len(self.prompts)
+        self.seed = validation_seed(seed)
+
+    def batches(self) -> list[PromptBatch]:
+        """The chunks, in order; together they hold every prompt ``n`` times."""
+        chunks = []
+        for first in range(0, len(self.prompts), self.batch_size):
+            groups = range(first, min(first + self.batch_size, len(self.prompts)))
+            prompt_index = [p for p in groups for _ in range(self.n)]
+            rows = list(range(first * self.n, first * self.n + len(prompt_index)))
+            chunks.append(
+                PromptBatch(
+                    step=self.SEED_STEP,
+                    base_seed=self.seed,
+                    prompts=[self.prompts[p] for p in prompt_index],
+                    uids=[prompt_uid(self.seed, self.SEED_STEP, p) for p in prompt_index],
+                    row_index=rows,
+                    seeds=[row_seed(self.seed, self.SEED_STEP, r) for r in rows],
+                    prompt_index=prompt_index,
+                )
+            )
+        return chunks

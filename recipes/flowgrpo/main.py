@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
 
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
-    from recipes.flowgrpo.data import PromptBatcher
+    from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
     from verl_omni.agent_loop import OmniAgentLoopManager
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
@@ -84,10 +84,15 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         name_prefix="flowgrpo_actor",
         device_name="cuda" if use_gpu else "cpu",
     )
-    actor_wg.init_model()
+    layout = actor_wg.init_model()[0]
+    print(
+        f"Actor: {layout['strategy']} over {layout['world_size']} rank(s) on {layout['device']}, "
+        f"{layout['trainable_params'] / 1e6:.2f}M trainable parameters, {layout['local_trainable_params'] / 1e6:.2f}M "
+        "held per rank"
+    )
 
     batcher = PromptBatcher(
-        prompts,
+        prompts.train,
         batch_size=int(cfg.data.train_batch_size),
         n=int(cfg.actor_rollout_ref.rollout.n),
         seed=int(cfg.trainer.seed),
@@ -100,6 +105,12 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         actor_wg=actor_wg,
         replicas=server_manager.get_replicas(),
         run_dir=run_dir,
+        validation=ValidationBatches(
+            prompts.val,
+            n=int(cfg.actor_rollout_ref.rollout.val_kwargs.n),
+            batch_size=cfg.data.get("val_batch_size"),
+            seed=int(cfg.trainer.seed),
+        ),
     )
     return trainer.fit()
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from recipes.flowgrpo.data import DEFAULT_PROMPTS_FILE, load_prompts
+from recipes.flowgrpo.data import (
+    DEFAULT_PROMPTS_FILE,
+    DEFAULT_VAL_PROMPTS_FILE,
+    TRAIN_FILES_KEY,
+    VAL_FILES_KEY,
+    load_prompts,
+)
+from verl_omni.agent_loop.sampling import sampling_params
 from verl_omni.rewards import registered_rewards
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
+from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 
 
@@ -24,6 +32,44 @@ def _positive_int(cfg: DictConfig, dotted: str) -> int:
     return node
 
 
+class RecipePrompts(NamedTuple):
+    """The prompts the recipe config names: ``data.train_files`` and ``data.val_files``."""
+
+    train: list[str]
+    val: list[str]
+
+
+def _validation_options(cfg: DictConfig) -> None:
+    """verl's validation keys: ``trainer.test_freq``, ``trainer.val_before_train``, ``data.val_batch_size`` and
+    ``actor_rollout_ref.rollout.val_kwargs.n``; ``diffusion_val`` overrides must make a valid sampling config."""
+    test_freq = cfg.trainer.get("test_freq")
+    if isinstance(test_freq, bool) or not isinstance(test_freq, int) or test_freq < -1:
+        raise ValueError(
+            f"trainer.test_freq={test_freq!r} is not valid; valid choices: a positive integer (validate every N "
+            "steps and after the last one), 0 or -1 (never)"
+        )
+    before = cfg.trainer.get("val_before_train")
+    if not isinstance(before, bool):
+        raise ValueError(f"trainer.val_before_train={before!r} is not valid; valid choices: true, false")
+    val_batch = cfg.data.get("val_batch_size")
+    if val_batch is not None and (isinstance(val_batch, bool) or not isinstance(val_batch, int) or val_batch < 1):
+        raise ValueError(
+            f"data.val_batch_size={val_batch!r} must be a positive integer (prompts per validation batch) or null "
+            "(all validation prompts in one batch)"
+        )
+    _positive_int(cfg, "actor_rollout_ref.rollout.val_kwargs.n")
+
+    rollout = cfg.actor_rollout_ref.rollout
+    merged = OmegaConf.to_container(rollout.get("diffusion") or OmegaConf.create({}), resolve=True)
+    merged.update(sampling_params(rollout, validate=True))  # rejects keys that are not sampling parameters
+    try:
+        DiffusionRolloutConfig.from_config(merged)
+    except ValueError as err:  # `diffusion` itself is valid (checked first): the bad value is a diffusion_val one
+        raise ValueError(
+            str(err).replace(DIFFUSION_CONFIG_PREFIX, "actor_rollout_ref.rollout.diffusion_val", 1)
+        ) from None
+
+
 def num_rollout_replicas(cfg: DictConfig) -> int:
     """Replica count as verl's LLMServerManager computes it in standalone mode."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -31,10 +77,14 @@ def num_rollout_replicas(cfg: DictConfig) -> int:
     return (rollout.n_gpus_per_node * rollout.nnodes) // per_replica
 
 
-def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -> list[str]:
-    """Check the config; returns the training prompts. ``available_gpus`` defaults to this machine's."""
+def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -> RecipePrompts:
+    """Check the config; returns the training and validation prompts. ``available_gpus`` defaults to this
+    machine's."""
+    prompt_key = cfg.data.get("prompt_key", "prompt")
     train_files = cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE)
-    prompts = load_prompts(train_files, prompt_field=cfg.data.get("prompt_key", "prompt"), key="data.train_files")
+    prompts = load_prompts(train_files, prompt_field=prompt_key, key=TRAIN_FILES_KEY)
+    val_files = cfg.data.get("val_files") or str(DEFAULT_VAL_PROMPTS_FILE)
+    val_prompts = load_prompts(val_files, prompt_field=prompt_key, key=VAL_FILES_KEY)
 
     rollout = cfg.actor_rollout_ref.rollout
     routing = RolloutServerRoutingConfig.from_config(
@@ -45,6 +95,7 @@ def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -
         # the long form was given explicitly: it wins, but say so
         print(f"server_routing.policy={top.policy!r} is overridden by actor_rollout_ref.rollout.server_routing")
     diffusion = DiffusionRolloutConfig.from_config(rollout.get("diffusion"))
+    _validation_options(cfg)
 
     reward_name = cfg.reward.get("name")
     if reward_name not in registered_rewards():
@@ -78,6 +129,10 @@ def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -
         if "transformer" not in index:
             raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' to train")
 
+    ActorFSDPConfig.from_actor_config(cfg.actor_rollout_ref.actor)
+    train_ranks = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes) or 1
+    check_training_split(batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks)
+
     replicas = num_rollout_replicas(cfg)
     if replicas < 1:
         raise ValueError(
@@ -107,4 +162,4 @@ def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -
                 f"{replicas} rollout replicas x {diffusion.num_gpus_per_replica} GPU + trainer.n_gpus_per_node x "
                 f"nnodes = {rollout_gpus + train_gpus:g} GPUs, but {available_gpus} are available"
             )
-    return prompts
+    return RecipePrompts(train=prompts, val=val_prompts)

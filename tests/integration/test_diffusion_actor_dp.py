@@ -1,6 +1,6 @@
-"""The policy worker's data-parallel path on CPU: 2 ranks in a verl RayWorkerGroup (gloo all-reduce).
+"""The policy worker's sharded data-parallel path on CPU: FSDP2 over 2 ranks in a verl RayWorkerGroup (gloo).
 
-This is the code path multi-GPU training takes; here each rank is a CPU process.
+This is the code path multi-GPU training takes (there with NCCL); here each rank is a CPU process.
 """
 
 from __future__ import annotations
@@ -54,31 +54,111 @@ def _batch(model_path: str, n: int = 8, steps: int = 2) -> DataProto:
     )
 
 
-def test_two_ranks_average_gradients_and_stay_in_sync(ray_local, tiny_model_path):
-    cfg = compose_recipe(
-        f"actor_rollout_ref.model.path={tiny_model_path}",
-        "actor_rollout_ref.rollout.diffusion.guidance_scale=1.0",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-    )
-    pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1, name_prefix="dp_test")
+def _group(cfg, ranks: int, name: str) -> tuple[RayWorkerGroup, RayResourcePool]:
+    pool = RayResourcePool(process_on_nodes=[ranks], use_gpu=False, max_colocate_count=1, name_prefix=name)
     group = RayWorkerGroup(
         resource_pool=pool,
         ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
-        name_prefix="dp_test",
+        name_prefix=name,
         device_name="cpu",
     )
-    try:
-        group.init_model()
-        metrics = group.update_policy(_batch(tiny_model_path))
-        assert len(metrics) == 2
-        for rank_metrics in metrics:
-            assert abs(rank_metrics["actor/ratio_first_step"] - 1.0) < 1e-5  # on-policy on each shard
-        # averaged gradients -> identical updates -> bit-identical weights on both ranks
-        assert metrics[0]["actor/param_norm"] == metrics[1]["actor/param_norm"]
-        assert metrics[0]["actor/grad_norm"] == metrics[1]["actor/grad_norm"]
-        weights = group.get_rollout_weights()
-        assert weights[0] is not None and weights[1] is None  # only rank 0 ships weights to the replicas
-    finally:
+    return group, pool
+
+
+def _kill(*groups: tuple[RayWorkerGroup, RayResourcePool]) -> None:
+    """Kill the workers and free their placement groups (the module's Ray has 4 CPUs for all tests)."""
+    for group, pool in groups:
         for worker in group.workers:
             ray.kill(worker)
+        for pg in pool.pgs or []:
+            ray.util.remove_placement_group(pg)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_fsdp_two_ranks_shard_and_match_one_rank(ray_local, tiny_model_path):
+    cfg = compose_recipe(
+        f"actor_rollout_ref.model.path={tiny_model_path}",
+        "actor_rollout_ref.rollout.diffusion.guidance_scale=1.0",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=8",  # one optimizer step over the whole batch
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+    )
+    (two, two_pool), (one, one_pool) = _group(cfg, 2, "fsdp2_test"), _group(cfg, 1, "single_test")
+    try:
+        layout = two.init_model()
+        (single_layout,) = one.init_model()
+        assert [r["strategy"] for r in layout] == ["fsdp2", "fsdp2"]
+        assert single_layout["strategy"] == "single"
+        total = single_layout["trainable_params"]
+        assert all(r["trainable_params"] == total for r in layout)
+        # each rank holds about half of the weights (FSDP pads dim 0 of a shard to an even split)
+        assert all(r["local_trainable_params"] < 0.6 * total for r in layout)
+        assert sum(r["local_trainable_params"] for r in layout) >= total
+
+        batch = _batch(tiny_model_path)
+        metrics = two.update_policy(batch)
+        (reference,) = one.update_policy(batch)
+        for rank_metrics in metrics:
+            assert abs(rank_metrics["actor/ratio_first_step"] - 1.0) < 1e-5  # on-policy on each shard
+            # the norm of the averaged, sharded gradient equals the single process's gradient norm
+            assert rank_metrics["actor/grad_norm"] == pytest.approx(reference["actor/grad_norm"], rel=1e-4)
+            assert rank_metrics["actor/param_norm"] == pytest.approx(reference["actor/param_norm"], rel=1e-6)
+
+        weights = two.get_rollout_weights()
+        assert weights[1] is None  # only rank 0 ships weights to the replicas
+        (single_weights,) = one.get_rollout_weights()
+        assert _max_diff(weights[0]["state_dict"], single_weights["state_dict"]) < 1e-4  # lr 1e-3, one Adam step
+
+        # A checkpoint holds full tensors: the 2-rank state loads into 1 rank and gives its exact weights.
+        state = two.state_dict()
+        assert state[1] is None
+        one.load_state_dict(state[0])
+        (restored,) = one.get_rollout_weights()
+        assert _max_diff(weights[0]["state_dict"], restored["state_dict"]) == 0.0
+    finally:
+        _kill((two, two_pool), (one, one_pool))
+
+
+def test_fsdp_lora_with_kl_is_on_policy_and_ships_the_adapter(ray_local, tiny_model_path):
+    cfg = compose_recipe(
+        f"actor_rollout_ref.model.path={tiny_model_path}",
+        "actor_rollout_ref.rollout.diffusion.guidance_scale=1.0",
+        "actor_rollout_ref.model.lora_rank=4",
+        "actor_rollout_ref.actor.use_kl_loss=true",
+        "actor_rollout_ref.actor.kl_loss_coef=0.1",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    )
+    group, pool = _group(cfg, 2, "fsdp2_lora_test")
+    try:
+        layout = group.init_model()
+        assert all(r["strategy"] == "fsdp2" for r in layout)
+        metrics = group.update_policy(_batch(tiny_model_path))
+        for rank_metrics in metrics:
+            assert abs(rank_metrics["actor/ratio_first_step"] - 1.0) < 1e-5
+            assert rank_metrics["actor/kl"] >= 0.0
+        assert metrics[0]["actor/param_norm"] == metrics[1]["actor/param_norm"]
+        weights = group.get_rollout_weights()
+        adapter = weights[0]["lora_state_dict"]
+        assert adapter and all("lora_" in key for key in adapter)
+        assert weights[0]["lora_config"]["r"] == 4
+    finally:
+        _kill((group, pool))
+
+
+def test_uneven_split_over_ranks_is_refused(ray_local, tiny_model_path):
+    cfg = compose_recipe(
+        f"actor_rollout_ref.model.path={tiny_model_path}",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=3",
+    )
+    group, pool = _group(cfg, 2, "fsdp2_uneven_test")
+    try:
+        group.init_model()
+        with pytest.raises(Exception, match="ppo_mini_batch_size=3 must be a multiple of the 2 training ranks"):
+            group.update_policy(_batch(tiny_model_path))
+    finally:
+        _kill((group, pool))

@@ -33,6 +33,10 @@ FAST = [
     "trainer.logger=[console,file]",
     "trainer.sample_freq=1",
 ]
+NO_VALIDATION = ["trainer.test_freq=-1", "trainer.val_before_train=false"]
+# Metrics of the policy update and its rollout: a pure function of the seed on CPU (timings and replica batch
+# sizes are not).
+TRAINING_PREFIXES = ("reward/", "actor/", "advantages/", "rollout/")
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -57,40 +61,73 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, cache) -> Path:
-    """2 steps with a checkpoint after each; the tiny model is built on first use (model.path=null)."""
+    """2 steps with a checkpoint after each and the default validation (before training and after the last
+    step); the tiny model is built on first use (model.path=null)."""
     run_dir = tmp_path_factory.mktemp("run")
     _main(run_dir, cache, "trainer.total_training_steps=2", "trainer.save_freq=1")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, cache) -> Path:
+    """3 steps straight through, without validation or checkpoints."""
+    run_dir = tmp_path_factory.mktemp("plain")
+    _main(run_dir, cache, "trainer.total_training_steps=3", "trainer.save_freq=-1", *NO_VALIDATION)
     return run_dir
 
 
 def test_two_steps_train_end_to_end(two_step_run, cache):
     assert (cache / "tiny_sd3").is_dir()  # built locally on first use
     rows = _metrics(two_step_run / "metrics_from_step0.jsonl")
-    assert [r["step"] for r in rows] == [0, 1]
-    for row in rows:
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 2: the validation after the last step
+    for row in rows[:2]:
         data = row["data"]
         assert math.isfinite(data["reward/mean"]) and math.isfinite(data["actor/loss"])
         # on-policy: the first inner step recomputes exactly the rollout's log-probs
         assert abs(data["actor/ratio_first_step"] - 1.0) < 1e-4
         assert data["rollout_routing/colocation"] == 1.0  # default policy: prompt_uid_affinity
         assert data["rollout/model_version"] == row["step"]
-    assert sorted(p.name for p in (two_step_run / "samples").glob("*.png")) == ["step_00001.png", "step_00002.png"]
+    samples = sorted(p.name for p in (two_step_run / "samples").glob("*.png"))
+    assert samples == ["step_00001.png", "step_00002.png", "val_step_00000.png", "val_step_00002.png"]
     assert (two_step_run / "reward_curve.png").stat().st_size > 0
     step, path = find_latest_checkpoint(two_step_run / "checkpoints")
-    assert step == 2 and load_checkpoint(path, weights_only=False)["trainer"]["version"] == 2
+    trainer_state = load_checkpoint(path, weights_only=False)["trainer"]
+    assert step == 2 and trainer_state["version"] == 2
+    assert [v["step"] for v in trainer_state["val_history"]] == [0]  # the final validation follows the save
 
 
-def test_resume_continues_like_an_uninterrupted_run(two_step_run, cache, tmp_path):
-    _main(two_step_run, cache, "trainer.total_training_steps=3", "trainer.save_freq=1")
+def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_run):
+    """val/* at step 0 (before training) and 2 (after the last step), from 8 shipped prompts x 1 ODE sample; the
+    training metrics equal those of a run without validation, bit for bit."""
+    rows = _metrics(two_step_run / "metrics_from_step0.jsonl")
+    before, after = rows[0]["data"], rows[2]["data"]
+    assert "val/reward/mean" not in rows[1]["data"]
+    assert set(after) == {"val/reward/mean", "val/reward/std", "val/timing_s"}  # the final row is validation only
+    for val in (before, after):
+        assert math.isfinite(val["val/reward/mean"]) and val["val/reward/std"] > 0.0
+    assert before["val/reward/mean"] != after["val/reward/mean"]  # two updates changed the policy's samples
+
+    plain = _metrics(plain_run / "metrics_from_step0.jsonl")
+    assert [r["step"] for r in plain] == [0, 1, 2] and not list((plain_run / "samples").glob("val_*.png"))
+    for with_val, without in zip(rows[:2], plain[:2], strict=True):
+        keys = {k for k in without["data"] if k.startswith(TRAINING_PREFIXES)}
+        assert len(keys) > 10
+        assert {k: with_val["data"][k] for k in keys} == {k: without["data"][k] for k in keys}
+
+
+def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cache):
+    # test_freq=2: the resumed run validates the checkpoint's policy before step 2, then after the last step
+    _main(two_step_run, cache, "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=2")
     resumed = _metrics(two_step_run / "metrics_from_step2.jsonl")
-    assert [r["step"] for r in resumed] == [2]
+    assert [r["step"] for r in resumed] == [2, 3]
 
-    straight_dir = tmp_path / "straight"
-    _main(straight_dir, cache, "trainer.total_training_steps=3", "trainer.save_freq=-1")
-    straight = _metrics(straight_dir / "metrics_from_step0.jsonl")
+    straight = _metrics(plain_run / "metrics_from_step0.jsonl")
     # same prompts, seeds and weights: the resumed step is the uninterrupted run's step
     for key in ("reward/mean", "reward/std", "actor/pg_loss"):
         assert resumed[0]["data"][key] == pytest.approx(straight[2]["data"][key], rel=1e-5, abs=1e-7), key
+    # fixed validation seeds: the same policy (after 2 steps) validated in another process scores the same
+    first_run = _metrics(two_step_run / "metrics_from_step0.jsonl")
+    assert resumed[0]["data"]["val/reward/mean"] == first_run[2]["data"]["val/reward/mean"]
 
 
 def test_ctrl_c_leaves_last_checkpoint_intact(cache, tmp_path):
@@ -136,7 +173,8 @@ def test_lora_with_kl_and_cfg_is_on_policy_and_syncs_the_adapter(cache, tmp_path
         "actor_rollout_ref.actor.optim.lr=1e-3",
         "actor_rollout_ref.rollout.diffusion.guidance_scale=3.0",
     )
-    rows = [r["data"] for r in _metrics(run_dir / "metrics_from_step0.jsonl")]
+    rows = [r["data"] for r in _metrics(run_dir / "metrics_from_step0.jsonl") if "reward/mean" in r["data"]]
+    assert len(rows) == 2  # the training steps (validation after the last one logs a line of its own)
     for data in rows:
         assert abs(data["actor/ratio_first_step"] - 1.0) < 1e-4  # CFG in sampling and recomputation agree
     assert rows[1]["rollout/model_version"] == 1.0  # the replicas served step 2 with the updated adapter

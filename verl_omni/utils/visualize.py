@@ -1,4 +1,5 @@
-"""PNG visualisations drawn with Pillow alone (no plotting dependency): sample grids and the reward curve."""
+"""PNG visualisations drawn with Pillow alone (no plotting dependency): sample grids and the reward curve
+(training reward per step, optionally with the validation reward)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ _AXIS = (90, 90, 90)
 _GRID = (225, 225, 225)
 _LINE = (31, 119, 180)
 _BAND = (31, 119, 180, 60)
+_VAL_LINE = (214, 39, 40)
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -130,16 +132,23 @@ def save_reward_curve(
     path: str | os.PathLike,
     size: tuple[int, int] = (640, 400),
     title: str = "reward mean per step",
+    val_points: Sequence[tuple[float, float]] = (),
 ) -> Path:
-    """Plot the mean reward per step, with a +-std band when ``rewards_std`` is given, as a ``size`` PNG."""
+    """Plot the mean reward per step, with a +-std band when ``rewards_std`` is given, as a ``size`` PNG.
+
+    ``val_points`` (step, validation reward mean) are drawn as a second, red line with a legend, on the same
+    axes: the validation reward is the same reward on fixed prompts and seeds, so the two curves compare.
+    """
     steps = [float(s) for s in steps]
     means = [float(r) for r in rewards_mean]
     stds = None if rewards_std is None else [float(s) for s in rewards_std]
+    val_steps = [float(x) for x, _ in val_points]
+    val_means = [float(y) for _, y in val_points]
     if not steps or len(means) != len(steps) or (stds is not None and len(stds) != len(steps)):
         lengths = (len(steps), len(means), None if stds is None else len(stds))
         raise ValueError(f"steps, rewards_mean and rewards_std need the same non-zero length, got {lengths}")
-    values = means + ([] if stds is None else stds)
-    if not all(math.isfinite(v) for v in steps + values):
+    values = means + ([] if stds is None else stds) + val_means
+    if not all(math.isfinite(v) for v in steps + values + val_steps):
         raise ValueError("steps and rewards must be finite numbers")
     width, height = size
     if width < 200 or height < 150:
@@ -147,10 +156,10 @@ def save_reward_curve(
 
     lows = means if stds is None else [m - s for m, s in zip(means, stds, strict=True)]
     highs = means if stds is None else [m + s for m, s in zip(means, stds, strict=True)]
-    y_low, y_high = min(lows), max(highs)
+    y_low, y_high = min(lows + val_means), max(highs + val_means)
     margin = (y_high - y_low) * 0.05 or max(abs(y_high) * 0.05, 1e-3)
     y_low, y_high = y_low - margin, y_high + margin
-    x_low, x_high = min(steps), max(steps)
+    x_low, x_high = min(steps + val_steps), max(steps + val_steps)
     if x_high == x_low:
         x_low, x_high = x_low - 1, x_high + 1
 
@@ -184,11 +193,22 @@ def save_reward_curve(
         ImageDraw.Draw(band).polygon(upper + lower[::-1], fill=_BAND)
         canvas = Image.alpha_composite(canvas, band)
         draw = ImageDraw.Draw(canvas)
-    points = [(px(x), py(y)) for x, y in zip(steps, means, strict=True)]
-    if len(points) > 1:
-        draw.line(points, fill=_LINE, width=2)
-    for x, y in points:
-        draw.ellipse([(x - 2, y - 2), (x + 2, y + 2)], fill=_LINE)
+    series = [(steps, means, _LINE, "train")]
+    if val_points:
+        series.append((val_steps, val_means, _VAL_LINE, "val"))
+    for xs, ys, color, _ in series:
+        points = [(px(x), py(y)) for x, y in zip(xs, ys, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points:
+            draw.ellipse([(x - 2, y - 2), (x + 2, y + 2)], fill=color)
+    if val_points:
+        legend_y = top + 4
+        for _, _, color, label in series:
+            x = right - 8 - font.getlength(label)
+            draw.line([(x - 18, legend_y + line_h / 2), (x - 4, legend_y + line_h / 2)], fill=color, width=2)
+            draw.text((x, legend_y), label, fill=_TEXT, font=font)
+            legend_y += line_h
 
     draw.rectangle([(left, top), (right, bottom)], outline=_AXIS)
     draw.text(((left + right - font.getlength(title)) / 2, 6), title, fill=_TEXT, font=font)

@@ -1,15 +1,15 @@
 """FlowGRPO policy worker: recomputes log-probs of stored SDE transitions and updates the transformer.
 
 A verl single-controller ``Worker`` so it runs in a ``RayWorkerGroup`` like verl's actors: one
-CPU process here, one process per GPU otherwise. With several ranks each takes a strided shard
-of the batch and gradients are all-reduced (data parallel).
+CPU process here, one process per GPU otherwise. With several ranks the transformer is sharded
+with FSDP2 (``fully_shard``, through verl's ``apply_fsdp2``), each rank takes a strided shard of
+the batch, and gradients are averaged by FSDP's reduce-scatter (data parallel).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from verl.protocol import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
 from verl_omni.pipelines.flow_match_sde import compute_log_prob
 from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss
+from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -57,21 +65,29 @@ class DiffusionActorWorker(Worker):
 
     # ------------------------------------------------------------------ setup
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def init_model(self) -> None:
+    def init_model(self) -> dict[str, Any]:
+        """Load the transformer (plus LoRA / reference), shard it over the ranks, build the optimizer.
+
+        Returns this rank's layout (strategy, trainable parameters in total and held locally), so the
+        driver can report how the model was split.
+        """
         cfg = self.config
         actor = cfg.actor_rollout_ref.actor
         model_cfg = cfg.actor_rollout_ref.model
+        self.fsdp = ActorFSDPConfig.from_actor_config(actor)
         threads = int(cfg.trainer.get("cpu_threads", 0) or 0)
         if threads > 0 and not torch.cuda.is_available():
             torch.set_num_threads(threads)
-        self.device = torch.device(
-            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        # Ray gives each GPU worker its own device, so the current device is the right one.
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        # Same seed on every rank: LoRA initialisation is identical, so sharding needs no broadcast.
         torch.manual_seed(int(cfg.trainer.seed))
 
-        self.model = load_transformer(model_cfg.path).to(self.device)
+        self.model = load_transformer(model_cfg.path)
         self.lora_rank = int(model_cfg.get("lora_rank", 0) or 0)
         self.beta = float(actor.get("kl_loss_coef", 0.0) if actor.get("use_kl_loss", False) else 0.0)
         if self.lora_rank > 0:
@@ -91,11 +107,12 @@ class DiffusionActorWorker(Worker):
         else:
             self.lora_config = None
             if self.beta > 0:
-                self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+                self.ref_model = self._shard(copy.deepcopy(self.model).requires_grad_(False).eval())
         if model_cfg.get("enable_gradient_checkpointing", False) and hasattr(
             self.model, "enable_gradient_checkpointing"
         ):
             self.model.enable_gradient_checkpointing()
+        self.model = self._shard(self.model)
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optim = actor.optim
@@ -116,6 +133,36 @@ class DiffusionActorWorker(Worker):
         self.guidance_scale = float(diffusion.guidance_scale)
         self.noise_level = float(diffusion.noise_level)
         self._update_calls = 0
+        return {
+            "strategy": self.fsdp.strategy if self.world_size > 1 else "single",
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "local_trainable_params": sum(_local(p).numel() for p in self.trainable),
+        }
+
+    def _shard(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device; with several ranks, shard every wrapped block and the root with FSDP2."""
+        module = module.to(self.device)
+        if self.world_size == 1:
+            return module
+        from torch.distributed.device_mesh import init_device_mesh
+        from verl.utils.fsdp_utils import apply_fsdp2
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        fsdp_kwargs = {
+            "mesh": mesh,
+            "mp_policy": self.fsdp.mp_policy(),
+            "reshard_after_forward": self.fsdp.reshard_after_forward,
+        }
+        wrap = self.fsdp.wrap_modules or list(getattr(module, "_no_split_modules", None) or [])
+        if not wrap:
+            raise ValueError(
+                f"{type(module).__name__} declares no _no_split_modules: set "
+                "actor_rollout_ref.actor.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap"
+            )
+        apply_fsdp2(module, fsdp_kwargs, {"wrap_policy": {"transformer_layer_cls_to_wrap": wrap}})
+        return module
 
     # ---------------------------------------------------------------- update
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -123,13 +170,12 @@ class DiffusionActorWorker(Worker):
         """Clipped-ratio FlowGRPO update over ``ppo_epochs`` passes of the batch; returns mean metrics."""
         batch = {k: v for k, v in data.batch.items()}
         n = batch["latents"].shape[0]
+        check_training_split(n, self.mini_batch_size, self.world_size)
         rows = np.arange(self.rank, n, self.world_size)
-        if len(rows) == 0:
-            raise ValueError(f"batch of {n} samples is smaller than the {self.world_size} training ranks")
         steps = batch["latents"].shape[1]
         rng = np.random.default_rng(int(self.config.trainer.seed) + 7919 * self._update_calls)
         self._update_calls += 1
-        mini = min(self.mini_batch_size // self.world_size or 1, len(rows))
+        mini = min(self.mini_batch_size // self.world_size, len(rows))
         micro = min(self.micro_batch_size, mini)
         totals: dict[str, list[float]] = {}
         first_ratio: float | None = None
@@ -153,9 +199,8 @@ class DiffusionActorWorker(Worker):
         out = {f"actor/{k}": float(np.mean(v)) for k, v in totals.items()}
         out["actor/ratio_first_step"] = float(first_ratio if first_ratio is not None else 1.0)
         out["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        # Identical on every rank when gradients are averaged correctly: a cheap sync check.
         with torch.no_grad():
-            out["actor/param_norm"] = float(torch.linalg.vector_norm(torch.stack([p.norm() for p in self.trainable])))
+            out["actor/param_norm"] = float(_full(torch.nn.utils.get_total_norm(self.trainable)))
         return out
 
     def _loss_at_step(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int):
@@ -213,11 +258,8 @@ class DiffusionActorWorker(Worker):
         return _Disabled()
 
     def _step(self) -> float:
-        if self.world_size > 1:
-            for p in self.trainable:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+        # Under FSDP the gradients are already averaged and sharded; the norm is reduced over ranks.
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip))
         if torch.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,33 +270,57 @@ class DiffusionActorWorker(Worker):
     def get_rollout_weights(self) -> dict[str, Any] | None:
         """What the rollout replicas load: the LoRA adapter (with its config) or the full state dict.
 
-        Ranks hold identical weights (gradients are averaged), so only rank 0 returns them.
+        Every rank takes part in gathering the shards; rank 0 returns the full tensors, the others None.
         """
+        lora = self.lora_config is not None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+        state = get_model_state_dict(self.model, options=options)
         if self.rank != 0:
             return None
-        if self.lora_config is not None:
+        if lora:
             from peft.utils import get_peft_model_state_dict
 
-            state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
-            return {"lora_state_dict": state, "lora_config": dict(self.lora_config)}
-        return {"state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            return {
+                "lora_state_dict": get_peft_model_state_dict(self.model, state_dict=state),
+                "lora_config": dict(self.lora_config),
+            }
+        return {"state_dict": state}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def state_dict(self) -> dict[str, Any] | None:
-        """Trainable weights and optimizer state for a checkpoint (rank 0's; the others return None)."""
+        """Trainable weights and optimizer state, gathered to full tensors (rank 0's; the others None).
+
+        Full (unsharded) tensors keyed by parameter name, so a checkpoint resumes on any number of ranks.
+        """
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights, optimizer = get_state_dict(self.model, self.optimizer, options=options)
         if self.rank != 0:
             return None
-        trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"trainable": trainable, "optimizer": self.optimizer.state_dict(), "update_calls": self._update_calls}
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable = {k: v for k, v in weights.items() if k in names}  # buffers come from the model files
+        return {"trainable": trainable, "optimizer": optimizer, "update_calls": self._update_calls}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = dict(self.model.named_parameters())
-        missing = sorted(set(state["trainable"]) - set(params))
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(set(state["trainable"]) - names)
         if missing:
-            raise ValueError(f"checkpoint has parameters this model does not: {missing[:5]}")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value.to(params[name].device))
-        self.optimizer.load_state_dict(state["optimizer"])
+            raise ValueError(f"checkpoint has trainable parameters this model does not: {missing[:5]}")
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["trainable"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
         self._update_calls = int(state.get("update_calls", 0))
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A reduced value (grad or param norm) as a plain tensor; under FSDP it is a replicated DTensor."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds."""
+    return param.to_local() if isinstance(param, DTensor) else param

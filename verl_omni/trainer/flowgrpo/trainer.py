@@ -1,4 +1,5 @@
-"""The FlowGRPO training loop: rollout through routed replicas, group advantages, policy update, weight sync."""
+"""The FlowGRPO training loop: rollout through routed replicas, group advantages, policy update, weight sync,
+and periodic validation of the current policy on fixed prompts and seeds."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from verl.protocol import DataProto
+from verl.protocol import DataProto, pad_dataproto_to_divisor, unpad_dataproto
 from verl.utils.tracking import Tracking
 
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats
@@ -37,6 +39,10 @@ _TRAIN_KEYS = (
     "negative_pooled_prompt_embeds",
 )
 
+# The validation grid shows the first rows only: the same ones at every validation, and a bounded PNG on a large
+# test set (64 tiles of 512 px are about 4k x 4k pixels).
+_VAL_GRID_MAX_IMAGES = 64
+
 
 class OffPolicyBatchError(RuntimeError):
     """A rollout sample was produced by weights other than the current policy's."""
@@ -52,6 +58,8 @@ class FlowGRPOTrainer:
         actor_wg: ``RayWorkerGroup`` of ``DiffusionActorWorker``.
         replicas: the rollout replicas (``server_manager.get_replicas()``) that receive new weights.
         run_dir: where samples, curves, metrics and checkpoints go.
+        validation: the fixed validation rows (``ValidationBatches``: ``batches()`` and ``n``); None = never
+            validate. When to validate comes from ``trainer.test_freq`` and ``trainer.val_before_train``.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class FlowGRPOTrainer:
         replicas: list[Any],
         run_dir: str | os.PathLike,
         tracker_factory: Callable[[], Tracking] | None = None,
+        validation: Any = None,
     ):
         self.config = config
         self.batcher = batcher
@@ -73,10 +82,13 @@ class FlowGRPOTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.sample_dir = self.run_dir / "samples"
         self.total_steps = int(config.trainer.total_training_steps)
-        self.seed = int(config.trainer.seed)
+        self.validation = validation
+        self.test_freq = int(config.trainer.get("test_freq", -1) or -1)
+        self.val_before_train = bool(config.trainer.get("val_before_train", False))
         self.version = 0
         self.start_step = 0
         self.history: list[dict[str, float]] = []
+        self.val_history: list[dict[str, float]] = []
         self._tracker_factory = tracker_factory or self._default_tracker
 
     # ---------------------------------------------------------------- helpers
@@ -112,6 +124,7 @@ class FlowGRPOTrainer:
         self.start_step = int(trainer_state["step"])
         self.version = int(trainer_state["version"])
         self.history = list(trainer_state["history"])
+        self.val_history = list(trainer_state.get("val_history", []))
         self._sync_weights()
         print(f"Resumed from {path} at step {self.start_step} (model version {self.version})")
 
@@ -123,6 +136,7 @@ class FlowGRPOTrainer:
                 "step": step,
                 "version": self.version,
                 "history": self.history,
+                "val_history": self.val_history,
                 "batcher": self.batcher.state_dict(),
             },
         }
@@ -144,17 +158,39 @@ class FlowGRPOTrainer:
         ray.get(futures)
         return time.perf_counter() - start
 
-    def _make_batch(self, step: int) -> DataProto:
-        rows = self.batcher.batch(step)
-
+    def _make_batch(self, rows: Any, validate: bool = False) -> DataProto:
+        """The rollout request for ``rows`` (a ``PromptBatch``), whose ``step`` and ``base_seed`` seed its rows."""
+        non_tensors = {
+            "prompt": object_column(rows.prompts),
+            "uid": object_column(rows.uids),
+            "row_index": np.asarray(rows.row_index, dtype=np.int64),
+        }
+        if validate:
+            # The default request id is f"step{global_steps}-row{r}", and a balancer may pin a request id to a
+            # replica: validation rows get ids of their own, new at each validation.
+            non_tensors["request_id"] = object_column([f"val{self.version}-row{r}" for r in rows.row_index])
         return DataProto.from_dict(
-            non_tensors={
-                "prompt": object_column(rows.prompts),
-                "uid": object_column(rows.uids),
-                "row_index": np.asarray(rows.row_index, dtype=np.int64),
-            },
-            meta_info={"global_steps": step, "seed": self.seed, "validate": False},
+            non_tensors=non_tensors,
+            meta_info={"global_steps": rows.step, "seed": rows.base_seed, "validate": validate},
         )
+
+    def _check_on_policy(self, out: DataProto, what: str) -> None:
+        versions = out.batch["model_version"]
+        if not bool((versions == self.version).all()):
+            raise OffPolicyBatchError(
+                f"{what}: rollout used model versions {sorted(set(versions.tolist()))}, "
+                f"policy is at version {self.version}; refusing an off-policy batch"
+            )
+
+    def validates_at(self, step: int) -> bool:
+        """Whether to validate the policy after ``step`` updates: verl's schedule (every ``test_freq`` steps and
+        after the last one, at step 0 with ``val_before_train``), so a resumed run validates where an
+        uninterrupted one does."""
+        if self.validation is None:
+            return False
+        if step == 0:
+            return self.val_before_train
+        return self.test_freq > 0 and (step % self.test_freq == 0 or step == self.total_steps)
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, float]]:
@@ -169,13 +205,18 @@ class FlowGRPOTrainer:
         bar.set_description("FlowGRPO")
         try:
             for step in bar:
+                # validation of the policy after `step` updates: the one this step's rollout samples from
+                val_metrics = self._validate(step) if self.validates_at(step) else {}
                 metrics = self._train_step(step, algo)
                 self.history.append({"step": step, **metrics})
-                tracker.log(data=metrics, step=step)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('actor/kl', 0.0):.2e}")
+                tracker.log(data={**metrics, **val_metrics}, step=step)
+                bar.set_postfix(self._postfix(metrics))
                 done = step + 1
                 if save_freq > 0 and (done % save_freq == 0 or done == self.total_steps):
                     self._save(done)
+            if self.start_step < self.total_steps and self.validates_at(self.total_steps):
+                tracker.log(data=self._validate(self.total_steps), step=self.total_steps)
+                bar.set_postfix(self._postfix(self.history[-1]))
         finally:
             bar.close()
             for backend in getattr(tracker, "logger", {}).values():
@@ -187,15 +228,10 @@ class FlowGRPOTrainer:
     def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        out = self.agent_loop_manager.generate_sequences(self._make_batch(step))
+        out = self.agent_loop_manager.generate_sequences(self._make_batch(self.batcher.batch(step)))
         timings["timing_s/rollout"] = time.perf_counter() - t0
 
-        versions = out.batch["model_version"]
-        if not bool((versions == self.version).all()):
-            raise OffPolicyBatchError(
-                f"step {step}: rollout used model versions {sorted(set(versions.tolist()))}, "
-                f"policy is at version {self.version}; refusing an off-policy batch"
-            )
+        self._check_on_policy(out, f"step {step}")
         rewards = out.batch["rewards"].float()
         uids = list(out.non_tensor_batch["uid"])
         advantages = compute_group_advantages(
@@ -238,6 +274,50 @@ class FlowGRPOTrainer:
             metrics["timing_s/reward_mean_per_sample"] = float(np.mean(out.non_tensor_batch["reward_s"]))
         return metrics
 
+    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        """The progress bar's summary: this step's reward and KL, and the latest validation reward."""
+        postfix = {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics.get('actor/kl', 0.0):.2e}"}
+        if self.val_history:
+            postfix["val"] = f"{self.val_history[-1]['val/reward/mean']:.3f}"
+        return postfix
+
+    def _validate(self, step: int) -> dict[str, float]:
+        """Sample every validation row with the current policy, the ``diffusion_val`` overrides and the fixed
+        validation seeds; returns the ``val/*`` metrics and saves the image grid.
+
+        Never updates the policy and leaves the training data order and seeds alone, so a run with validation
+        trains exactly as one without.
+        """
+        start = time.perf_counter()
+        workers = int(self.config.actor_rollout_ref.rollout.agent.num_workers)
+        images, rewards, prompts, uids = [], [], [], []
+        for rows in self.validation.batches():
+            # verl's agent-loop manager splits a batch evenly over its workers: pad, then drop the padding
+            batch, pad = pad_dataproto_to_divisor(self._make_batch(rows, validate=True), workers)
+            out = unpad_dataproto(self.agent_loop_manager.generate_sequences(batch), pad)
+            self._check_on_policy(out, f"validation after step {step}")
+            images.append(out.batch["images"])
+            rewards.append(out.batch["rewards"].float())
+            prompts.extend(out.non_tensor_batch["prompt"])
+            uids.extend(out.non_tensor_batch["uid"])
+        reward = torch.cat(rewards)
+        metrics = {"val/reward/mean": float(reward.mean()), "val/reward/std": float(reward.std(unbiased=False))}
+        n = int(self.validation.n)
+        if n > 1:
+            metrics["val/reward/group_std_mean"] = group_reward_stats(reward, uids)["group_std_mean"]
+        shown = min(len(reward), _VAL_GRID_MAX_IMAGES)
+        captions = [f"{p[:40]} | r={float(r):.2f}" for p, r in zip(prompts[:shown], reward[:shown], strict=True)]
+        save_image_grid(
+            torch.cat(images)[:shown],
+            self.sample_dir / f"val_step_{step:05d}.png",
+            captions=captions,
+            ncols=n if n > 1 else None,
+            scale=int(self.config.trainer.get("sample_scale", 2)),
+        )
+        metrics["val/timing_s"] = time.perf_counter() - start
+        self.val_history.append({"step": step, **metrics})
+        return metrics
+
     def _save_samples(self, step: int, out: DataProto) -> None:
         n = int(self.config.actor_rollout_ref.rollout.n)
         images = out.batch["images"]
@@ -262,6 +342,7 @@ class FlowGRPOTrainer:
             [h["reward/mean"] for h in self.history],
             [h["reward/std"] for h in self.history],
             self.run_dir / "reward_curve.png",
+            val_points=[(h["step"], h["val/reward/mean"]) for h in self.val_history],
         )
 
 

@@ -1,0 +1,111 @@
+"""Schema of how the FlowGRPO actor shards its transformer: ``actor_rollout_ref.actor.strategy`` and ``fsdp_config``.
+
+Key names follow verl's actor config (``strategy``, ``fsdp_config.mixed_precision``, ``reshard_after_forward``,
+``wrap_policy.transformer_layer_cls_to_wrap``); only what a diffusion transformer needs is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from verl.base_config import BaseConfig
+
+ACTOR_PREFIX = "actor_rollout_ref.actor"
+VALID_ACTOR_STRATEGIES = ("fsdp2",)
+# fp16 would need a gradient scaler; FlowGRPO trains in bf16 or fp32.
+VALID_FSDP_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ActorFSDPConfig(BaseConfig):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) settings of the training ranks.
+
+    With one rank the transformer is not wrapped at all; with several, parameters, gradients and
+    optimizer state are sharded over the ranks and gradients are averaged (data parallel).
+
+    Args:
+        strategy: ``fsdp2``; verl's ``fsdp`` (FSDP1) and ``megatron`` are not supported for diffusion.
+        param_dtype: compute dtype of forward and backward (``MixedPrecisionPolicy``); the sharded
+            master weights and the optimizer state stay float32.
+        reduce_dtype: dtype of the gradient reduce-scatter.
+        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3 memory)
+            instead of keeping them for the backward (less communication).
+        wrap_modules: module class names sharded as separate FSDP units; null = the model's
+            ``_no_split_modules`` (``JointTransformerBlock`` for SD3).
+    """
+
+    _target_: str = "verl_omni.workers.config.actor_fsdp.ActorFSDPConfig"
+
+    strategy: str = "fsdp2"
+    param_dtype: str = "float32"
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+    wrap_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in VALID_ACTOR_STRATEGIES:
+            raise ValueError(
+                f"{ACTOR_PREFIX}.strategy={self.strategy!r} is not supported for diffusion training; "
+                f"valid choices: {', '.join(VALID_ACTOR_STRATEGIES)}"
+            )
+        for key in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, key)
+            if value not in VALID_FSDP_DTYPES:
+                raise ValueError(
+                    f"{ACTOR_PREFIX}.fsdp_config.mixed_precision.{key}={value!r} is not a valid dtype; "
+                    f"valid choices: {', '.join(VALID_FSDP_DTYPES)}"
+                )
+        if not isinstance(self.reshard_after_forward, bool):
+            raise ValueError(
+                f"{ACTOR_PREFIX}.fsdp_config.reshard_after_forward={self.reshard_after_forward!r} must be true or false"
+            )
+        if self.wrap_modules is not None and (
+            not isinstance(self.wrap_modules, list) or not all(isinstance(m, str) and m for m in self.wrap_modules)
+        ):
+            raise ValueError(
+                f"{ACTOR_PREFIX}.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap={self.wrap_modules!r} "
+                "must be a list of module class names or null"
+            )
+
+    @classmethod
+    def from_actor_config(cls, actor: Any) -> ActorFSDPConfig:
+        """Read ``strategy`` and ``fsdp_config`` from the ``actor_rollout_ref.actor`` section."""
+        if isinstance(actor, DictConfig):
+            actor = OmegaConf.to_container(actor, resolve=True)
+        actor = dict(actor or {})
+        fsdp = dict(actor.get("fsdp_config") or {})
+        mixed = dict(fsdp.get("mixed_precision") or {})
+        wrap = (fsdp.get("wrap_policy") or {}).get("transformer_layer_cls_to_wrap")
+        if isinstance(wrap, str):
+            wrap = [wrap]
+        return cls(
+            strategy=actor.get("strategy", "fsdp2"),
+            param_dtype=mixed.get("param_dtype", "float32"),
+            reduce_dtype=mixed.get("reduce_dtype", "float32"),
+            reshard_after_forward=fsdp.get("reshard_after_forward", True),
+            wrap_modules=None if wrap is None else list(wrap),
+        )
+
+    def mp_policy(self) -> Any:
+        """The FSDP2 ``MixedPrecisionPolicy`` these dtypes describe."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(
+            param_dtype=getattr(torch, self.param_dtype), reduce_dtype=getattr(torch, self.reduce_dtype)
+        )
+
+
+def check_training_split(rollout_batch: int, mini_batch: int, world_size: int) -> None:
+    """Every rank must run the same number of forward/backward passes (each is a collective under FSDP)."""
+    if rollout_batch % world_size:
+        raise ValueError(
+            f"the rollout batch (data.train_batch_size x rollout.n = {rollout_batch}) must divide evenly over "
+            f"the {world_size} training ranks (trainer.n_gpus_per_node x trainer.nnodes)"
+        )
+    if mini_batch % world_size:
+        raise ValueError(
+            f"{ACTOR_PREFIX}.ppo_mini_batch_size={mini_batch} must be a multiple of the {world_size} training ranks"
+        )
