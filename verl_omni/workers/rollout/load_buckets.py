@@ -73,41 +73,44 @@ class LoadBuckets:
     def increment(self, server_id: Hashable, k: int = 1) -> None:
         """Raise the count by ``k`` (a group of ``k`` requests acquired in one call)."""
         count = self._count[server_id]
-        self._count[server_id] = count + k
+        new = count + k
+        self._count[server_id] = new
         self._total += k
         buckets, pos = self._buckets, self._pos
+        # append to bucket `new` first, so a minimum search below always ends there
+        items = buckets.get(new)
+        if items is None:
+            buckets[new] = [server_id]
+            new_pos = 0
+        else:
+            new_pos = len(items)
+            items.append(server_id)
         # swap-remove from bucket `count`
         items = buckets[count]
         last = items.pop()
-        emptied = False
         if last != server_id:
             idx = pos[server_id]
             items[idx] = last
             pos[last] = idx
         elif not items:
             del buckets[count]
-            emptied = True
-        # append to bucket `count + k`
-        items = buckets.get(count + k)
-        if items is None:
-            buckets[count + k] = [server_id]
-            pos[server_id] = 0
-        else:
-            pos[server_id] = len(items)
-            items.append(server_id)
-        if emptied and count == self._min:
-            # the next minimum is at most `count + k` (where this server now is): at most k lookups
-            self._min = count + 1
-            while self._min not in buckets:
-                self._min += 1
+            if count == self._min:
+                # the next minimum is at most `new` (where this server now is): at most k lookups
+                count += 1
+                while count not in buckets:
+                    count += 1
+                self._min = count
+        pos[server_id] = new_pos
 
     def decrement(self, server_id: Hashable, k: int = 1) -> int:
         """Lower the count by ``k`` (at most to zero); returns by how much (0 for an unknown or idle server)."""
         count = self._count.get(server_id)
         if not count:
             return 0
-        k = min(k, count)
-        self._count[server_id] = count - k
+        if k > count:
+            k = count
+        new = count - k
+        self._count[server_id] = new
         self._total -= k
         buckets, pos = self._buckets, self._pos
         items = buckets[count]
@@ -118,15 +121,15 @@ class LoadBuckets:
             pos[last] = idx
         elif not items:
             del buckets[count]
-        items = buckets.get(count - k)
+        items = buckets.get(new)
         if items is None:
-            buckets[count - k] = [server_id]
+            buckets[new] = [server_id]
             pos[server_id] = 0
         else:
             pos[server_id] = len(items)
             items.append(server_id)
-        if count - k < self._min:
-            self._min = count - k
+        if new < self._min:
+            self._min = new
         return k
 
     def pick_least_loaded(self) -> Hashable:

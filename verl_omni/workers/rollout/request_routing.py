@@ -97,7 +97,8 @@ class OmniRequestLoadBalancer:
         """
         if not self._servers:
             raise RuntimeError("No available servers in load balancer")
-        _check_count(count)
+        if type(count) is not int or count < 1:  # inline: this runs once per request (bool is not int)
+            raise _bad_count(count)
         server_id = self._pick(request_id, routing_key)
         self._load.increment(server_id, count)
         self._served[server_id] = self._served.get(server_id, 0) + count
@@ -107,7 +108,8 @@ class OmniRequestLoadBalancer:
 
     def release_server(self, server_id: str, request_id: str | None = None, count: int = 1) -> None:
         """Count ``count`` requests as finished; an unknown or idle server is ignored (as in verl)."""
-        _check_count(count)
+        if type(count) is not int or count < 1:
+            raise _bad_count(count)
         self._release_calls += 1
         self._releases += self._load.decrement(server_id, count)
 
@@ -215,6 +217,5 @@ class OmniRequestLoadBalancer:
         }
 
 
-def _check_count(count: int) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count={count!r} must be a positive integer (the number of requests acquired or released)")
+def _bad_count(count: object) -> ValueError:
+    return ValueError(f"count={count!r} must be a positive integer (the number of requests acquired or released)")
