@@ -170,6 +170,9 @@ async def test_sde_window_and_ode_requests(make_server):
     assert windowed.latents.shape[0] == 3 and windowed.extra_fields["sde_step_indices"] == [1, 2, 3]
     ode = await server.generate("o", PROMPT, {"seed": 0, "num_inference_steps": 6, "noise_level": 0.0})
     assert ode.latents.shape[0] == 0 and ode.log_probs.shape == (0,) and ode.extra_fields["sde_step_indices"] == []
+    # the conditioning comes back only with recorded steps (the trainer recomputes those)
+    assert windowed.prompt_embeds is not None and windowed.pooled_prompt_embeds is not None
+    assert ode.prompt_embeds is None and ode.pooled_prompt_embeds is None
 
 
 async def test_full_state_dict_update_changes_output_and_bumps_version(make_server):

@@ -238,6 +238,10 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
             r"actor_rollout_ref\.rollout\.diffusion_val\.num_inference_steps=0 must be an integer >= 1",
         ),
         (
+            ["actor_rollout_ref.rollout.diffusion.noise_level=0"],
+            r"actor_rollout_ref\.rollout\.diffusion\.noise_level=0 makes every training step an ODE step",
+        ),
+        (
             ["actor_rollout_ref.actor.strategy=fsdp"],
             r"actor_rollout_ref\.actor\.strategy='fsdp' is not supported .*; valid choices: fsdp2",
         ),
@@ -268,6 +272,7 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
         "zero-val-samples",
         "unknown-val-sampling-key",
         "bad-val-sampling-value",
+        "ode-training",
         "fsdp1-strategy",
         "bad-mixed-precision",
         "batch-over-ranks",

@@ -95,6 +95,11 @@ def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -
         # the long form was given explicitly: it wins, but say so
         print(f"server_routing.policy={top.policy!r} is overridden by actor_rollout_ref.rollout.server_routing")
     diffusion = DiffusionRolloutConfig.from_config(rollout.get("diffusion"))
+    if diffusion.noise_level == 0:
+        raise ValueError(
+            f"{DIFFUSION_CONFIG_PREFIX}.noise_level=0 makes every training step an ODE step, so nothing is recorded "
+            "to train on; FlowGRPO needs noise_level > 0 (paper: 0.7). Use diffusion_val.noise_level=0 for validation"
+        )
     _validation_options(cfg)
 
     reward_name = cfg.reward.get("name")

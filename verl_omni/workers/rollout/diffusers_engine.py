@@ -271,9 +271,12 @@ class DiffusersEngine:
         cpu = torch.device("cpu")
         sig, sig_next, tsteps = (traj.sigmas.to(cpu), traj.sigmas_next.to(cpu), traj.timesteps.to(cpu))
         step_indices = traj.step_indices.tolist()  # which schedule steps the T recorded transitions are
+        # The conditioning only serves to recompute recorded steps: an ODE (validation) sample ships without it.
+        recorded = bool(step_indices)
         for i, req in enumerate(requests):
             cache_hit = hits[i] and (not params.do_cfg or hits[n + i])
-            neg = encodings[n + i] if params.do_cfg else None
+            neg = encodings[n + i] if params.do_cfg and recorded else None
+            cond = encodings[i] if recorded else (None, None)
             outputs.append(
                 DiffusionOutput(
                     image=images[i].clone(),
@@ -283,8 +286,8 @@ class DiffusersEngine:
                     sigmas_next=sig_next.clone(),
                     timesteps=tsteps.clone(),
                     log_probs=traj.log_probs[i].to(cpu).clone(),
-                    prompt_embeds=encodings[i][0].clone(),
-                    pooled_prompt_embeds=encodings[i][1].clone(),
+                    prompt_embeds=None if cond[0] is None else cond[0].clone(),
+                    pooled_prompt_embeds=None if cond[1] is None else cond[1].clone(),
                     negative_prompt_embeds=None if neg is None else neg[0].clone(),
                     negative_pooled_prompt_embeds=None if neg is None else neg[1].clone(),
                     model_version=version,

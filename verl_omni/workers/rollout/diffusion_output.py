@@ -22,8 +22,10 @@ class DiffusionOutput(BaseModel):
         sigmas_next: float32 ``(T,)``: noise level ``s_next`` each SDE step moves to.
         timesteps: float32 ``(T,)``: the transformer's timestep input (``s * 1000``).
         log_probs: float32 ``(T,)``: ``log p(x_next | x_s)`` under the sampling policy.
-        prompt_embeds / pooled_prompt_embeds: the conditioning used (``(L, D)`` and ``(P,)``).
-        negative_prompt_embeds / negative_pooled_prompt_embeds: the CFG negative, or None without CFG.
+        prompt_embeds / pooled_prompt_embeds: the conditioning used (``(L, D)`` and ``(P,)``), which the
+            trainer needs to recompute log-probs; None when nothing was recorded (``T == 0``, ODE sampling).
+        negative_prompt_embeds / negative_pooled_prompt_embeds: the CFG negative, or None without CFG
+            (or without recorded steps).
         model_version: weight version that produced the sample (bumped by ``update_weights``).
         extra_fields: timings, the batch size the request ran in, prompt-cache hit, server id.
     """
@@ -37,8 +39,8 @@ class DiffusionOutput(BaseModel):
     sigmas_next: torch.Tensor
     timesteps: torch.Tensor
     log_probs: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
     model_version: int = 0
