@@ -77,9 +77,11 @@ import json
 import math
 import sys
 
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+logged = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+# training steps; the validation after the last step logs a line of its own
+rows = [row for row in logged if "reward/mean" in row["data"]]
 if len(rows) != 2:
-    sys.exit(f"FAIL gpu_smoke: expected 2 logged steps, found {len(rows)}")
+    sys.exit(f"FAIL gpu_smoke: expected 2 logged training steps, found {len(rows)}")
 for row in rows:
     reward = row["data"].get("reward/mean")
     if reward is None or not math.isfinite(reward):
@@ -87,6 +89,9 @@ for row in rows:
 print("== last step")
 for key, value in sorted(rows[-1]["data"].items()):
     print(f"{key:48s} {value:.6g}" if isinstance(value, (int, float)) else f"{key:48s} {value}")
+for row in logged:
+    if "val/reward/mean" in row["data"]:
+        print(f"== validation at step {row['step']}: val/reward/mean {row['data']['val/reward/mean']:.6g}")
 ratio = rows[0]["data"].get("actor/ratio_first_step")
 if ratio is not None and abs(ratio - 1.0) > 1e-2:
     print(f"WARNING: actor/ratio_first_step={ratio:.6g} at step 0: rollout and trainer log-probs disagree")

@@ -182,3 +182,22 @@ def test_lora_with_kl_and_cfg_is_on_policy_and_syncs_the_adapter(cache, tmp_path
     step, path = find_latest_checkpoint(run_dir / "checkpoints")
     trainable = load_checkpoint(path, weights_only=False)["actor"]["trainable"]
     assert trainable and all("lora" in name for name in trainable)  # only the adapter is trained and saved
+
+
+def test_gpu_smoke_checker_accepts_a_real_two_step_run(two_step_run, tmp_path):
+    """tests/gpu_smoke/run.sh checks the run's metrics with an embedded script: it must read what the recipe
+    writes (2 training steps plus the validation line after the last one). Only the GPU run itself needs a GPU."""
+    script = (REPO / "tests" / "gpu_smoke" / "run.sh").read_text()
+    checker = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    (tmp_path / "check.py").write_text(checker)
+    gpu_log = tmp_path / "gpu_processes.csv"
+    gpu_log.write_text("101, 900 MiB\n102, 900 MiB\n")
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(two_step_run / "metrics_from_step0.jsonl"), str(gpu_log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reward/mean" in proc.stdout and "== validation at step 2" in proc.stdout
+    assert "processes seen on the GPU: 2" in proc.stdout
