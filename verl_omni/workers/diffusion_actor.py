@@ -114,6 +114,7 @@ class DiffusionActorWorker(Worker):
             self.model.enable_gradient_checkpointing()
         self.model = self._shard(self.model)
         self.model.train()
+        self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optim = actor.optim
         self.optimizer = torch.optim.AdamW(
@@ -296,14 +297,12 @@ class DiffusionActorWorker(Worker):
         weights, optimizer = get_state_dict(self.model, self.optimizer, options=options)
         if self.rank != 0:
             return None
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        trainable = {k: v for k, v in weights.items() if k in names}  # buffers come from the model files
+        trainable = {k: v for k, v in weights.items() if k in self.trainable_names}  # buffers come from the model files
         return {"trainable": trainable, "optimizer": optimizer, "update_calls": self._update_calls}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = sorted(set(state["trainable"]) - names)
+        missing = sorted(set(state["trainable"]) - self.trainable_names)
         if missing:
             raise ValueError(f"checkpoint has trainable parameters this model does not: {missing[:5]}")
         set_state_dict(
