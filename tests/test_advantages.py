@@ -74,3 +74,13 @@ def test_group_reward_stats():
     assert stats["mean"] == pytest.approx(2.0)
     assert stats["min"] == 0.0 and stats["max"] == 4.0
     assert stats["group_size_min"] == stats["group_size_max"] == 2
+
+
+def test_informative_rows_drop_groups_of_identical_rewards_exactly():
+    from verl_omni.trainer.flowgrpo.advantages import informative_rows
+
+    # 0.1 * 3 rounds: r - mean of a constant group is not exactly 0 in floating point, the test on rewards is
+    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 2.0, 1.0, 5.0, 5.0])
+    uids = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    assert informative_rows(rewards, uids).tolist() == [False] * 3 + [True] * 3 + [False] * 2
+    assert informative_rows(torch.zeros(0), []).numel() == 0

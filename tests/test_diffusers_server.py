@@ -112,7 +112,7 @@ async def test_token_ids_and_text_share_one_encoding(make_server):
 
 
 async def test_incompatible_requests_are_not_fused_and_the_cap_holds(make_server):
-    server = make_server(max_num_seqs=3)
+    server = make_server(max_num_seqs=3, chunk_size=3)
     four = [server.generate(f"a{i}", PROMPT, {"seed": i, "num_inference_steps": 4}) for i in range(5)]
     three = [server.generate(f"b{i}", PROMPT, {"seed": i, "num_inference_steps": 3}) for i in range(2)]
     outs = await asyncio.gather(*four, *three)
@@ -144,12 +144,48 @@ async def test_a_group_fuses_with_other_pending_requests_and_comes_back_in_order
 
 
 async def test_a_group_larger_than_max_num_seqs_is_split_and_keeps_its_order(make_server):
-    server = make_server(max_num_seqs=3)
+    server = make_server(max_num_seqs=3, chunk_size=3)
     outs = await server.generate_group(_group("g", range(5)))
     assert [o.extra_fields["request_id"] for o in outs] == [f"g{i}" for i in range(5)]
     assert [o.extra_fields["batch_size"] for o in outs] == [3, 3, 3, 2, 2]
     assert (await server.get_stats())["batch_size_histogram"] == {2: 1, 3: 1}
     assert await server.generate_group([]) == []
+
+
+def _record_rows(engine, calls: dict[str, list[int]]) -> None:
+    """Record the rows (first dim of the first tensor input) of every call of each network of the pipeline."""
+
+    def hook(name):
+        def record(module, args, kwargs):
+            first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+            calls.setdefault(name, []).append(first.shape[0])
+
+        return record
+
+    pipe = engine.pipe
+    networks = {"transformer": pipe.transformer, "vae_decoder": pipe.vae.decoder}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        networks[name] = getattr(pipe, name)
+    for name, module in networks.items():
+        module.register_forward_pre_hook(hook(name), with_kwargs=True)
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+async def test_batch_invariant_mode_runs_every_network_at_the_chunk_shape(make_server, batch_invariant):
+    """6 requests with CFG and no prompt cache: 12 texts, 6 latents. Invariant mode: each encoder and the VAE
+    see chunks of exactly 4, the transformer [negative; positive] of a chunk (8 rows); free: whole batches."""
+    server = make_server(guidance_scale=4.5, prompt_cache_size=0, chunk_size=4, batch_invariant=batch_invariant)
+    calls: dict[str, list[int]] = {}
+    _record_rows(server.engine, calls)
+    outs = await _gather(server, 6)
+    assert {o.extra_fields["batch_size"] for o in outs} == {6}
+    if batch_invariant:
+        expected = {"text_encoder": [4] * 3, "transformer": [8] * 2 * 4, "vae_decoder": [4] * 2}
+    else:
+        expected = {"text_encoder": [12], "transformer": [12] * 4, "vae_decoder": [6]}
+    for name in ("text_encoder_2", "text_encoder_3"):
+        expected[name] = expected["text_encoder"]
+    assert calls == expected
 
 
 async def test_one_bad_request_fails_its_group_before_anything_is_queued(make_server):
@@ -334,12 +370,13 @@ async def test_two_replicas_serve_concurrent_groups_through_the_client(manager):
 
     stats = [await r.server_handle.get_stats.remote() for r in replicas]
     assert sum(s["requests_served"] for s in stats) == 16
-    assert all(s["batch_invariant"] for s in stats)
+    assert all(s["batch_invariant"] and s["chunk_size"] == 8 for s in stats)
     assert sum(s["texts_encoded"] for s in stats) == 4 + 2  # 4 prompts once each, "" once per replica
     status = await manager.global_load_balancer.get_status.remote()
     assert status["total_inflight"] == 0
 
-    # The same seed gives the same image (bit for bit) alone or batched, on either replica.
+    # The same seed gives the same image (bit for bit) alone or batched, on either replica: batch-invariant mode
+    # runs every network call at 8 samples (a lone request is padded), whatever the admission window fused.
     batched = outs[4 * 2 + 3]  # group 2, copy 3: seed 203, ran in a fused batch
     for replica in replicas:
         alone = await replica.server_handle.generate.remote(

@@ -214,3 +214,31 @@ def test_ode_sampling_matches_the_stock_diffusers_pipeline(pipe):
         generator=torch.Generator().manual_seed(7),
     ).images
     torch.testing.assert_close(ours.final_latents, stock, rtol=0, atol=1e-6)
+
+
+class _ScaledByCondition(torch.nn.Module):
+    """v = w * pooled[:, :1]: the velocity's derivative in w is the conditioning itself (closed form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict=False):
+        return (self.w * pooled_projections[:, :1, None, None].expand_as(hidden_states),)
+
+
+@pytest.mark.parametrize("detach_uncond", [True, False])
+def test_cfg_gradient_flows_through_the_conditional_branch_only_when_detached(detach_uncond):
+    from verl_omni.pipelines.flow_match_sde import predict_velocity
+
+    model, g = _ScaledByCondition(), 4.5
+    x = torch.zeros(1, 1, 1, 1)
+    pos, neg = torch.tensor([[2.0]]), torch.tensor([[3.0]])
+    emb = torch.zeros(1, 1, 1)
+    v = predict_velocity(model, x, 0.5, emb, pos, emb, neg, guidance_scale=g, detach_uncond=detach_uncond)
+    # forward: v_neg + g (v_pos - v_neg), the same either way
+    assert v.item() == pytest.approx(3.0 + g * (2.0 - 3.0))
+    v.sum().backward()
+    # d v / d w: g * pos (+ (1 - g) * neg when the unconditional branch is trained too)
+    expected = g * 2.0 if detach_uncond else g * 2.0 + (1 - g) * 3.0
+    assert model.w.grad.item() == pytest.approx(expected)

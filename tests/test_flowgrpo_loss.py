@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, transition_kl
+from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std, transition_kl
 
 
 def _loss(log_prob, old, adv, clip=0.2, **kw):
@@ -96,11 +96,29 @@ def test_beta_zero_reports_kl_without_adding_it():
 
 def test_bad_arguments():
     z = torch.zeros(2)
-    with pytest.raises(ValueError, match="missing \\['prev_sample_mean', 'ref_prev_sample_mean', 'std_dev'\\]"):
+    with pytest.raises(ValueError, match="missing \\['prev_sample_mean', 'ref_prev_sample_mean', 'kl_std'\\]"):
         flowgrpo_policy_loss(z, z, z, 0.2, beta=0.1)
     with pytest.raises(ValueError, match="clip_range"):
         flowgrpo_policy_loss(z, z, z, 0.0)
     with pytest.raises(ValueError, match="share one 1-D shape"):
         flowgrpo_policy_loss(z, torch.zeros(3), z, 0.2)
-    with pytest.raises(ValueError, match="std_dev"):
+    with pytest.raises(ValueError, match="kl_std"):
         transition_kl(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3))
+
+
+def test_kl_std_reference_has_no_dt_and_transition_is_the_exact_gaussian_scale():
+    a = 0.7
+    sigmas = torch.tensor([1.0, 0.8, 0.3])
+    sigmas_next = torch.tensor([0.9, 0.6, 0.0])
+    ref = kl_std("reference", sigmas, sigmas_next, a)
+    # a * sqrt(s / (1 - s)), with 1 - s_next in the denominator at s == 1 (the reference's sigma_max)
+    expected = torch.tensor([a * math.sqrt(1.0 / 0.1), a * math.sqrt(0.8 / 0.2), a * math.sqrt(0.3 / 0.7)])
+    torch.testing.assert_close(ref, expected)
+    transition = kl_std("transition", sigmas, sigmas_next, a)
+    torch.testing.assert_close(transition, expected * torch.sqrt(sigmas - sigmas_next))
+    # the same beta is 1 / |dt| stronger with the transition form
+    mean, ref_mean = torch.ones(3, 4), torch.zeros(3, 4)
+    ratio = transition_kl(mean, ref_mean, transition) / transition_kl(mean, ref_mean, ref)
+    torch.testing.assert_close(ratio, 1.0 / (sigmas - sigmas_next))
+    with pytest.raises(ValueError, match="kl_form='exact'.*reference, transition"):
+        kl_std("exact", sigmas, sigmas_next, a)

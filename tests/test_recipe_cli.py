@@ -18,6 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
         ("data.train_files=/nonexistent/prompts.txt", "data.train_files="),
         ("data.val_files=/nonexistent/val.txt", "data.val_files='/nonexistent/val.txt': file not found"),
         ("trainer.test_freq=-2", "trainer.test_freq=-2 is not valid; valid choices:"),
+        (
+            "actor_rollout_ref.rollout.diffusion.chunk_size=0",
+            "actor_rollout_ref.rollout.diffusion.chunk_size=0 must be an integer in [1, max_num_seqs=16]",
+        ),
+        (
+            "actor_rollout_ref.rollout.diffusion.chunk_size=17",
+            "actor_rollout_ref.rollout.diffusion.chunk_size=17 must be an integer in [1, max_num_seqs=16]",
+        ),
     ],
 )
 def test_bad_config_exits_2_with_one_line_before_ray(override: str, message: str, tmp_path: Path) -> None:

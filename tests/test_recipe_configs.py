@@ -89,7 +89,8 @@ def test_sd35_config_validates_on_one_8_gpu_node(sd35_env: dict[str, Path]) -> N
     assert (diffusion.height, diffusion.width, diffusion.num_inference_steps) == (512, 512, 10)
     assert (diffusion.guidance_scale, diffusion.noise_level) == (4.5, 0.7)
     assert (diffusion.device, diffusion.dtype, diffusion.num_gpus_per_replica) == ("cuda", "bfloat16", 1)
-    assert actor.use_kl_loss is True and actor.kl_loss_coef == 0.04 and actor.optim.lr == 3.0e-4
+    assert actor.use_kl_loss is True and actor.kl_loss_coef == 0.01 and actor.optim.lr == 3.0e-4
+    assert actor.ema.enable is True and actor.timestep_fraction == 0.99 and actor.kl_form == "reference"
     # validation as the paper evaluates: 40 ODE steps, at the training resolution and guidance
     assert dict(OmegaConf.to_container(rollout.diffusion_val, resolve=True)) == {
         "num_inference_steps": 40,
@@ -257,6 +258,44 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
             ["trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.ppo_mini_batch_size=5"],
             r"actor_rollout_ref\.actor\.ppo_mini_batch_size=5 must be a multiple of the 2 training ranks",
         ),
+        (
+            ["actor_rollout_ref.actor.kl_form=exact"],
+            r"kl_form='exact' is not valid; valid choices: reference, transition",
+        ),
+        (["actor_rollout_ref.actor.timestep_fraction=0"], r"timestep_fraction=0 is outside the valid range \(0, 1\]"),
+        (["actor_rollout_ref.actor.timestep_fraction=1.5"], r"timestep_fraction=1\.5 is outside the valid range"),
+        (
+            ["actor_rollout_ref.rollout.diffusion.sde_window=[6,8]", "actor_rollout_ref.actor.timestep_fraction=0.5"],
+            r"timestep_fraction=0\.5 trains the steps before index 4 of 8, but the SDE window starts at 6",
+        ),
+        (["actor_rollout_ref.actor.ema.decay=1.0"], r"actor\.ema\.decay=1\.0 is outside the valid range \[0, 1\)"),
+        (["actor_rollout_ref.actor.ema.update_every=0"], r"actor\.ema\.update_every=0 must be an integer >= 1"),
+        (["actor_rollout_ref.actor.kl_loss_coef=-1"], r"actor\.kl_loss_coef=-1 must be a finite number >= 0"),
+        (["algorithm.drop_zero_advantage=maybe"], r"algorithm\.drop_zero_advantage='maybe' is not valid"),
+        (
+            ["reward.name=null", "reward.weights={jpeg_compressibility: nan}"],
+            r"reward\.weights\.jpeg_compressibility=nan must be a finite number",
+        ),
+        (
+            ["reward.name=null", "reward.weights={jpeg_compressibility: 1.0, nope: 2.0}"],
+            r"reward\.weights has 'nope', not a known reward; valid choices: \[",
+        ),
+        (
+            ["reward.weights={jpeg_compressibility: 1.0}"],
+            r"reward\.name=.* and reward\.weights are both set",
+        ),
+        (
+            ["reward.name=null", "reward.weights={jpeg_compressibility: 1.0}", "+reward.kwargs.quality=90"],
+            r"reward\.kwargs has options for \['quality'\], which are not in reward\.weights",
+        ),
+        (
+            [
+                "reward.name=null",
+                "reward.weights={jpeg_compressibility: 1.0}",
+                "+reward.kwargs.jpeg_compressibility={q: 1}",
+            ],
+            r"Unknown option\(s\) \['q'\] in reward\.kwargs\.jpeg_compressibility",
+        ),
     ],
     ids=[
         "unknown-policy",
@@ -277,6 +316,19 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
         "bad-mixed-precision",
         "batch-over-ranks",
         "mini-batch-over-ranks",
+        "unknown-kl-form",
+        "zero-timestep-fraction",
+        "timestep-fraction-above-1",
+        "no-trained-step",
+        "ema-decay-1",
+        "ema-every-0",
+        "negative-beta",
+        "non-bool-zero-adv-filter",
+        "nan-reward-weight",
+        "unknown-weighted-reward",
+        "name-and-weights",
+        "kwargs-of-no-reward",
+        "unknown-weighted-option",
     ],
 )
 def test_bad_config_raises_naming_the_key(tiny_env: None, tmp_path: Path, overrides: list[str], pattern: str) -> None:

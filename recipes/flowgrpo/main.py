@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     from verl_omni.agent_loop import OmniAgentLoopManager
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
-    from verl_omni.workers.diffusion_actor import DiffusionActorWorker
+    from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
     from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
     if cfg.actor_rollout_ref.model.get("path") is None:
@@ -83,6 +83,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
         name_prefix="flowgrpo_actor",
         device_name="cuda" if use_gpu else "cpu",
+        worker_env=actor_worker_env(cfg, use_gpu),
     )
     layout = actor_wg.init_model()[0]
     print(

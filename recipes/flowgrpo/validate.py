@@ -17,10 +17,13 @@ from recipes.flowgrpo.data import (
     load_prompts,
 )
 from verl_omni.agent_loop.sampling import sampling_params
-from verl_omni.rewards import registered_rewards
+from verl_omni.rewards.weighted import reward_specs
+from verl_omni.trainer.flowgrpo.loss import KL_FORMS
+from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
+from verl_omni.workers.ema import validate_ema_options
 
 
 def _positive_int(cfg: DictConfig, dotted: str) -> int:
@@ -70,6 +73,27 @@ def _validation_options(cfg: DictConfig) -> None:
         ) from None
 
 
+def _flowgrpo_options(cfg: DictConfig, diffusion: DiffusionRolloutConfig) -> None:
+    """The FlowGRPO knobs beyond verl's: KL form, trained steps, CFG gradient, EMA, zero-advantage filtering."""
+    actor = cfg.actor_rollout_ref.actor
+    prefix = "actor_rollout_ref.actor"
+    kl_form = actor.get("kl_form", "reference")
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"{prefix}.kl_form={kl_form!r} is not valid; valid choices: {', '.join(KL_FORMS)}")
+    trained_step_count(diffusion.num_inference_steps, diffusion.sde_window, actor.get("timestep_fraction", 1.0))
+    for key, section in (("cfg_detach_uncond", actor), ("use_kl_loss", actor)):
+        if not isinstance(section.get(key, False), bool):
+            raise ValueError(f"{prefix}.{key}={section.get(key)!r} is not valid; valid choices: true, false")
+    drop = cfg.algorithm.get("drop_zero_advantage", True)
+    if not isinstance(drop, bool):
+        raise ValueError(f"algorithm.drop_zero_advantage={drop!r} is not valid; valid choices: true, false")
+    beta = actor.get("kl_loss_coef", 0.0)
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < float("inf"):
+        raise ValueError(f"{prefix}.kl_loss_coef={beta!r} must be a finite number >= 0 (the KL coefficient beta)")
+    ema = actor.get("ema") or {}
+    validate_ema_options(ema.get("enable", False), ema.get("decay", 0.9), ema.get("update_every", 8))
+
+
 def num_rollout_replicas(cfg: DictConfig) -> int:
     """Replica count as verl's LLMServerManager computes it in standalone mode."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -102,9 +126,8 @@ def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -
         )
     _validation_options(cfg)
 
-    reward_name = cfg.reward.get("name")
-    if reward_name not in registered_rewards():
-        raise ValueError(f"reward.name={reward_name!r} is not a known reward; valid choices: {registered_rewards()}")
+    reward_specs(cfg.get("reward"))
+    _flowgrpo_options(cfg, diffusion)
 
     n = rollout.get("n")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:

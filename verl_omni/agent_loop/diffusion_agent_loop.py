@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, register
 
+from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.workers.config.rollout_routing import DEFAULT_ROUTING_KEY_FIELD
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 
@@ -25,6 +25,7 @@ class DiffusionAgentLoopOutput(BaseModel):
     routing_key: str | None
     output: DiffusionOutput
     reward: float | None = None
+    reward_terms: dict[str, float] | None = None
     reward_s: float | None = None
 
 
@@ -37,7 +38,9 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
     keeps only the config and the client from verl's constructor arguments.
     """
 
-    def __init__(self, trainer_config: Any, server_manager: Any, reward_fn: Callable | None = None, **kwargs: Any):
+    def __init__(
+        self, trainer_config: Any, server_manager: Any, reward_fn: WeightedReward | None = None, **kwargs: Any
+    ):
         self.config = trainer_config.config
         self.reward_fn = reward_fn
         self.rollout_config = self.config.actor_rollout_ref.rollout
@@ -94,7 +97,8 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
         if self.reward_fn is not None:
             # Scored as soon as this sample is back, in a thread: other samples keep rolling out.
             start = time.perf_counter()
-            score = await asyncio.to_thread(self.reward_fn, output.image.unsqueeze(0), [prompt])
-            result.reward = float(score[0])
+            total, terms = await asyncio.to_thread(self.reward_fn, output.image.unsqueeze(0), [prompt])
+            result.reward = float(total[0])
+            result.reward_terms = {name: float(score[0]) for name, score in terms.items()}
             result.reward_s = time.perf_counter() - start
         return result

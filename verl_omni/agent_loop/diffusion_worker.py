@@ -15,7 +15,7 @@ from verl.protocol import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
-from verl_omni.rewards import get_reward_fn
+from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.utils.arrays import object_column
 from verl_omni.workers.config.rollout_routing import DEFAULT_ROUTING_KEY_FIELD
 
@@ -60,11 +60,9 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         self.teacher_client = teacher_client
         self.reward_loop_worker_handles = reward_loop_worker_handles
         self.rollout_config = config.actor_rollout_ref.rollout
-        reward = config.get("reward") or {}
-        self.reward_fn = None
-        if reward.get("name"):
-            kwargs = OmegaConf.to_container(reward.get("kwargs") or OmegaConf.create({}), resolve=True)
-            self.reward_fn = get_reward_fn(reward.name, **kwargs)
+        reward = config.get("reward")
+        has_reward = reward is not None and (reward.get("name") is not None or reward.get("weights") is not None)
+        self.reward_fn = WeightedReward.from_config(reward) if has_reward else None
         routing = self.rollout_config.get("server_routing") or {}
         self.routing_key_field: str = routing.get("routing_key_field", DEFAULT_ROUTING_KEY_FIELD)
 
@@ -168,6 +166,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         tensors["model_version"] = torch.tensor([o.model_version for o in outputs], dtype=torch.int64)
         if all(r.reward is not None for r in results):
             tensors["rewards"] = torch.tensor([r.reward for r in results], dtype=torch.float32)
+            for name in results[0].reward_terms or {}:
+                tensors[f"reward_terms.{name}"] = torch.tensor([r.reward_terms[name] for r in results])
 
         passthrough = {k: v for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
         passthrough["request_id"] = object_column([r.request_id for r in results])

@@ -202,19 +202,31 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     )
 
 
-def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny pipeline to ``out_dir`` in the diffusers format and return the path.
+def stamp_for(seed: int, **extra: object) -> dict:
+    """The stamp a finished build writes: the build recipe's version, its seed and any ``extra`` options."""
+    return {"version": _STAMP_VERSION, "seed": seed, **extra}
+
+
+def read_stamp(model_dir: str | os.PathLike) -> dict | None:
+    """The stamp of a finished build in ``model_dir``, or None (missing, partial or unreadable)."""
+    try:
+        return json.loads((Path(model_dir) / _STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_pipeline_atomically(pipe: StableDiffusion3Pipeline, out_dir: str | os.PathLike, stamp: dict) -> Path:
+    """Write ``pipe`` to ``out_dir`` in the diffusers format with ``stamp``, and return the resolved path.
 
     The directory is written atomically (a temporary sibling renamed into place) so a concurrent
     reader never sees a half-written model. An existing ``out_dir`` is replaced.
     """
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_sd3_pipeline(seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / _STAMP_FILE).write_text(json.dumps({"version": _STAMP_VERSION, "seed": seed}))
+        (tmp / _STAMP_FILE).write_text(json.dumps(stamp))
         if out.exists():
             shutil.rmtree(out)
         try:
@@ -228,16 +240,16 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny random pipeline to ``out_dir`` (atomically, see :func:`save_pipeline_atomically`)."""
+    return save_pipeline_atomically(build_tiny_sd3_pipeline(seed), out_dir, stamp_for(seed))
+
+
 def ensure_tiny_sd3(cache_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Return ``cache_dir/tiny-sd3-seed{seed}``, building it only if it is missing or stale."""
     out = Path(cache_dir).expanduser().resolve() / f"tiny-sd3-seed{seed}"
-    stamp = out / _STAMP_FILE
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == {"version": _STAMP_VERSION, "seed": seed}:
-                return out
-        except (OSError, ValueError):
-            pass
+    if read_stamp(out) == stamp_for(seed):
+        return out
     return build_tiny_sd3(out, seed=seed)
 
 

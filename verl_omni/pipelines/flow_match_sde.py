@@ -15,8 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+
+from verl_omni.utils.batch_invariant import map_chunks
 
 TIMESTEP_SCALE = 1000.0  # SD3's num_train_timesteps: the transformer's timestep input is sigma * 1000
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -166,11 +169,14 @@ def predict_velocity(
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    detach_uncond: bool = False,
 ) -> torch.Tensor:
     """The transformer's velocity at ``(latents, sigma)``, with classifier-free guidance when ``guidance_scale > 1``.
 
     CFG runs the negative and positive conditioning in one batch (negative first, as diffusers) and
-    combines ``v_neg + g * (v_pos - v_neg)``. Returns float32 (B, C, h, w).
+    combines ``v_neg + g * (v_pos - v_neg)``. ``detach_uncond`` stops the gradient through the negative
+    (unconditional) branch, as the reference trainer does, so only ``g * dv_pos`` is trained; the forward
+    values are the same either way. Returns float32 (B, C, h, w).
     """
     batch = latents.shape[0]
     sig = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
@@ -196,6 +202,8 @@ def predict_velocity(
     )[0].float()
     if do_cfg:
         v_neg, v_pos = out.chunk(2)
+        if detach_uncond:
+            v_neg = v_neg.detach()
         out = v_neg + guidance_scale * (v_pos - v_neg)
     return out
 
@@ -212,6 +220,7 @@ def compute_log_prob(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     noise_level: float = 0.7,
+    detach_uncond: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` under ``transformer`` (with gradients).
 
@@ -224,6 +233,8 @@ def compute_log_prob(
         prompt_embeds (B, L, D), pooled_prompt_embeds (B, P): the conditioning the sample used; the
             negative ones are required when ``guidance_scale > 1`` (use the sampler's guidance scale).
         noise_level: the sampler's ``noise_level``.
+        detach_uncond: with CFG, back-propagate through the conditional branch only (the reference's choice;
+            ``actor_rollout_ref.actor.cfg_detach_uncond``).
 
     Returns:
         ``(log_prob (B,), prev_sample_mean (B, C, h, w), std_dev (B, 1, 1, 1))``, float32.
@@ -237,6 +248,7 @@ def compute_log_prob(
         negative_prompt_embeds,
         negative_pooled_prompt_embeds,
         guidance_scale,
+        detach_uncond=detach_uncond,
     )
     out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
     return out.log_prob, out.prev_sample_mean, out.std_dev
@@ -262,6 +274,37 @@ def resolve_sde_window(num_inference_steps: int, sde_window: Sequence[int] | Non
     return start, end
 
 
+def _denoise_step(
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None,
+    negative_pooled_prompt_embeds: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    *,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    guidance_scale: float,
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sampling step on a batch: ``(x_next, log_prob)``; an ODE step (log-prob None) when ``noise`` is None."""
+    v = predict_velocity(
+        transformer,
+        x,
+        sigma,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        guidance_scale,
+    )
+    if noise is None:
+        return ode_step(v, x, sigma, sigma_next), None
+    out = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, noise=noise)
+    return out.prev_sample, out.log_prob
+
+
 @torch.no_grad()
 def sample_flow_match_sde(
     transformer: torch.nn.Module,
@@ -275,6 +318,7 @@ def sample_flow_match_sde(
     guidance_scale: float = 1.0,
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
+    chunk_size: int | None = None,
 ) -> SDETrajectory:
     """Denoise a batch from pure noise over ``sigmas``, SDE steps inside the window and ODE steps outside.
 
@@ -287,6 +331,9 @@ def sample_flow_match_sde(
         latent_shape: (C, h, w) of one sample's latents.
         sde_window: ``[start, end)`` step indices that are SDE steps; None: all. Steps in the window are
             recorded; with ``noise_level == 0`` every step is an ODE step and nothing is recorded.
+        chunk_size: batch-invariant mode: every step (transformer call, SDE step and its log-prob) runs on
+            exactly ``chunk_size`` samples, the last chunk padded, as the trainer's recomputation does
+            (:mod:`verl_omni.utils.batch_invariant`); None: the whole batch in one call.
     """
     num_steps = int(sigmas.numel()) - 1
     if num_steps < 1:
@@ -301,25 +348,24 @@ def sample_flow_match_sde(
 
     rec_x, rec_next, rec_logp = [], [], []
     for i in range(num_steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = predict_velocity(
+        sde = start <= i < end
+        # drawn for the whole batch, one generator per sample, then chunked with the rest of the step's inputs
+        noise = standard_normal(x.shape, list(generators), device) if sde else None
+        step = partial(
+            _denoise_step,
             transformer,
-            x,
-            sigma,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            negative_pooled_prompt_embeds,
-            guidance_scale,
+            sigma=sigmas[i],
+            sigma_next=sigmas[i + 1],
+            guidance_scale=guidance_scale,
+            noise_level=noise_level,
         )
-        if start <= i < end:
-            out = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, generator=list(generators))
+        cond = [prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds]
+        x_next, log_prob = map_chunks(step, [x, *cond, noise], chunk_size)
+        if sde:
             rec_x.append(x)
-            rec_next.append(out.prev_sample)
-            rec_logp.append(out.log_prob)
-            x = out.prev_sample
-        else:
-            x = ode_step(v, x, sigma, sigma_next)
+            rec_next.append(x_next)
+            rec_logp.append(log_prob)
+        x = x_next
 
     steps = torch.arange(start, end, device=device)
     empty = torch.empty((batch, 0, *latent_shape), device=device)

@@ -53,6 +53,12 @@ def get_reward_fn(name: str, **kwargs) -> RewardFn:
     Raises ``ValueError`` naming ``reward.name``, the bad value and the valid choices for an unknown name,
     and naming the reward's valid options for an unknown keyword, so a config typo fails before any work.
     """
+    check_reward_options(name, kwargs)
+    return _REGISTRY[name](**kwargs)
+
+
+def check_reward_options(name: str, kwargs: dict, key: str = "reward.kwargs") -> None:
+    """Check that ``name`` is registered and its factory takes every option in ``kwargs``, building nothing."""
     _import_builtin_rewards()
     factory = _REGISTRY.get(name)
     if factory is None:
@@ -63,9 +69,8 @@ def get_reward_fn(name: str, **kwargs) -> RewardFn:
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
             raise ValueError(
-                f"Unknown option(s) {unknown} for {REWARD_NAME_KEY}={name!r}; valid options: {sorted(params)}"
+                f"Unknown option(s) {unknown} in {key} for reward {name!r}; valid options: {sorted(params)}"
             )
-    return factory(**kwargs)
 
 
 def validate_reward_inputs(images: torch.Tensor, prompts: list[str] | None = None) -> None:

@@ -30,9 +30,11 @@ from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
 from verl_omni.pipelines.flow_match_sde import compute_log_prob
-from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss
+from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std
+from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.ema import EMAWeights
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -52,6 +54,15 @@ def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> tor
     library, class_name = index["transformer"]
     cls = getattr(diffusers, class_name)
     return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+
+
+def actor_worker_env(config: DictConfig, use_gpu: bool) -> dict[str, str]:
+    """``worker_env`` for the actor's ``RayWorkerGroup``: on CPU the replicas' numerics (thread count from
+    ``trainer.cpu_threads``, MKL strict under ``diffusion.batch_invariant``), set before MKL loads."""
+    if use_gpu:
+        return {}
+    diffusion = DiffusionRolloutConfig.from_config(config.actor_rollout_ref.rollout.get("diffusion"))
+    return cpu_process_env(int(config.trainer.get("cpu_threads", 0) or 0), diffusion.batch_invariant)
 
 
 class DiffusionActorWorker(Worker):
@@ -82,7 +93,9 @@ class DiffusionActorWorker(Worker):
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
-        if self.world_size > 1 and not dist.is_initialized():
+        # FSDP2 shards over several ranks; on one rank it is still what applies mixed precision (param_dtype).
+        self.use_fsdp = self.world_size > 1 or self.fsdp.param_dtype != "float32"
+        if self.use_fsdp and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         # Same seed on every rank: LoRA initialisation is identical, so sharding needs no broadcast.
         torch.manual_seed(int(cfg.trainer.seed))
@@ -114,8 +127,15 @@ class DiffusionActorWorker(Worker):
             self.model.enable_gradient_checkpointing()
         self.model = self._shard(self.model)
         self.model.train()
-        self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable_names = {n for n, _ in named_trainable}
+        self.trainable = [p for _, p in named_trainable]
+        ema = actor.get("ema") or {}
+        self.ema = (
+            EMAWeights(named_trainable, float(ema.get("decay", 0.9)), int(ema.get("update_every", 8)))
+            if ema.get("enable", False)
+            else None
+        )
         optim = actor.optim
         self.optimizer = torch.optim.AdamW(
             self.trainable,
@@ -133,9 +153,16 @@ class DiffusionActorWorker(Worker):
         diffusion = DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.get("diffusion"))
         self.guidance_scale = float(diffusion.guidance_scale)
         self.noise_level = float(diffusion.noise_level)
+        # Batch-invariant: recompute at the replicas' fixed chunk shape (on CPU also without oneDNN, and with
+        # MKL strict from the worker's environment), so step 0 reproduces the stored log-probs bit for bit.
+        self.chunk_size = diffusion.chunk_size if diffusion.batch_invariant else None
+        self.use_onednn = not (diffusion.batch_invariant and self.device.type == "cpu")
+        self.kl_form = str(actor.get("kl_form", "reference"))
+        self.cfg_detach_uncond = bool(actor.get("cfg_detach_uncond", True))
         self._update_calls = 0
         return {
-            "strategy": self.fsdp.strategy if self.world_size > 1 else "single",
+            "strategy": self.fsdp.strategy if self.use_fsdp else "single",
+            "param_dtype": self.fsdp.param_dtype,
             "world_size": self.world_size,
             "device": str(self.device),
             "trainable_params": sum(p.numel() for p in self.trainable),
@@ -143,9 +170,10 @@ class DiffusionActorWorker(Worker):
         }
 
     def _shard(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Move to the device; with several ranks, shard every wrapped block and the root with FSDP2."""
+        """Move to the device; with several ranks or mixed precision, shard every wrapped block and the root with
+        FSDP2 (on one rank that only casts parameters to ``param_dtype`` for compute)."""
         module = module.to(self.device)
-        if self.world_size == 1:
+        if not self.use_fsdp:
             return module
         from torch.distributed.device_mesh import init_device_mesh
         from verl.utils.fsdp_utils import apply_fsdp2
@@ -179,32 +207,40 @@ class DiffusionActorWorker(Worker):
         mini = min(self.mini_batch_size // self.world_size, len(rows))
         micro = min(self.micro_batch_size, mini)
         totals: dict[str, list[float]] = {}
-        first_ratio: float | None = None
-        for _ in range(self.ppo_epochs):
+        first_log_ratios: list[torch.Tensor] = []  # every (sample, trained step) row before the first update
+        for epoch in range(self.ppo_epochs):
             order = rows[rng.permutation(len(rows))]
             for m_start in range(0, len(order), mini):
+                on_policy = epoch == 0 and m_start == 0
                 mini_rows = order[m_start : m_start + mini]
                 self.optimizer.zero_grad(set_to_none=True)
                 for u_start in range(0, len(mini_rows), micro):
                     idx = torch.as_tensor(mini_rows[u_start : u_start + micro])
                     weight = len(idx) / len(mini_rows) / steps
                     for t in range(steps):
-                        loss, metrics = self._loss_at_step(batch, idx, t)
+                        loss, metrics, log_ratio = self._loss_at_step(batch, idx, t)
                         (loss * weight).backward()
-                        if first_ratio is None:
-                            first_ratio = metrics["ratio_mean"]
+                        if on_policy:
+                            first_log_ratios.append(log_ratio)
                         for key, value in metrics.items():
                             totals.setdefault(key, []).append(value)
                 grad_norm = self._step()
                 totals.setdefault("grad_norm", []).append(grad_norm)
         out = {f"actor/{k}": float(np.mean(v)) for k, v in totals.items()}
-        out["actor/ratio_first_step"] = float(first_ratio if first_ratio is not None else 1.0)
+        # On-policy check: with unchanged weights ratio = 1 exactly under batch-invariant CPU execution; a mean
+        # would hide single deviations, so report the largest one (the driver merges ranks by max).
+        log_ratio = torch.cat(first_log_ratios).double() if first_log_ratios else torch.zeros(1, dtype=torch.float64)
+        out["actor/ratio_max_abs_dev"] = float(torch.expm1(log_ratio).abs().max())
+        out["actor/log_ratio_abs_mean"] = float(log_ratio.abs().mean())
         out["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         with torch.no_grad():
             out["actor/param_norm"] = float(_full(torch.nn.utils.get_total_norm(self.trainable)))
         return out
 
-    def _loss_at_step(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int):
+    def _loss_at_step(
+        self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """Loss and metrics of rows ``idx`` at trained step ``t``, and their detached ``log_prob - old_log_prob``."""
         dev = self.device
 
         def take(key: str) -> torch.Tensor | None:
@@ -224,24 +260,40 @@ class DiffusionActorWorker(Worker):
             "sigmas_next": batch["sigmas_next"][idx, t].to(dev),
             "guidance_scale": self.guidance_scale,
             "noise_level": self.noise_level,
+            "detach_uncond": self.cfg_detach_uncond,
             **cond,
         }
-        log_prob, mean, std = compute_log_prob(self.model, **step_args)
+        log_prob, mean, _ = self._compute_log_prob(self.model, step_args)
         ref_mean = None
         if self.beta > 0:
             with torch.no_grad(), self._reference():
                 ref_model = self.ref_model if self.ref_model is not None else self.model
-                _, ref_mean, _ = compute_log_prob(ref_model, **step_args)
-        return flowgrpo_policy_loss(
+                _, ref_mean, _ = self._compute_log_prob(ref_model, step_args)
+        old_log_prob = batch["old_log_probs"][idx, t].to(dev)
+        loss, metrics = flowgrpo_policy_loss(
             log_prob=log_prob,
-            old_log_prob=batch["old_log_probs"][idx, t].to(dev),
+            old_log_prob=old_log_prob,
             advantages=batch["advantages"][idx].to(dev),
             clip_range=self.clip_range,
             prev_sample_mean=mean,
             ref_prev_sample_mean=ref_mean,
-            std_dev=std,
+            kl_std=kl_std(self.kl_form, step_args["sigmas"], step_args["sigmas_next"], self.noise_level),
             beta=self.beta,
         )
+        return loss, metrics, (log_prob - old_log_prob).detach()
+
+    def _compute_log_prob(self, model: torch.nn.Module, step_args: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """``compute_log_prob`` as the replicas sampled: in chunks of exactly ``chunk_size`` rows (the last padded
+        by repeating a real row; padded outputs are dropped, so they get no gradient and no metric) without
+        oneDNN on CPU, under batch-invariant mode; on the whole micro-batch otherwise."""
+        names = [k for k, v in step_args.items() if v is None or isinstance(v, torch.Tensor)]
+        params = {k: v for k, v in step_args.items() if k not in names}
+
+        def call(*rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+            return compute_log_prob(model, **dict(zip(names, rows, strict=True)), **params)
+
+        with onednn(enabled=self.use_onednn):
+            return map_chunks(call, [step_args[k] for k in names], self.chunk_size)
 
     def _reference(self):
         """With LoRA the reference is the base model: the same module with adapters disabled."""
@@ -263,19 +315,28 @@ class DiffusionActorWorker(Worker):
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip))
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
     # --------------------------------------------------------- weights, state
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def get_rollout_weights(self) -> dict[str, Any] | None:
+    def get_rollout_weights(self, ema: bool = False) -> dict[str, Any] | None:
         """What the rollout replicas load: the LoRA adapter (with its config) or the full state dict.
 
-        Every rank takes part in gathering the shards; rank 0 returns the full tensors, the others None.
+        ``ema=True``: the EMA weights instead of the trained ones (validation samples with them); an error when
+        ``actor.ema.enable`` is off. Every rank takes part in gathering the shards; rank 0 returns the full
+        tensors, the others None.
         """
+        if ema and self.ema is None:
+            raise ValueError("get_rollout_weights(ema=True) but actor_rollout_ref.actor.ema.enable is false")
         lora = self.lora_config is not None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-        state = get_model_state_dict(self.model, options=options)
+        with self.ema.swapped_in() if ema else nullcontext():
+            state = get_model_state_dict(self.model, options=options)
+            if ema:  # on one CPU rank the state dict aliases the parameters, which get the trained values back
+                state = {k: v.clone() for k, v in state.items()}
         if self.rank != 0:
             return None
         if lora:
@@ -295,10 +356,11 @@ class DiffusionActorWorker(Worker):
         """
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         weights, optimizer = get_state_dict(self.model, self.optimizer, options=options)
+        ema = self.ema.state_dict() if self.ema is not None else None  # a collective under FSDP: every rank
         if self.rank != 0:
             return None
         trainable = {k: v for k, v in weights.items() if k in self.trainable_names}  # buffers come from the model files
-        return {"trainable": trainable, "optimizer": optimizer, "update_calls": self._update_calls}
+        return {"trainable": trainable, "optimizer": optimizer, "update_calls": self._update_calls, "ema": ema}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -313,6 +375,13 @@ class DiffusionActorWorker(Worker):
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
         self._update_calls = int(state.get("update_calls", 0))
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(
+                    "actor_rollout_ref.actor.ema.enable is true but the checkpoint has no EMA weights (saved with EMA "
+                    "off); resume with ema.enable=false or start a new run"
+                )
+            self.ema.load_state_dict(state["ema"])
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:

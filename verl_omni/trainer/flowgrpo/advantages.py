@@ -90,3 +90,19 @@ def group_reward_stats(rewards: torch.Tensor, uids: Sequence[str], zero_std_tol:
         "group_std_mean": std.mean().item(),
         "zero_std_group_frac": (std <= zero_std_tol).double().mean().item(),
     }
+
+
+def informative_rows(rewards: torch.Tensor, uids: Sequence[str]) -> torch.Tensor:
+    """Bool ``(N,)``: rows whose group's rewards are not all identical.
+
+    A group of identical rewards has advantage 0 for every sample (exactly 0 in the math, but ``r - mean`` can
+    round to ~1e-17), so it carries no policy-gradient signal; the reference trainer drops such samples from
+    the update. The test is on the rewards themselves (max > min), not on rounded advantages.
+    """
+    values = _check_rewards(rewards).cpu()
+    group, num_groups = _group_index(uids, values.numel())
+    if values.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    high = torch.full((num_groups,), -torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amax")
+    low = torch.full((num_groups,), torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amin")
+    return (high > low)[group]

@@ -18,14 +18,18 @@ from tqdm.auto import tqdm
 from verl.protocol import DataProto, pad_dataproto_to_divisor, unpad_dataproto
 from verl.utils.tracking import Tracking
 
-from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats
+from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, informative_rows
+from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.utils.arrays import object_column
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.utils.visualize import save_image_grid, save_reward_curve
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 logger = logging.getLogger(__name__)
 
 # Tensors the policy update needs; everything else in the rollout batch stays on the driver.
+# Per-step tensors (second dim = recorded denoising steps) are cut to the trained steps first.
+_PER_STEP_KEYS = ("latents", "next_latents", "sigmas", "sigmas_next", "old_log_probs")
 _TRAIN_KEYS = (
     "latents",
     "next_latents",
@@ -85,6 +89,13 @@ class FlowGRPOTrainer:
         self.validation = validation
         self.test_freq = int(config.trainer.get("test_freq", -1) or -1)
         self.val_before_train = bool(config.trainer.get("val_before_train", False))
+        actor = config.actor_rollout_ref.actor
+        diffusion = DiffusionRolloutConfig.from_config(config.actor_rollout_ref.rollout.get("diffusion"))
+        self.trained_steps = trained_step_count(
+            diffusion.num_inference_steps, diffusion.sde_window, float(actor.get("timestep_fraction", 1.0))
+        )
+        self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
+        self.drop_zero_advantage = bool(config.algorithm.get("drop_zero_advantage", True))
         self.version = 0
         self.start_step = 0
         self.history: list[dict[str, float]] = []
@@ -143,15 +154,20 @@ class FlowGRPOTrainer:
         keep = self.config.trainer.get("max_actor_ckpt_to_keep")
         save_checkpoint(self.ckpt_dir, step, state, keep_last=keep)
 
-    def _sync_weights(self) -> float:
-        """Push the current policy to every rollout replica, tagged with ``self.version``."""
+    def _sync_weights(self, ema: bool = False) -> float:
+        """Push the current policy (or its EMA, for validation) to every rollout replica.
+
+        The trained weights are tagged with ``self.version``, the EMA weights with :meth:`_ema_version` so an
+        EMA sample can never pass for an on-policy one.
+        """
         start = time.perf_counter()
-        weights = self.actor_wg.get_rollout_weights()
+        weights = self.actor_wg.get_rollout_weights(ema=ema)
         weights = weights[0] if isinstance(weights, list) else weights
         # One object-store copy shared by all replicas; top-level ObjectRef kwargs arrive resolved.
         refs = {key: ray.put(value) for key, value in weights.items()}
+        version = self._ema_version() if ema else self.version
         futures = [
-            server.update_weights.remote(**refs, version=self.version)
+            server.update_weights.remote(**refs, version=version)
             for replica in self.replicas
             for server in replica.servers
         ]
@@ -174,12 +190,17 @@ class FlowGRPOTrainer:
             meta_info={"global_steps": rows.step, "seed": rows.base_seed, "validate": validate},
         )
 
-    def _check_on_policy(self, out: DataProto, what: str) -> None:
+    def _ema_version(self) -> int:
+        """The version tag of the EMA weights at policy version ``v``: ``-1 - v`` (never a trained version)."""
+        return -1 - self.version
+
+    def _check_on_policy(self, out: DataProto, what: str, expected: int | None = None) -> None:
+        expected = self.version if expected is None else expected
         versions = out.batch["model_version"]
-        if not bool((versions == self.version).all()):
+        if not bool((versions == expected).all()):
             raise OffPolicyBatchError(
                 f"{what}: rollout used model versions {sorted(set(versions.tolist()))}, "
-                f"policy is at version {self.version}; refusing an off-policy batch"
+                f"expected version {expected}; refusing an off-policy batch"
             )
 
     def validates_at(self, step: int) -> bool:
@@ -247,11 +268,11 @@ class FlowGRPOTrainer:
             self._save_samples(step, out)
 
         t1 = time.perf_counter()
-        present = set(out.batch.keys())
-        keys = [k for k in _TRAIN_KEYS if k in present]
-        train_batch = out.select(batch_keys=keys)
-        actor_metrics = self.actor_wg.update_policy(train_batch)
-        actor_metrics = _mean_dicts(actor_metrics if isinstance(actor_metrics, list) else [actor_metrics])
+        train_batch, kept_fraction = self._training_batch(out, rewards, uids)
+        actor_metrics: dict[str, float] = {}
+        if train_batch is not None:  # else every group had identical rewards: nothing to learn from this step
+            actor_metrics = self.actor_wg.update_policy(train_batch)
+            actor_metrics = _mean_dicts(actor_metrics if isinstance(actor_metrics, list) else [actor_metrics])
         timings["timing_s/update"] = time.perf_counter() - t1
         self.version += 1
         timings["timing_s/weight_sync"] = self._sync_weights()
@@ -263,7 +284,10 @@ class FlowGRPOTrainer:
             "reward/max": float(rewards.max()),
             "reward/min": float(rewards.min()),
             "advantages/abs_mean": float(advantages.abs().mean()),
+            "advantages/kept_fraction": kept_fraction,
+            "actor/trained_steps": float(self.trained_steps),
             "rollout/model_version": float(self.version - 1),
+            **_reward_term_means(out, "reward"),
             **{f"reward/{k}": float(v) for k, v in group_reward_stats(rewards, uids).items()},
             **actor_metrics,
             **timings,
@@ -273,6 +297,28 @@ class FlowGRPOTrainer:
         if "reward_s" in out.non_tensor_batch:
             metrics["timing_s/reward_mean_per_sample"] = float(np.mean(out.non_tensor_batch["reward_s"]))
         return metrics
+
+    def _training_batch(self, out: DataProto, rewards: torch.Tensor, uids: list[str]) -> tuple[DataProto | None, float]:
+        """The rows and steps the update trains on, and the kept share of the samples.
+
+        Steps: the first ``trained_steps`` recorded ones (``timestep_fraction``). Rows: with
+        ``algorithm.drop_zero_advantage``, those of groups whose rewards differ (as the reference trainer); every
+        training rank must run the same number of passes, so a few dropped rows (advantage 0, no policy-gradient
+        signal) top the count up to a multiple of the ranks. None when no row is left.
+        """
+        present = set(out.batch.keys())
+        batch = out.select(batch_keys=[k for k in _TRAIN_KEYS if k in present])
+        for key in _PER_STEP_KEYS:
+            batch.batch[key] = batch.batch[key][:, : self.trained_steps].contiguous()
+        if not self.drop_zero_advantage:
+            return batch, 1.0
+        keep = informative_rows(rewards, uids)
+        kept = int(keep.sum())
+        if kept == 0:
+            return None, 0.0
+        top_up = (~keep).nonzero().flatten()[: -kept % int(self.actor_wg.world_size)]
+        keep[top_up] = True
+        return batch.select_idxs(keep), kept / len(keep)
 
     def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         """The progress bar's summary: this step's reward and KL, and the latest validation reward."""
@@ -286,29 +332,40 @@ class FlowGRPOTrainer:
         validation seeds; returns the ``val/*`` metrics and saves the image grid.
 
         Never updates the policy and leaves the training data order and seeds alone, so a run with validation
-        trains exactly as one without.
+        trains exactly as one without. With ``actor.ema.enable`` the replicas sample with the EMA weights, then get
+        the trained ones back.
         """
         start = time.perf_counter()
         workers = int(self.config.actor_rollout_ref.rollout.agent.num_workers)
-        images, rewards, prompts, uids = [], [], [], []
-        for rows in self.validation.batches():
-            # verl's agent-loop manager splits a batch evenly over its workers: pad, then drop the padding
-            batch, pad = pad_dataproto_to_divisor(self._make_batch(rows, validate=True), workers)
-            out = unpad_dataproto(self.agent_loop_manager.generate_sequences(batch), pad)
-            self._check_on_policy(out, f"validation after step {step}")
-            images.append(out.batch["images"])
-            rewards.append(out.batch["rewards"].float())
-            prompts.extend(out.non_tensor_batch["prompt"])
-            uids.extend(out.non_tensor_batch["uid"])
-        reward = torch.cat(rewards)
-        metrics = {"val/reward/mean": float(reward.mean()), "val/reward/std": float(reward.std(unbiased=False))}
+        outs = []
+        if self.validate_with_ema:
+            self._sync_weights(ema=True)
+        try:
+            for rows in self.validation.batches():
+                # verl's agent-loop manager splits a batch evenly over its workers: pad, then drop the padding
+                batch, pad = pad_dataproto_to_divisor(self._make_batch(rows, validate=True), workers)
+                out = unpad_dataproto(self.agent_loop_manager.generate_sequences(batch), pad)
+                expected = self._ema_version() if self.validate_with_ema else self.version
+                self._check_on_policy(out, f"validation after step {step}", expected)
+                outs.append(out)
+        finally:
+            if self.validate_with_ema:
+                self._sync_weights()
+        out = DataProto.concat(outs)
+        reward = out.batch["rewards"].float()
+        prompts, uids = list(out.non_tensor_batch["prompt"]), list(out.non_tensor_batch["uid"])
+        metrics = {
+            "val/reward/mean": float(reward.mean()),
+            "val/reward/std": float(reward.std(unbiased=False)),
+            **_reward_term_means(out, "val/reward"),
+        }
         n = int(self.validation.n)
         if n > 1:
             metrics["val/reward/group_std_mean"] = group_reward_stats(reward, uids)["group_std_mean"]
         shown = min(len(reward), _VAL_GRID_MAX_IMAGES)
         captions = [f"{p[:40]} | r={float(r):.2f}" for p, r in zip(prompts[:shown], reward[:shown], strict=True)]
         save_image_grid(
-            torch.cat(images)[:shown],
+            out.batch["images"][:shown],
             self.sample_dir / f"val_step_{step:05d}.png",
             captions=captions,
             ncols=n if n > 1 else None,
@@ -346,6 +403,23 @@ class FlowGRPOTrainer:
         )
 
 
+# Per-rank metrics that are maxima: merged by max over ranks (a mean would hide one rank's deviation).
+_MAX_MERGED_METRICS = frozenset({"actor/ratio_max_abs_dev"})
+
+
+def _reward_term_means(out: DataProto, prefix: str) -> dict[str, float]:
+    """``{prefix}/<name>/mean`` of each reward term when the reward has several (``reward.weights``)."""
+    terms = [k for k in list(out.batch.keys()) if k.startswith("reward_terms.")]  # a TensorDict iterates values
+    if len(terms) < 2:
+        return {}
+    return {f"{prefix}/{k.split('.', 1)[1]}/mean": float(out.batch[k].float().mean()) for k in terms}
+
+
 def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Merge the training ranks' metric dicts: the mean of each key, the max of those in ``_MAX_MERGED_METRICS``."""
     keys = {k for d in dicts for k in d}
-    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in sorted(keys)}
+    merged = {}
+    for k in sorted(keys):
+        values = [d[k] for d in dicts if k in d]
+        merged[k] = float(max(values) if k in _MAX_MERGED_METRICS else np.mean(values))
+    return merged

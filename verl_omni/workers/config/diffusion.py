@@ -50,10 +50,16 @@ class DiffusionRolloutConfig(BaseConfig):
             compute is bounded by ``cpu_threads``. The default 0.5 lets two replicas, a balancer and
             agent-loop workers share a small Ray (e.g. ``num_cpus=4``).
         cpu_threads: torch intra-op threads per replica on CPU (keep replicas x threads <= cores).
-        batch_invariant: on CPU, make a sample's result independent of the batch it ran in
-            (bit-identical): MKL in strict CNR mode (``MKL_CBWR=AVX2,STRICT``, set in the actor's
-            environment), the transformer without oneDNN, the VAE decoding one image at a time.
-            Ignored on GPU, where batched and alone agree only to rounding.
+        batch_invariant: make a sample's numbers independent of the batch it ran in: every network
+            call that touches samples (text encoders, transformer steps, VAE decode; in the trainer the
+            log-prob recompute and the reference pass) runs at exactly ``chunk_size`` samples, the last
+            chunk padded. On CPU also MKL in strict CNR mode (``MKL_CBWR=AVX2,STRICT``, set in the replica
+            and actor processes) and oneDNN off: bit-identical, and the trainer's recomputed log-prob
+            equals the stored one bit for bit. On GPU the shapes are fixed too, but bit-exactness is not
+            claimed (bf16 sampling vs fp32 training never is). See docs/advanced_features/determinism.md.
+        chunk_size: samples per network call under ``batch_invariant`` (with CFG the transformer sees
+            ``2 * chunk_size`` rows); ``1 <= chunk_size <= max_num_seqs``. Best a divisor of
+            ``max_num_seqs`` and of the actor's micro-batch, or padding wastes compute. Ignored otherwise.
     """
 
     _target_: str = "verl_omni.workers.config.diffusion.DiffusionRolloutConfig"
@@ -77,6 +83,7 @@ class DiffusionRolloutConfig(BaseConfig):
     ray_num_cpus: float = 0.5
     cpu_threads: int = 1
     batch_invariant: bool = True
+    chunk_size: int = 8
 
     def __post_init__(self) -> None:
         validate_diffusion_config(self, prefix=DIFFUSION_CONFIG_PREFIX)
@@ -157,3 +164,5 @@ def validate_diffusion_config(cfg: DiffusionRolloutConfig, prefix: str = DIFFUSI
         raise bad("cpu_threads", "must be an integer >= 1")
     if not isinstance(cfg.batch_invariant, bool):
         raise bad("batch_invariant", "must be true or false")
+    if not _is_int(cfg.chunk_size) or not 1 <= cfg.chunk_size <= cfg.max_num_seqs:
+        raise bad("chunk_size", f"must be an integer in [1, max_num_seqs={cfg.max_num_seqs}]")

@@ -12,14 +12,14 @@ import logging
 import numbers
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from verl_omni.pipelines.flow_match_sde import sample_flow_match_sde
+from verl_omni.utils.batch_invariant import map_chunks, mkl_is_strict, onednn
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
@@ -60,17 +60,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@contextmanager
-def _onednn(enabled: bool) -> Iterator[None]:
-    """Toggle oneDNN (mkldnn) for the block; unlike ``torch.backends.mkldnn.flags`` it leaves TF32 settings alone."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
 def resolve_torch_dtype(dtype: str, device: str, rollout_dtype: str | None = None) -> torch.dtype:
     """``auto``: float32 on CPU (exact, and bf16 matmuls are slow there), the rollout dtype on GPU."""
     if dtype == "auto":
@@ -108,11 +97,14 @@ class DiffusersEngine:
         self.pipe.to(self.device)
         self.transformer = self.pipe.transformer
         self.max_sequence_length = config.max_sequence_length or self.spec.default_max_sequence_length()
-        self.batch_invariant = bool(config.batch_invariant and self.device.type == "cpu")
-        if self.batch_invariant and not os.environ.get("MKL_CBWR", "").upper().endswith("STRICT"):
+        # Fixed chunks on any device; on CPU also oneDNN off (and MKL strict, from the process environment).
+        self.batch_invariant = bool(config.batch_invariant)
+        self.chunk_size: int | None = config.chunk_size if self.batch_invariant else None
+        self.use_onednn = not (self.batch_invariant and self.device.type == "cpu")
+        if self.batch_invariant and self.device.type == "cpu" and not mkl_is_strict():
             logger.warning(
-                "batch_invariant=True but MKL_CBWR is not a STRICT mode in this process: batched results may "
-                "differ from unbatched ones in the last bits (the replica sets it for its own actors)"
+                "batch_invariant=True but MKL_CBWR is not a STRICT mode in this process: results may depend on "
+                "the thread count (the replica sets it for its own actors)"
             )
         self.cache = PromptEmbeddingCache(config.prompt_cache_size)
         self.version = 0
@@ -142,16 +134,23 @@ class DiffusersEngine:
         """Run the text encoders once over ``texts``; per-text float32 ``(embeds (L, D), pooled (P,))`` on the host.
 
         Host memory keeps a large prompt cache off the GPU (an SD3.5 entry is about 5.5 MB in float32);
-        a batch moves its few rows to the device.
+        a batch moves its few rows to the device. Batch-invariant: chunks of ``chunk_size`` texts, padded
+        with empty prompts.
         """
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=texts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
+
+        def encode(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=chunk,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            return embeds, pooled
+
+        with onednn(enabled=self.use_onednn):
+            embeds, pooled = map_chunks(encode, [texts], self.chunk_size, fill="")
         self.texts_encoded += len(texts)
         embeds, pooled = embeds.float().cpu(), pooled.float().cpu()
         return [(embeds[i].clone(), pooled[i].clone()) for i in range(len(texts))]
@@ -206,13 +205,14 @@ class DiffusersEngine:
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode (B, C, h, w) latents to uint8 (B, 3, H, W) on CPU, as the SD3 pipeline post-processes."""
+        """VAE-decode (B, C, h, w) latents to uint8 (B, 3, H, W) on CPU, as the SD3 pipeline post-processes.
+
+        Batch-invariant: chunks of ``chunk_size`` latents, padded with zeros.
+        """
         vae = self.pipe.vae
         z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)
-        if self.batch_invariant:  # oneDNN convolutions round differently for different batch sizes
-            images = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
-        else:
-            images = vae.decode(z, return_dict=False)[0]
+        with onednn(enabled=self.use_onednn):
+            images = map_chunks(lambda zc: vae.decode(zc, return_dict=False)[0], [z], self.chunk_size, fill=0.0)
         return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
     @torch.no_grad()
@@ -251,7 +251,7 @@ class DiffusersEngine:
             params.height // self.spec.vae_scale_factor,
             params.width // self.spec.vae_scale_factor,
         )
-        with _onednn(enabled=not self.batch_invariant):  # oneDNN kernels round differently per batch size
+        with onednn(enabled=self.use_onednn):
             traj = sample_flow_match_sde(
                 self.transformer,
                 sigmas,
@@ -264,6 +264,7 @@ class DiffusersEngine:
                 guidance_scale=params.guidance_scale,
                 noise_level=params.noise_level,
                 sde_window=params.sde_window,
+                chunk_size=self.chunk_size,
             )
         images = self._decode(traj.final_latents)
 

@@ -13,21 +13,16 @@ the ``rollout.diffusion`` section are validated in the constructor, before any a
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import ray
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
+from verl_omni.utils.batch_invariant import cpu_process_env
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
 from verl_omni.workers.rollout.diffusers_server import DiffusersRolloutServer
-
-# MKL's strict conditional-numerical-reproducibility mode makes GEMM results independent of the
-# number of rows (a sample's result independent of its batch). It must be set before MKL loads,
-# hence in the actor's environment. AVX2 code paths run on every x86-64 CPU from the last decade.
-BATCH_INVARIANT_MKL_CBWR = "AVX2,STRICT"
 
 
 class DiffusersRolloutReplica(RolloutReplica):
@@ -94,11 +89,7 @@ class DiffusersRolloutReplica(RolloutReplica):
         """Environment of the server actor's process: thread counts and, on CPU, MKL's batch-invariant mode."""
         if device != "cpu":
             return {}
-        threads = str(self.diffusion_config.cpu_threads)
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        if self.diffusion_config.batch_invariant:
-            env["MKL_CBWR"] = os.environ.get("MKL_CBWR", BATCH_INVARIANT_MKL_CBWR)
-        return env
+        return cpu_process_env(self.diffusion_config.cpu_threads, self.diffusion_config.batch_invariant)
 
     async def launch_servers(self) -> None:
         """Start the server actor, wait until its model is loaded, and expose it to ``LLMServerManager``."""

@@ -10,11 +10,11 @@ concurrent ``generate`` calls; a single batching loop admits them into fused den
 - a batch runs in the server's one engine thread, so the event loop keeps admitting while it
   computes, and weight updates are ordered between batches.
 
-Every request draws its noise from its own seeded generator, so its image does not depend on the
-batch it ran in: bit-identical on CPU with ``diffusion.batch_invariant`` (the default; tested). On GPU
-cuBLAS/cuDNN pick kernels by batch size, so batched and lone results agree only up to the rounding
-of the model dtype, amplified over the denoising steps; that tolerance has not been measured (no GPU
-in the test environment): compare a lone and a batched request before relying on a bound.
+Every request draws its noise from its own seeded generator, and with ``diffusion.batch_invariant`` (the
+default) every network call runs at exactly ``chunk_size`` samples, so its image does not depend on the
+batch it ran in: bit-identical on CPU (tested). On GPU the shapes are fixed the same way, but
+bit-identity has not been measured (no GPU in the test environment); without batch-invariant mode
+cuBLAS/cuDNN pick kernels by batch size and batched and lone results agree only to rounding.
 """
 
 from __future__ import annotations
@@ -344,6 +344,7 @@ class DiffusersRolloutServer:
             "model_version": self.engine.version,
             "device": str(self.engine.device),
             "batch_invariant": self.engine.batch_invariant,
+            "chunk_size": self.engine.chunk_size,
             "max_num_seqs": self.config.max_num_seqs,
             "admission_window_ms": self.config.admission_window_ms,
         }

@@ -1,0 +1,129 @@
+"""Batch-invariant mode end to end on the tiny model: a sample's bits do not depend on its batch-mates, and the
+trainer recomputes the rollout's log-probs bit for bit.
+
+The engine runs in a Ray task with the replica's process environment (``MKL_CBWR`` strict must be set before
+MKL loads, so not in this test process) and the actor in a ``RayWorkerGroup`` with the recipe's
+``worker_env``. Bit equality is asserted because the fixed chunk shape guarantees it on any x86-64 CPU, idle
+or loaded: every network call of a sample runs at exactly ``chunk_size`` samples.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import ray
+import torch
+from verl.protocol import DataProto
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+from recipes.flowgrpo.config_compose import compose_recipe
+from verl_omni.utils.batch_invariant import cpu_process_env
+from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
+
+pytestmark = pytest.mark.integration
+
+# CFG on: the transformer sees [negative; positive] rows of one chunk, and the trainer must build the same layout.
+SAMPLING = {"num_inference_steps": 4, "guidance_scale": 4.5, "height": 32, "width": 32}
+CHUNK = 4
+
+
+def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[str, int]]]) -> list[list[Any]]:
+    """One engine; each run is one fused batch of (prompt, seed) requests. Returns the DiffusionOutputs."""
+    from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+    from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest
+    from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
+
+    torch.set_num_threads(1)
+    cfg = DiffusionRolloutConfig.from_config(config)
+    engine = DiffusersEngine(model_path, cfg)
+    outputs = []
+    for run in runs:
+        requests = [
+            EngineRequest(f"r{i}", prompt, resolve_sampling_params({"seed": seed}, cfg, engine.spec))
+            for i, (prompt, seed) in enumerate(run)
+        ]
+        outputs.append(engine.run_batch(requests))
+    return outputs
+
+
+def _remote_engine_runs(model_path: str, runs: list[list[tuple[str, int]]], **config: Any) -> list[list[Any]]:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable by workers
+    task = ray.remote(_engine_runs).options(num_cpus=1, runtime_env={"env_vars": cpu_process_env(1, True)})
+    return ray.get(task.remote(model_path, {**SAMPLING, "chunk_size": CHUNK, **config}, runs))
+
+
+def test_one_sample_alone_in_a_full_batch_and_in_a_ragged_batch_has_the_same_bits(ray_local, tiny_model_path):
+    target = ("a red cube", 3)
+    mates = [(f"a {c} sphere", 100 + i) for i, c in enumerate(("blue", "green", "white", "black", "pink"))]
+    runs = [
+        [target],  # alone: one chunk padded from 1 to 4
+        [mates[0], target, mates[1], mates[2]],  # a full chunk, other prompts around it
+        [mates[3], mates[4], target],  # ragged: 3 of 4
+        [*mates, target],  # two chunks: 4 + a ragged 2, the target in the second at another position
+    ]
+    results = _remote_engine_runs(tiny_model_path, runs)
+    found = [
+        next(o for o, request in zip(outs, run, strict=True) if request == target)
+        for outs, run in zip(results, runs, strict=True)
+    ]
+    assert [o.extra_fields["batch_size"] for o in found] == [1, 4, 3, 6]
+    alone = found[0]
+    assert alone.log_probs.shape == (4,) and alone.image.dtype == torch.uint8
+    for other in found[1:]:
+        for field in ("image", "latents", "next_latents", "log_probs", "prompt_embeds", "negative_prompt_embeds"):
+            assert torch.equal(getattr(other, field), getattr(alone, field)), (other.extra_fields["batch_size"], field)
+
+
+def _train_batch(outputs: list[Any]) -> DataProto:
+    """The trainer's update batch from rollout outputs, as the agent loop and trainer assemble it."""
+    fields = {
+        "latents": "latents",
+        "next_latents": "next_latents",
+        "sigmas": "sigmas",
+        "sigmas_next": "sigmas_next",
+        "old_log_probs": "log_probs",
+        "prompt_embeds": "prompt_embeds",
+        "pooled_prompt_embeds": "pooled_prompt_embeds",
+        "negative_prompt_embeds": "negative_prompt_embeds",
+        "negative_pooled_prompt_embeds": "negative_pooled_prompt_embeds",
+    }
+    tensors = {key: torch.stack([getattr(o, name) for o in outputs]) for key, name in fields.items()}
+    tensors["advantages"] = torch.linspace(-1.0, 1.0, len(outputs))
+    return DataProto.from_dict(tensors=tensors)
+
+
+def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_model_path):
+    """A real rollout (fused 6 + 2, CFG), then the actor with ragged 3-sample micro-batches padded to the chunk
+    and the full-model reference pass (KL): before the update the ratio is exactly 1 and the KL exactly 0."""
+    runs = [[(f"prompt {i % 2}", i) for i in range(6)], [("prompt 1", 6), ("prompt 0", 7)]]
+    outputs = [o for run in _remote_engine_runs(tiny_model_path, runs) for o in run]
+    cfg = compose_recipe(
+        f"actor_rollout_ref.model.path={tiny_model_path}",
+        *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
+        f"actor_rollout_ref.rollout.diffusion.chunk_size={CHUNK}",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=8",  # one optimizer step, after every micro-batch
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",  # 3, 3, 2 rows, each padded to 4
+        "actor_rollout_ref.actor.use_kl_loss=true",
+        "actor_rollout_ref.actor.kl_loss_coef=0.04",
+    )
+    pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix="bit_exact")
+    group = RayWorkerGroup(
+        resource_pool=pool,
+        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
+        name_prefix="bit_exact",
+        device_name="cpu",
+        worker_env=actor_worker_env(cfg, use_gpu=False),
+    )
+    try:
+        group.init_model()
+        (metrics,) = group.update_policy(_train_batch(outputs))
+    finally:
+        for worker in group.workers:
+            ray.kill(worker)
+        for pg in pool.pgs or []:
+            ray.util.remove_placement_group(pg)
+    assert metrics["actor/ratio_max_abs_dev"] == 0.0
+    assert metrics["actor/log_ratio_abs_mean"] == 0.0
+    assert metrics["actor/kl"] == 0.0  # policy and reference (same weights) give the same means, bit for bit
