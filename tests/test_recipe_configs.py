@@ -99,7 +99,7 @@ def test_sd35_config_validates_on_one_8_gpu_node(sd35_env: dict[str, Path]) -> N
     assert (cfg.trainer.test_freq, cfg.trainer.val_before_train, cfg.data.val_batch_size) == (25, True, 64)
     assert num_rollout_replicas(cfg) == 4 and cfg.trainer.n_gpus_per_node == 4
     assert cfg.ray_kwargs.ray_init.num_cpus is None  # no CPU cap, and joining a cluster forbids one
-    assert {"console", "tensorboard", "file"} <= set(cfg.trainer.logger)
+    assert {"tensorboard", "file"} <= set(cfg.trainer.logger)
 
     # Every stage splits evenly: replicas, agent-loop workers, training ranks, mini- and micro-batches.
     samples = cfg.data.train_batch_size * rollout.n

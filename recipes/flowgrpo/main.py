@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.flowgrpo.validate import validate_recipe_config
+from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
 
@@ -42,6 +43,10 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         "log_to_driver": True,
         **{k: v for k, v in ray_init.items() if v is not None},
     }
+    quiet_known_noise()
+    runtime_env = dict(ray_init.get("runtime_env") or {})
+    runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
+    ray_init["runtime_env"] = runtime_env
     available_gpus = None  # this machine's GPUs; a cluster's are only known once connected (cheap)
     if _joins_cluster(cfg) and not ray.is_initialized():
         ray.init(**ray_init)

@@ -222,7 +222,14 @@ class FlowGRPOTrainer:
         tracker = self._tracker_factory()
         save_freq = int(self.config.trainer.get("save_freq", -1) or -1)
         algo = self.config.algorithm
-        bar = tqdm(range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps)
+        print(
+            f"Outputs in {self.run_dir}/: samples/ (image grids), reward_curve.png, "
+            f"metrics_from_step{self.start_step}.jsonl, tensorboard/, checkpoints/"
+        )
+        # a bar on a terminal only (disable=None): in a log file the per-step lines say the same
+        bar = tqdm(
+            range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps, disable=None
+        )
         bar.set_description("FlowGRPO")
         try:
             for step in bar:
@@ -231,13 +238,14 @@ class FlowGRPOTrainer:
                 metrics = self._train_step(step, algo)
                 self.history.append({"step": step, **metrics})
                 tracker.log(data={**metrics, **val_metrics}, step=step)
-                bar.set_postfix(self._postfix(metrics))
+                tqdm.write(self._console_line(step, metrics, val_metrics))
                 done = step + 1
                 if save_freq > 0 and (done % save_freq == 0 or done == self.total_steps):
                     self._save(done)
             if self.start_step < self.total_steps and self.validates_at(self.total_steps):
-                tracker.log(data=self._validate(self.total_steps), step=self.total_steps)
-                bar.set_postfix(self._postfix(self.history[-1]))
+                val_metrics = self._validate(self.total_steps)
+                tracker.log(data=val_metrics, step=self.total_steps)
+                tqdm.write(f"validation after step {self.total_steps}: val {val_metrics['val/reward/mean']:.3f}")
         finally:
             bar.close()
             for backend in getattr(tracker, "logger", {}).values():
@@ -320,12 +328,23 @@ class FlowGRPOTrainer:
         keep[top_up] = True
         return batch.select_idxs(keep), kept / len(keep)
 
-    def _postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        """The progress bar's summary: this step's reward and KL, and the latest validation reward."""
-        postfix = {"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics.get('actor/kl', 0.0):.2e}"}
-        if self.val_history:
-            postfix["val"] = f"{self.val_history[-1]['val/reward/mean']:.3f}"
-        return postfix
+    def _console_line(self, step: int, metrics: dict[str, float], val_metrics: dict[str, float]) -> str:
+        """One short line per step; every metric is in the tracker (jsonl, tensorboard).
+
+        ``val`` (when validated at this step) scores the policy this step's rollout sampled from.
+        ``ratio_dev`` is max |ratio - 1| before the first update: 0 when training is exactly on-policy.
+        """
+        width = len(str(self.total_steps))
+        parts = [f"step {step + 1:>{width}}/{self.total_steps}", f"reward {metrics['reward/mean']:.3f}"]
+        if val_metrics:
+            parts.append(f"val {val_metrics['val/reward/mean']:.3f}")
+        parts += [
+            f"kl {metrics.get('actor/kl', 0.0):.1e}",
+            f"clip {metrics.get('actor/clip_frac', 0.0):.2f}",
+            f"ratio_dev {metrics.get('actor/ratio_max_abs_dev', float('nan')):.1e}",
+            f"{metrics['timing_s/step']:.2f}s",
+        ]
+        return "  ".join(parts)
 
     def _validate(self, step: int) -> dict[str, float]:
         """Sample every validation row with the current policy, the ``diffusion_val`` overrides and the fixed

@@ -81,6 +81,12 @@ class DiffusersEngine:
     ):
         from diffusers import DiffusionPipeline
         from diffusers.pipelines import pipeline_utils
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        # A replica loads local files once: per-component loading bars (from every replica) only add noise.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
         self.spec = DiffusersModelSpec.from_path(model_path)
         self.config = config
