@@ -1,14 +1,19 @@
-"""One diffusers replica's throughput: fused batches vs one request at a time, prompt cache on vs off.
+"""One diffusers replica's throughput: batch-invariant vs free batching, fused batches vs one request at a
+time, prompt cache on vs off.
 
 Runs ``DiffusersRolloutServer`` in-process (no Ray: a Ray call costs about as much as a tiny-model
 image and would blur the engine comparison) on the tiny SD3 model, FlowGRPO training settings by
-default (10 steps, CFG 4.5, the model's default size, noise level 0.7, batch-invariant mode as the replica runs it).
-Every configuration is timed in interleaved rounds in this one run and the median is reported, so
-ratios are side by side under the same machine load.
+default (10 steps, CFG 4.5, the model's default size, noise level 0.7). Every configuration is timed in
+interleaved rounds in this one run and the median is reported, so ratios are side by side under the same
+machine load.
 
-Part 1: B concurrent requests (B copies of one prompt, distinct seeds) on a server that fuses them
-(``max_num_seqs=B``) vs one that runs them one at a time (``max_num_seqs=1``), B = 1, 4, 8, 16.
-Part 2: fused groups of 8 copies, a new prompt per group, with the prompt cache (each distinct text
+Part 1: batch-invariant mode (``MKL_CBWR=AVX2,STRICT``, oneDNN off, every network call at ``chunk_size``
+8 samples, the last chunk padded) vs free batching (MKL's default dispatch, oneDNN on, one call per fused
+batch), B concurrent copies of one prompt, B = 3 (a ragged chunk), 8 (one chunk), 16 (two chunks). MKL's
+mode is fixed when MKL loads, so each mode serves from its own spawned process (used one at a time).
+Part 2: B concurrent requests on a server that fuses them (``max_num_seqs=B``) vs one that runs them
+one at a time (``max_num_seqs=1``), B = 1, 4, 8, 16; batch-invariant with ``chunk_size=max_num_seqs``.
+Part 3: fused groups of 8 copies, a new prompt per group, with the prompt cache (each distinct text
 encoded once) vs without (every request encodes its prompt and its negative prompt).
 
     python -m benchmarks.rollout_bench [--model DIR] [--steps 10] [--rounds 5] [--threads 1]
@@ -16,30 +21,32 @@ encoded once) vs without (every request encodes its prompt and its negative prom
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import multiprocessing as mp
 import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-# Like the replica's actors: MKL in strict reproducibility mode (set before torch loads MKL).
-os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from verl_omni.models.tiny_sd3 import ensure_tiny_sd3  # noqa: E402
-from verl_omni.workers.rollout.diffusers_server import DiffusersRolloutServer  # noqa: E402
+# torch (and so MKL) is imported inside functions: the modes' processes set MKL_CBWR before it loads.
 
 BATCH_SIZES = (1, 4, 8, 16)
+MODE_BATCH_SIZES = (3, 8, 16)
+CHUNK = 8
 GROUP = 8
+STRICT_MKL = "AVX2,STRICT"
 
 
-def _server(model: str, threads: int, **config) -> DiffusersRolloutServer:
+def _server(model: str, threads: int, **config: Any) -> Any:
+    from verl_omni.workers.rollout.diffusers_server import DiffusersRolloutServer
+
     return DiffusersRolloutServer(model, {"cpu_threads": threads, "admission_window_ms": 10.0, **config})
 
 
-async def _burst(server: DiffusersRolloutServer, prompts: list[str], seed0: int, params: dict) -> float:
+async def _burst(server: Any, prompts: list[str], seed0: int, params: dict) -> float:
     """Seconds to serve ``prompts`` submitted concurrently."""
     start = time.perf_counter()
     await asyncio.gather(
@@ -48,17 +55,79 @@ async def _burst(server: DiffusersRolloutServer, prompts: list[str], seed0: int,
     return time.perf_counter() - start
 
 
+def _mode_worker(conn: Any, model: str, threads: int, invariant: bool, params: dict) -> None:
+    """A process serving one mode: answers ``(batch, images, seed0)`` with the seconds to serve the images."""
+    loop = asyncio.new_event_loop()
+    server = _server(model, threads, max_num_seqs=16, batch_invariant=invariant, chunk_size=CHUNK)
+    loop.run_until_complete(_burst(server, ["warm-up"] * 2, 10**9, params))
+    conn.send(os.environ.get("MKL_CBWR"))
+    while (message := conn.recv()) is not None:
+        batch, images, seed = message
+        total = 0.0
+        for i in range(images // batch):
+            total += loop.run_until_complete(_burst(server, ["a photo of a cat"] * batch, seed + i * batch, params))
+        conn.send(total)
+    loop.run_until_complete(server.close())
+
+
+def _start_mode(model: str, threads: int, invariant: bool, params: dict) -> tuple[Any, Any, str | None]:
+    """Spawn a mode's process with MKL's mode in its environment (restored here after the start)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    saved = os.environ.get("MKL_CBWR")
+    if invariant:
+        os.environ["MKL_CBWR"] = saved or STRICT_MKL
+    else:
+        os.environ.pop("MKL_CBWR", None)
+    try:
+        proc = ctx.Process(target=_mode_worker, args=(child, model, threads, invariant, params), daemon=True)
+        proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop("MKL_CBWR", None)
+        else:
+            os.environ["MKL_CBWR"] = saved
+    return proc, parent, parent.recv()
+
+
+def compare_modes(model: str, threads: int, rounds: int, params: dict) -> dict[str, Any]:
+    """Part 1: images/s of each mode and batch size, median of interleaved rounds."""
+    images = 48  # per measurement: a multiple of every batch size
+    modes = {"invariant": True, "free": False}
+    started = {name: _start_mode(model, threads, inv, params) for name, inv in modes.items()}
+    times: dict[tuple[str, int], list[float]] = {}
+    seed = 0
+    try:
+        for _ in range(rounds):
+            for b in MODE_BATCH_SIZES:
+                for name in modes:
+                    _, conn, _ = started[name]
+                    conn.send((b, images, seed))
+                    times.setdefault((name, b), []).append(images / conn.recv())
+                seed += images
+    finally:
+        for proc, conn, _ in started.values():
+            conn.send(None)
+            proc.join(timeout=60)
+    return {
+        "img_s": {key: statistics.median(v) for key, v in times.items()},
+        "mkl_cbwr": {name: started[name][2] for name in modes},
+    }
+
+
 async def run(model: str, steps: int, rounds: int, threads: int) -> None:
     params = {"num_inference_steps": steps, "guidance_scale": 4.5, "noise_level": 0.7}
+    modes = compare_modes(model, threads, rounds, params)
+
     images = 32  # per measurement, for every batch size
-    fused = {b: _server(model, threads, max_num_seqs=b) for b in BATCH_SIZES}
-    single = _server(model, threads, max_num_seqs=1)
+    fused = {b: _server(model, threads, max_num_seqs=b, chunk_size=b) for b in BATCH_SIZES}
+    single = _server(model, threads, max_num_seqs=1, chunk_size=1)
     cached = _server(model, threads, max_num_seqs=GROUP)
     uncached = _server(model, threads, max_num_seqs=GROUP, prompt_cache_size=0)
     times: dict[str, list[float]] = {}
     seed = 0
 
-    async def measure(name: str, server: DiffusersRolloutServer, batch: int, fresh_prompts: bool) -> None:
+    async def measure(name: str, server: Any, batch: int, fresh_prompts: bool) -> None:
         nonlocal seed
         total = 0.0
         for _ in range(images // batch):
@@ -82,17 +151,27 @@ async def run(model: str, steps: int, rounds: int, threads: int) -> None:
     spec = single.engine.spec
     print(
         f"model={model}\nsettings: {steps} steps, CFG 4.5, {spec.default_height}x{spec.default_width}, "
-        f"noise_level 0.7, torch threads={threads}, "
-        f"batch_invariant=True (MKL_CBWR={os.environ.get('MKL_CBWR')}), in-process server, "
-        f"median of {rounds} interleaved rounds of {images} images"
+        f"noise_level 0.7, torch threads={threads}, in-process server, median of {rounds} interleaved rounds"
     )
-    print("\nPart 1: fused batch vs one request at a time (B concurrent copies of one prompt)")
+    cbwr = modes["mkl_cbwr"]
+    print(
+        f"\nPart 1: batch-invariant (chunk_size {CHUNK}, MKL_CBWR={cbwr['invariant']}, oneDNN off) vs free batching "
+        f"(MKL_CBWR={cbwr['free']}, oneDNN on); B concurrent copies of one prompt, 48 images per measurement"
+    )
+    print(f"{'B':>4} {'invariant img/s':>16} {'free img/s':>11} {'invariant / free':>17}")
+    for b in MODE_BATCH_SIZES:
+        inv, free = modes["img_s"][("invariant", b)], modes["img_s"][("free", b)]
+        print(f"{b:>4} {inv:>16.1f} {free:>11.1f} {inv / free:>16.2f}x")
+    print(
+        f"\nPart 2: fused batch vs one request at a time (B concurrent copies of one prompt; batch-invariant, "
+        f"chunk_size = max_num_seqs; MKL_CBWR={os.environ.get('MKL_CBWR')}), {images} images per measurement"
+    )
     print(f"{'B':>4} {'fused img/s':>12} {'one-at-a-time img/s':>20} {'fused / one-at-a-time':>22}")
     for b in BATCH_SIZES:
         f, s = med[f"fused-{b}"], med[f"single-{b}"]
         print(f"{b:>4} {f:>12.1f} {s:>20.1f} {f / s:>21.2f}x")
     on, off = med["cache-on"], med["cache-off"]
-    print(f"\nPart 2: prompt cache, fused groups of {GROUP} copies of a new prompt each (CFG negative shared)")
+    print(f"\nPart 3: prompt cache, fused groups of {GROUP} copies of a new prompt each (CFG negative shared)")
     print(f"{'cache on img/s':>15} {'cache off img/s':>16} {'on / off':>9}")
     print(f"{on:>15.1f} {off:>16.1f} {on / off:>8.2f}x")
     stats_on, stats_off = await cached.get_stats(), await uncached.get_stats()
@@ -111,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
     args = parser.parse_args(argv)
+    # Parts 2 and 3 run here, like the replica's actors: MKL in strict mode, set before torch loads MKL.
+    os.environ.setdefault("MKL_CBWR", STRICT_MKL)
+    from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
+
     model = args.model or str(ensure_tiny_sd3(Path(tempfile.gettempdir()) / "verl_omni_models"))
     asyncio.run(run(model, args.steps, args.rounds, args.threads))
 

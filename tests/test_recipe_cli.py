@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
         ("data.train_files=/nonexistent/prompts.txt", "data.train_files="),
         ("data.val_files=/nonexistent/val.txt", "data.val_files='/nonexistent/val.txt': file not found"),
         ("trainer.test_freq=-2", "trainer.test_freq=-2 is not valid; valid choices:"),
+        ("+trainer.totl_training_steps=3", "did you mean trainer.total_training_steps?"),
+        ("actor_rollout_ref.actor.timestep_fraction=0", "timestep_fraction=0 is outside the valid range (0, 1]"),
         (
             "actor_rollout_ref.rollout.diffusion.chunk_size=0",
             "actor_rollout_ref.rollout.diffusion.chunk_size=0 must be an integer in [1, max_num_seqs=16]",

@@ -258,6 +258,27 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
             ["trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.ppo_mini_batch_size=5"],
             r"actor_rollout_ref\.actor\.ppo_mini_batch_size=5 must be a multiple of the 2 training ranks",
         ),
+        (["actor_rollout_ref.actor.optim.lr=-1"], r"actor\.optim\.lr=-1 must be a finite number > 0"),
+        (["actor_rollout_ref.actor.clip_ratio=-1"], r"actor\.clip_ratio=-1 must be a finite number > 0"),
+        (["algorithm.adv_clip_max=-1"], r"algorithm\.adv_clip_max=-1 must be a finite number > 0 or null"),
+        (
+            ["actor_rollout_ref.actor.ppo_epochs=0"],
+            r"actor_rollout_ref\.actor\.ppo_epochs=0 must be a positive integer",
+        ),
+        (["trainer.max_actor_ckpt_to_keep=0"], r"trainer\.max_actor_ckpt_to_keep=0 must be a positive integer or null"),
+        (
+            ["trainer.resume_mode=bogus"],
+            r"trainer\.resume_mode='bogus' is not valid; valid choices: auto, disable, resume",
+        ),
+        (["trainer.resume_mode=resume_path"], r"trainer\.resume_from_path=None is not a checkpoint directory"),
+        (
+            ["trainer.default_local_dir=/proc/verl_omni_run"],
+            r"trainer\.default_local_dir='/proc/verl_omni_run' is not wri",
+        ),
+        (
+            ["+trainer.totl_training_steps=3"],
+            r"trainer\.totl_training_steps is not a key .*did you mean trainer\.total_tr",
+        ),
         (
             ["actor_rollout_ref.actor.kl_form=exact"],
             r"kl_form='exact' is not valid; valid choices: reference, transition",
@@ -316,6 +337,15 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
         "bad-mixed-precision",
         "batch-over-ranks",
         "mini-batch-over-ranks",
+        "negative-lr",
+        "negative-clip",
+        "negative-adv-clip",
+        "zero-epochs",
+        "keep-zero-checkpoints",
+        "bogus-resume-mode",
+        "resume-path-without-path",
+        "unwritable-output",
+        "plus-added-typo",
         "unknown-kl-form",
         "zero-timestep-fraction",
         "timestep-fraction-above-1",
@@ -334,9 +364,12 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
 def test_bad_config_raises_naming_the_key(tiny_env: None, tmp_path: Path, overrides: list[str], pattern: str) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    cfg = compose_recipe(TINY, [o.replace("EMPTY", str(empty)) for o in overrides])
+    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    if not any(o.startswith("trainer.default_local_dir") for o in overrides):
+        overrides.append(f"trainer.default_local_dir={tmp_path / 'run'}")
+    cfg = compose_recipe(TINY, overrides)
     with pytest.raises(ValueError, match=pattern):
-        validate_recipe_config(cfg, available_gpus=0)
+        validate_recipe_config(cfg, available_gpus=0, overrides=overrides)
 
 
 # ------------------------------------------------------------------ shell scripts
@@ -458,3 +491,28 @@ def test_gpu_smoke_installs_through_make_when_a_gpu_is_listed(tmp_path: Path) ->
     result = subprocess.run(["bash", str(SMOKE_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 7
     assert (tmp_path / "make_calls").read_text().split() == ["install"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["actor_rollout_ref.rollout.diffusion.height=30"], r"actor_rollout_ref\.rollout\.diffusion\.height=30"),
+        (["+actor_rollout_ref.rollout.diffusion_val.width=70"], r"actor_rollout_ref\.rollout\.diffusion_val\.width=70"),
+        (
+            ["actor_rollout_ref.model.lora_rank=4", "actor_rollout_ref.model.target_modules=[to_q,nope]"],
+            r"target_modules has \['nope'\], which match no module of the transformer; module names end in e\.g\.",
+        ),
+    ],
+    ids=["height-off-the-vae-grid", "val-width-off-the-grid", "unknown-lora-target"],
+)
+def test_model_dependent_settings_are_checked_from_its_configs(
+    tiny_env: None, tmp_path_factory: pytest.TempPathFactory, overrides: list[str], pattern: str
+) -> None:
+    from recipes.flowgrpo.validate import validate_model_options
+    from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
+
+    path = str(ensure_tiny_sd3(tmp_path_factory.getbasetemp() / "models"))
+    validate_model_options(compose_recipe(TINY), path)  # the defaults pass
+    validate_model_options(compose_recipe(TINY, ["actor_rollout_ref.model.lora_rank=4"]), path)
+    with pytest.raises(ValueError, match=pattern):
+        validate_model_options(compose_recipe(TINY, overrides), path)

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipes.flowgrpo.validate import validate_recipe_config
+from recipes.flowgrpo.validate import validate_model_options, validate_recipe_config
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
@@ -31,8 +32,11 @@ def _joins_cluster(cfg: DictConfig) -> bool:
     return bool(os.environ.get("RAY_ADDRESS") or ray_init.get("address"))
 
 
-def run(cfg: DictConfig) -> list[dict[str, float]]:
-    """Validate, start Ray and the actors, train; returns the per-step metric history."""
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, float]]:
+    """Validate, start Ray and the actors, train; returns the per-step metric history.
+
+    ``overrides`` are the command line's (Hydra's task overrides): keys they add with ``+`` are refused.
+    """
     import ray
 
     # Resolve once, here: env vars and interpolations mean the driver's values on every node.
@@ -53,7 +57,8 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     if ray.is_initialized():
         available_gpus = int(ray.cluster_resources().get("GPU", 0))
     try:
-        prompts = validate_recipe_config(cfg, available_gpus=available_gpus)  # before a local Ray or any model
+        # before a local Ray or any model
+        prompts = validate_recipe_config(cfg, available_gpus=available_gpus, overrides=overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -69,6 +74,10 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     if cfg.actor_rollout_ref.model.get("path") is None:
         with open_dict(cfg):
             cfg.actor_rollout_ref.model.path = str(ensure_tiny_sd3(TINY_MODEL_CACHE))
+    try:
+        validate_model_options(cfg, cfg.actor_rollout_ref.model.path)  # its configs only, still before Ray
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     run_dir = Path(cfg.trainer.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -124,7 +133,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
 @hydra.main(config_path="config", config_name="flowgrpo_tiny", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        run(cfg, overrides=list(HydraConfig.get().overrides.task))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

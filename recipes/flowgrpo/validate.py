@@ -3,7 +3,10 @@ and is raised before Ray or any model starts."""
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -94,6 +97,133 @@ def _flowgrpo_options(cfg: DictConfig, diffusion: DiffusionRolloutConfig) -> Non
     validate_ema_options(ema.get("enable", False), ema.get("decay", 0.9), ema.get("update_every", 8))
 
 
+_RESUME_MODES = ("auto", "disable", "resume_path")
+# Sections whose keys are free-form (a reward's options, Ray's init arguments): `+` may add keys there.
+_OPEN_SECTIONS = (
+    "reward.kwargs.",
+    "reward.weights.",
+    "ray_kwargs.",
+    "hydra.",
+    "actor_rollout_ref.rollout.diffusion_val.",
+)
+
+
+def _number(cfg: DictConfig, dotted: str, low: float, *, strict: bool, nullable: bool = False) -> None:
+    """``dotted`` must be a finite number ``> low`` (``strict``) or ``>= low``; null too when ``nullable``."""
+    node: Any = OmegaConf.select(cfg, dotted)
+    if node is None and nullable:
+        return
+    ok = not isinstance(node, bool) and isinstance(node, int | float) and math.isfinite(node)
+    if not ok or node < low or (strict and node == low):
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ValueError(f"{dotted}={node!r} must be a finite number {bound}{' or null' if nullable else ''}")
+
+
+def _training_options(cfg: DictConfig) -> None:
+    """Numbers and enums of the training loop that would otherwise fail late (or silently do nothing)."""
+    _number(cfg, "actor_rollout_ref.actor.optim.lr", 0, strict=True)
+    _number(cfg, "actor_rollout_ref.actor.optim.weight_decay", 0, strict=False)
+    _number(cfg, "actor_rollout_ref.actor.clip_ratio", 0, strict=True)
+    _number(cfg, "actor_rollout_ref.actor.grad_clip", 0, strict=True)
+    _number(cfg, "algorithm.adv_clip_max", 0, strict=True, nullable=True)
+    _positive_int(cfg, "actor_rollout_ref.actor.ppo_epochs")  # 0 epochs would train nothing and exit 0
+    if not isinstance(cfg.algorithm.get("global_std", False), bool):
+        raise ValueError(f"algorithm.global_std={cfg.algorithm.global_std!r} is not valid; valid choices: true, false")
+    trainer = cfg.trainer
+    keep = trainer.get("max_actor_ckpt_to_keep")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"trainer.max_actor_ckpt_to_keep={keep!r} must be a positive integer or null (keep all)")
+    mode = trainer.get("resume_mode", "auto")
+    if mode not in _RESUME_MODES:
+        raise ValueError(f"trainer.resume_mode={mode!r} is not valid; valid choices: {', '.join(_RESUME_MODES)}")
+    if mode == "resume_path":
+        path = trainer.get("resume_from_path")
+        if not path or not Path(path).expanduser().is_dir():
+            raise ValueError(
+                f"trainer.resume_from_path={path!r} is not a checkpoint directory (needed by resume_mode=resume_path)"
+            )
+    for key in ("save_freq", "sample_freq", "seed"):
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"trainer.{key}={value!r} must be an integer")
+    _check_writable("trainer.default_local_dir", str(trainer.default_local_dir))
+
+
+def _check_writable(key: str, directory: str) -> None:
+    """The nearest existing ancestor of ``directory`` takes a new file (tried, not read off permissions: root
+    passes every permission check yet cannot write to, say, /proc)."""
+    out = Path(directory).expanduser().absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".verl_omni_write_probe"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{key}={directory!r} is not writable: {err}") from None
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse keys a `+key=value` (or `++`) override added outside the free-form sections.
+
+    Hydra's `+` succeeds only for a key the config does not have, so such a key is unknown to the recipe:
+    most likely a misspelling, which would otherwise be ignored silently.
+    """
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0].strip()
+        if key.startswith(_OPEN_SECTIONS) or key in ("reward.kwargs", "reward.weights"):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        siblings = OmegaConf.select(cfg, parent) if parent else cfg
+        known = [k for k in (siblings.keys() if isinstance(siblings, DictConfig) else []) if k != leaf]
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        raise ValueError(f"{key} is not a key of the recipe config (added with {override.split('=')[0]}){hint}")
+
+
+def validate_model_options(cfg: DictConfig, model_path: str) -> None:
+    """Checks that need the model's configs (never its weights): image sizes, LoRA target modules.
+
+    Run once the model path is known (the tiny model is built first), still before Ray starts.
+    """
+    from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+
+    spec = DiffusersModelSpec.from_path(model_path)
+    rollout = cfg.actor_rollout_ref.rollout
+    for section in ("diffusion", "diffusion_val"):
+        for key in ("height", "width"):
+            value = OmegaConf.select(rollout, f"{section}.{key}")
+            if value is not None:
+                spec.check_image_size(f"actor_rollout_ref.rollout.{section}.{key}", value)
+    model = cfg.actor_rollout_ref.model
+    if int(model.get("lora_rank", 0) or 0) > 0:
+        targets = model.get("target_modules")
+        targets = [targets] if isinstance(targets, str) else list(targets or [])
+        names = _transformer_module_names(model_path)
+        missing = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+            raise ValueError(
+                f"actor_rollout_ref.model.target_modules has {missing}, which match no module of the transformer; "
+                f"module names end in e.g. {leaves[:12]}"
+            )
+
+
+def _transformer_module_names(model_path: str) -> list[str]:
+    """The transformer's module names, built on the meta device from its config.json (no weights read)."""
+    import diffusers
+    import torch
+
+    index = json.loads((Path(model_path) / "model_index.json").read_text())
+    cls = getattr(diffusers, index["transformer"][1])
+    config = cls.load_config(str(Path(model_path) / "transformer"))
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return [name for name, _ in model.named_modules()]
+
+
 def num_rollout_replicas(cfg: DictConfig) -> int:
     """Replica count as verl's LLMServerManager computes it in standalone mode."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -101,9 +231,12 @@ def num_rollout_replicas(cfg: DictConfig) -> int:
     return (rollout.n_gpus_per_node * rollout.nnodes) // per_replica
 
 
-def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -> RecipePrompts:
+def validate_recipe_config(
+    cfg: DictConfig, available_gpus: int | None = None, overrides: list[str] | None = None
+) -> RecipePrompts:
     """Check the config; returns the training and validation prompts. ``available_gpus`` defaults to this
-    machine's."""
+    machine's; ``overrides`` (the command line's) are checked for keys added with ``+``."""
+    check_added_keys(cfg, list(overrides or []))
     prompt_key = cfg.data.get("prompt_key", "prompt")
     train_files = cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE)
     prompts = load_prompts(train_files, prompt_field=prompt_key, key=TRAIN_FILES_KEY)
@@ -128,6 +261,7 @@ def validate_recipe_config(cfg: DictConfig, available_gpus: int | None = None) -
 
     reward_specs(cfg.get("reward"))
     _flowgrpo_options(cfg, diffusion)
+    _training_options(cfg)
 
     n = rollout.get("n")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:

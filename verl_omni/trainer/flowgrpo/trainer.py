@@ -27,6 +27,9 @@ from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 logger = logging.getLogger(__name__)
 
+# Errors that mean a rollout replica's actor is gone (not that a request was bad).
+_REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+
 # Tensors the policy update needs; everything else in the rollout batch stays on the driver.
 # Per-step tensors (second dim = recorded denoising steps) are cut to the trained steps first.
 _PER_STEP_KEYS = ("latents", "next_latents", "sigmas", "sigmas_next", "old_log_probs")
@@ -96,6 +99,7 @@ class FlowGRPOTrainer:
         )
         self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
         self.drop_zero_advantage = bool(config.algorithm.get("drop_zero_advantage", True))
+        self.replicas_lost = 0
         self.version = 0
         self.start_step = 0
         self.history: list[dict[str, float]] = []
@@ -166,12 +170,24 @@ class FlowGRPOTrainer:
         # One object-store copy shared by all replicas; top-level ObjectRef kwargs arrive resolved.
         refs = {key: ray.put(value) for key, value in weights.items()}
         version = self._ema_version() if ema else self.version
-        futures = [
-            server.update_weights.remote(**refs, version=version)
+        pending = [
+            (replica, server.update_weights.remote(**refs, version=version))
             for replica in self.replicas
             for server in replica.servers
         ]
-        ray.get(futures)
+        lost = []
+        for replica, future in pending:
+            try:
+                ray.get(future)
+            except _REPLICA_GONE as err:  # the client's failover already routes around it; stop syncing it
+                logger.warning("rollout replica %s is gone (%s); training continues without it", replica, err)
+                if all(replica is not gone for gone in lost):
+                    lost.append(replica)
+        if lost:
+            self.replicas = [r for r in self.replicas if all(r is not gone for gone in lost)]
+            self.replicas_lost += len(lost)
+            if not self.replicas:
+                raise RuntimeError("every rollout replica is gone: nothing left to sample with")
         return time.perf_counter() - start
 
     def _make_batch(self, rows: Any, validate: bool = False) -> DataProto:
@@ -295,6 +311,7 @@ class FlowGRPOTrainer:
             "advantages/kept_fraction": kept_fraction,
             "actor/trained_steps": float(self.trained_steps),
             "rollout/model_version": float(self.version - 1),
+            "rollout/replicas_lost": float(self.replicas_lost),
             **_reward_term_means(out, "reward"),
             **{f"reward/{k}": float(v) for k, v in group_reward_stats(rewards, uids).items()},
             **actor_metrics,
