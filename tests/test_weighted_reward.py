@@ -63,3 +63,36 @@ def test_a_failed_score_stops_with_the_reward_and_prompt_never_zero(prompt, mess
     reward = WeightedReward.from_config({"name": "test_constant_by_prompt"})
     with pytest.raises(RewardError, match=message):
         reward(_images(1), [prompt])
+
+
+def test_a_reward_by_import_path_function_and_class(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_for_test.py").write_text(
+        "import torch\n"
+        "def brightness(images, prompts, scale=1.0):\n"
+        "    return images.float().mean(dim=(1, 2, 3)) / 255 * scale\n"
+        "class Constant:\n"
+        "    def __init__(self, value=0.5):\n"
+        "        self.value = value\n"
+        "    def __call__(self, images, prompts):\n"
+        "        return torch.full((len(prompts),), self.value)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = WeightedReward.from_config(
+        {
+            "name": None,
+            "weights": {"my_rewards_for_test:brightness": 1.0, "my_rewards_for_test:Constant": 2.0},
+            "kwargs": {
+                "my_rewards_for_test:brightness": {"scale": 2.0},
+                "my_rewards_for_test:Constant": {"value": 0.25},
+            },
+        }
+    )
+    total, terms = reward(_images(), ["a", "b"])
+    torch.testing.assert_close(terms["my_rewards_for_test:brightness"], torch.full((2,), 2 * 200 / 255))
+    torch.testing.assert_close(total, torch.full((2,), 2 * 200 / 255 + 0.5))
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['scal'\] .*valid options: \['scale'\]"):
+        reward_specs({"name": "my_rewards_for_test:brightness", "kwargs": {"scal": 1}})
+    with pytest.raises(ValueError, match=r"reward\.name='no_such_module_xyz:f': cannot import 'no_such_module_xyz'"):
+        reward_specs({"name": "no_such_module_xyz:f"})
+    with pytest.raises(ValueError, match=r"module 'my_rewards_for_test' has no callable 'nope'"):
+        reward_specs({"name": "my_rewards_for_test:nope"})

@@ -1,17 +1,16 @@
 """Weak local pretraining of the tiny SD3 pipeline, so the CPU demo has something RL can improve.
 
-The randomly initialised tiny model draws colour noise that barely depends on the prompt: its VAE decoder cannot map
-latents to flat colours and RL alone does not move a colour reward (measured: see recipes/flowgrpo/README.md). This
-module starts from :func:`~verl_omni.models.tiny_sd3.build_tiny_sd3_pipeline` and, in well under a minute on two
-cores, trains on generated scenes (:mod:`verl_omni.models.color_scenes`):
+The randomly initialised tiny model draws colour noise that barely depends on the prompt, and RL alone does not move
+a colour reward on it (measured: see recipes/flowgrpo/README.md). The pretrained variant keeps the tiny model's text
+encoders and transformer architecture and, in seconds on two cores:
 
-1. the VAE to autoencode the scenes (MSE plus a small KL), then sets its ``shift_factor`` / ``scaling_factor`` to the
-   latents' mean and 1/std, as SD3's are;
-2. the transformer with flow matching (SD3's rectified-flow loss) on the scenes' latents and captions.
+1. swaps in a hand-set VAE (:mod:`verl_omni.models.color_vae`): latents are 8x8-averaged colours, decoded exactly;
+2. trains the transformer with flow matching (SD3's rectified-flow loss) on the latents of generated scenes
+   (:mod:`verl_omni.models.color_scenes`) and their captions.
 
 The captions name each shape's object but a colour drawn at random (``color_agreement`` 0 by default): the model
-learns to draw flat coloured shapes, and which object a prompt names, but not which colour it asks for. That is what
-RL on ``geneval_color`` has to teach it. Text encoders and tokenizers stay as built.
+learns to draw flat coloured shapes, and which shape a prompt's object is, but not which colour the prompt asks for.
+That is what RL on ``geneval_color`` has to teach it.
 
 Usage::
 
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from verl_omni.models.color_scenes import COLORS, OBJECTS, caption, random_scenes
+from verl_omni.models.color_vae import color_vae
 from verl_omni.models.tiny_sd3 import (
     T5_MAX_LENGTH,
     TINY_SD3_HEIGHT,
@@ -49,10 +49,6 @@ class PretrainOptions:
     """The pretraining recipe; written to the stamp, so a cache built with other options is rebuilt."""
 
     size: int = TINY_SD3_HEIGHT
-    vae_steps: int = 300
-    vae_batch: int = 16
-    vae_lr: float = 3e-3
-    vae_kl_weight: float = 1e-4
     transformer_steps: int = 400
     transformer_batch: int = 32
     transformer_lr: float = 1e-3
@@ -67,28 +63,10 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="Pretraining the tiny model (first use only)", disable=not enabled, leave=False)
 
 
-def _train_vae(vae, opts: PretrainOptions, generator: torch.Generator, bar) -> None:
-    vae.train().requires_grad_(True)
-    optim = torch.optim.Adam(vae.parameters(), lr=opts.vae_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=opts.vae_steps)
-    for _ in range(opts.vae_steps):
-        x = random_scenes(opts.vae_batch, opts.size, generator).images
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        recon = vae.decode(z).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + opts.vae_kl_weight * posterior.kl().mean() / z[0].numel()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        schedule.step()
-        bar.update(1)
-        bar.set_postfix(stage="vae", loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def _encode_scenes(vae, opts: PretrainOptions, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Scaled latents ``(N, C, h, w)`` of ``num_latents`` scenes and their captions; sets the VAE's scaling."""
+    """Scaled latents ``(N, C, h, w)`` of ``num_latents`` scenes and their captions; sets the VAE's
+    ``shift_factor`` / ``scaling_factor`` to the latents' mean and 1/std, as SD3's are."""
     scenes = random_scenes(opts.num_latents, opts.size, generator, color_agreement=opts.color_agreement)
     z = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in scenes.images.split(256)])
     shift, scale = z.mean().item(), 1.0 / z.std().item()
@@ -147,10 +125,11 @@ def build_pretrained_tiny_sd3_pipeline(
 ) -> StableDiffusion3Pipeline:
     """The tiny pipeline of ``seed``, weakly pretrained on generated scenes; a pure function of its arguments."""
     opts = options or PretrainOptions()
-    pipe = build_tiny_sd3_pipeline(seed)
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**{**build_tiny_sd3_pipeline(seed).components, "vae": color_vae(opts.size)})
     generator = torch.Generator().manual_seed(seed)
-    with _progress(opts.vae_steps + opts.transformer_steps, progress) as bar:
-        _train_vae(pipe.vae, opts, generator, bar)
+    with _progress(opts.transformer_steps, progress) as bar:
         latents, captions = _encode_scenes(pipe.vae, opts, generator)
         _train_transformer(pipe, latents, captions, opts, generator, bar)
     return pipe

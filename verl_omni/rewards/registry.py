@@ -3,10 +3,18 @@
 A reward is any callable ``(images, prompts) -> scores`` where ``images`` is a uint8 tensor of shape
 ``(B, 3, H, W)``, ``prompts`` a list of ``B`` strings and ``scores`` a float32 tensor of shape ``(B,)``.
 The registry stores factories (usually classes) so that options such as a model path reach the reward.
+
+A reward outside the package needs no registration: ``reward.name: my_rewards:brightness`` imports
+``brightness`` from the module ``my_rewards`` in every process that scores (the recipe's Ray workers run in
+the driver's working directory; on a multi-node cluster ship the module with Ray's ``runtime_env``). A class
+there is a factory like the registered ones; a function is the reward itself and ``reward.kwargs`` are
+passed to each call as keyword arguments.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -54,16 +62,36 @@ def get_reward_fn(name: str, **kwargs) -> RewardFn:
     and naming the reward's valid options for an unknown keyword, so a config typo fails before any work.
     """
     check_reward_options(name, kwargs)
-    return _REGISTRY[name](**kwargs)
+    factory, is_function = _resolve(name)
+    return functools.partial(factory, **kwargs) if is_function else factory(**kwargs)
+
+
+def _resolve(name: str) -> tuple[Callable, bool]:
+    """``(factory or function, is_function)`` for a registered name or a ``module:attribute`` path."""
+    _import_builtin_rewards()
+    if name in _REGISTRY:
+        return _REGISTRY[name], False
+    if not isinstance(name, str) or ":" not in name:
+        raise ValueError(
+            f"Unknown {REWARD_NAME_KEY}={name!r}; valid choices: {sorted(_REGISTRY)} or 'package.module:function'"
+        )
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # a broken user module must be reported at start-up, whatever it raised
+        raise ValueError(f"{REWARD_NAME_KEY}={name!r}: cannot import {module_name!r}: {err!r}") from None
+    obj = getattr(module, attribute, None)
+    if obj is None or not callable(obj):
+        raise ValueError(f"{REWARD_NAME_KEY}={name!r}: module {module_name!r} has no callable {attribute!r}")
+    return obj, not inspect.isclass(obj)
 
 
 def check_reward_options(name: str, kwargs: dict, key: str = "reward.kwargs") -> None:
-    """Check that ``name`` is registered and its factory takes every option in ``kwargs``, building nothing."""
-    _import_builtin_rewards()
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ValueError(f"Unknown {REWARD_NAME_KEY}={name!r}; valid choices: {sorted(_REGISTRY)}")
+    """Check that ``name`` resolves and takes every option in ``kwargs``, building nothing."""
+    factory, is_function = _resolve(name)
     params = inspect.signature(factory).parameters
+    if is_function:  # (images, prompts, **options)
+        params = dict(list(params.items())[2:])
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any:
         unknown = sorted(set(kwargs) - set(params))

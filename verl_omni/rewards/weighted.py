@@ -52,6 +52,10 @@ def _plain(section: Any) -> dict[str, Any]:
     return dict(section)
 
 
+def _is_import_path(name: Any) -> bool:
+    return isinstance(name, str) and ":" in name
+
+
 def reward_specs(section: Any) -> list[RewardSpec]:
     """Parse and check the ``reward`` section (names, weights, options) without building any reward model.
 
@@ -66,8 +70,11 @@ def reward_specs(section: Any) -> list[RewardSpec]:
     if not isinstance(kwargs, Mapping):
         raise ValueError(f"{REWARD_KEY}.kwargs={kwargs!r} must be a mapping")
     if weights is None:
-        if name not in valid:
-            raise ValueError(f"{REWARD_KEY}.name={name!r} is not a known reward; valid choices: {list(valid)}")
+        if name not in valid and not _is_import_path(name):
+            raise ValueError(
+                f"{REWARD_KEY}.name={name!r} is not a known reward; valid choices: {list(valid)} or "
+                "'package.module:function'"
+            )
         specs = [RewardSpec(name, 1.0, dict(kwargs))]
     else:
         if name is not None:
@@ -81,7 +88,7 @@ def reward_specs(section: Any) -> list[RewardSpec]:
             )
         specs = []
         for key, weight in weights.items():
-            if key not in valid:
+            if key not in valid and not _is_import_path(key):
                 raise ValueError(f"{REWARD_KEY}.weights has {key!r}, not a known reward; valid choices: {list(valid)}")
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
                 raise ValueError(f"{REWARD_KEY}.weights.{key}={weight!r} must be a finite number")
