@@ -52,10 +52,11 @@ from verl.protocol import DataProto
 from recipes.flowgrpo.config_compose import compose_recipe
 from recipes.flowgrpo.data import prompt_uid
 from verl_omni.agent_loop import OmniAgentLoopManager
-from verl_omni.pipelines.flow_match_sde import predict_velocity, sde_step_with_logprob
+from verl_omni.pipelines.flow_match_sde import predict_velocity, sde_step_with_logprob, standard_normal
 from verl_omni.utils.arrays import object_column
+from verl_omni.utils.batch_invariant import map_chunks, onednn
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest, _onednn
+from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
@@ -376,10 +377,14 @@ def _cost_mix(model_path: str, cfg: DiffusionRolloutConfig, batch_sizes: list[in
                     do_classifier_free_guidance=False, max_sequence_length=engine.max_sequence_length,
                 )  # fmt: skip
 
+            def chunk_step(x: torch.Tensor, e: Any, p: Any, ne: Any, npo: Any, z: torch.Tensor) -> torch.Tensor:
+                v = predict_velocity(engine.transformer, x, sigmas[0], e, p, ne, npo, params.guidance_scale)
+                return sde_step_with_logprob(v, x, sigmas[0], sigmas[1], params.noise_level, noise=z).log_prob
+
             def step(x: torch.Tensor = x, e: Any = embeds, p: Any = pooled, n: Any = neg, g: Any = gens) -> None:
-                with _onednn(enabled=not engine.batch_invariant):
-                    v = predict_velocity(engine.transformer, x, sigmas[0], e, p, n[0], n[1], params.guidance_scale)
-                    sde_step_with_logprob(v, x, sigmas[0], sigmas[1], params.noise_level, generator=g)
+                z = standard_normal(x.shape, g, x.device)
+                with onednn(enabled=engine.use_onednn):  # in chunks, as the engine's sampler runs a step
+                    map_chunks(chunk_step, [x, e, p, n[0], n[1], z], engine.chunk_size)
 
             def generate(b: int = b) -> None:  # b copies of one new prompt: one group, as affinity batches it
                 prompt = f"cost mix prompt {next(counter)}"

@@ -302,3 +302,16 @@ def test_bad_count_is_rejected_before_counting(bad):
     with pytest.raises(ValueError, match=r"count=.* must be a positive integer"):
         lb.release_server("replica-0", count=bad)
     assert lb.get_total_inflight() == 0 and lb.get_status()["acquire_calls"] == 0
+
+
+def test_servers_registered_with_none_handles_are_removed_and_readded():
+    """verl's own tests register ``None`` handles: removal must not depend on the handle's truth value."""
+    lb = OmniRequestLoadBalancer(servers={"s0": None, "s1": None})
+    lb.remove_servers(["s1"])
+    assert "s1" not in lb.get_status()["servers"] and lb.get_all_servers() == ["s0"]
+    assert lb.acquire_server(request_id="r1")[0] == "s0"
+    lb.add_servers({"s1": None})
+    assert sorted(lb.get_all_servers()) == ["s0", "s1"]
+    lb.remove_servers(["s0", "s1", "s1"])  # unknown / repeated ids are ignored
+    with pytest.raises(RuntimeError, match="No available servers"):
+        lb.acquire_server(request_id="r2")

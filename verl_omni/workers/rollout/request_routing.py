@@ -172,8 +172,9 @@ class OmniRequestLoadBalancer:
     def remove_servers(self, server_ids: list[str]) -> None:
         """Remove servers; sticky entries that point to them are re-routed on next use."""
         for server_id in server_ids:
-            if self._servers.pop(server_id, None) is None:
+            if server_id not in self._servers:  # unknown or already removed (a handle itself may be None)
                 continue
+            del self._servers[server_id]
             self._sorted_ids.pop(bisect.bisect_left(self._sorted_ids, server_id))
             self._load.remove(server_id)
         logger.info("[OmniRequestLoadBalancer] removed %d servers", len(server_ids))
