@@ -66,7 +66,7 @@ elif ((status != 0)); then
   exit "$status"
 fi
 
-METRICS="$RUN_DIR/metrics_from_step0.jsonl"
+METRICS="$RUN_DIR/metrics.jsonl"
 [[ -s "$METRICS" ]] || {
   echo "FAIL gpu_smoke: no metrics at $METRICS" >&2
   exit 1

@@ -78,7 +78,7 @@ def plain_run(tmp_path_factory, cache) -> Path:
 
 def test_two_steps_train_end_to_end(two_step_run, cache):
     assert (cache / "tiny_sd3").is_dir()  # built locally on first use
-    rows = _metrics(two_step_run / "metrics_from_step0.jsonl")
+    rows = _metrics(two_step_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 2: the validation after the last step
     for row in rows[:2]:
         data = row["data"]
@@ -100,7 +100,7 @@ def test_two_steps_train_end_to_end(two_step_run, cache):
 def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_run):
     """val/* at step 0 (before training) and 2 (after the last step), from 8 shipped prompts x 1 ODE sample; the
     training metrics equal those of a run without validation, bit for bit."""
-    rows = _metrics(two_step_run / "metrics_from_step0.jsonl")
+    rows = _metrics(two_step_run / "metrics.jsonl")
     before, after = rows[0]["data"], rows[2]["data"]
     assert "val/reward/mean" not in rows[1]["data"]
     assert set(after) == {"val/reward/mean", "val/reward/std", "val/timing_s"}  # the final row is validation only
@@ -108,7 +108,7 @@ def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_
         assert math.isfinite(val["val/reward/mean"]) and val["val/reward/std"] > 0.0
     assert before["val/reward/mean"] != after["val/reward/mean"]  # two updates changed the policy's samples
 
-    plain = _metrics(plain_run / "metrics_from_step0.jsonl")
+    plain = _metrics(plain_run / "metrics.jsonl")
     assert [r["step"] for r in plain] == [0, 1, 2] and not list((plain_run / "samples").glob("val_*.png"))
     for with_val, without in zip(rows[:2], plain[:2], strict=True):
         keys = {k for k in without["data"] if k.startswith(TRAINING_PREFIXES)}
@@ -116,20 +116,42 @@ def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_
         assert {k: with_val["data"][k] for k in keys} == {k: without["data"][k] for k in keys}
 
 
+def test_gpu_smoke_checker_accepts_a_real_two_step_run(two_step_run, tmp_path):
+    """tests/gpu_smoke/run.sh checks the run's metrics with an embedded script: it must read what the recipe
+    writes (2 training steps plus the validation line after the last one). Only the GPU run itself needs a GPU."""
+    script = (REPO / "tests" / "gpu_smoke" / "run.sh").read_text()
+    checker = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    (tmp_path / "check.py").write_text(checker)
+    gpu_log = tmp_path / "gpu_processes.csv"
+    gpu_log.write_text("101, 900 MiB\n102, 900 MiB\n")
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(two_step_run / "metrics.jsonl"), str(gpu_log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reward/mean" in proc.stdout and "== validation at step 2" in proc.stdout
+    assert "processes seen on the GPU: 2" in proc.stdout
+
+
 def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cache):
     # test_freq=2: the resumed run validates the checkpoint's policy before step 2, then after the last step
+    first_run = _metrics(two_step_run / "metrics.jsonl")
     _main(two_step_run, cache, "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=2")
-    resumed = _metrics(two_step_run / "metrics_from_step2.jsonl")
-    assert [r["step"] for r in resumed] == [2, 3]
+    # one metrics file: the steps logged before the checkpoint, then the resumed ones; the first launch's
+    # final validation at step 2 is replaced by the resumed run's step 2, never duplicated
+    rows = _metrics(two_step_run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[:2] == first_run[:2]
+    resumed = rows[2:]
 
-    straight = _metrics(plain_run / "metrics_from_step0.jsonl")
+    straight = _metrics(plain_run / "metrics.jsonl")
     # same prompts, seeds and weights: the resumed step is the uninterrupted run's step, bit for bit (in
     # batch-invariant mode a sample does not depend on what the admission window fused it with, so machine load
     # cannot change it)
     for key in ("reward/mean", "reward/std", "actor/pg_loss", "actor/grad_norm"):
         assert resumed[0]["data"][key] == straight[2]["data"][key], key
     # fixed validation seeds: the same policy (after 2 steps) validated in another process scores the same
-    first_run = _metrics(two_step_run / "metrics_from_step0.jsonl")
     assert resumed[0]["data"]["val/reward/mean"] == first_run[2]["data"]["val/reward/mean"]
 
 
@@ -176,7 +198,7 @@ def test_lora_with_kl_and_cfg_is_on_policy_and_syncs_the_adapter(cache, tmp_path
         "actor_rollout_ref.actor.optim.lr=1e-3",
         "actor_rollout_ref.rollout.diffusion.guidance_scale=3.0",
     )
-    rows = [r["data"] for r in _metrics(run_dir / "metrics_from_step0.jsonl") if "reward/mean" in r["data"]]
+    rows = [r["data"] for r in _metrics(run_dir / "metrics.jsonl") if "reward/mean" in r["data"]]
     assert len(rows) == 2  # the training steps (validation after the last one logs a line of its own)
     for data in rows:
         # CFG in sampling and recomputation agree, and so does the [negative; positive] row layout: bit for bit
@@ -186,22 +208,3 @@ def test_lora_with_kl_and_cfg_is_on_policy_and_syncs_the_adapter(cache, tmp_path
     step, path = find_latest_checkpoint(run_dir / "checkpoints")
     trainable = load_checkpoint(path, weights_only=False)["actor"]["trainable"]
     assert trainable and all("lora" in name for name in trainable)  # only the adapter is trained and saved
-
-
-def test_gpu_smoke_checker_accepts_a_real_two_step_run(two_step_run, tmp_path):
-    """tests/gpu_smoke/run.sh checks the run's metrics with an embedded script: it must read what the recipe
-    writes (2 training steps plus the validation line after the last one). Only the GPU run itself needs a GPU."""
-    script = (REPO / "tests" / "gpu_smoke" / "run.sh").read_text()
-    checker = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
-    (tmp_path / "check.py").write_text(checker)
-    gpu_log = tmp_path / "gpu_processes.csv"
-    gpu_log.write_text("101, 900 MiB\n102, 900 MiB\n")
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "check.py"), str(two_step_run / "metrics_from_step0.jsonl"), str(gpu_log)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reward/mean" in proc.stdout and "== validation at step 2" in proc.stdout
-    assert "processes seen on the GPU: 2" in proc.stdout

@@ -3,6 +3,7 @@ and periodic validation of the current policy on fixed prompts and seeds."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,6 +27,8 @@ from verl_omni.utils.visualize import save_image_grid, save_reward_curve
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
 
 # Errors that mean a rollout replica's actor is gone (not that a request was bad).
 _REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
@@ -108,15 +111,31 @@ class FlowGRPOTrainer:
 
     # ---------------------------------------------------------------- helpers
     def _default_tracker(self) -> Tracking:
+        """verl's ``Tracking``; its ``file`` backend writes ``metrics.jsonl``, one line per step across resumes.
+
+        verl's file logger truncates its file, so the lines of the steps before ``start_step`` are carried over
+        (from a ``.prev`` copy that survives a crash at this point); steps replayed after the checkpoint are
+        logged again, once.
+        """
         os.environ.setdefault("TENSORBOARD_DIR", str(self.run_dir / "tensorboard"))
-        os.environ["VERL_FILE_LOGGER_PATH"] = str(self.run_dir / f"metrics_from_step{self.start_step}.jsonl")
-        backends = list(self.config.trainer.logger)
-        return Tracking(
+        metrics_file = self.run_dir / METRICS_FILE
+        previous = metrics_file.with_name(METRICS_FILE + ".prev")
+        if metrics_file.exists() and not previous.exists():
+            os.replace(metrics_file, previous)
+        kept = _lines_before_step(previous, self.start_step) if previous.exists() else []
+        os.environ["VERL_FILE_LOGGER_PATH"] = str(metrics_file)
+        tracker = Tracking(
             project_name=self.config.trainer.project_name,
             experiment_name=self.config.trainer.experiment_name,
-            default_backend=backends,
+            default_backend=list(self.config.trainer.logger),
             config=OmegaConf.to_container(self.config, resolve=True),
         )
+        file_logger = getattr(tracker, "logger", {}).get("file")
+        if file_logger is not None:
+            file_logger.fp.write(b"".join(kept))
+            os.fsync(file_logger.fp.fileno())
+            previous.unlink(missing_ok=True)
+        return tracker
 
     def _resume(self) -> None:
         mode = self.config.trainer.get("resume_mode", "auto")
@@ -240,7 +259,7 @@ class FlowGRPOTrainer:
         algo = self.config.algorithm
         print(
             f"Outputs in {self.run_dir}/: samples/ (image grids), reward_curve.png, "
-            f"metrics_from_step{self.start_step}.jsonl, tensorboard/, checkpoints/"
+            f"{METRICS_FILE}, tensorboard/, checkpoints/"
         )
         # a bar on a terminal only (disable=None): in a log file the per-step lines say the same
         bar = tqdm(
@@ -441,6 +460,19 @@ class FlowGRPOTrainer:
 
 # Per-rank metrics that are maxima: merged by max over ranks (a mean would hide one rank's deviation).
 _MAX_MERGED_METRICS = frozenset({"actor/ratio_max_abs_dev"})
+
+
+def _lines_before_step(path: Path, step: int) -> list[bytes]:
+    """The JSON lines of ``path`` logged for steps before ``step`` (a torn last line is dropped)."""
+    kept = []
+    for line in path.read_bytes().splitlines():
+        try:
+            logged = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(logged, dict) and isinstance(logged.get("step"), int) and logged["step"] < step:
+            kept.append(line + b"\n")
+    return kept
 
 
 def _reward_term_means(out: DataProto, prefix: str) -> dict[str, float]:
