@@ -130,3 +130,20 @@ def test_bad_group_dispatch_names_key_and_value(bad):
         RolloutServerRoutingConfig.from_config(
             {"group_dispatch": bad}, prefix="actor_rollout_ref.rollout.server_routing"
         )
+
+
+def test_the_recipe_composes_the_one_server_routing_yaml():
+    """configs/server_routing.yaml is the only copy: the package's config group links to it, and a value changed
+    in that file reaches the composed recipe."""
+    from recipes.flowgrpo.config_compose import compose_recipe
+
+    shipped = REPO / "configs" / "server_routing.yaml"
+    packaged = REPO / "verl_omni" / "trainer" / "config" / "server_routing.yaml"
+    assert packaged.resolve() == shipped.resolve()
+    original = shipped.read_text()
+    try:
+        shipped.write_text(original.replace("cache_size: 10000", "cache_size: 4321"))
+        assert compose_recipe().actor_rollout_ref.rollout.server_routing.cache_size == 4321
+    finally:
+        shipped.write_text(original)
+    assert compose_recipe().actor_rollout_ref.rollout.server_routing.cache_size == 10000

@@ -31,7 +31,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 
 from verl_omni.pipelines.flow_match_sde import compute_log_prob
 from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std
-from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn
+from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.ema import EMAWeights
@@ -157,6 +157,10 @@ class DiffusionActorWorker(Worker):
         # MKL strict from the worker's environment), so step 0 reproduces the stored log-probs bit for bit.
         self.chunk_size = diffusion.chunk_size if diffusion.batch_invariant else None
         self.use_onednn = not (diffusion.batch_invariant and self.device.type == "cpu")
+        # Some CPU kernels round differently with the thread count (measured: 1 and 2 threads agree, 3 and 4
+        # do not): the recompute's forward runs with the replicas' cpu_threads; backward keeps trainer.cpu_threads.
+        invariant_cpu = diffusion.batch_invariant and self.device.type == "cpu"
+        self.recompute_threads = diffusion.cpu_threads if invariant_cpu else None
         self.kl_form = str(actor.get("kl_form", "reference"))
         self.cfg_detach_uncond = bool(actor.get("cfg_detach_uncond", True))
         self._update_calls = 0
@@ -284,15 +288,16 @@ class DiffusionActorWorker(Worker):
 
     def _compute_log_prob(self, model: torch.nn.Module, step_args: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """``compute_log_prob`` as the replicas sampled: in chunks of exactly ``chunk_size`` rows (the last padded
-        by repeating a real row; padded outputs are dropped, so they get no gradient and no metric) without
-        oneDNN on CPU, under batch-invariant mode; on the whole micro-batch otherwise."""
+        by repeating a real row; padded outputs are dropped, so they get no gradient and no metric), on CPU
+        without oneDNN and with the replicas' thread count, under batch-invariant mode; on the whole micro-batch
+        otherwise."""
         names = [k for k, v in step_args.items() if v is None or isinstance(v, torch.Tensor)]
         params = {k: v for k, v in step_args.items() if k not in names}
 
         def call(*rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
             return compute_log_prob(model, **dict(zip(names, rows, strict=True)), **params)
 
-        with onednn(enabled=self.use_onednn):
+        with onednn(enabled=self.use_onednn), torch_threads(self.recompute_threads):
             return map_chunks(call, [step_args[k] for k in names], self.chunk_size)
 
     def _reference(self):
