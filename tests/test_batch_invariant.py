@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from verl_omni.trainer.flowgrpo.trainer import _mean_dicts
-from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, pad_rows
+from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, pad_rows, torch_threads
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 
@@ -67,6 +67,15 @@ def test_process_env_sets_threads_and_strict_mkl_only_when_batch_invariant(monke
     assert cpu_process_env(0, False) == {}
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE,STRICT")  # the driver's choice wins
     assert cpu_process_env(None, True) == {"MKL_CBWR": "COMPATIBLE,STRICT"}
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it():
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
 
 
 def test_rank_metrics_merge_by_mean_except_the_max_deviation():

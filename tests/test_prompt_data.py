@@ -152,8 +152,21 @@ def test_batcher_rejects_bad_sizes():
 # ------------------------------------------------------------------ validation rows
 def test_shipped_validation_prompts_are_few_and_not_training_prompts():
     val = load_prompts(DEFAULT_VAL_PROMPTS_FILE, key=VAL_FILES_KEY)
-    assert 4 <= len(val) <= 8 and len(set(val)) == len(val)
+    assert 8 <= len(val) <= 32 and len(set(val)) == len(val)
     assert not set(val) & set(load_prompts(DEFAULT_PROMPTS_FILE))
+
+
+def test_shipped_prompts_fit_the_default_colour_reward():
+    """Each prompt names one palette colour (geneval_color would refuse it otherwise); validation holds out
+    colour/object pairs, never a colour; every word fits the tiny model's T5 (16 tokens)."""
+    from verl_omni.models.tiny_sd3 import T5_MAX_LENGTH, _tiny_t5_tokenizer
+    from verl_omni.rewards.color import PALETTE, parse_color
+
+    train = load_prompts(DEFAULT_PROMPTS_FILE)
+    val = load_prompts(DEFAULT_VAL_PROMPTS_FILE, key=VAL_FILES_KEY)
+    assert {parse_color(p) for p in val} == {parse_color(p) for p in train} == set(PALETTE)
+    tokenizer = _tiny_t5_tokenizer()
+    assert max(len(tokenizer(p).input_ids) for p in train + val) <= T5_MAX_LENGTH
 
 
 def test_validation_files_errors_name_their_key(tmp_path):

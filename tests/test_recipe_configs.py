@@ -183,7 +183,7 @@ def test_tiny_config_validates_without_gpus(tiny_env: None) -> None:
     cfg = compose_recipe(TINY)
     assert cfg.actor_rollout_ref.model.path is None  # the built-in tiny model
     prompts = validate_recipe_config(cfg, available_gpus=0)
-    assert prompts.train and 4 <= len(prompts.val) <= 8  # data.val_files=null: the shipped validation prompts
+    assert prompts.train and 8 <= len(prompts.val) <= 32  # data.val_files=null: the shipped validation prompts
 
 
 def test_tiny_validation_follows_the_training_steps_with_ode_sampling(tiny_env: None) -> None:
@@ -196,9 +196,9 @@ def test_tiny_validation_follows_the_training_steps_with_ode_sampling(tiny_env: 
 
 def test_validation_prompts_load_like_training_prompts(tiny_env: None, tmp_path: Path) -> None:
     path = tmp_path / "val.jsonl"
-    path.write_text(json.dumps({"caption": "a teapot"}) + "\n")
+    path.write_text(json.dumps({"caption": "a blue teapot"}) + "\n")
     cfg = compose_recipe(TINY, [f"data.val_files=[{path}]", "data.prompt_key=caption", f"data.train_files={path}"])
-    assert validate_recipe_config(cfg, available_gpus=0).val == ["a teapot"]
+    assert validate_recipe_config(cfg, available_gpus=0).val == ["a blue teapot"]
 
 
 def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: None) -> None:
@@ -252,12 +252,13 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
         ),
         (
             ["trainer.n_gpus_per_node=3"],
-            r"rollout batch \(data\.train_batch_size x rollout\.n = 32\) must divide evenly over the 3 training ranks",
+            r"rollout batch \(data\.train_batch_size x rollout\.n = 64\) must divide evenly over the 3 training ranks",
         ),
         (
             ["trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.ppo_mini_batch_size=5"],
             r"actor_rollout_ref\.actor\.ppo_mini_batch_size=5 must be a multiple of the 2 training ranks",
         ),
+        (["data.val_files=NOCOLOR"], r"data\.val_files: reward 'geneval_color' cannot score a prompt: .*'a cat'"),
         (["actor_rollout_ref.actor.optim.lr=-1"], r"actor\.optim\.lr=-1 must be a finite number > 0"),
         (["actor_rollout_ref.actor.clip_ratio=-1"], r"actor\.clip_ratio=-1 must be a finite number > 0"),
         (["algorithm.adv_clip_max=-1"], r"algorithm\.adv_clip_max=-1 must be a finite number > 0 or null"),
@@ -337,6 +338,7 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
         "bad-mixed-precision",
         "batch-over-ranks",
         "mini-batch-over-ranks",
+        "prompt-without-colour",
         "negative-lr",
         "negative-clip",
         "negative-adv-clip",
@@ -364,7 +366,9 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
 def test_bad_config_raises_naming_the_key(tiny_env: None, tmp_path: Path, overrides: list[str], pattern: str) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    no_color = tmp_path / "no_color.txt"
+    no_color.write_text("a red car\na cat\n")
+    overrides = [o.replace("EMPTY", str(empty)).replace("NOCOLOR", str(no_color)) for o in overrides]
     if not any(o.startswith("trainer.default_local_dir") for o in overrides):
         overrides.append(f"trainer.default_local_dir={tmp_path / 'run'}")
     cfg = compose_recipe(TINY, overrides)

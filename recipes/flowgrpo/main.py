@@ -66,14 +66,14 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
 
     from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
     from verl_omni.agent_loop import OmniAgentLoopManager
-    from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
+    from verl_omni.models.tiny_pretrain import ensure_pretrained_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
     from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
     from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
     if cfg.actor_rollout_ref.model.get("path") is None:
         with open_dict(cfg):
-            cfg.actor_rollout_ref.model.path = str(ensure_tiny_sd3(TINY_MODEL_CACHE))
+            cfg.actor_rollout_ref.model.path = str(ensure_pretrained_tiny_sd3(TINY_MODEL_CACHE))
     try:
         validate_model_options(cfg, cfg.actor_rollout_ref.model.path)  # its configs only, still before Ray
     except ValueError as err:

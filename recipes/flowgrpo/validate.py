@@ -20,6 +20,7 @@ from recipes.flowgrpo.data import (
     load_prompts,
 )
 from verl_omni.agent_loop.sampling import sampling_params
+from verl_omni.rewards.registry import reward_factory
 from verl_omni.rewards.weighted import reward_specs
 from verl_omni.trainer.flowgrpo.loss import KL_FORMS
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
@@ -259,7 +260,14 @@ def validate_recipe_config(
         )
     _validation_options(cfg)
 
-    reward_specs(cfg.get("reward"))
+    for spec in reward_specs(cfg.get("reward")):
+        check_prompts = getattr(reward_factory(spec.name), "validate_prompts", None)
+        if check_prompts is not None:  # a reward that can only score some prompts says so before any work
+            for key, rows in ((TRAIN_FILES_KEY, prompts), (VAL_FILES_KEY, val_prompts)):
+                try:
+                    check_prompts(rows)
+                except ValueError as err:
+                    raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
     _flowgrpo_options(cfg, diffusion)
     _training_options(cfg)
 

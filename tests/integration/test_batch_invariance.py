@@ -35,8 +35,8 @@ def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[
     from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
-    torch.set_num_threads(1)
     cfg = DiffusionRolloutConfig.from_config(config)
+    torch.set_num_threads(cfg.cpu_threads)  # as the replica's server does
     engine = DiffusersEngine(model_path, cfg)
     outputs = []
     for run in runs:
@@ -50,8 +50,10 @@ def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[
 
 def _remote_engine_runs(model_path: str, runs: list[list[tuple[str, int]]], **config: Any) -> list[list[Any]]:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable by workers
-    task = ray.remote(_engine_runs).options(num_cpus=1, runtime_env={"env_vars": cpu_process_env(1, True)})
-    return ray.get(task.remote(model_path, {**SAMPLING, "chunk_size": CHUNK, **config}, runs))
+    config = {**SAMPLING, "chunk_size": CHUNK, **config}
+    env = cpu_process_env(config.get("cpu_threads", 1), config.get("batch_invariant", True))
+    task = ray.remote(_engine_runs).options(num_cpus=1, runtime_env={"env_vars": env})
+    return ray.get(task.remote(model_path, config, runs))
 
 
 def test_one_sample_alone_in_a_full_batch_and_in_a_ragged_batch_has_the_same_bits(ray_local, tiny_model_path):
@@ -96,13 +98,18 @@ def _train_batch(outputs: list[Any]) -> DataProto:
 
 def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_model_path):
     """A real rollout (fused 6 + 2, CFG), then the actor with ragged 3-sample micro-batches padded to the chunk
-    and the full-model reference pass (KL): before the update the ratio is exactly 1 and the KL exactly 0."""
+    and the full-model reference pass (KL): before the update the ratio is exactly 1 and the KL exactly 0.
+
+    The replica runs 3 threads and the trainer 1 (measured: 3 threads change the transformer's bits); the
+    actor recomputes with the replicas' count."""
     runs = [[(f"prompt {i % 2}", i) for i in range(6)], [("prompt 1", 6), ("prompt 0", 7)]]
-    outputs = [o for run in _remote_engine_runs(tiny_model_path, runs) for o in run]
+    outputs = [o for run in _remote_engine_runs(tiny_model_path, runs, cpu_threads=3) for o in run]
     cfg = compose_recipe(
         f"actor_rollout_ref.model.path={tiny_model_path}",
         *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
         f"actor_rollout_ref.rollout.diffusion.chunk_size={CHUNK}",
+        "actor_rollout_ref.rollout.diffusion.cpu_threads=3",
+        "trainer.cpu_threads=1",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",  # one optimizer step, after every micro-batch
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",  # 3, 3, 2 rows, each padded to 4
         "actor_rollout_ref.actor.use_kl_loss=true",

@@ -1,9 +1,10 @@
 """Generated images of coloured shapes with captions: the data of the tiny model's local pretraining.
 
-A scene is a solid background of one palette colour (of :mod:`verl_omni.rewards.color`) with one flat shape of
-another. Each object word of the colour prompts is drawn as a fixed shape, so the caption's object means something
-the model can learn; whether the caption's colour word agrees with the shape's colour is a knob
-(``color_agreement``), so pretraining can leave colour adherence for RL to learn.
+A scene is one palette colour (of :mod:`verl_omni.rewards.color`): a solid background with one flat shape in a
+lighter or darker shade of it, so the colour covers the image (the colour reward counts pixels). Each object word of
+the colour prompts is drawn as a fixed shape, so the caption's object means something (the demo's short pretraining
+learns little of it: a shade over a few 8x8 latent cells); whether the caption's colour word agrees with the scene's
+colour is a knob (``color_agreement``), so pretraining can leave colour adherence for RL to learn.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from verl_omni.rewards.color import PALETTE
 
 COLORS: tuple[str, ...] = tuple(PALETTE)
-# The object words of recipes/flowgrpo/data/color_*prompts.txt, two per shape.
+# The object words of recipes/flowgrpo/data/prompts.txt and val_prompts.txt, two per shape.
 OBJECT_SHAPES: dict[str, str] = {
     "car": "square",
     "bus": "square",
@@ -45,7 +46,13 @@ class SceneBatch:
 
     images: torch.Tensor
     captions: list[str]
-    colors: torch.Tensor  # (B,) index into COLORS of the shape's colour
+    colors: torch.Tensor  # (B,) index into COLORS of the scene's colour
+
+
+def shade(rgb: torch.Tensor, amount: float = 0.4) -> torch.Tensor:
+    """A darker shade of light colours and a lighter one of dark colours (0..255 RGB on dim -3)."""
+    light = rgb.mean(dim=-3, keepdim=True) > 127.5
+    return torch.where(light, rgb * (1 - amount), rgb + (255 - rgb) * amount)
 
 
 def _shape_masks(shape: list[str], x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -75,19 +82,19 @@ def random_scenes(
     """
     palette = palette_rgb if palette_rgb is not None else torch.tensor(list(PALETTE.values()), dtype=torch.float32)
     k = len(COLORS)
-    fg = torch.randint(0, k, (n,), generator=generator)
-    bg = (fg + torch.randint(1, k, (n,), generator=generator)) % k  # any other colour
+    color = torch.randint(0, k, (n,), generator=generator)
     objects = torch.randint(0, len(OBJECTS), (n,), generator=generator)
     radius = 0.3 + 0.3 * torch.rand(n, generator=generator)
     centre = (torch.rand(n, 2, generator=generator) * 2 - 1) * (0.9 - radius).unsqueeze(1)
     agree = torch.rand(n, generator=generator) < color_agreement
-    named = torch.where(agree, fg, torch.randint(0, k, (n,), generator=generator))
+    named = torch.where(agree, color, torch.randint(0, k, (n,), generator=generator))
 
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     y = coords.view(1, -1, 1) - centre[:, 1].view(-1, 1, 1)
     x = coords.view(1, 1, -1) - centre[:, 0].view(-1, 1, 1)
     shapes = [OBJECT_SHAPES[OBJECTS[i]] for i in objects.tolist()]
     mask = _shape_masks(shapes, x, y, radius).unsqueeze(1)  # (B, 1, H, W)
-    rgb = torch.where(mask, palette[fg].view(n, 3, 1, 1), palette[bg].view(n, 3, 1, 1))
+    background = palette[color].view(n, 3, 1, 1)
+    rgb = torch.where(mask, shade(background), background)
     captions = [caption(COLORS[c], OBJECTS[o]) for c, o in zip(named.tolist(), objects.tolist(), strict=True)]
-    return SceneBatch(images=rgb / 127.5 - 1.0, captions=captions, colors=fg)
+    return SceneBatch(images=rgb / 127.5 - 1.0, captions=captions, colors=color)

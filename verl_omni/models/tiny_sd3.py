@@ -21,11 +21,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import string
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,6 +217,20 @@ def read_stamp(model_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def _quiet_saving() -> Iterator[None]:
+    """Hide transformers' per-encoder "Writing model shards" bars: three bars for three one-file encoders."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_pipeline_atomically(pipe: StableDiffusion3Pipeline, out_dir: str | os.PathLike, stamp: dict) -> Path:
     """Write ``pipe`` to ``out_dir`` in the diffusers format with ``stamp``, and return the resolved path.
 
@@ -225,7 +241,8 @@ def save_pipeline_atomically(pipe: StableDiffusion3Pipeline, out_dir: str | os.P
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with _quiet_saving():
+            pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / _STAMP_FILE).write_text(json.dumps(stamp))
         if out.exists():
             shutil.rmtree(out)

@@ -89,6 +89,13 @@ class GenEvalColorReward:
         self.names = tuple(PALETTE)
         self.palette_lab = srgb_to_lab(torch.tensor(list(PALETTE.values()), dtype=torch.float64))
 
+    @staticmethod
+    def validate_prompts(prompts: list[str]) -> None:
+        """Raise the ``ValueError`` of :func:`parse_color` for the first prompt the reward cannot score, so a run can
+        refuse a prompt file at start-up instead of at its first reward (the recipe calls it before Ray starts)."""
+        for prompt in prompts:
+            parse_color(prompt, tuple(PALETTE))
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         validate_reward_inputs(images, prompts)
         targets = torch.tensor([self.names.index(parse_color(p, self.names)) for p in prompts], dtype=torch.long)

@@ -66,6 +66,11 @@ def get_reward_fn(name: str, **kwargs) -> RewardFn:
     return functools.partial(factory, **kwargs) if is_function else factory(**kwargs)
 
 
+def reward_factory(name: str) -> Callable:
+    """The class or function ``name`` resolves to (registered or ``module:attribute``), without building it."""
+    return _resolve(name)[0]
+
+
 def _resolve(name: str) -> tuple[Callable, bool]:
     """``(factory or function, is_function)`` for a registered name or a ``module:attribute`` path."""
     _import_builtin_rewards()

@@ -49,7 +49,9 @@ class DiffusionRolloutConfig(BaseConfig):
         ray_num_cpus: Ray CPUs requested per replica actor. A scheduling token only: the actor's
             compute is bounded by ``cpu_threads``. The default 0.5 lets two replicas, a balancer and
             agent-loop workers share a small Ray (e.g. ``num_cpus=4``).
-        cpu_threads: torch intra-op threads per replica on CPU (keep replicas x threads <= cores).
+        cpu_threads: torch intra-op threads per replica on CPU (keep replicas x threads <= cores). Under
+            ``batch_invariant`` the trainer's log-prob recompute runs with this count too (3 or 4 threads
+            round differently from 1 or 2).
         batch_invariant: make a sample's numbers independent of the batch it ran in: every network
             call that touches samples (text encoders, transformer steps, VAE decode; in the trainer the
             log-prob recompute and the reference pass) runs at exactly ``chunk_size`` samples, the last
