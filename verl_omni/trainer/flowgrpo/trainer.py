@@ -95,13 +95,13 @@ class FlowGRPOTrainer:
         self.validation = validation
         self.test_freq = int(config.trainer.get("test_freq", -1) or -1)
         self.val_before_train = bool(config.trainer.get("val_before_train", False))
-        actor = config.actor_rollout_ref.actor
+        actor = config.actor_rollout_ref.get("actor") or {}
         diffusion = DiffusionRolloutConfig.from_config(config.actor_rollout_ref.rollout.get("diffusion"))
         self.trained_steps = trained_step_count(
             diffusion.num_inference_steps, diffusion.sde_window, float(actor.get("timestep_fraction", 1.0))
         )
         self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
-        self.drop_zero_advantage = bool(config.algorithm.get("drop_zero_advantage", True))
+        self.drop_zero_advantage = bool((config.get("algorithm") or {}).get("drop_zero_advantage", True))
         self.replicas_lost = 0
         self.version = 0
         self.start_step = 0
