@@ -57,4 +57,3 @@ def quiet_known_noise() -> None:
     truncation = logging.getLogger(_EMPTY_TRUNCATION)
     if not any(isinstance(f, _DropEmptyTruncation) for f in truncation.filters):
         truncation.addFilter(_DropEmptyTruncation())
-
