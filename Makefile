@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test patches-check lint bench clean
+.PHONY: install demo test patches-check check-extras lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(STAMP)
 # Apply patches/series to a temporary copy of the installed verl and import it (never site-packages).
 patches-check: $(STAMP)
 	$(PY) -m verl_omni.patches check
+
+# Does the vllm-omni extra resolve with the pinned verl and torch (Linux x86-64)? Resolves only: installs nothing.
+# Not part of `make test`: on a fresh pip cache it downloads several GB of wheels to read their metadata.
+check-extras: $(PY)
+	set -o pipefail; $(PIP) install --dry-run --ignore-installed -e ".[vllm-omni]" \
+		| grep '^Would install' | tr ' ' '\n' | grep -E '^(verl|vllm|vllm-omni|torch|transformers|diffusers)-[0-9]'
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.routing_bench

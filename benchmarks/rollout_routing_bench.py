@@ -52,7 +52,8 @@ from verl.protocol import DataProto
 from recipes.flowgrpo.config_compose import compose_recipe
 from recipes.flowgrpo.data import prompt_uid
 from verl_omni.agent_loop import OmniAgentLoopManager
-from verl_omni.pipelines.flow_match_sde import predict_velocity, sde_step_with_logprob, standard_normal
+from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob, standard_normal
+from verl_omni.pipelines.sd3.conditioning import predict_velocity
 from verl_omni.utils.arrays import object_column
 from verl_omni.utils.batch_invariant import map_chunks, onednn
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
@@ -347,7 +348,7 @@ def _cost_mix(model_path: str, cfg: DiffusionRolloutConfig, batch_sizes: list[in
     params = resolve_sampling_params({"seed": 0}, cfg, engine.spec)
     pipe, spec = engine.pipe, engine.spec
     latent = (spec.latent_channels, params.height // spec.vae_scale_factor, params.width // spec.vae_scale_factor)
-    sigmas = engine._sigmas(params.num_inference_steps, params.height, params.width)
+    sigmas = engine.adapter.sigmas(params.num_inference_steps, params.height, params.width)
     counter = iter(range(10**9))
 
     def timed(fn: Any) -> float:
@@ -392,7 +393,7 @@ def _cost_mix(model_path: str, cfg: DiffusionRolloutConfig, batch_sizes: list[in
 
             seconds["text_encode"][b] = timed(encode)
             seconds["denoise_step"][b] = timed(step)
-            seconds["vae_decode"][b] = timed(lambda x=x: engine._decode(x))
+            seconds["vae_decode"][b] = timed(lambda x=x: engine.adapter.decode(x, engine.chunk_size))
             seconds["generate"][b] = timed(generate)
     settings = {
         "steps": params.num_inference_steps,

@@ -1,4 +1,4 @@
-"""How ``DiffusionAgentLoopWorker`` sends rows to the client: one call per row, or one per routing key.
+"""How ``DiffusionAgentLoopWorker`` sends rows to the client: one call per routing key, under every policy.
 
 In-process, with a stub client that records its calls: the worker's grouping, row order, request ids
 and seeds, without Ray or a model (the real path runs in tests/integration/test_diffusion_routing.py).
@@ -17,6 +17,7 @@ from verl.protocol import DataProto
 
 from verl_omni.agent_loop import DiffusionAgentLoopWorker, DiffusionSingleTurnAgentLoop
 from verl_omni.utils.arrays import object_column
+from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 
 SINGLE_ONLY_AGENT = "test_single_sample_only_agent"
@@ -36,8 +37,8 @@ class SingleSampleOnlyAgentLoop(AgentLoopBase):
 class StubClient:
     """Returns an output whose image encodes the request's seed; records every call."""
 
-    def __init__(self, dispatches_groups: bool):
-        self.dispatches_groups = dispatches_groups
+    def __init__(self, routing_key_field: str = "uid"):
+        self.routing = RolloutServerRoutingConfig(routing_key_field=routing_key_field)
         self.calls: list[tuple[str, list[str], str | None]] = []
 
     @staticmethod
@@ -57,19 +58,13 @@ class StubClient:
             extra_fields={"server_id": "stub", "batch_size": 1, "cache_hit": False, "generate_s": 0.0},
         )
 
-    async def generate(self, request_id, *, prompt_ids, sampling_params, routing_key=None):
-        self.calls.append(("generate", [request_id], routing_key))
-        return self._output(request_id, sampling_params)
-
     async def generate_group(self, requests, *, routing_key=None):
         self.calls.append(("generate_group", [r["request_id"] for r in requests], routing_key))
         return [self._output(r["request_id"], r["sampling_params"]) for r in requests]
 
 
 def _worker(client: StubClient) -> DiffusionAgentLoopWorker:
-    config = OmegaConf.create(
-        {"actor_rollout_ref": {"rollout": {"server_routing": {"routing_key_field": "uid"}}}, "trainer": {"seed": 0}}
-    )
+    config = OmegaConf.create({"actor_rollout_ref": {"rollout": {}}, "trainer": {"seed": 0}})
     return DiffusionAgentLoopWorker(config, client)
 
 
@@ -88,11 +83,12 @@ UIDS = ["a", "b", "a", None, "b", "a", None]
 
 
 async def test_rows_of_a_key_go_out_in_one_call_and_come_back_in_row_order():
-    grouped_client, single_client = StubClient(dispatches_groups=True), StubClient(dispatches_groups=False)
-    grouped = await _worker(grouped_client).generate_sequences(_batch(UIDS))
-    single = await _worker(single_client).generate_sequences(_batch(UIDS))
+    client = StubClient()
+    grouped = await _worker(client).generate_sequences(_batch(UIDS))
+    single_client = StubClient()
+    single = await _worker(single_client).generate_sequences(_batch(UIDS, agent=SINGLE_ONLY_AGENT))
 
-    assert sorted(grouped_client.calls, key=str) == sorted(
+    assert sorted(client.calls, key=str) == sorted(
         [
             ("generate_group", ["step3-row10", "step3-row12", "step3-row15"], "a"),
             ("generate_group", ["step3-row11", "step3-row14"], "b"),
@@ -101,24 +97,29 @@ async def test_rows_of_a_key_go_out_in_one_call_and_come_back_in_row_order():
         ],
         key=str,
     )
-    assert [c[0] for c in single_client.calls] == ["generate"] * len(UIDS)
+    # an agent loop without run_group: a group of one per row, still one path
+    assert sorted(len(c[1]) for c in single_client.calls) == [1] * len(UIDS)
     assert list(grouped.non_tensor_batch["request_id"]) == [f"step3-row{10 + i}" for i in range(len(UIDS))]
     assert list(grouped.non_tensor_batch["uid"]) == UIDS
+    # what co-location is measured on: the key each row was routed by (its request id when it had none)
+    assert list(grouped.non_tensor_batch["routing_key"]) == ["a", "b", "a", "step3-row13", "b", "a", "step3-row16"]
     for key in sorted(single.batch.keys()):  # same per-row seeds, so the same outputs in the same rows
         assert torch.equal(grouped.batch[key], single.batch[key]), key
     assert len(set(grouped.batch["sigmas"][:, 0].tolist())) == len(UIDS)  # every row has its own seed
 
 
-async def test_an_agent_loop_without_run_group_gets_one_call_per_row():
-    client = StubClient(dispatches_groups=True)
-    out = await _worker(client).generate_sequences(_batch(UIDS, agent=SINGLE_ONLY_AGENT))
-    assert [c[0] for c in client.calls] == ["generate"] * len(UIDS)
-    assert list(out.non_tensor_batch["uid"]) == UIDS
+async def test_routing_key_field_other_than_uid_groups_by_that_field():
+    client = StubClient(routing_key_field="prompt")
+    batch = _batch(["a", "b", "c", "d"])
+    batch.non_tensor_batch["prompt"] = object_column(["same", "other", "same", "other"])
+    out = await _worker(client).generate_sequences(batch)
+    assert sorted((c[2], c[1]) for c in client.calls) == [
+        ("other", ["step3-row11", "step3-row13"]),
+        ("same", ["step3-row10", "step3-row12"]),
+    ]
+    assert list(out.non_tensor_batch["routing_key"]) == ["same", "other", "same", "other"]
 
 
-async def test_run_group_rejects_rows_of_several_keys():
-    worker = _worker(StubClient(dispatches_groups=True))
-    loop = worker._agent_loop("diffusion_single_turn_agent")
-    rows = [({"seed": 0}, {"prompt": "p", "uid": u, "request_id": f"r{u}"}) for u in ("a", "b")]
-    with pytest.raises(ValueError, match=r"one routing key, got \['a', 'b'\]"):
-        await loop.run_group(rows)
+async def test_a_routing_key_field_missing_from_the_batch_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"routing_key_field='group'.*not a field of the batch.*'prompt'"):
+        await _worker(StubClient(routing_key_field="group")).generate_sequences(_batch(UIDS))

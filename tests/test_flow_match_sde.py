@@ -9,14 +9,13 @@ import torch
 
 from verl_omni.models.tiny_sd3 import build_tiny_sd3
 from verl_omni.pipelines.flow_match_sde import (
-    compute_log_prob,
     ode_step,
     resolve_sde_window,
-    sample_flow_match_sde,
     sde_std,
     sde_step_with_logprob,
     standard_normal,
 )
+from verl_omni.pipelines.sd3.sampling import compute_log_prob, sample_flow_match_sde
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +228,7 @@ class _ScaledByCondition(torch.nn.Module):
 
 @pytest.mark.parametrize("detach_uncond", [True, False])
 def test_cfg_gradient_flows_through_the_conditional_branch_only_when_detached(detach_uncond):
-    from verl_omni.pipelines.flow_match_sde import predict_velocity
+    from verl_omni.pipelines.sd3.conditioning import predict_velocity
 
     model, g = _ScaledByCondition(), 4.5
     x = torch.zeros(1, 1, 1, 1)

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
+from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerClient, OmniLLMServerManager
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 
@@ -79,8 +80,8 @@ def _client_config():
     return OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": "recording_test", "full_determinism": False}}})
 
 
-def _balancer(servers, **kw):
-    return ray.remote(OmniRequestLoadBalancer).remote(servers=servers, **kw)
+def _balancer(servers, **routing):
+    return ray.remote(OmniRequestLoadBalancer).remote(servers=servers, routing=RolloutServerRoutingConfig(**routing))
 
 
 async def test_routing_key_reaches_balancer_not_server_and_request_id_is_forwarded(ray_local):
@@ -98,19 +99,18 @@ async def test_routing_key_reaches_balancer_not_server_and_request_id_is_forward
         by_group.setdefault(rid.split("-req-")[0], set()).add(out.extra_fields["server"])
     assert all(len(s) == 1 for s in by_group.values())  # the key reached the balancer
     calls = sum((ray.get(s.get_calls.remote()) for s in servers.values()), [])
-    assert sorted(c["request_id"] for c in calls) == sorted(f"g{g}-req-{c}" for g in range(4) for c in range(4))
+    assert sorted(c["request_id"] for c in calls if "request_id" in c) == sorted(
+        f"g{g}-req-{c}" for g in range(4) for c in range(4)
+    )
     status = ray.get(lb.get_status.remote())
     assert status["total_inflight"] == 0 and status["pinned_keys"] == 4
 
 
-async def test_stock_verl_balancer_still_works_without_routing_field(ray_local):
+def test_manager_refuses_a_balancer_without_group_placement(ray_local):
     from verl.workers.rollout.router import GlobalRequestLoadBalancer
 
-    servers = {"s0": RecordingServer.remote("s0")}
-    lb = ray.remote(GlobalRequestLoadBalancer).remote(servers=servers)
-    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
-    out = await client.generate("rid-1", prompt_ids=[1], sampling_params={}, routing_key="g")
-    assert out.extra_fields["request_id"] == "rid-1"
+    with pytest.raises(TypeError, match="acquire_group.*OmniRequestLoadBalancer"):
+        OmniLLMServerManager(_trainer_config(), load_balancer_cls=GlobalRequestLoadBalancer)
 
 
 async def test_release_happens_when_server_raises(ray_local):
@@ -226,7 +226,7 @@ async def _settled(lb) -> dict:
 async def test_group_is_one_acquire_one_server_call_one_release(ray_local):
     servers = {f"s{i}": RecordingServer.remote(f"s{i}") for i in range(2)}
     lb = _balancer(servers, policy="prompt_uid_affinity")
-    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb, dispatches_groups=True)
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
     groups = await asyncio.gather(*[client.generate_group(_group(f"g{g}", 4), routing_key=f"g{g}") for g in range(3)])
     for g, outs in enumerate(groups):
         assert [o.extra_fields["request_id"] for o in outs] == [f"g{g}-req-{c}" for c in range(4)]  # in order
@@ -263,9 +263,12 @@ async def test_group_on_a_dead_replica_is_resent_whole(ray_local):
     client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
     ray.kill(dead)
     groups = await asyncio.gather(*[client.generate_group(_group(f"g{g}", 3), routing_key=f"g{g}") for g in range(4)])
+    resent = 0
     for g, outs in enumerate(groups):  # every sample of every group, in order, from the survivor
         assert [o.extra_fields["request_id"] for o in outs] == [f"g{g}-req-{c}" for c in range(3)]
         assert {o.extra_fields["server"] for o in outs} == {"alive"}
+        resent += sum(o.extra_fields["resent"] for o in outs)
+    assert resent > 0  # some groups were placed on the dead replica first and sent again
     assert await lb.get_all_servers.remote() == ["alive"]
     assert (await _settled(lb))["total_inflight"] == 0
 
@@ -280,34 +283,33 @@ async def test_group_server_error_is_raised_not_retried_and_released(ray_local):
     assert await lb.get_all_servers.remote() == ["bad"]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "dispatches"),
-    [
-        (["+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity"], True),
-        (
-            [
-                "+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity",
-                "+actor_rollout_ref.rollout.server_routing.group_dispatch=false",
-            ],
-            False,
-        ),
-        (
-            [
-                "+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity",
-                "+actor_rollout_ref.rollout.server_routing.max_imbalance=4",
-            ],
-            False,
-        ),
-        (["+actor_rollout_ref.rollout.server_routing.policy=least_inflight"], False),
-    ],
-)
-def test_manager_tells_the_client_whether_to_dispatch_groups(ray_local, overrides, dispatches):
-    manager = OmniLLMServerManager(_trainer_config(*overrides))
+@pytest.mark.parametrize("policy", ["least_inflight", "round_robin"])
+async def test_a_split_group_is_one_acquire_one_call_per_replica_one_release(ray_local, policy):
+    servers = {f"s{i}": RecordingServer.remote(f"s{i}") for i in range(2)}
+    lb = _balancer(servers, policy=policy)
+    client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
+    outs = await client.generate_group(_group("g", 6), routing_key="g")
+    assert [o.extra_fields["request_id"] for o in outs] == [f"g-req-{c}" for c in range(6)]
+    assert sorted(o.extra_fields["server"] for o in outs) == ["s0"] * 3 + ["s1"] * 3
+    calls = [ray.get(s.get_calls.remote()) for s in servers.values()]
+    assert [len([c for c in cs if "group" in c]) for cs in calls] == [1, 1]  # one server call per replica used
+    status = await _settled(lb)
+    assert (status["acquire_calls"], status["release_calls"], status["split_groups"]) == (1, 1, 1)
+
+
+def test_manager_hands_its_routing_config_to_every_client(ray_local):
+    manager = OmniLLMServerManager(
+        _trainer_config(
+            "+actor_rollout_ref.rollout.server_routing.policy=prompt_uid_affinity",
+            "+actor_rollout_ref.rollout.server_routing.routing_key_field=prompt",
+        )
+    )
     manager.global_load_balancer = None  # no replicas needed: get_client only reads the routing config
-    assert manager.get_client().dispatches_groups is dispatches
+    client = manager.get_client()
+    assert client.routing is manager.routing_config and client.routing.routing_key_field == "prompt"
 
 
-def test_manager_rejects_bad_group_dispatch_before_launching_replicas(ray_local):
-    cfg = _trainer_config("+actor_rollout_ref.rollout.server_routing.group_dispatch=maybe")
-    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.group_dispatch='maybe'"):
+def test_manager_rejects_the_removed_group_dispatch_key_before_launching_replicas(ray_local):
+    cfg = _trainer_config("+actor_rollout_ref.rollout.server_routing.group_dispatch=true")
+    with pytest.raises(ValueError, match=r"\['group_dispatch'\] in actor_rollout_ref\.rollout\.server_routing"):
         OmniLLMServerManager(cfg)

@@ -30,6 +30,7 @@ import verl_omni
 from verl_omni.patches import APPLIED, FAILED, UPSTREAM, PatchSeriesError, apply_series, read_series
 from verl_omni.patches.__main__ import main
 from verl_omni.patches.check import import_patched, installed_verl_dir
+from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerClient
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 
@@ -255,6 +256,15 @@ class RecordingBalancer(OmniRequestLoadBalancer):
         self.trace.releases.append(server_id)
         super().release_server(server_id, request_id)
 
+    def acquire_group(self, request_ids: list[str], routing_key: str | None = None) -> list:
+        """The overlay's one-call path: recorded per copy, as verl's per-request calls are."""
+        self.trace.acquires.extend((request_id, routing_key) for request_id in request_ids)
+        return super().acquire_group(request_ids, routing_key=routing_key)
+
+    def release_group(self, placement: list) -> None:
+        self.trace.releases.extend(server_id for server_id, count in placement for _ in range(count))
+        super().release_group(placement)
+
 
 class RecordingServer:
     """A rollout server recording the request id it is given and any kwarg beyond verl's server signature."""
@@ -267,6 +277,9 @@ class RecordingServer:
         await asyncio.sleep(0)
         return TokenOutput(token_ids=[0], extra_fields={})
 
+    async def generate_group(self, requests):  # the overlay's call: one per replica used by a group
+        return [await self.generate(**request) for request in requests]
+
 
 async def _drive(client_cls: type, n_groups: int = 3, n_copies: int = 3) -> Trace:
     """Run groups of concurrent requests (plus one without a routing key) and return what was seen where."""
@@ -274,7 +287,9 @@ async def _drive(client_cls: type, n_groups: int = 3, n_copies: int = 3) -> Trac
     servers = {f"s{i}": ActorStandIn(RecordingServer(f"s{i}", trace)) for i in range(3)}
     # Hash sharding: placement is a pure function of (routing_key or request_id), whatever the
     # interleaving and with no random tie-break, so the same plumbing gives the same placement.
-    balancer = ActorStandIn(RecordingBalancer(trace, servers=servers, policy="prompt_hash_sharding"))
+    balancer = ActorStandIn(
+        RecordingBalancer(trace, servers=servers, routing=RolloutServerRoutingConfig(policy="prompt_hash_sharding"))
+    )
     config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": "recording", "full_determinism": False}}})
     client = client_cls(config=config, load_balancer_handle=balancer)
     calls = [

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
         (
             "actor_rollout_ref.rollout.diffusion.chunk_size=17",
             "actor_rollout_ref.rollout.diffusion.chunk_size=17 must be an integer in [1, max_num_seqs=16]",
+        ),
+        pytest.param(
+            "actor_rollout_ref.rollout.name=vllm_omni",
+            "actor_rollout_ref.rollout.name='vllm_omni' needs the vllm-omni extra",
+            marks=pytest.mark.skipif(not missing_vllm_omni_modules(), reason="the vllm-omni extra is installed here"),
         ),
     ],
 )

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from recipes.flowgrpo import config_compose
 from recipes.flowgrpo.validate import num_rollout_replicas, validate_recipe_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,7 @@ SD35_ONLY_KEYS = {
 
 def compose_recipe(name: str, overrides: list[str] | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name=name, overrides=overrides or [])
+    return config_compose.compose_recipe(*(overrides or []), config_name=name)
 
 
 def write_pipeline(path: Path, components: dict) -> Path:

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 from verl.workers.rollout.router import GlobalRequestLoadBalancer
 
+from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer, stable_hash
 
 
@@ -16,8 +17,13 @@ def _servers(n: int) -> dict[str, str]:
     return {f"replica-{i}": f"handle-{i}" for i in range(n)}
 
 
-def _lb(n: int = 2, **kw) -> OmniRequestLoadBalancer:
-    return OmniRequestLoadBalancer(servers=_servers(n), **kw)
+def _lb(n: int = 2, max_cache_size: int = 10000, full_determinism: bool = False, **routing) -> OmniRequestLoadBalancer:
+    return OmniRequestLoadBalancer(
+        servers=_servers(n),
+        max_cache_size=max_cache_size,
+        full_determinism=full_determinism,
+        routing=RolloutServerRoutingConfig(**routing),
+    )
 
 
 # ---------------------------------------------------------------- drop-in surface
@@ -66,8 +72,8 @@ def test_release_unknown_or_idle_is_ignored():
 def test_invalid_policy_rejected_in_constructor():
     with pytest.raises(ValueError, match="policy='fastest'.*prompt_uid_affinity"):
         _lb(policy="fastest")
-    with pytest.raises(ValueError, match="max_imbalance=0"):
-        _lb(policy="prompt_uid_affinity", max_imbalance=0)
+    with pytest.raises(ValueError, match="max_imbalance=-1"):
+        _lb(policy="prompt_uid_affinity", max_imbalance=-1)
     with pytest.raises(ValueError, match="cache_size=0"):
         _lb(max_cache_size=0)
 
@@ -203,8 +209,12 @@ def test_hash_sharding_formula_and_independence_of_load():
 
 
 def test_hash_sharding_uses_sorted_ids_not_insertion_order():
-    a = OmniRequestLoadBalancer(servers={"b": 1, "a": 2, "c": 3}, policy="prompt_hash_sharding")
-    b = OmniRequestLoadBalancer(servers={"c": 3, "a": 2, "b": 1}, policy="prompt_hash_sharding")
+    a = OmniRequestLoadBalancer(
+        servers={"b": 1, "a": 2, "c": 3}, routing=RolloutServerRoutingConfig(policy="prompt_hash_sharding")
+    )
+    b = OmniRequestLoadBalancer(
+        servers={"c": 3, "a": 2, "b": 1}, routing=RolloutServerRoutingConfig(policy="prompt_hash_sharding")
+    )
     for i in range(30):
         assert a.acquire_server("r", routing_key=f"k{i}") == b.acquire_server("r", routing_key=f"k{i}")
 
@@ -226,13 +236,15 @@ def test_stable_hash_identical_across_processes():
 
 # ---------------------------------------------------------------- round_robin
 def test_round_robin_cycles_sorted_ids_regardless_of_load_and_key():
-    lb = OmniRequestLoadBalancer(servers={"z": 0, "a": 1, "m": 2}, policy="round_robin")
+    lb = OmniRequestLoadBalancer(
+        servers={"z": 0, "a": 1, "m": 2}, routing=RolloutServerRoutingConfig(policy="round_robin")
+    )
     picks = [lb.acquire_server(f"r{i}", routing_key="same")[0] for i in range(7)]
     assert picks == ["a", "m", "z", "a", "m", "z", "a"]
 
 
 def test_round_robin_after_pool_change():
-    lb = OmniRequestLoadBalancer(servers={"a": 0, "b": 1}, policy="round_robin")
+    lb = OmniRequestLoadBalancer(servers={"a": 0, "b": 1}, routing=RolloutServerRoutingConfig(policy="round_robin"))
     assert lb.acquire_server("r0")[0] == "a"
     lb.add_servers({"c": 2})
     assert [lb.acquire_server(f"r{i}")[0] for i in range(3)] == ["b", "c", "a"]
@@ -254,54 +266,138 @@ def test_counts_return_to_zero(policy):
     assert all(v == 0 for v in lb.get_status()["servers"].values())
 
 
-# ---------------------------------------------------------------- groups acquired at once
-def test_group_acquire_counts_every_request_in_flight():
+# ---------------------------------------------------------------- groups placed at once
+def _ids(group: str, n: int) -> list[str]:
+    return [f"{group}-copy{i}" for i in range(n)]
+
+
+def _one_by_one(lb: OmniRequestLoadBalancer, request_ids: list[str], key: str | None) -> dict[str, list[int]]:
+    placement: dict[str, list[int]] = {}
+    for i, rid in enumerate(request_ids):
+        placement.setdefault(lb.acquire_server(rid, routing_key=key)[0], []).append(i)
+    return placement
+
+
+def test_group_placement_counts_every_copy_and_releases_in_one_call():
     lb = _lb(2, policy="prompt_uid_affinity")
-    sid, handle = lb.acquire_server("g0-copy0", routing_key="g0", count=8)
-    assert handle == f"handle-{sid[-1]}"
+    ((sid, handle, copies),) = lb.acquire_group(_ids("g0", 8), routing_key="g0")
+    assert handle == f"handle-{sid[-1]}" and copies == list(range(8))
     assert lb.get_inflight_count(sid) == 8 and lb.get_total_inflight() == 8
     status = lb.get_status()
     assert status["acquires"] == 8 and status["acquire_calls"] == 1 and status["served"][sid] == 8
     # the next group sees the first one's full weight: least loaded is the other replica
-    other, _ = lb.acquire_server("g1-copy0", routing_key="g1", count=8)
+    ((other, _, _),) = lb.acquire_group(_ids("g1", 8), routing_key="g1")
     assert other != sid
-    # a single copy of g0 acquired alone still follows its group's pin
+    # a late copy of g0 acquired alone still follows its group's pin
     assert lb.acquire_server("g0-late", routing_key="g0")[0] == sid
-    lb.release_server(sid, count=8)
+    lb.release_group([(sid, 8), (other, 8)])
     lb.release_server(sid)
-    lb.release_server(other, "g1-copy0", count=8)
     status = lb.get_status()
     assert status["total_inflight"] == 0
     assert status["releases"] == status["acquires"] == 17
-    assert (status["acquire_calls"], status["release_calls"]) == (3, 3)
+    assert (status["acquire_calls"], status["release_calls"]) == (3, 2)
 
 
-def test_group_weight_steers_least_inflight_and_soft_affinity():
-    lb = _lb(2, policy="least_inflight")
-    heavy, _ = lb.acquire_server("r0", count=5)
-    picks = [lb.acquire_server(f"r{i}")[0] for i in range(1, 5)]
-    assert heavy not in picks  # 4 singles go to the other replica until the loads meet
-    soft = _lb(2, policy="prompt_uid_affinity", max_imbalance=2)
-    pinned, _ = soft.acquire_server("g0-0", routing_key="g0", count=3)
-    assert soft.acquire_server("g0-1", routing_key="g0")[0] != pinned  # 3 above the idle replica: diverted
-    assert soft.get_status()["diversions"] == 1
+@pytest.mark.parametrize(
+    ("policy", "extra"),
+    [
+        ("least_inflight", {}),
+        ("round_robin", {}),
+        ("prompt_hash_sharding", {}),
+        ("prompt_uid_affinity", {}),
+        ("prompt_uid_affinity", {"max_imbalance": 2}),
+    ],
+)
+def test_group_placement_equals_acquiring_copies_one_by_one(policy, extra):
+    """The contract: a group placed in one call lands where its copies, acquired one after another, would."""
+    grouped = _lb(3, policy=policy, full_determinism=True, **extra)
+    single = _lb(3, policy=policy, full_determinism=True, **extra)
+    for g, n in enumerate([5, 3, 8, 1, 4, 6]):
+        key = f"g{g % 4}"  # keys come back: affinity pins and (soft) diverts
+        ids = _ids(f"s{g}", n)
+        placed = {sid: copies for sid, _, copies in grouped.acquire_group(ids, routing_key=key)}
+        if policy == "prompt_uid_affinity" and extra:
+            # soft affinity judges the pin once per group (loads before it), as one-by-one does for its first copy
+            assert sum(map(len, placed.values())) == n
+        else:
+            assert placed == _one_by_one(single, ids, key)
+    assert grouped.get_total_inflight() == sum([5, 3, 8, 1, 4, 6])
+
+
+def test_least_inflight_and_round_robin_split_groups_strict_affinity_does_not():
+    for policy, parts in (("least_inflight", 4), ("round_robin", 4), ("prompt_uid_affinity", 1)):
+        lb = _lb(4, policy=policy)
+        placement = lb.acquire_group(_ids("g", 8), routing_key="g")
+        assert len(placement) == parts, policy
+        assert sorted(i for _, _, copies in placement for i in copies) == list(range(8))
+        assert lb.get_status()["split_groups"] == (parts > 1)
+
+
+def test_soft_affinity_two_thresholds_gate_a_group():
+    """Divert only when the pinned replica is above the least loaded by more than max_imbalance AND by more than
+    max_imbalance_ratio times; a diverted group is spread over the least loaded and the key re-pinned."""
+    lb = _lb(2, policy="prompt_uid_affinity", max_imbalance=2, max_imbalance_ratio=2.0)
+    ((pinned, _, _),) = lb.acquire_group(_ids("a", 6), routing_key="hot")  # new key: whole group, least loaded
+    other = next(s for s in lb.get_all_servers() if s != pinned)
+    lb.acquire_group(_ids("b", 4), routing_key="cold")  # loads: pinned 6, other 4
+    # 6 - 4 = 2 is not above 2: stays
+    ((sid, _, _),) = lb.acquire_group(_ids("c", 1), routing_key="hot")
+    assert sid == pinned and lb.get_status()["diversions"] == 0
+    lb.acquire_group(_ids("d", 1), routing_key="cold")  # loads 7 / 5: 7 - 5 = 2, still not above
+    lb.release_group([(other, 3)])  # loads 7 / 2: above both thresholds (7 - 2 > 2 and 7 > 2 * 2)
+    placement = lb.acquire_group(_ids("e", 4), routing_key="hot")
+    assert lb.get_status()["diversions"] == 1
+    assert placement[0][0] == other  # the first copy goes to the least loaded ...
+    assert lb.acquire_server("late", routing_key="hot")[0] == other  # ... and the key follows it
+
+
+def test_soft_affinity_relative_threshold_holds_the_pin_under_high_load():
+    """At high load an absolute gap is small relative to the load: the ratio keeps the group on its replica."""
+    lb = _lb(2, policy="prompt_uid_affinity", max_imbalance=2, max_imbalance_ratio=1.5)
+    ((pinned, _, _),) = lb.acquire_group(_ids("a", 30), routing_key="hot")
+    lb.acquire_group(_ids("b", 25), routing_key="cold")  # 30 - 25 > 2, but 30 < 1.5 * 25
+    ((sid, _, _),) = lb.acquire_group(_ids("c", 2), routing_key="hot")
+    assert sid == pinned and lb.get_status()["diversions"] == 0
+
+
+def test_new_keys_break_ties_at_random_among_least_loaded():
+    firsts = Counter()
+    for trial in range(200):
+        lb = _lb(4, policy="prompt_uid_affinity")
+        firsts[lb.acquire_group(_ids(f"t{trial}", 8), routing_key=f"k{trial}")[0][0]] += 1
+    assert set(firsts) == {f"replica-{i}" for i in range(4)}  # verl <= 0.9.1 always takes the first candidate
+    assert min(firsts.values()) > 20
 
 
 def test_release_count_never_goes_below_zero():
     lb = _lb(2)
-    sid, _ = lb.acquire_server("r", count=2)
-    lb.release_server(sid, count=5)
-    assert lb.get_inflight_count(sid) == 0 and lb.get_status()["releases"] == 2
+    ((sid, _, _), *_) = lb.acquire_group(["r0", "r1"])
+    lb.release_group([(sid, 5)])
+    assert lb.get_inflight_count(sid) == 0
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
-def test_bad_count_is_rejected_before_counting(bad):
+def test_bad_release_count_is_rejected_before_counting(bad):
     lb = _lb(2)
+    lb.acquire_group(["r0"])
     with pytest.raises(ValueError, match=r"count=.* must be a positive integer"):
-        lb.acquire_server("r", count=bad)
-    with pytest.raises(ValueError, match=r"count=.* must be a positive integer"):
-        lb.release_server("replica-0", count=bad)
-    assert lb.get_total_inflight() == 0 and lb.get_status()["acquire_calls"] == 0
+        lb.release_group([("replica-0", bad)])
+    assert lb.get_total_inflight() == 1
+
+
+def test_empty_group_is_refused():
+    with pytest.raises(ValueError, match="at least one request id"):
+        _lb(2).acquire_group([])
+
+
+def test_placement_for_a_removed_replica_never_raises():
+    """A release or re-placement that names a replica removed meanwhile is ignored, never a KeyError."""
+    lb = _lb(2, policy="prompt_uid_affinity")
+    ((sid, _, _),) = lb.acquire_group(_ids("g", 4), routing_key="g")
+    lb.remove_servers([sid])
+    lb.release_group([(sid, 4)])
+    ((new, _, _),) = lb.acquire_group(_ids("g", 4), routing_key="g")
+    assert new != sid and lb.get_total_inflight() == 4
 
 
 def test_servers_registered_with_none_handles_are_removed_and_readded():

@@ -7,10 +7,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from verl_omni.utils.config_paths import register_config_resolvers
+
 RECIPE_CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
 
 def compose_recipe(*overrides: str, config_name: str = "flowgrpo_tiny") -> DictConfig:
     """The config `python -m recipes.flowgrpo.main <overrides>` would run with."""
+    register_config_resolvers()
     with initialize_config_dir(config_dir=str(RECIPE_CONFIG_DIR), version_base=None):
         return compose(config_name, overrides=list(overrides))

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from verl_omni.utils.seeding import row_seed, stable_int
 
 TRAIN_FILES_KEY = "data.train_files"
@@ -164,6 +162,8 @@ class PromptBatcher:
         order = self._permutations.get(epoch)
         if order is None:
             if self.shuffle:
+                import torch  # here, not at import: the recipe's config checks run before torch loads
+
                 generator = torch.Generator().manual_seed(stable_int("epoch", self.seed, epoch))
                 order = torch.randperm(len(self.prompts), generator=generator).tolist()
             else:

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.flowgrpo.validate import validate_model_options, validate_recipe_config
+from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
@@ -37,8 +38,6 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
 
     ``overrides`` are the command line's (Hydra's task overrides): keys they add with ``+`` are refused.
     """
-    import ray
-
     # Resolve once, here: env vars and interpolations mean the driver's values on every node.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     ray_init = OmegaConf.to_container(cfg.get("ray_kwargs", {}).get("ray_init", {}), resolve=True)
@@ -52,16 +51,20 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
     runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
     ray_init["runtime_env"] = runtime_env
     available_gpus = None  # this machine's GPUs; a cluster's are only known once connected (cheap)
-    if _joins_cluster(cfg) and not ray.is_initialized():
-        ray.init(**ray_init)
-    if ray.is_initialized():
-        available_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if _joins_cluster(cfg) or "ray" in sys.modules:  # else Ray (about 1 s to import) loads after the checks
+        import ray
+
+        if not ray.is_initialized() and _joins_cluster(cfg):
+            ray.init(**ray_init)
+        if ray.is_initialized():
+            available_gpus = int(ray.cluster_resources().get("GPU", 0))
     try:
         # before a local Ray or any model
         prompts = validate_recipe_config(cfg, available_gpus=available_gpus, overrides=overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
+    import ray
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
     from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
@@ -128,6 +131,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
         ),
     )
     return trainer.fit()
+
+
+register_config_resolvers()  # before Hydra composes: the search path names ${verl_config_dir:}
 
 
 @hydra.main(config_path="config", config_name="flowgrpo_tiny", version_base=None)

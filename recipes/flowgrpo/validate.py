@@ -23,10 +23,11 @@ from verl_omni.agent_loop.sampling import sampling_params
 from verl_omni.rewards.registry import reward_factory
 from verl_omni.rewards.weighted import reward_specs
 from verl_omni.trainer.flowgrpo.loss import KL_FORMS
+from verl_omni.trainer.flowgrpo.rollout_batch import ROLLOUT_ROW_FIELDS
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
-from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
+from verl_omni.workers.config.rollout_routing import ROUTING_CONFIG_PREFIX, RolloutServerRoutingConfig
 from verl_omni.workers.ema import validate_ema_options
 
 
@@ -225,6 +226,15 @@ def _transformer_module_names(model_path: str) -> list[str]:
     return [name for name, _ in model.named_modules()]
 
 
+def validate_rollout_backend(cfg: DictConfig, available_gpus: int | None) -> None:
+    """``actor_rollout_ref.rollout.name`` names a backend that is installed, has its GPUs and serves the model."""
+    from verl_omni.workers.rollout.backends import check_rollout_backend
+
+    check_rollout_backend(
+        cfg.actor_rollout_ref.rollout.get("name"), cfg.actor_rollout_ref.model.get("path"), available_gpus
+    )
+
+
 def num_rollout_replicas(cfg: DictConfig) -> int:
     """Replica count as verl's LLMServerManager computes it in standalone mode."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -245,9 +255,12 @@ def validate_recipe_config(
     val_prompts = load_prompts(val_files, prompt_field=prompt_key, key=VAL_FILES_KEY)
 
     rollout = cfg.actor_rollout_ref.rollout
-    routing = RolloutServerRoutingConfig.from_config(
-        rollout.get("server_routing"), prefix="actor_rollout_ref.rollout.server_routing"
-    )
+    routing = RolloutServerRoutingConfig.from_config(rollout.get("server_routing"))
+    if routing.routing_key_field not in ROLLOUT_ROW_FIELDS:
+        raise ValueError(
+            f"{ROUTING_CONFIG_PREFIX}.routing_key_field={routing.routing_key_field!r} is not a field of the "
+            f"recipe's rollout rows; valid choices: {', '.join(ROLLOUT_ROW_FIELDS)}"
+        )
     top = cfg.get("server_routing")
     if top is not None and top.get("policy") is not None and top.policy != routing.policy:
         # the long form was given explicitly: it wins, but say so
@@ -298,6 +311,7 @@ def validate_recipe_config(
         index = json.loads((Path(model_path).expanduser() / "model_index.json").read_text())
         if "transformer" not in index:
             raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' to train")
+    validate_rollout_backend(cfg, available_gpus)
 
     ActorFSDPConfig.from_actor_config(cfg.actor_rollout_ref.actor)
     train_ranks = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes) or 1

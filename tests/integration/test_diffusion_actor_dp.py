@@ -12,7 +12,7 @@ from verl.protocol import DataProto
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
 from recipes.flowgrpo.config_compose import compose_recipe
-from verl_omni.pipelines.flow_match_sde import compute_log_prob
+from verl_omni.pipelines.sd3.sampling import compute_log_prob
 from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env, load_transformer
 
 pytestmark = pytest.mark.integration

@@ -149,46 +149,39 @@ def _calls(manager: OmniLLMServerManager, balancer) -> tuple[int, int, int]:
     return status["acquire_calls"], status["release_calls"], sum(s["generate_calls"] for s in stats)
 
 
-def test_group_dispatch_same_output_as_per_sample_with_one_call_per_group(two_replicas, tiny_model_path):
+@pytest.mark.parametrize("policy", VALID_ROLLOUT_SERVER_ROUTING_POLICIES)
+def test_every_policy_places_a_group_in_one_acquire_and_one_release(two_replicas, tiny_model_path, policy):
+    """One request path: per group one acquire and one release, one server call per replica the group used."""
+    two_replicas.set_routing(policy=policy)
     loops = _agent_loops(two_replicas, _config(tiny_model_path, replicas=2, workers=2))
-    outs, calls = {}, {}
-    for group_dispatch in (False, True):
-        two_replicas.set_routing(policy="prompt_uid_affinity", max_imbalance=None, group_dispatch=group_dispatch)
-        client = two_replicas.get_client()
-        assert client.dispatches_groups is group_dispatch
-        loops.set_client(client)
-        before = _calls(two_replicas, client._load_balancer)
-        outs[group_dispatch] = loops.generate_sequences(_batch(step=7))
-        after = _calls(two_replicas, client._load_balancer)
-        calls[group_dispatch] = tuple(a - b for a, b in zip(after, before, strict=True))
-    # B prompts x n copies, each worker holding whole groups: B*n calls of each kind per sample, B per group
-    assert calls[False] == (PROMPTS * N,) * 3
-    assert calls[True] == (PROMPTS,) * 3
-    per_sample, grouped = outs[False], outs[True]
-    keys = sorted(grouped.batch.keys())  # (iterating a TensorDict walks its rows, not its keys)
-    assert keys == sorted(per_sample.batch.keys()) and "rewards" in keys
-    for key in keys:  # images, trajectories, log-probs, embeddings, rewards, versions
-        assert torch.equal(grouped.batch[key], per_sample.batch[key]), key
-    assert grouped.non_tensor_batch.keys() == per_sample.non_tensor_batch.keys()
-    for key in ("request_id", "uid", "prompt", "row_index"):  # same rows in the same order
-        assert list(grouped.non_tensor_batch[key]) == list(per_sample.non_tensor_batch[key]), key
+    client = two_replicas.get_client()
+    before = _calls(two_replicas, client._load_balancer)
+    out = loops.generate_sequences(_batch(step=7))
+    acquires, releases, server_calls = (
+        a - b for a, b in zip(_calls(two_replicas, client._load_balancer), before, strict=True)
+    )
+    # B prompts x n copies, split over 2 workers at group boundaries: each group is placed in one call
+    assert (acquires, releases) == (PROMPTS, PROMPTS)
+    assert PROMPTS <= server_calls <= 2 * PROMPTS
+    metrics = out.meta_info["metrics"]
+    if policy in ("prompt_uid_affinity", "prompt_hash_sharding"):
+        assert server_calls == PROMPTS and metrics["rollout_routing/colocation"] == 1.0
+    assert (acquires + releases) / (PROMPTS * N) == 2 / N  # balancer calls per sample (one request at a time: 2)
+    assert metrics["rollout_routing/requests_resent"] == 0.0
     for key in ("rollout_server", "rollout_batch_size", "rollout_cache_hit", "rollout_generate_s", "reward_s"):
-        assert all(v is not None for v in grouped.non_tensor_batch[key]), key
-    assert grouped.meta_info["metrics"]["rollout_routing/colocation"] == 1.0
-    assert grouped.meta_info["metrics"].keys() == per_sample.meta_info["metrics"].keys()
+        assert all(v is not None for v in out.non_tensor_batch[key]), key
     _shutdown(loops)
 
 
 def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_replicas, tiny_model_path):
     cfg = _config(tiny_model_path, replicas=2, workers=2)
-    two_replicas.set_routing(policy="least_inflight")  # the reference: per-sample path, both replicas alive
+    two_replicas.set_routing(policy="least_inflight")  # the reference: both replicas alive
     loops = _agent_loops(two_replicas, cfg)
     reference = loops.generate_sequences(_batch(step=8))
     _shutdown(loops)
 
     doomed = OmniLLMServerManager.create(cfg, start_rank=20)  # its own replicas: one of them is killed
     client = doomed.get_client()
-    assert client.dispatches_groups
     loops = _agent_loops(doomed, cfg)
     victim = doomed.get_replicas()[1]
     balancer = client._load_balancer
@@ -207,5 +200,6 @@ def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_rep
     assert list(out.non_tensor_batch["request_id"]) == list(reference.non_tensor_batch["request_id"])
     for key in ("images", "old_log_probs", "rewards"):  # every sample, and none changed by the resend
         assert torch.equal(out.batch[key], reference.batch[key]), key
+    assert out.meta_info["metrics"]["rollout_routing/requests_resent"] > 0
     _shutdown(loops)
     ray.kill(doomed.get_replicas()[0].server_handle)

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, register
 
 from verl_omni.rewards.weighted import WeightedReward
-from verl_omni.workers.config.rollout_routing import DEFAULT_ROUTING_KEY_FIELD
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 
 DIFFUSION_AGENT_NAME = "diffusion_single_turn_agent"
@@ -45,50 +44,37 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
         self.reward_fn = reward_fn
         self.rollout_config = self.config.actor_rollout_ref.rollout
         self.server_manager = server_manager
-        routing = self.rollout_config.get("server_routing") or {}
-        self.routing_key_field: str = routing.get("routing_key_field", DEFAULT_ROUTING_KEY_FIELD)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> DiffusionAgentLoopOutput:
-        """Generate one sample; ``kwargs`` are the row's non-tensor fields (``prompt``, ``uid``, ...)."""
-        prompt, request_id, routing_key = self._request(kwargs)
-        output = await self.server_manager.generate(
-            request_id,
-            prompt_ids=prompt,
-            sampling_params=sampling_params,
-            routing_key=routing_key,
-        )
-        return await self._result(prompt, request_id, routing_key, output)
+        """Generate one sample (a group of one); ``kwargs`` are the row's non-tensor fields (``prompt``, ...)."""
+        field = self.server_manager.routing.routing_key_field
+        (result,) = await self.run_group([(sampling_params, kwargs)], routing_key=routing_key_of(kwargs, field))
+        return result
 
-    async def run_group(self, samples: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[DiffusionAgentLoopOutput]:
-        """Generate samples of one routing key with one client call (``generate_group``), in order.
+    async def run_group(
+        self, samples: list[tuple[dict[str, Any], dict[str, Any]]], routing_key: str | None
+    ) -> list[DiffusionAgentLoopOutput]:
+        """Generate the samples of one routing key with one client call (``generate_group``), in order.
 
         ``samples`` holds ``(sampling_params, row fields)`` as :meth:`run` takes them; each output is
         scored in its own thread once the group is back, so scoring never holds up other groups.
         """
-        requests = [self._request(kwargs) for _, kwargs in samples]
-        keys = {routing_key for _, _, routing_key in requests}
-        if len(keys) != 1:
-            raise ValueError(f"run_group() needs samples of one routing key, got {sorted(map(str, keys))}")
+        requests = [_prompt_and_id(kwargs) for _, kwargs in samples]
         outputs = await self.server_manager.generate_group(
             [
                 {"request_id": request_id, "prompt_ids": prompt, "sampling_params": params}
-                for (params, _), (prompt, request_id, _) in zip(samples, requests, strict=True)
+                for (params, _), (prompt, request_id) in zip(samples, requests, strict=True)
             ],
-            routing_key=keys.pop(),
+            routing_key=routing_key,
         )
         return list(
             await asyncio.gather(
-                *(self._result(*request, output) for request, output in zip(requests, outputs, strict=True))
+                *(
+                    self._result(prompt, request_id, routing_key, output)
+                    for (prompt, request_id), output in zip(requests, outputs, strict=True)
+                )
             )
         )
-
-    def _request(self, kwargs: dict[str, Any]) -> tuple[str, str, str | None]:
-        """``(prompt, request_id, routing_key)`` of a row."""
-        prompt = kwargs.get("prompt")
-        if not isinstance(prompt, str):
-            raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(prompt).__name__}: {prompt!r}")
-        key = kwargs.get(self.routing_key_field)
-        return prompt, str(kwargs["request_id"]), None if key is None else str(key)
 
     async def _result(
         self, prompt: str, request_id: str, routing_key: str | None, output: DiffusionOutput
@@ -102,3 +88,21 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
             result.reward_terms = {name: float(score[0]) for name, score in terms.items()}
             result.reward_s = time.perf_counter() - start
         return result
+
+
+def routing_key_of(row: dict[str, Any], field: str) -> str | None:
+    """The row's routing key: the value of ``field`` as a string (None when the value is None)."""
+    if field not in row:
+        raise ValueError(
+            f"actor_rollout_ref.rollout.server_routing.routing_key_field={field!r} is not a field of the batch; "
+            f"its fields: {sorted(row)}"
+        )
+    value = row[field]
+    return None if value is None else str(value)
+
+
+def _prompt_and_id(row: dict[str, Any]) -> tuple[str, str]:
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(prompt).__name__}: {prompt!r}")
+    return prompt, str(row["request_id"])

@@ -13,11 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigWrap, _agent_loop_registry
 from verl.protocol import DataProto
 
-from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput
+from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput, routing_key_of
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.utils.arrays import object_column
-from verl_omni.workers.config.rollout_routing import DEFAULT_ROUTING_KEY_FIELD
 
 # Per-sample tensors stacked into the output batch, and the DiffusionOutput field each comes from.
 _TENSOR_FIELDS = {
@@ -44,8 +43,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
     only what diffusion needs. Each row's seed comes from (base seed, global step, global row
     index), so how the batch is chunked over workers and replicas never changes a sample.
 
-    When the client says it dispatches groups (strict ``prompt_uid_affinity``), the rows of one
-    routing key go out in one call instead of one call each; the output is the same either way.
+    The rows of one routing key (the client's ``routing.routing_key_field``) go out as one group, in one
+    client call, under every policy; a row whose key is None is a group of its own.
     """
 
     def __init__(
@@ -63,8 +62,6 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         reward = config.get("reward")
         has_reward = reward is not None and (reward.get("name") is not None or reward.get("weights") is not None)
         self.reward_fn = WeightedReward.from_config(reward) if has_reward else None
-        routing = self.rollout_config.get("server_routing") or {}
-        self.routing_key_field: str = routing.get("routing_key_field", DEFAULT_ROUTING_KEY_FIELD)
 
     def set_client(self, llm_client: Any) -> None:
         """Route later requests through ``llm_client`` (a client of another balancer)."""
@@ -89,25 +86,25 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             kwargs.setdefault("request_id", f"step{global_step}-row{int(row_index[i])}")
             params = {**shared_params, "seed": row_seed(base_seed, global_step, int(row_index[i]))}
             samples.append((str(agent_names[i]), params, kwargs))
-        if getattr(self.llm_client, "dispatches_groups", False):
-            results = await self._run_groups(samples)
-        else:
-            tasks = [asyncio.create_task(self._run_agent_loop(name, p, kw)) for name, p, kw in samples]
-            results = list(await asyncio.gather(*tasks))
+        results = await self._run_groups(samples)
         elapsed = time.perf_counter() - start
         return self._collate(results, non_tensor, meta, elapsed)
 
     async def _run_groups(self, samples: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[Any]:
         """One task per (agent loop, routing key): the client sends each group's rows in one call.
 
-        Results land back in row order; a row without a routing key is a group of its own.
+        Results land back in row order; a row whose key is None is a group of its own.
         """
+        field = self.llm_client.routing.routing_key_field
         groups: dict[tuple[str, Any], list[int]] = {}
         for i, (name, _, kwargs) in enumerate(samples):
-            key = kwargs.get(self.routing_key_field)
-            groups.setdefault((name, ("row", i) if key is None else str(key)), []).append(i)
+            key = routing_key_of(kwargs, field)
+            groups.setdefault((name, ("row", i) if key is None else key), []).append(i)
         outputs = await asyncio.gather(
-            *(self._run_group(name, [samples[i][1:] for i in rows]) for (name, _), rows in groups.items())
+            *(
+                self._run_group(name, [samples[i][1:] for i in rows], None if isinstance(key, tuple) else key)
+                for (name, key), rows in groups.items()
+            )
         )
         results: list[Any] = [None] * len(samples)
         for rows, group_results in zip(groups.values(), outputs, strict=True):
@@ -116,17 +113,12 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         return results
 
     async def _run_group(
-        self, agent_name: str, samples: list[tuple[dict[str, Any], dict[str, Any]]]
+        self, agent_name: str, samples: list[tuple[dict[str, Any], dict[str, Any]]], routing_key: str | None
     ) -> list[DiffusionAgentLoopOutput]:
         agent_loop = self._agent_loop(agent_name)
         if not hasattr(agent_loop, "run_group"):  # an agent loop that only knows single samples
             return list(await asyncio.gather(*(agent_loop.run(params, **kwargs) for params, kwargs in samples)))
-        return await agent_loop.run_group(samples)
-
-    async def _run_agent_loop(
-        self, agent_name: str, sampling_params: dict[str, Any], kwargs: dict[str, Any]
-    ) -> DiffusionAgentLoopOutput:
-        return await self._agent_loop(agent_name).run(sampling_params, **kwargs)
+        return await agent_loop.run_group(samples, routing_key=routing_key)
 
     def _agent_loop(self, agent_name: str) -> Any:
         if agent_name not in _agent_loop_registry:
@@ -171,6 +163,9 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
 
         passthrough = {k: v for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
         passthrough["request_id"] = object_column([r.request_id for r in results])
+        # the key each row was routed by (its request id when it had none): what co-location is measured on
+        passthrough["routing_key"] = object_column([r.routing_key or r.request_id for r in results])
+        passthrough["rollout_resent"] = object_column([bool(o.extra_fields.get("resent")) for o in outputs])
         passthrough["rollout_server"] = object_column([o.extra_fields.get("server_id") for o in outputs])
         passthrough["rollout_batch_size"] = object_column([o.extra_fields.get("batch_size") for o in outputs])
         passthrough["rollout_cache_hit"] = object_column([o.extra_fields.get("cache_hit") for o in outputs])

@@ -37,17 +37,28 @@ class OmniAgentLoopManager(AgentLoopManager):
 
     @auto_await
     async def generate_sequences(self, prompts: DataProto) -> DataProto:
-        """Chunk over workers, concatenate, and attach routing metrics to ``meta_info['metrics']``.
+        """Split over workers at group boundaries, concatenate, and attach routing metrics to ``meta_info['metrics']``.
+
+        A group's rows stay in one worker where the split allows, so the balancer places each group in one
+        call; the split never changes a sample (seeds come from global row indices).
 
         verl's version also computes LLM token metrics from ``output.batch['prompts']``, which a
         diffusion batch does not have; timing here is per call and per worker instead.
         """
         start = time.perf_counter()
-        chunks = prompts.chunk(len(self.agent_loop_workers))
+        field = self.llm_client.routing.routing_key_field
+        keys = prompts.non_tensor_batch.get(field)
+        if keys is None:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.server_routing.routing_key_field={field!r} is not a field of the batch; "
+                f"its fields: {sorted(prompts.non_tensor_batch)}"
+            )
+        bounds = group_aligned_bounds(list(keys), len(self.agent_loop_workers))
         outputs = await asyncio.gather(
             *[
-                worker.generate_sequences.remote(chunk)
-                for worker, chunk in zip(self.agent_loop_workers, chunks, strict=True)
+                worker.generate_sequences.remote(prompts.slice(lo, hi))
+                for worker, lo, hi in zip(self.agent_loop_workers, bounds, bounds[1:], strict=False)
+                if hi > lo
             ]
         )
         # per-worker timing differs between chunks; DataProto.concat requires equal meta_info
@@ -71,9 +82,7 @@ class OmniAgentLoopManager(AgentLoopManager):
             if "diversions" in status:
                 diversions = status["diversions"] - self._last_diversions
                 self._last_diversions = status["diversions"]
-        routing_cfg = self.rollout_config.get("server_routing") or {}
-        key_field = routing_cfg.get("routing_key_field", "uid")
-        group_ids = nt[key_field] if key_field in nt else nt["request_id"]
+        group_ids = nt["routing_key"]  # the keys the rows were routed by, not the field the config names
         return routing_metrics(
             group_ids=list(group_ids),
             servers=list(nt["rollout_server"]),
@@ -81,4 +90,18 @@ class OmniAgentLoopManager(AgentLoopManager):
             batch_sizes=[b for b in nt["rollout_batch_size"] if b is not None],
             cache_hits=[c for c in nt["rollout_cache_hit"] if c is not None],
             diversions=diversions,
+            resent=int(sum(bool(r) for r in nt["rollout_resent"])),
         )
+
+
+def group_aligned_bounds(keys: list[Any], parts: int) -> list[int]:
+    """``parts + 1`` row bounds splitting ``keys`` into contiguous chunks of near-equal size, cut only where
+    the key changes (a chunk may be empty when there are fewer groups than parts)."""
+    n = len(keys)
+    cuts = [i for i in range(1, n) if keys[i] != keys[i - 1]] + [n]
+    bounds = [0]
+    for k in range(1, parts):
+        target = k * n / parts
+        cut = min(cuts, key=lambda c: (abs(c - target), c))
+        bounds.append(max(cut, bounds[-1]))
+    return [*bounds, n]

@@ -25,6 +25,7 @@ def routing_metrics(
     batch_sizes: Sequence[int] | None = None,
     cache_hits: Sequence[bool] | None = None,
     diversions: int | None = None,
+    resent: int | None = None,
     prefix: str = "rollout_routing",
 ) -> dict[str, float]:
     """Scalar metrics for the tracker.
@@ -55,4 +56,6 @@ def routing_metrics(
         metrics[f"{prefix}/prompt_cache_hit_rate"] = float(np.mean(np.asarray(cache_hits, dtype=np.float64)))
     if diversions is not None:
         metrics[f"{prefix}/diversions"] = float(diversions)
+    if resent is not None:  # copies sent again because their replica died mid-request
+        metrics[f"{prefix}/requests_resent"] = float(resent)
     return metrics

@@ -1,9 +1,11 @@
-"""Flow-matching SDE sampling with per-step log-probabilities (FlowGRPO), shared by rollout and trainer.
+"""Flow-matching SDE sampling with per-step log-probabilities (FlowGRPO), shared by every model and backend.
 
-The rollout server samples with :func:`sample_flow_match_sde`; the trainer recomputes log-probs of
-the stored transitions with :func:`compute_log_prob`. Both go through :func:`predict_velocity` and
-:func:`sde_step_with_logprob`, so at the first inner step (same weights) the recomputed log-prob
-equals the stored one. Math and notation: ``shared/FLOWGRPO.md``.
+The one SDE step (:func:`sde_step_with_logprob`) and the one sampling loop (:func:`sample_sde_trajectory`)
+live here; what is specific to a model (its conditioning, how its transformer is called, CFG) lives in
+``verl_omni.pipelines.<model>``. Rollout engines sample through the model's binding of the loop; the trainer
+recomputes log-probs of the stored transitions with the model's ``compute_log_prob``, which calls the same
+step on the same velocity, so at the first inner step (same weights) the recomputed log-prob equals the
+stored one. Math and notation: ``shared/FLOWGRPO.md``.
 
 Conventions (diffusers' ``FlowMatchEulerDiscreteScheduler``): noise level ``s`` runs from 1 (noise)
 to 0 (data), the transformer's timestep input is ``s * 1000``, latents are float32 and the
@@ -13,7 +15,7 @@ transformer runs in its own dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -44,11 +46,11 @@ class SDEStepOutput:
 
 @dataclass
 class SDETrajectory:
-    """What :func:`sample_flow_match_sde` records for a batch of B samples and T SDE steps.
+    """What :func:`sample_sde_trajectory` records for a batch of B samples and T SDE steps.
 
     Attributes:
-        final_latents: (B, C, h, w) denoised latents (before VAE decoding).
-        latents / next_latents: (B, T, C, h, w) ``x_s`` and ``x_next`` of every SDE step.
+        final_latents: (B, *latent_shape) denoised latents (before VAE decoding).
+        latents / next_latents: (B, T, *latent_shape) ``x_s`` and ``x_next`` of every SDE step.
         log_probs: (B, T) log-prob of every SDE step under the sampling policy.
         sigmas / sigmas_next / timesteps: (T,) the schedule of the SDE steps (shared by the batch).
         step_indices: (T,) the indices of the SDE steps in the full schedule.
@@ -160,100 +162,6 @@ def standard_normal(
     )
 
 
-def predict_velocity(
-    transformer: torch.nn.Module,
-    latents: torch.Tensor,
-    sigmas: float | torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    detach_uncond: bool = False,
-) -> torch.Tensor:
-    """The transformer's velocity at ``(latents, sigma)``, with classifier-free guidance when ``guidance_scale > 1``.
-
-    CFG runs the negative and positive conditioning in one batch (negative first, as diffusers) and
-    combines ``v_neg + g * (v_pos - v_neg)``. ``detach_uncond`` stops the gradient through the negative
-    (unconditional) branch, as the reference trainer does, so only ``g * dv_pos`` is trained; the forward
-    values are the same either way. Returns float32 (B, C, h, w).
-    """
-    batch = latents.shape[0]
-    sig = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
-    timestep = (sig.expand(batch) if sig.ndim == 0 else sig) * TIMESTEP_SCALE
-    dtype = next(transformer.parameters()).dtype
-    x = latents.to(dtype)
-    do_cfg = guidance_scale > 1.0
-    if do_cfg:
-        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds and pooled ones")
-        x = torch.cat([x, x])
-        timestep = torch.cat([timestep, timestep])
-        enc = torch.cat([negative_prompt_embeds, prompt_embeds])
-        pooled = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
-    else:
-        enc, pooled = prompt_embeds, pooled_prompt_embeds
-    out = transformer(
-        hidden_states=x,
-        timestep=timestep,
-        encoder_hidden_states=enc.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        return_dict=False,
-    )[0].float()
-    if do_cfg:
-        v_neg, v_pos = out.chunk(2)
-        if detach_uncond:
-            v_neg = v_neg.detach()
-        out = v_neg + guidance_scale * (v_pos - v_neg)
-    return out
-
-
-def compute_log_prob(
-    transformer: torch.nn.Module,
-    latents: torch.Tensor,
-    next_latents: torch.Tensor,
-    sigmas: torch.Tensor,
-    sigmas_next: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    noise_level: float = 0.7,
-    detach_uncond: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob of stored transitions ``latents -> next_latents`` under ``transformer`` (with gradients).
-
-    The trainer's half of FlowGRPO: the same velocity and SDE-step math the sampler used, on a batch of
-    transitions that may come from different samples and steps.
-
-    Args:
-        latents, next_latents: (B, C, h, w) stored ``x_s`` and ``x_next``.
-        sigmas, sigmas_next: (B,) their noise levels.
-        prompt_embeds (B, L, D), pooled_prompt_embeds (B, P): the conditioning the sample used; the
-            negative ones are required when ``guidance_scale > 1`` (use the sampler's guidance scale).
-        noise_level: the sampler's ``noise_level``.
-        detach_uncond: with CFG, back-propagate through the conditional branch only (the reference's choice;
-            ``actor_rollout_ref.actor.cfg_detach_uncond``).
-
-    Returns:
-        ``(log_prob (B,), prev_sample_mean (B, C, h, w), std_dev (B, 1, 1, 1))``, float32.
-    """
-    velocity = predict_velocity(
-        transformer,
-        latents,
-        sigmas,
-        prompt_embeds,
-        pooled_prompt_embeds,
-        negative_prompt_embeds,
-        negative_pooled_prompt_embeds,
-        guidance_scale,
-        detach_uncond=detach_uncond,
-    )
-    out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
-    return out.log_prob, out.prev_sample_mean, out.std_dev
-
-
 def resolve_sde_window(num_inference_steps: int, sde_window: Sequence[int] | None) -> tuple[int, int]:
     """Validate an SDE window ``[start, end)`` of step indices; None means every step."""
     if sde_window is None:
@@ -274,31 +182,21 @@ def resolve_sde_window(num_inference_steps: int, sde_window: Sequence[int] | Non
     return start, end
 
 
+VelocityFn = Callable[..., torch.Tensor]
+"""``velocity(x, sigma, *conditioning) -> v``: a model's (guided) velocity on a chunk of samples, float32."""
+
+
 def _denoise_step(
-    transformer: torch.nn.Module,
+    velocity: VelocityFn,
     x: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None,
-    negative_pooled_prompt_embeds: torch.Tensor | None,
-    noise: torch.Tensor | None,
-    *,
+    *conditioning_and_noise: torch.Tensor | None,
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
-    guidance_scale: float,
     noise_level: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One sampling step on a batch: ``(x_next, log_prob)``; an ODE step (log-prob None) when ``noise`` is None."""
-    v = predict_velocity(
-        transformer,
-        x,
-        sigma,
-        prompt_embeds,
-        pooled_prompt_embeds,
-        negative_prompt_embeds,
-        negative_pooled_prompt_embeds,
-        guidance_scale,
-    )
+    """One sampling step on a batch: ``(x_next, log_prob)``; an ODE step (log-prob None) when the noise is None."""
+    *conditioning, noise = conditioning_and_noise
+    v = velocity(x, sigma, *conditioning)
     if noise is None:
         return ode_step(v, x, sigma, sigma_next), None
     out = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, noise=noise)
@@ -306,32 +204,33 @@ def _denoise_step(
 
 
 @torch.no_grad()
-def sample_flow_match_sde(
-    transformer: torch.nn.Module,
+def sample_sde_trajectory(
+    velocity: VelocityFn,
     sigmas: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
+    conditioning: Sequence[torch.Tensor | None],
     generators: Sequence[torch.Generator],
     latent_shape: Sequence[int],
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
 ) -> SDETrajectory:
     """Denoise a batch from pure noise over ``sigmas``, SDE steps inside the window and ODE steps outside.
 
+    Model-agnostic: a model package (``verl_omni.pipelines.<model>``) supplies ``velocity`` and its per-sample
+    ``conditioning`` tensors (the first one non-None; None entries, e.g. no CFG negative, pass through), so
+    every model and backend samples with the same loop and the same SDE step the trainer recomputes.
+
     Each sample draws its initial latents and then its per-step noise from its own generator, in that
     order, so a sample's trajectory does not depend on the rest of the batch.
 
     Args:
         sigmas: (N + 1,) the scheduler's sigmas (decreasing, last one 0) for N inference steps.
+        conditioning: (B, ...) tensors (or None) passed to ``velocity`` after ``(x, sigma)``, chunked with x.
         generators: one seeded ``torch.Generator`` per sample (on the latents' device).
-        latent_shape: (C, h, w) of one sample's latents.
+        latent_shape: the shape of one sample's latents.
         sde_window: ``[start, end)`` step indices that are SDE steps; None: all. Steps in the window are
             recorded; with ``noise_level == 0`` every step is an ODE step and nothing is recorded.
-        chunk_size: batch-invariant mode: every step (transformer call, SDE step and its log-prob) runs on
+        chunk_size: batch-invariant mode: every step (velocity call, SDE step and its log-prob) runs on
             exactly ``chunk_size`` samples, the last chunk padded, as the trainer's recomputation does
             (:mod:`verl_omni.utils.batch_invariant`); None: the whole batch in one call.
     """
@@ -341,8 +240,8 @@ def sample_flow_match_sde(
     start, end = resolve_sde_window(num_steps, None if sde_window is None else list(sde_window))
     if noise_level == 0:
         start = end = 0
-    device = prompt_embeds.device
-    batch = prompt_embeds.shape[0]
+    device = conditioning[0].device
+    batch = conditioning[0].shape[0]
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     x = standard_normal((batch, *latent_shape), list(generators), device)
 
@@ -351,16 +250,8 @@ def sample_flow_match_sde(
         sde = start <= i < end
         # drawn for the whole batch, one generator per sample, then chunked with the rest of the step's inputs
         noise = standard_normal(x.shape, list(generators), device) if sde else None
-        step = partial(
-            _denoise_step,
-            transformer,
-            sigma=sigmas[i],
-            sigma_next=sigmas[i + 1],
-            guidance_scale=guidance_scale,
-            noise_level=noise_level,
-        )
-        cond = [prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds]
-        x_next, log_prob = map_chunks(step, [x, *cond, noise], chunk_size)
+        step = partial(_denoise_step, velocity, sigma=sigmas[i], sigma_next=sigmas[i + 1], noise_level=noise_level)
+        x_next, log_prob = map_chunks(step, [x, *conditioning, noise], chunk_size)
         if sde:
             rec_x.append(x)
             rec_next.append(x_next)

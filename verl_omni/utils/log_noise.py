@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 # logger name -> message prefixes to drop
 _KNOWN_NOISE: dict[str, tuple[str, ...]] = {
@@ -47,9 +48,10 @@ class _DropEmptyTruncation(logging.Filter):
 def quiet_known_noise() -> None:
     """Install the filters (idempotent)."""
     loggers = dict(_KNOWN_NOISE)
-    spec = importlib.util.find_spec("verl.single_controller.ray.base")
-    if spec is not None and spec.origin:  # verl names this module's logger by its file path
-        loggers[spec.origin] = ("Requested device cpu does not match",)
+    spec = importlib.util.find_spec("verl")  # a submodule's find_spec would import verl (seconds)
+    if spec is not None and spec.submodule_search_locations:  # verl names this module's logger by its file path
+        base = Path(next(iter(spec.submodule_search_locations))) / "single_controller" / "ray" / "base.py"
+        loggers[str(base)] = ("Requested device cpu does not match",)
     for name, prefixes in loggers.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropByPrefix) for f in logger.filters):

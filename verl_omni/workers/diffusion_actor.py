@@ -29,7 +29,7 @@ from verl.protocol import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
-from verl_omni.pipelines.flow_match_sde import compute_log_prob
+from verl_omni.pipelines.sd3.sampling import compute_log_prob
 from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std
 from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split

@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 EMA_PREFIX = "actor_rollout_ref.actor.ema"
 
@@ -71,6 +70,8 @@ class EMAWeights:
 
         Under FSDP every rank must call it (gathering a shard is a collective).
         """
+        from torch.distributed.tensor import DTensor  # here: torch.distributed costs ~1 s at import
+
         full = {
             name: (s.full_tensor() if isinstance(s, DTensor) else s).detach().cpu().clone()
             for name, s in zip(self.names, self.shadow, strict=True)
@@ -82,6 +83,8 @@ class EMAWeights:
         missing = sorted(set(self.names) - set(weights))
         if missing:
             raise ValueError(f"EMA state lacks parameters of this model: {missing[:5]}")
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         with torch.no_grad():
             for i, (name, param) in enumerate(zip(self.names, self.params, strict=True)):
                 value = weights[name]

@@ -16,12 +16,12 @@ import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from verl.protocol import DataProto, pad_dataproto_to_divisor, unpad_dataproto
+from verl.protocol import DataProto
 from verl.utils.tracking import Tracking
 
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, informative_rows
+from verl_omni.trainer.flowgrpo.rollout_batch import rollout_rows
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
-from verl_omni.utils.arrays import object_column
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.utils.visualize import save_image_grid, save_reward_curve
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
@@ -211,15 +211,8 @@ class FlowGRPOTrainer:
 
     def _make_batch(self, rows: Any, validate: bool = False) -> DataProto:
         """The rollout request for ``rows`` (a ``PromptBatch``), whose ``step`` and ``base_seed`` seed its rows."""
-        non_tensors = {
-            "prompt": object_column(rows.prompts),
-            "uid": object_column(rows.uids),
-            "row_index": np.asarray(rows.row_index, dtype=np.int64),
-        }
-        if validate:
-            # The default request id is f"step{global_steps}-row{r}", and a balancer may pin a request id to a
-            # replica: validation rows get ids of their own, new at each validation.
-            non_tensors["request_id"] = object_column([f"val{self.version}-row{r}" for r in rows.row_index])
+        tag = f"val{self.version}" if validate else f"step{rows.step}"
+        non_tensors = rollout_rows(rows, tag)
         return DataProto.from_dict(
             non_tensors=non_tensors,
             meta_info={"global_steps": rows.step, "seed": rows.base_seed, "validate": validate},
@@ -391,15 +384,12 @@ class FlowGRPOTrainer:
         the trained ones back.
         """
         start = time.perf_counter()
-        workers = int(self.config.actor_rollout_ref.rollout.agent.num_workers)
         outs = []
         if self.validate_with_ema:
             self._sync_weights(ema=True)
         try:
             for rows in self.validation.batches():
-                # verl's agent-loop manager splits a batch evenly over its workers: pad, then drop the padding
-                batch, pad = pad_dataproto_to_divisor(self._make_batch(rows, validate=True), workers)
-                out = unpad_dataproto(self.agent_loop_manager.generate_sequences(batch), pad)
+                out = self.agent_loop_manager.generate_sequences(self._make_batch(rows, validate=True))
                 expected = self._ema_version() if self.validate_with_ema else self.version
                 self._check_on_policy(out, f"validation after step {step}", expected)
                 outs.append(out)

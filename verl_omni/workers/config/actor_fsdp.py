@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from verl.base_config import BaseConfig
 
 ACTOR_PREFIX = "actor_rollout_ref.actor"
 VALID_ACTOR_STRATEGIES = ("fsdp2",)
@@ -19,8 +18,8 @@ VALID_ACTOR_STRATEGIES = ("fsdp2",)
 VALID_FSDP_DTYPES = ("float32", "bfloat16")
 
 
-@dataclass
-class ActorFSDPConfig(BaseConfig):
+@dataclass(frozen=True)
+class ActorFSDPConfig:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) settings of the training ranks.
 
     With one rank the transformer is not wrapped at all; with several, parameters, gradients and

@@ -2,7 +2,8 @@
 
 verl's ``RolloutConfig`` is written for LLM engines; everything a diffusion replica needs beyond it
 (sampling defaults, request batching, prompt cache, CPU/GPU placement) lives here. Every key is
-optional; a missing section means these defaults.
+optional; a missing section means these defaults. A plain frozen dataclass (no verl import), so the
+recipe checks it before verl, torch or Ray load.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from verl.base_config import BaseConfig
-
 DIFFUSION_CONFIG_PREFIX = "actor_rollout_ref.rollout.diffusion"
 VALID_DEVICES = ("auto", "cpu", "cuda")
 VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass
-class DiffusionRolloutConfig(BaseConfig):
+@dataclass(frozen=True)
+class DiffusionRolloutConfig:
     """Defaults and resources of the ``diffusers`` rollout replicas.
 
     Sampling defaults (a request's ``sampling_params`` override them per request):

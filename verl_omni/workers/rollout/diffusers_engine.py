@@ -9,7 +9,6 @@ weights and the prompt cache needs no lock.
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,12 +17,14 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import sample_flow_match_sde
-from verl_omni.utils.batch_invariant import map_chunks, mkl_is_strict, onednn
+from verl_omni.pipelines.registry import load_adapter
+from verl_omni.utils.batch_invariant import mkl_is_strict, onednn
+from verl_omni.utils.containers import plain
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 from verl_omni.workers.rollout.prompt_cache import PromptEmbeddingCache
+from verl_omni.workers.rollout.prompt_text import prompt_text
 from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,24 +43,6 @@ class EngineRequest:
     params: DiffusionSamplingParams
 
 
-def _plain(value: Any) -> Any:
-    """Containers as plain dicts and lists (OmegaConf configs, tuples and sets included) for peft and ``==``."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted(_plain(v) for v in value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def resolve_torch_dtype(dtype: str, device: str, rollout_dtype: str | None = None) -> torch.dtype:
     """``auto``: float32 on CPU (exact, and bf16 matmuls are slow there), the rollout dtype on GPU."""
     if dtype == "auto":
@@ -70,7 +53,11 @@ def resolve_torch_dtype(dtype: str, device: str, rollout_dtype: str | None = Non
 
 
 class DiffusersEngine:
-    """A diffusers SD3-family pipeline loaded with ``from_pretrained``, driven by the FlowGRPO SDE sampler."""
+    """A diffusers pipeline loaded with ``from_pretrained``, driven by the FlowGRPO SDE sampler.
+
+    Model-agnostic: what is specific to the model family (text encoding, schedule, sampling, decoding) is its
+    diffusers adapter from :mod:`verl_omni.pipelines.registry`, chosen by the checkpoint's pipeline class.
+    """
 
     def __init__(
         self,
@@ -88,7 +75,7 @@ class DiffusersEngine:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
 
-        self.spec = DiffusersModelSpec.from_path(model_path)
+        self.spec = DiffusersModelSpec.from_path(model_path, backend="diffusers")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -96,13 +83,15 @@ class DiffusersEngine:
         dtype_kw = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
         self.pipe = DiffusionPipeline.from_pretrained(self.spec.path, **{dtype_kw: dtype})
         self.pipe.set_progress_bar_config(disable=True)
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
         self.pipe.to(self.device)
         self.transformer = self.pipe.transformer
         self.max_sequence_length = config.max_sequence_length or self.spec.default_max_sequence_length()
+        self.adapter = load_adapter(self.spec.pipeline_class, "diffusers")(
+            self.pipe, self.spec, self.max_sequence_length, self.device
+        )
         # Fixed chunks on any device. On CPU the transformer, which the trainer recomputes with autograd, also
         # runs without oneDNN (the trainer does the same) and MKL is strict (from the process environment). The
         # text encoders and the VAE are rollout-only: oneDNN stays on for them (measured: VAE decode about 3x
@@ -125,43 +114,13 @@ class DiffusersEngine:
 
     def prompt_text(self, prompt_ids: Any) -> str:
         """The prompt as text: a string as is, token ids decoded with the pipeline's (first) tokenizer."""
-        if isinstance(prompt_ids, str):
-            return prompt_ids
-        if hasattr(prompt_ids, "tolist") and not isinstance(prompt_ids, list | tuple):  # torch / numpy arrays
-            prompt_ids = prompt_ids.tolist()
-        if not isinstance(prompt_ids, list | tuple):
-            raise ValueError(f"prompt_ids={prompt_ids!r} must be the prompt text (str) or a list of token ids")
-        tokenizer = self.pipe.tokenizer
-        vocab = len(tokenizer)
-        for i, tok in enumerate(prompt_ids):
-            if not isinstance(tok, numbers.Integral) or isinstance(tok, bool) or not 0 <= int(tok) < vocab:
-                raise ValueError(f"prompt_ids[{i}]={tok!r} is not a token id of the model's tokenizer (size {vocab})")
-        return tokenizer.decode([int(t) for t in prompt_ids], skip_special_tokens=True)
+        return prompt_text(prompt_ids, self.pipe.tokenizer)
 
-    @torch.no_grad()
     def _encode_texts(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Run the text encoders once over ``texts``; per-text float32 ``(embeds (L, D), pooled (P,))`` on the host.
-
-        Host memory keeps a large prompt cache off the GPU (an SD3.5 entry is about 5.5 MB in float32);
-        a batch moves its few rows to the device. Batch-invariant: chunks of ``chunk_size`` texts, padded
-        with empty prompts.
-        """
-
-        def encode(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=chunk,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-            return embeds, pooled
-
-        embeds, pooled = map_chunks(encode, [texts], self.chunk_size, fill="")
+        """The adapter's per-text host encodings of ``texts``; counted for the server's stats."""
+        encodings = self.adapter.encode(texts, self.chunk_size)
         self.texts_encoded += len(texts)
-        embeds, pooled = embeds.float().cpu(), pooled.float().cpu()
-        return [(embeds[i].clone(), pooled[i].clone()) for i in range(len(texts))]
+        return encodings
 
     def _encodings(self, texts: list[str]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
         """Encodings of ``texts`` (with repeats), each distinct text encoded at most once; and per-text cache hits.
@@ -191,37 +150,6 @@ class DiffusersEngine:
 
     # ----- sampling ------------------------------------------------------------------------------
 
-    def _sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
-        """The scheduler's sigmas (N + 1 values) exactly as the SD3 pipeline sets them."""
-        scheduler = self.pipe.scheduler
-        kwargs: dict[str, Any] = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            seq_len = (height // self.spec.vae_scale_factor // self.spec.patch_size) * (
-                width // self.spec.vae_scale_factor // self.spec.patch_size
-            )
-            kwargs["mu"] = calculate_shift(
-                seq_len,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
-        scheduler.set_timesteps(num_inference_steps, device="cpu", **kwargs)
-        return scheduler.sigmas.clone()
-
-    @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode (B, C, h, w) latents to uint8 (B, 3, H, W) on CPU, as the SD3 pipeline post-processes.
-
-        Batch-invariant: chunks of ``chunk_size`` latents, padded with zeros.
-        """
-        vae = self.pipe.vae
-        z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)
-        images = map_chunks(lambda zc: vae.decode(zc, return_dict=False)[0], [z], self.chunk_size, fill=0.0)
-        return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
     @torch.no_grad()
     def run_batch(self, requests: Sequence[EngineRequest]) -> list[DiffusionOutput]:
         """Denoise ``requests`` (equal ``batch_key``) in one fused run; one :class:`DiffusionOutput` each.
@@ -244,36 +172,11 @@ class DiffusersEngine:
         encodings, hits = self._encodings(texts)
         encode_s = time.perf_counter() - t0
         n = len(requests)
-        prompt_embeds = torch.stack([e[0] for e in encodings[:n]]).to(self.device)
-        pooled = torch.stack([e[1] for e in encodings[:n]]).to(self.device)
-        neg_embeds = neg_pooled = None
-        if params.do_cfg:
-            neg_embeds = torch.stack([e[0] for e in encodings[n:]]).to(self.device)
-            neg_pooled = torch.stack([e[1] for e in encodings[n:]]).to(self.device)
-
         generators = [torch.Generator(device=self.device).manual_seed(r.params.seed) for r in requests]
-        sigmas = self._sigmas(params.num_inference_steps, params.height, params.width)
-        latent_shape = (
-            self.spec.latent_channels,
-            params.height // self.spec.vae_scale_factor,
-            params.width // self.spec.vae_scale_factor,
-        )
         with onednn(enabled=self.use_onednn):
-            traj = sample_flow_match_sde(
-                self.transformer,
-                sigmas,
-                prompt_embeds,
-                pooled,
-                generators,
-                latent_shape,
-                negative_prompt_embeds=neg_embeds,
-                negative_pooled_prompt_embeds=neg_pooled,
-                guidance_scale=params.guidance_scale,
-                noise_level=params.noise_level,
-                sde_window=params.sde_window,
-                chunk_size=self.chunk_size,
-            )
-        images = self._decode(traj.final_latents)
+            negatives = encodings[n:] if params.do_cfg else None
+            traj = self.adapter.sample(encodings[:n], negatives, generators, params, self.chunk_size)
+        images = self.adapter.decode(traj.final_latents, self.chunk_size)
 
         outputs = []
         cpu = torch.device("cpu")
@@ -366,7 +269,7 @@ class DiffusersEngine:
         from peft.utils import set_peft_model_state_dict
 
         if lora_config is not None:
-            config_dict = _plain(lora_config.to_dict() if isinstance(lora_config, LoraConfig) else dict(lora_config))
+            config_dict = plain(lora_config.to_dict() if isinstance(lora_config, LoraConfig) else dict(lora_config))
             if config_dict != self._lora_config:
                 try:
                     peft_config = lora_config if isinstance(lora_config, LoraConfig) else LoraConfig(**config_dict)

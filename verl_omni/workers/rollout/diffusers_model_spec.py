@@ -1,7 +1,8 @@
-"""What the ``diffusers`` backend needs to know about a model directory, read from its JSON configs.
+"""What a rollout backend needs to know about a diffusers-format model directory, read from its JSON configs.
 
 Reading ``model_index.json`` and the component configs (no weights, no torch) lets the replica reject
-a wrong model path or an image size the VAE cannot take before any Ray actor starts.
+a wrong model path, a model the backend has no pipeline for, or an image size the VAE cannot take before
+any Ray actor starts. Both backends load diffusers-format checkpoints.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Pipelines whose components and encode_prompt() the sampler drives (SD3 / SD3.5 family).
-SUPPORTED_PIPELINES: tuple[str, ...] = ("StableDiffusion3Pipeline",)
+from verl_omni.pipelines.registry import adapter_path
+
 _REQUIRED_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 _SD3_T5_DEFAULT_MAX_SEQUENCE_LENGTH = 256
 
@@ -66,11 +67,14 @@ class DiffusersModelSpec:
         return value
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, key: str = "actor_rollout_ref.model.path") -> DiffusersModelSpec:
-        """Read and validate a local diffusers pipeline directory; ``ValueError`` naming ``key`` otherwise."""
+    def from_path(
+        cls, path: str | os.PathLike, key: str = "actor_rollout_ref.model.path", backend: str = "diffusers"
+    ) -> DiffusersModelSpec:
+        """Read and validate a local diffusers pipeline directory that ``backend`` can serve; ``ValueError``
+        naming ``key`` otherwise."""
         root = Path(os.path.expanduser(str(path))).resolve()  # actors may run in another working directory
         if not root.is_dir():
-            raise ValueError(f"{key}={str(path)!r} is not a directory: the diffusers backend needs a local pipeline")
+            raise ValueError(f"{key}={str(path)!r} is not a directory: the {backend} backend needs a local pipeline")
         index_file = root / "model_index.json"
         if not index_file.is_file():
             raise ValueError(
@@ -79,11 +83,7 @@ class DiffusersModelSpec:
             )
         index = _read_json(index_file, key, path)
         pipeline_class = index.get("_class_name")
-        if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ValueError(
-                f"{key}={str(path)!r} holds a {pipeline_class!r} pipeline; the diffusers rollout backend supports "
-                f"{', '.join(SUPPORTED_PIPELINES)}"
-            )
+        adapter_path(pipeline_class, backend, key=f"{key}={str(path)!r}")  # raises for a model it has no pipeline for
         missing = [c for c in _REQUIRED_COMPONENTS if not _component_present(index, root, c)]
         if missing:
             raise ValueError(f"{key}={str(path)!r} lacks pipeline component(s) {missing}")

@@ -26,7 +26,14 @@ from verl_omni.workers.rollout.diffusers_server import DiffusersRolloutServer
 
 
 class DiffusersRolloutReplica(RolloutReplica):
-    """One diffusers rollout server (a Ray actor) per replica; see the module docstring."""
+    """One diffusers rollout server (a Ray actor) per replica; see the module docstring.
+
+    Other diffusion backends subclass it and set ``backend``, ``server_class`` and ``address_prefix``.
+    """
+
+    backend = "diffusers"
+    server_class: type = DiffusersRolloutServer
+    address_prefix = "diffusers-replica"
 
     def __init__(
         self,
@@ -51,13 +58,13 @@ class DiffusersRolloutReplica(RolloutReplica):
             is_teacher_model=is_teacher_model,
             name_suffix=name_suffix,
         )
-        model_path = _model_path(model_config)
-        self.model_spec = DiffusersModelSpec.from_path(model_path)
+        model_path = _model_path(model_config, self.backend)
+        self.model_spec = DiffusersModelSpec.from_path(model_path, backend=self.backend)
         for key in ("height", "width"):
             value = getattr(self.diffusion_config, key)
             if value is not None:
                 self.model_spec.check_image_size(f"{DIFFUSION_CONFIG_PREFIX}.{key}", value)
-        self._server_address = f"diffusers-replica-{self.replica_rank}{self.name_suffix}"
+        self._server_address = f"{self.address_prefix}-{self.replica_rank}{self.name_suffix}"
 
     def placement(self) -> tuple[str, float]:
         """``(device, num_gpus)`` of this replica's server actor, from ``diffusion.device`` and the Ray cluster."""
@@ -95,7 +102,7 @@ class DiffusersRolloutReplica(RolloutReplica):
         """Start the server actor, wait until its model is loaded, and expose it to ``LLMServerManager``."""
         device, num_gpus = self.placement()
         cfg = self.diffusion_config
-        server_cls = ray.remote(DiffusersRolloutServer)
+        server_cls = ray.remote(self.server_class)
         handle = server_cls.options(
             num_cpus=cfg.ray_num_cpus,
             num_gpus=num_gpus,
@@ -113,8 +120,8 @@ class DiffusersRolloutReplica(RolloutReplica):
         self.servers = [handle]
 
 
-def _model_path(model_config: Any) -> str:
+def _model_path(model_config: Any, backend: str) -> str:
     path = model_config.get("path") if hasattr(model_config, "get") else getattr(model_config, "path", None)
     if not path:
-        raise ValueError("actor_rollout_ref.model.path is not set: the diffusers backend needs a pipeline directory")
+        raise ValueError(f"actor_rollout_ref.model.path is not set: the {backend} backend needs a pipeline directory")
     return str(path)

@@ -34,6 +34,7 @@ from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest, resolve_torch_dtype
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
+from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -50,7 +51,7 @@ class _Pending:
         return self.request.params.batch_key
 
 
-class DiffusersRolloutServer:
+class DiffusersRolloutServer(DiffusionServerNoOps):
     """Serves ``generate`` requests of one replica with request-level batching and a prompt cache.
 
     Args:
@@ -286,21 +287,6 @@ class DiffusersRolloutServer:
         self._reject = False
         if self._wakeup is not None:
             self._wakeup.set()
-
-    async def clear_kv_cache(self) -> None:
-        """No-op: the only cache is the prompt-embedding cache, which weight updates never invalidate."""
-
-    async def release_kv_cache(self) -> None:
-        """No-op: a diffusion server holds no KV cache."""
-
-    async def resume_kv_cache(self) -> None:
-        """No-op: a diffusion server holds no KV cache."""
-
-    async def start_profile(self, **kwargs: Any) -> None:
-        """No-op: profiling is not wired for this backend."""
-
-    async def stop_profile(self) -> None:
-        """No-op: profiling is not wired for this backend."""
 
     async def close(self) -> None:
         """Stop the batching loop and fail queued requests (in-process use; a Ray actor is just killed)."""

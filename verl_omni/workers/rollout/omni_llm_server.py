@@ -1,25 +1,24 @@
 """Server manager and client that carry a per-group ``routing_key`` to the load balancer.
 
-verl's ``LLMServerClient.generate`` forwards every extra kwarg both to the balancer (filtered by
-``require_acquire_fields``) and to the server, and replaces the caller's ``request_id`` with a
-fresh uuid. ``OmniLLMServerClient`` keeps verl's request path but sends ``routing_key`` to the
-balancer only and forwards the caller's ``request_id`` so a request can be traced end to end. Its
-``generate_group`` sends a whole GRPO group to one replica in one call (strict affinity puts it on one
-replica anyway): one acquire, one server call and one release instead of one of each per copy.
+One request path for every policy: the client hands the balancer a whole group (a group of one when
+there is no group structure) with its routing key in one ``acquire_group`` call, gets back a placement
+(replica -> copies), makes one ``generate_group`` call per replica used and one ``release_group`` call.
+A FlowGRPO group of ``n`` copies costs two balancer calls instead of ``2 n``. The caller's
+``request_id`` is forwarded, so a request can be traced end to end.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import logging
 import os
-from dataclasses import fields
 from typing import Any
 
 import ray
 from verl.utils.ray_utils import auto_await
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
+from verl_omni import register_rollout_backends
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
@@ -27,112 +26,98 @@ from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
-# The routing key of the generate() call running in the current asyncio task. A context variable
-# (copied per task) lets verl's own generate() run unchanged while the key reaches only the
-# balancer; concurrent calls never see each other's key.
-_ROUTING_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("verl_omni_routing_key", default=None)
-# The server id the current generate() attempt was given, so a dead replica can be dropped.
-_ACQUIRED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("verl_omni_acquired", default=None)
+register_rollout_backends()  # the manager below looks replicas up by rollout.name
 
 # Errors that mean the replica itself is gone (not that the request was bad).
 _REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
 
 class OmniLLMServerClient(LLMServerClient):
-    """verl's client plus a ``routing_key`` for the balancer, caller-id forwarding, and failover.
+    """verl's client with group placement, caller-id forwarding and failover.
 
     Args:
-        max_replica_failures: how many dead replicas one request (or group) may meet before it fails. A
-            replica whose actor died is removed from the balancer and the request is sent again (same
-            request id and sampling params, so the same seed), so a lost replica loses no samples.
-        dispatches_groups: tells callers to send a group's copies with :meth:`generate_group` (set by
-            ``OmniLLMServerManager`` from ``server_routing``: strict affinity with ``group_dispatch``).
+        routing: the manager's routing config (tells agent-loop workers which field is the routing key).
+        max_replica_failures: how many dead replicas one group may meet before it fails. A dead replica is
+            removed from the balancer and only the copies it held are placed again (same request ids and
+            sampling params, so the same seeds): a lost replica loses no samples. Resent outputs carry
+            ``extra_fields["resent"] = True``.
     """
 
     def __init__(
         self,
         config: Any,
         load_balancer_handle: Any = None,
+        routing: RolloutServerRoutingConfig | None = None,
         max_replica_failures: int = 2,
-        dispatches_groups: bool = False,
         **kwargs: Any,
     ):
         super().__init__(config=config, load_balancer_handle=load_balancer_handle, **kwargs)
+        self.routing = routing or RolloutServerRoutingConfig()
         self.max_replica_failures = max_replica_failures
-        self.dispatches_groups = dispatches_groups
 
     async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> Any:
-        """Generate through the replica the balancer picks for ``routing_key`` (or ``request_id``).
-
-        ``routing_key`` is consumed here and never sent to the server; the replica is released in
-        ``finally`` (by verl's generate), also when the server raises.
-        """
-        token = _ROUTING_KEY.set(routing_key)
-        failures = 0
-        try:
-            while True:
-                acquired: list[str] = []
-                acquired_token = _ACQUIRED.set(acquired)
-                try:
-                    return await super().generate(request_id, **kwargs)
-                except _REPLICA_GONE:
-                    failures += 1
-                    if not acquired or failures > self.max_replica_failures:
-                        raise
-                    logger.warning("replica %s is gone; removing it and retrying %s", acquired[-1], request_id)
-                    await self._load_balancer.remove_servers.remote([acquired[-1]])
-                finally:
-                    _ACQUIRED.reset(acquired_token)
-        finally:
-            _ROUTING_KEY.reset(token)
+        """One request: a group of one (``kwargs`` are the server's ``generate`` arguments)."""
+        (output,) = await self.generate_group([{"request_id": request_id, **kwargs}], routing_key=routing_key)
+        return output
 
     async def generate_group(self, requests: list[dict[str, Any]], *, routing_key: str | None = None) -> list[Any]:
-        """Generate several requests on one replica: one acquire, one server call, one release.
+        """Generate the copies of one group: one acquire, one server call per replica used, one release.
 
         Each entry holds the server's ``generate`` arguments (``request_id``, ``prompt_ids``,
-        ``sampling_params``); outputs come back in the same order. The balancer picks once (for the
-        first request id and ``routing_key``) and counts all ``len(requests)`` in flight, so other
-        requests' load-aware picks see the group's full weight. Needs a balancer whose
-        ``acquire_server``/``release_server`` take ``count`` and a server with ``generate_group``.
-        A dead replica is removed and the whole group resent (same request ids and sampling params).
+        ``sampling_params``); outputs come back in the same order. ``routing_key`` goes to the balancer
+        only. Copies on a replica that died are placed again (on the replicas left) after it is removed.
         """
-        if not requests:
-            return []
-        count = len(requests)
-        lead = str(requests[0]["request_id"])
-        sent = [{**r, "request_id": self._vllm_request_id(str(r["request_id"]))} for r in requests]
+        outputs: list[Any] = [None] * len(requests)
+        pending = list(range(len(requests)))
         failures = 0
-        while True:
-            server_id, server = await self._load_balancer.acquire_server.remote(
-                request_id=lead, routing_key=routing_key, count=count
+        while pending:
+            placement = await self._load_balancer.acquire_group.remote(
+                request_ids=[str(requests[i]["request_id"]) for i in pending], routing_key=routing_key
             )
             try:
-                outputs = await server.generate_group.remote(requests=sent)
-            except _REPLICA_GONE:
-                failures += 1
-                if failures > self.max_replica_failures:
-                    raise
-                logger.warning("replica %s is gone; removing it and resending group %s", server_id, routing_key or lead)
-                await self._load_balancer.remove_servers.remote([server_id])
-                continue
+                results = await asyncio.gather(
+                    *(
+                        server.generate_group.remote(requests=[self._sent(requests[pending[j]]) for j in copies])
+                        for _, server, copies in placement
+                    ),
+                    return_exceptions=True,
+                )
             finally:
                 # fire-and-forget, as verl releases; a removed replica's release is ignored by the balancer
-                self._load_balancer.release_server.remote(server_id=server_id, count=count)
-            for output in outputs:  # as verl's generate does for each output
-                global_steps = output.extra_fields.get("global_steps")
-                output.extra_fields.setdefault("min_global_steps", global_steps)
-                output.extra_fields.setdefault("max_global_steps", global_steps)
-            return outputs
+                self._load_balancer.release_group.remote([(sid, len(copies)) for sid, _, copies in placement])
+            gone, retry = [], []
+            for (server_id, _, copies), result in zip(placement, results, strict=True):
+                if isinstance(result, _REPLICA_GONE):
+                    gone.append(server_id)
+                    retry += [pending[j] for j in copies]
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    for j, output in zip(copies, result, strict=True):
+                        outputs[pending[j]] = self._finish(output, resent=failures > 0)
+            if gone:
+                failures += len(gone)
+                if failures > self.max_replica_failures:
+                    raise RuntimeError(
+                        f"group {routing_key or requests[0]['request_id']!r} met {failures} dead replicas "
+                        f"(max_replica_failures={self.max_replica_failures}); last: {gone}"
+                    ) from next(r for r in results if isinstance(r, _REPLICA_GONE))
+                logger.warning("replica(s) %s gone; removing them and resending %d copies", gone, len(retry))
+                await self._load_balancer.remove_servers.remote(gone)
+            pending = retry
+        return outputs
 
-    async def _acquire_server(self, request_id: str, **extra: Any) -> tuple[str, ray.actor.ActorHandle]:
-        routing_key = _ROUTING_KEY.get()
-        if routing_key is not None:
-            extra["routing_key"] = routing_key
-        server_id, handle = await super()._acquire_server(request_id, **extra)
-        acquired = _ACQUIRED.get()
-        if acquired is not None:
-            acquired.append(server_id)
-        return server_id, handle
+    def _sent(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {**request, "request_id": self._vllm_request_id(str(request["request_id"]))}
+
+    @staticmethod
+    def _finish(output: Any, resent: bool) -> Any:
+        """verl's per-output bookkeeping, plus whether the copy was resent after a replica loss."""
+        global_steps = output.extra_fields.get("global_steps")
+        output.extra_fields.setdefault("min_global_steps", global_steps)
+        output.extra_fields.setdefault("max_global_steps", global_steps)
+        output.extra_fields["resent"] = resent
+        return output
 
     def _vllm_request_id(self, request_id: str) -> str:
         """Forward the caller's id so server logs and traces match the agent loop's request."""
@@ -142,16 +127,22 @@ class OmniLLMServerClient(LLMServerClient):
 class OmniLLMServerManager(LLMServerManager):
     """verl's server manager with ``OmniRequestLoadBalancer`` configured from ``rollout.server_routing``.
 
-    The routing section is validated in the constructor, before any replica is launched.
+    The routing section is read and validated once, here, before any replica is launched; the typed
+    config then goes to the balancer and to every client (which hands ``routing_key_field`` to the
+    agent-loop workers).
     """
 
     def __init__(self, config: Any, *args: Any, load_balancer_cls: type | None = None, **kwargs: Any):
         rollout_config = config.actor_rollout_ref.rollout
         ensure_omni_rollout_target(rollout_config)
-        self.routing_config = RolloutServerRoutingConfig.from_config(
-            rollout_config.get("server_routing"), prefix="actor_rollout_ref.rollout.server_routing"
-        )
-        super().__init__(config, *args, load_balancer_cls=load_balancer_cls or OmniRequestLoadBalancer, **kwargs)
+        self.routing_config = RolloutServerRoutingConfig.from_config(rollout_config.get("server_routing"))
+        load_balancer_cls = load_balancer_cls or OmniRequestLoadBalancer
+        if not callable(getattr(load_balancer_cls, "acquire_group", None)):
+            raise TypeError(
+                f"load_balancer_cls={load_balancer_cls.__name__} has no acquire_group(): the client places whole "
+                "groups; pass OmniRequestLoadBalancer or a subclass"
+            )
+        super().__init__(config, *args, load_balancer_cls=load_balancer_cls, **kwargs)
 
     async def _init_global_load_balancer(self) -> None:
         cfg = self.routing_config
@@ -165,16 +156,9 @@ class OmniLLMServerManager(LLMServerManager):
             servers=servers,
             max_cache_size=cfg.cache_size,
             full_determinism=bool(getattr(self.rollout_config, "full_determinism", False)),
-            policy=cfg.policy,
-            max_imbalance=cfg.max_imbalance,
+            routing=cfg,
         )
-        logger.info(
-            "Rollout routing: policy=%s max_imbalance=%s cache_size=%d over %d replicas",
-            cfg.policy,
-            cfg.max_imbalance,
-            cfg.cache_size,
-            len(servers),
-        )
+        logger.info("Rollout routing over %d replicas: %s", len(servers), cfg.as_dict())
 
     @auto_await
     async def set_routing(self, **overrides: Any) -> None:
@@ -183,16 +167,12 @@ class OmniLLMServerManager(LLMServerManager):
         For comparing policies on one set of warm replicas (benchmarks, tests) without relaunching
         them. Clients handed out before keep the old balancer: call :meth:`get_client` again.
         """
-        current = {f.name: getattr(self.routing_config, f.name) for f in fields(self.routing_config)}
-        current.pop("_target_", None)
-        self.routing_config = RolloutServerRoutingConfig.from_config(
-            {**current, **overrides}, prefix="actor_rollout_ref.rollout.server_routing"
-        )
+        self.routing_config = RolloutServerRoutingConfig.from_config({**self.routing_config.as_dict(), **overrides})
         await self._init_global_load_balancer()
 
     def get_client(self, client_cls: type[LLMServerClient] | None = None, **kwargs: Any) -> LLMServerClient:
-        """An ``OmniLLMServerClient`` told whether to dispatch groups; any verl client class can still be passed."""
+        """An ``OmniLLMServerClient`` carrying the routing config; any verl client class can still be passed."""
         client_cls = client_cls or OmniLLMServerClient
         if issubclass(client_cls, OmniLLMServerClient):
-            kwargs.setdefault("dispatches_groups", self.routing_config.dispatches_groups)
+            kwargs.setdefault("routing", self.routing_config)
         return super().get_client(client_cls=client_cls, **kwargs)

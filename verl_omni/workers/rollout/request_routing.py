@@ -14,13 +14,14 @@ import bisect
 import hashlib
 import logging
 import os
+import random
 from typing import Any
 
 from verl_omni.utils.lru import LRUMap
 from verl_omni.workers.config.rollout_routing import (
     DEFAULT_ROUTING_CACHE_SIZE,
     VALID_ROLLOUT_SERVER_ROUTING_POLICIES,
-    validate_routing_options,
+    RolloutServerRoutingConfig,
 )
 from verl_omni.workers.rollout.load_buckets import LoadBuckets
 
@@ -38,18 +39,24 @@ def stable_hash(key: str) -> int:
 class OmniRequestLoadBalancer:
     """Sticky, load-aware request router shared by all agent-loop workers.
 
-    Policies (``policy=``):
+    Policies (``routing.policy``):
 
     - ``least_inflight`` (default): verl's behaviour. Sticky on ``request_id``; a new id goes to a
       uniformly random server among the least loaded.
-    - ``prompt_uid_affinity``: sticky on ``routing_key`` (``request_id`` when the key is None or
-      empty), so all copies of a prompt land on one replica. A new key goes to the least-loaded
-      replica. With ``max_imbalance`` set, a request whose pinned replica has more than
-      ``max_imbalance`` in-flight requests above the least-loaded one is diverted and the key
-      re-pinned (soft affinity).
+    - ``prompt_uid_affinity``: sticky on ``routing_key`` (each copy's ``request_id`` when the key is None
+      or empty), so all copies of a prompt land on one replica. A new key goes to a random least-loaded
+      replica. Soft affinity (``max_imbalance`` set): a group whose pinned replica is more than
+      ``max_imbalance`` requests **and** more than ``max_imbalance_ratio`` times above the least-loaded
+      replica (loads before the group is added) is diverted: its copies go one by one to the least
+      loaded, and the key is re-pinned where the first went.
     - ``prompt_hash_sharding``: ``sorted(server_ids)[stable_hash(key) % R]``; the same key maps to
       the same replica in every process and run for a fixed pool.
     - ``round_robin``: rotates over the sorted server ids, ignoring load and keys.
+
+    :meth:`acquire_group` places a whole group in one call and returns the placement (replica ->
+    copies); :meth:`release_group` releases it in one call. The placement is exactly what acquiring the
+    copies one by one, with nothing in between, would give. verl's per-request ``acquire_server`` /
+    ``release_server`` stay, with verl's signatures, for verl's own client.
 
     Every pick is O(1) in the number of replicas (``LoadBuckets``); the sorted id list is kept
     up to date on add/remove instead of being rebuilt per request.
@@ -60,58 +67,79 @@ class OmniRequestLoadBalancer:
         servers: dict[str, Any],
         max_cache_size: int = DEFAULT_ROUTING_CACHE_SIZE,
         full_determinism: bool = False,
-        policy: str = "least_inflight",
-        max_imbalance: int | None = None,
+        routing: RolloutServerRoutingConfig | None = None,
     ):
-        validate_routing_options(policy=policy, max_imbalance=max_imbalance, cache_size=max_cache_size)
-        self._policy = policy
-        self._max_imbalance = max_imbalance
+        """``servers``, ``max_cache_size`` and ``full_determinism`` as verl's balancer takes them; ``routing``
+        (validated by its constructor) picks the policy. Ties are broken by a seeded generator under
+        ``full_determinism``, so a replayed request stream is placed the same way."""
+        routing = routing or RolloutServerRoutingConfig()
+        if isinstance(max_cache_size, bool) or not isinstance(max_cache_size, int) or max_cache_size <= 0:
+            raise ValueError(f"max_cache_size={max_cache_size!r} must be a positive integer")
+        self.routing = routing
         # verl's full_determinism routes by a hash of request_id; here that hash is stable across runs.
         self._full_determinism = full_determinism
         self._servers: dict[str, Any] = {}
         self._sorted_ids: list[str] = []
-        self._load = LoadBuckets()
+        self._load = LoadBuckets(rng=random.Random(0) if full_determinism else None)
         self._sticky = LRUMap(maxsize=max_cache_size)
         self._served: dict[str, int] = {}
         self._rr_next = 0
         self._diversions = 0
+        self._split_groups = 0
         self._acquires = 0
         self._releases = 0
         self._acquire_calls = 0
         self._release_calls = 0
+        self._keyed_pick = {  # policies that place a keyed group on one replica (None: divert per copy)
+            "prompt_uid_affinity": self._pin_affinity,
+            "prompt_hash_sharding": self._pin_hash,
+        }.get(routing.policy)
         self._pick = {
             "least_inflight": self._pick_least_inflight,
             "prompt_uid_affinity": self._pick_affinity,
             "prompt_hash_sharding": self._pick_hash,
             "round_robin": self._pick_round_robin,
-        }[policy]
+        }[routing.policy]
         self.add_servers(servers)
 
     # ------------------------------------------------------------------ routing
-    def acquire_server(self, request_id: str, routing_key: str | None = None, count: int = 1) -> tuple[str, Any]:
-        """Pick a server for the request, count it in flight, and return ``(server_id, handle)``.
+    def acquire_group(self, request_ids: list[str], routing_key: str | None = None) -> list[tuple[str, Any, list[int]]]:
+        """Place the copies of one group and count them in flight: ``[(server_id, handle, copy indices)]``.
 
-        ``count`` > 1 acquires a group of requests that share ``routing_key`` in one call: one pick
-        (made for ``request_id``, the group's first request), ``count`` requests in flight, so the
-        load every later pick sees is the same as if they had been acquired one by one.
+        ``request_ids`` are the copies' ids (for policies sticky on request ids and as keys when
+        ``routing_key`` is None). Strict affinity and hash sharding return one replica; least_inflight,
+        round_robin and soft affinity past its gate may return several. Release with :meth:`release_group`.
         """
         if not self._servers:
             raise RuntimeError("No available servers in load balancer")
-        if type(count) is not int or count < 1:  # inline: this runs once per request (bool is not int)
-            raise _bad_count(count)
-        server_id = self._pick(request_id, routing_key)
-        self._load.increment(server_id, count)
-        self._served[server_id] = self._served.get(server_id, 0) + count
-        self._acquires += count
+        if not request_ids:
+            raise ValueError("acquire_group() needs at least one request id")
         self._acquire_calls += 1
+        placement = self._place(request_ids, routing_key or None)
+        if len(placement) > 1:
+            self._split_groups += 1
+        return [(sid, self._servers[sid], copies) for sid, copies in placement.items()]
+
+    def release_group(self, placement: list[tuple[str, int]]) -> None:
+        """Release what :meth:`acquire_group` placed: ``[(server_id, count)]``; removed servers are ignored."""
+        self._release_calls += 1
+        for server_id, count in placement:
+            if type(count) is not int or count < 1:  # bool is not int
+                raise _bad_count(count)
+            self._releases += self._load.decrement(server_id, count)
+
+    def acquire_server(self, request_id: str, routing_key: str | None = None) -> tuple[str, Any]:
+        """verl's per-request acquire: pick a server, count it in flight, return ``(server_id, handle)``."""
+        if not self._servers:
+            raise RuntimeError("No available servers in load balancer")
+        self._acquire_calls += 1
+        (server_id,) = self._place([request_id], routing_key or None)
         return server_id, self._servers[server_id]
 
-    def release_server(self, server_id: str, request_id: str | None = None, count: int = 1) -> None:
-        """Count ``count`` requests as finished; an unknown or idle server is ignored (as in verl)."""
-        if type(count) is not int or count < 1:
-            raise _bad_count(count)
+    def release_server(self, server_id: str, request_id: str | None = None) -> None:
+        """verl's per-request release; an unknown or idle server is ignored (as in verl)."""
         self._release_calls += 1
-        self._releases += self._load.decrement(server_id, count)
+        self._releases += self._load.decrement(server_id, 1)
 
     def require_acquire_fields(self) -> list[str]:
         """verl's client sends these ``generate()`` kwargs to :meth:`acquire_server`."""
@@ -119,6 +147,26 @@ class OmniRequestLoadBalancer:
 
     def require_release_fields(self) -> list[str]:
         return []
+
+    def _place(self, request_ids: list[str], key: str | None) -> dict[str, list[int]]:
+        count = len(request_ids)
+        self._acquires += count
+        server_id = self._keyed_pick(key) if key is not None and self._keyed_pick is not None else None
+        if server_id is not None:
+            self._count_in(server_id, count)
+            return {server_id: list(range(count))}
+        placement: dict[str, list[int]] = {}
+        for i, request_id in enumerate(request_ids):
+            server_id = self._pick(request_id, key)
+            self._count_in(server_id, 1)
+            placement.setdefault(server_id, []).append(i)
+        if key is not None and self.routing.policy == "prompt_uid_affinity":
+            self._sticky.put(key, next(iter(placement)))  # a diverted key is re-pinned where its first copy went
+        return placement
+
+    def _count_in(self, server_id: str, count: int) -> None:
+        self._load.increment(server_id, count)
+        self._served[server_id] = self._served.get(server_id, 0) + count
 
     def _sticky_lookup(self, key: str) -> str | None:
         server_id = self._sticky.get(key)
@@ -128,6 +176,25 @@ class OmniRequestLoadBalancer:
             return server_id
         self._sticky.pop(key)  # pinned to a removed server: re-route
         return None
+
+    def _pin_affinity(self, key: str) -> str | None:
+        """The replica a keyed group goes to whole, or None when soft affinity diverts it."""
+        server_id = self._sticky_lookup(key)
+        if server_id is None:
+            server_id = self._load.pick_least_loaded()
+            self._sticky.put(key, server_id)
+            return server_id
+        routing = self.routing
+        if routing.max_imbalance is None:
+            return server_id
+        load, least = self._load.count(server_id), self._load.min_count
+        if load - least > routing.max_imbalance and load > routing.max_imbalance_ratio * least:
+            self._diversions += 1
+            return None
+        return server_id
+
+    def _pin_hash(self, key: str) -> str:
+        return self._sorted_ids[stable_hash(key) % len(self._sorted_ids)]
 
     def _pick_least_inflight(self, request_id: str, routing_key: str | None) -> str:
         server_id = self._sticky_lookup(request_id)
@@ -140,19 +207,17 @@ class OmniRequestLoadBalancer:
         return server_id
 
     def _pick_affinity(self, request_id: str, routing_key: str | None) -> str:
-        key = routing_key or request_id
-        server_id = self._sticky_lookup(key)
-        if server_id is not None:
-            if self._max_imbalance is None or self._load.count(server_id) - self._load.min_count <= self._max_imbalance:
-                return server_id
-            self._diversions += 1
-        server_id = self._load.pick_least_loaded()
-        self._sticky.put(key, server_id)
+        """One copy without a key (its request id is the key), or one copy of a diverted group."""
+        if routing_key is not None:  # diverted: this copy goes to the least loaded
+            return self._load.pick_least_loaded()
+        server_id = self._pin_affinity(request_id)
+        if server_id is None:
+            server_id = self._load.pick_least_loaded()
+            self._sticky.put(request_id, server_id)
         return server_id
 
     def _pick_hash(self, request_id: str, routing_key: str | None) -> str:
-        key = routing_key or request_id
-        return self._sorted_ids[stable_hash(key) % len(self._sorted_ids)]
+        return self._pin_hash(request_id)
 
     def _pick_round_robin(self, request_id: str, routing_key: str | None) -> str:
         server_id = self._sorted_ids[self._rr_next % len(self._sorted_ids)]
@@ -206,11 +271,13 @@ class OmniRequestLoadBalancer:
             "total_inflight": self._load.total,
             "active_servers": len(self._servers),
             "registered_handles": list(self._servers),
-            "policy": self._policy,
-            "max_imbalance": self._max_imbalance,
+            "policy": self.routing.policy,
+            "max_imbalance": self.routing.max_imbalance,
+            "max_imbalance_ratio": self.routing.max_imbalance_ratio,
             "served": {sid: self._served.get(sid, 0) for sid in self._servers},
             "pinned_keys": len(self._sticky),
             "diversions": self._diversions,
+            "split_groups": self._split_groups,
             "acquires": self._acquires,
             "releases": self._releases,
             "acquire_calls": self._acquire_calls,
@@ -219,4 +286,4 @@ class OmniRequestLoadBalancer:
 
 
 def _bad_count(count: object) -> ValueError:
-    return ValueError(f"count={count!r} must be a positive integer (the number of requests acquired or released)")
+    return ValueError(f"count={count!r} must be a positive integer (the number of requests released on that server)")

@@ -1,0 +1,78 @@
+"""Choosing a rollout backend (``actor_rollout_ref.rollout.name``): bad choices are refused at config validation,
+before Ray starts, with the key, the value and the valid choices or the command to run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from recipes.flowgrpo.config_compose import compose_recipe
+from recipes.flowgrpo.validate import validate_recipe_config
+from verl_omni.pipelines.registry import ROLLOUT_BACKENDS, load_adapter, supported_pipelines
+from verl_omni.workers.rollout.backends import check_rollout_backend, missing_vllm_omni_modules
+
+
+@pytest.fixture
+def extra_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend vllm and vllm_omni are importable (found by name only; nothing is imported)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name in ("vllm", "vllm_omni") else real(name, *a)
+    )
+
+
+def _checkpoint(tmp_path: Path, pipeline_class: str) -> str:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    return str(tmp_path)
+
+
+def test_an_unknown_backend_lists_the_valid_choices():
+    with pytest.raises(ValueError) as err:
+        check_rollout_backend("vllm", available_gpus=8)
+    assert str(err.value) == (
+        "actor_rollout_ref.rollout.name='vllm' is not a rollout backend of verl-omni; "
+        "valid choices: diffusers, vllm_omni"
+    )
+
+
+def test_an_unknown_backend_fails_the_recipe_validation(tmp_path: Path):
+    cfg = compose_recipe("actor_rollout_ref.rollout.name=sglang", f"trainer.default_local_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"rollout.name='sglang' is not a rollout backend.*diffusers, vllm_omni"):
+        validate_recipe_config(cfg, available_gpus=0)
+
+
+@pytest.mark.skipif(not missing_vllm_omni_modules(), reason="the vllm-omni extra is installed here")
+def test_vllm_omni_without_the_extra_says_what_to_install():
+    with pytest.raises(
+        ValueError, match=r"rollout.name='vllm_omni' needs the vllm-omni extra .*pip install -e \.\[vllm-omni\]"
+    ):
+        check_rollout_backend("vllm_omni", available_gpus=8)
+
+
+def test_vllm_omni_without_cuda_points_to_the_diffusers_backend(extra_installed):
+    assert missing_vllm_omni_modules() == []
+    with pytest.raises(
+        ValueError, match=r"rollout.name='vllm_omni' needs CUDA GPUs .* use actor_rollout_ref.rollout.name=diffusers"
+    ):
+        check_rollout_backend("vllm_omni", available_gpus=0)
+    check_rollout_backend("vllm_omni", available_gpus=1)  # the tiny model (no path) is SD3: served
+
+
+@pytest.mark.parametrize("backend", ROLLOUT_BACKENDS)
+def test_a_model_without_a_pipeline_for_the_backend_is_refused(backend, tmp_path, extra_installed):
+    path = _checkpoint(tmp_path, "FluxPipeline")
+    with pytest.raises(ValueError) as err:
+        check_rollout_backend(backend, path, available_gpus=1)
+    assert str(err.value) == (
+        f"actor_rollout_ref.model.path={path!r} holds a 'FluxPipeline' pipeline, which the {backend!r} rollout "
+        "backend has no pipeline for; valid choices: StableDiffusion3Pipeline"
+    )
+    check_rollout_backend(backend, _checkpoint(tmp_path, "StableDiffusion3Pipeline"), available_gpus=1)
+
+
+def test_every_backend_serves_sd3_and_the_diffusers_adapter_loads():
+    assert all(supported_pipelines(b) == ("StableDiffusion3Pipeline",) for b in ROLLOUT_BACKENDS)
+    assert load_adapter("StableDiffusion3Pipeline", "diffusers").__name__ == "SD3DiffusersAdapter"

@@ -1,0 +1,459 @@
+"""The ``vllm_omni`` rollout server without vllm-omni: request building, response translation, weight-update
+messages, ordering, abort/sleep and error paths.
+
+vllm-omni has no CPU platform, so these tests drive the server against :class:`FakeAsyncOmni`, a double of
+vllm-omni's ``AsyncOmni`` with the same methods (``generate`` as an async iterator of ``OmniRequestOutput``-shaped
+objects, ``abort``, ``add_lora``/``remove_lora``, ``collective_rpc``, ``sleep``/``wake_up``, ``shutdown``). The
+double answers the way verl-omni's custom pipeline does: it samples with the project's one SDE loop (a toy
+velocity instead of a transformer) and packs the result with the same protocol functions. The real engine is
+tested by the GPU-only test at the end (skipped here, with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from verl_omni.pipelines.flow_match_sde import sample_sde_trajectory, sde_step_with_logprob
+from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
+from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
+from verl_omni.workers.rollout.vllm_omni_protocol import (
+    EXTRA_ARGS_KEY,
+    FlowGRPOArgs,
+    pack_trajectory,
+)
+from verl_omni.workers.rollout.vllm_omni_server import VllmOmniRolloutServer, engine_kwargs, resolve_engine_dtype
+from verl_omni.workers.rollout.vllm_omni_worker_extension import (
+    LOAD_WEIGHTS_METHOD,
+    WORKER_EXTENSION,
+    VerlOmniWorkerExtension,
+)
+
+SIZE = 16  # pixels; the fake checkpoint's VAE scale factor is 2, so latents are (4, 8, 8)
+STEPS = {"num_inference_steps": 4}
+
+
+def toy_velocity(x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, *negative: Any):
+    """Stands in for the SD3 transformer: depends on the latents, the noise level and the conditioning."""
+    return -x * (1.0 - sigma) + pooled.mean(dim=1).view(-1, 1, 1, 1)
+
+
+def write_checkpoint(root: Path, pipeline_class: str = "StableDiffusion3Pipeline") -> Path:
+    """The JSON configs of a diffusers-format checkpoint (no weights): all the server reads itself."""
+    components = {
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    configs = {
+        "transformer/config.json": {"patch_size": 2, "sample_size": 8, "in_channels": 4, "pos_embed_max_size": 16},
+        "vae/config.json": {"block_out_channels": [4, 4], "latent_channels": 4},
+        "scheduler/scheduler_config.json": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
+    }
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, **components}))
+    for name in components:
+        (root / name).mkdir()
+    for rel, cfg in configs.items():
+        (root / rel).write_text(json.dumps(cfg))
+    return root
+
+
+class FakeAsyncOmni:
+    """A double of vllm-omni's ``AsyncOmni`` (vllm-omni needs CUDA) that behaves like it with our custom pipeline.
+
+    ``hold`` (an ``asyncio.Event``) keeps every request in flight until set. ``mode`` = ``"stock"`` answers as
+    vllm-omni's stock SD3 pipeline (an image, no trajectory); ``"bad_timesteps"`` shifts the timesteps.
+    """
+
+    def __init__(self, model_path: str, kwargs: dict[str, Any]):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.model_path, self.kwargs = model_path, kwargs
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler")
+        self.requests: list[tuple[Any, Any, str]] = []
+        self.calls: list[tuple] = []
+        self.aborted: set[str] = set()
+        self.hold: asyncio.Event | None = None
+        self.mode = "pipeline"
+
+    async def generate(self, prompt: dict, sampling_params: Any, request_id: str = ""):
+        self.requests.append((prompt, sampling_params, request_id))
+        if self.hold is not None:
+            await self.hold.wait()
+        if request_id in self.aborted:
+            yield SimpleNamespace(request_id=request_id, images=[], error="aborted")
+            return
+        sp = sampling_params
+        args = FlowGRPOArgs.from_extra_args(sp.extra_args)
+        sigmas = scheduler_sigmas(self.scheduler, sp.num_inference_steps, sp.height, sp.width, 2, 2)
+        seed = torch.Generator().manual_seed(sp.seed)
+        embeds, pooled = torch.randn(1, 3, 8, generator=seed), torch.randn(1, 6, generator=seed)
+        negative = (torch.zeros(1, 3, 8), torch.zeros(1, 6)) if sp.guidance_scale > 1 else (None, None)
+        traj = sample_sde_trajectory(
+            toy_velocity,
+            sigmas,
+            [embeds, pooled, *negative],
+            [torch.Generator().manual_seed(sp.seed)],
+            (4, sp.height // 2, sp.width // 2),
+            noise_level=args.noise_level,
+            sde_window=args.sde_window,
+            chunk_size=args.chunk_size,
+        )
+        cond = {
+            "prompt_embeds": embeds[0],
+            "pooled_prompt_embeds": pooled[0],
+            "negative_prompt_embeds": None if negative[0] is None else negative[0][0],
+            "negative_pooled_prompt_embeds": None if negative[1] is None else negative[1][0],
+        }
+        fields = pack_trajectory(traj, 0, cond)
+        if self.mode == "stock":
+            fields = {"trajectory_latents": None, "trajectory_timesteps": None, "trajectory_log_probs": None}
+        elif self.mode == "bad_timesteps":
+            fields["trajectory_timesteps"] = fields["trajectory_timesteps"] + 1.0
+        image = Image.fromarray(np.full((sp.height, sp.width, 3), sp.seed % 256, dtype=np.uint8))
+        yield SimpleNamespace(request_id=request_id, images=[image], **fields)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        self.calls.append(("abort", tuple(request_ids)))
+        self.aborted.update(request_ids)
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        self.calls.append(("add_lora", lora_request))
+        return True
+
+    async def remove_lora(self, adapter_id: int) -> bool:
+        self.calls.append(("remove_lora", adapter_id))
+        return True
+
+    async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs=None):
+        self.calls.append(("collective_rpc", method, args))
+        return [len(args[0])]
+
+    async def sleep(self, level: int = 2) -> list:
+        self.calls.append(("sleep", level))
+        return []
+
+    async def wake_up(self) -> list:
+        self.calls.append(("wake_up",))
+        return []
+
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown",))
+
+
+class SamplingParams(SimpleNamespace):
+    """Stands in for ``OmniDiffusionSamplingParams`` (a keyword-constructed dataclass)."""
+
+
+class LoRARequest(SimpleNamespace):
+    """Stands in for verl's ``TensorLoRARequest`` (lora_name, lora_int_id, lora_path, peft_config, lora_tensors)."""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return str(write_checkpoint(tmp_path_factory.mktemp("ckpt") / "sd3"))
+
+
+@pytest.fixture
+def make_server(checkpoint):
+    def make(**config: Any) -> VllmOmniRolloutServer:
+        def factory(model_path: str, kwargs: dict[str, Any]) -> SimpleNamespace:
+            return SimpleNamespace(
+                engine=FakeAsyncOmni(model_path, kwargs),
+                sampling_params_cls=SamplingParams,
+                lora_request_cls=LoRARequest,
+            )
+
+        return VllmOmniRolloutServer(checkpoint, {"chunk_size": 2, **config}, "vo-0", engine_factory=factory)
+
+    return make
+
+
+# ----- requests --------------------------------------------------------------------------------------
+
+
+async def test_a_request_becomes_one_vllm_omni_request_with_the_flowgrpo_knobs(make_server, checkpoint):
+    server = make_server(negative_prompt="blurry", max_sequence_length=77)
+    await server.generate("r1", "a cat", {"seed": 7, "sde_window": [1, 3], "guidance_scale": 5.0, **STEPS})
+    ((prompt, sp, engine_id),) = server.engine.requests
+    assert prompt == {"prompt": "a cat", "negative_prompt": "blurry"}
+    assert engine_id.startswith("r1-") and engine_id != "r1"  # unique in the engine, the caller's id reported
+    assert (sp.num_inference_steps, sp.guidance_scale, sp.seed, sp.height, sp.width) == (4, 5.0, 7, SIZE, SIZE)
+    assert sp.max_sequence_length == 77 and sp.num_outputs_per_prompt == 1 and sp.return_trajectory_latents
+    assert sp.extra_args == {EXTRA_ARGS_KEY: {"noise_level": 0.7, "sde_window": [1, 3], "chunk_size": 2}}
+    assert not hasattr(sp, "lora_request")
+    kwargs = server.engine.kwargs
+    assert kwargs["custom_pipeline_args"] == {
+        "pipeline_class": "verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline"
+    }
+    assert kwargs["worker_extension_cls"] == WORKER_EXTENSION and kwargs["enable_sleep_mode"] is True
+    assert kwargs["dtype"] == "bfloat16" and server.engine.model_path == str(Path(checkpoint).resolve())
+
+
+def test_engine_options():
+    from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+
+    assert resolve_engine_dtype("auto", "float16") == "float16" and resolve_engine_dtype("auto", None) == "bfloat16"
+    assert resolve_engine_dtype("float32", "bfloat16") == "float32"
+    kwargs = engine_kwargs("pkg.Pipe", "bfloat16", DiffusionRolloutConfig(admission_window_ms=25))
+    assert (
+        kwargs["request_batch_max_wait_ms"] == 25.0 and kwargs["custom_pipeline_args"]["pipeline_class"] == "pkg.Pipe"
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        ({"sampling_params": {"temperature": 1.0}}, "unknown sampling_params field"),
+        ({"sampling_params": {"height": 18}}, "sampling_params.height=18 is not a multiple of 4"),
+        ({"sampling_params": {"sde_window": [3, 12]}}, "sampling_params.sde_window=.* is outside the schedule"),
+        ({"image_data": [object()]}, "image_data=list is not supported: the vllm_omni backend"),
+        ({"top_k": 3}, "unexpected argument"),
+    ],
+)
+async def test_bad_requests_fail_before_reaching_the_engine(make_server, call, match):
+    server = make_server()
+    kwargs = {"request_id": "r", "prompt_ids": "a cat", "sampling_params": STEPS, **call}
+    with pytest.raises(ValueError, match=match):
+        await server.generate(**kwargs)
+    with pytest.raises(ValueError, match=match):  # one bad request fails the whole group, nothing is sent
+        await server.generate_group([{"request_id": "ok", "prompt_ids": "a dog", "sampling_params": STEPS}, kwargs])
+    assert server.engine.requests == []
+
+
+# ----- responses -------------------------------------------------------------------------------------
+
+
+async def test_the_output_is_a_diffusion_output_whose_steps_recompute_exactly(make_server):
+    server = make_server()
+    out = await server.generate("r1", "a cat", {"seed": 3, "sde_window": [1, 3], **STEPS})
+    full = scheduler_sigmas(server._scheduler, 4, SIZE, SIZE, 2, 2)
+    assert out.image.dtype == torch.uint8 and out.image.shape == (3, SIZE, SIZE) and int(out.image[0, 0, 0]) == 3
+    assert out.latents.shape == out.next_latents.shape == (2, 4, 8, 8) and out.log_probs.shape == (2,)
+    assert torch.equal(out.latents[1], out.next_latents[0])  # consecutive steps of one trajectory
+    assert torch.equal(out.sigmas, full[1:3]) and torch.equal(out.sigmas_next, full[2:4])
+    assert torch.equal(out.timesteps, full[1:3] * 1000)
+    assert out.prompt_embeds.shape == (3, 8) and out.pooled_prompt_embeds.shape == (6,)
+    assert out.negative_prompt_embeds.shape == (3, 8)  # CFG at the default guidance 4.5
+    assert out.model_version == 0 and out.extra_fields["sde_step_indices"] == [1, 2]
+    assert out.extra_fields["request_id"] == "r1" and out.extra_fields["server_id"] == "vo-0"
+    assert out.extra_fields["seed"] == 3 and out.extra_fields["generate_s"] >= 0
+    # What the trainer does with the stored transition gives back the stored log-prob, bit for bit.
+    for t in range(2):
+        v = toy_velocity(out.latents[t : t + 1], out.sigmas[t], out.prompt_embeds[None], out.pooled_prompt_embeds[None])
+        step = sde_step_with_logprob(
+            v, out.latents[t : t + 1], out.sigmas[t], out.sigmas_next[t], 0.7, prev_sample=out.next_latents[t : t + 1]
+        )
+        assert torch.equal(step.log_prob[0], out.log_probs[t])
+
+
+async def test_ode_sampling_records_nothing(make_server):
+    out = await make_server().generate("v", "a cat", {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0, **STEPS})
+    assert out.latents.shape == (0, 4, 8, 8) and out.log_probs.shape == (0,) and out.sigmas.shape == (0,)
+    assert out.prompt_embeds is None and out.negative_prompt_embeds is None and out.image.shape == (3, SIZE, SIZE)
+
+
+async def test_generate_group_keeps_the_order_and_sends_every_request(make_server):
+    server = make_server()
+    reqs = [{"request_id": f"g{i}", "prompt_ids": "a cat", "sampling_params": {"seed": i, **STEPS}} for i in range(3)]
+    outs = await server.generate_group(reqs)
+    assert [o.extra_fields["request_id"] for o in outs] == ["g0", "g1", "g2"]
+    assert [int(o.image[0, 0, 0]) for o in outs] == [0, 1, 2] and len(server.engine.requests) == 3
+    assert (await server.get_stats())["requests_served"] == 3
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"), [("stock", "carries no FlowGRPO trajectory"), ("bad_timesteps", "not the schedule's")]
+)
+async def test_outputs_without_a_usable_trajectory_are_errors(make_server, mode, match):
+    server = make_server()
+    server.engine.mode = mode
+    with pytest.raises(RuntimeError, match=match):
+        await server.generate("r1", "a cat", STEPS)
+    assert (await server.get_stats())["requests_failed"] == 1
+
+
+# ----- weights ---------------------------------------------------------------------------------------
+
+
+async def test_lora_updates_go_in_memory_and_replace_the_previous_adapter(make_server):
+    from omegaconf import OmegaConf
+
+    server = make_server()
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 8)}
+    config = OmegaConf.create({"r": 2, "lora_alpha": 4, "target_modules": ["to_q", "to_k"]})
+    assert await server.update_weights(lora_state_dict=lora, lora_config=config) == 1
+    ((_, first),) = server.engine.calls
+    assert first.lora_int_id == 1 and os.path.isdir(first.lora_path)
+    assert first.peft_config == {"r": 2, "lora_alpha": 4, "target_modules": ["to_q", "to_k"]}  # plain dict
+    assert list(first.lora_tensors) == ["base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    out = await server.generate("r1", "a cat", STEPS)
+    assert server.engine.requests[-1][1].lora_request is first and out.model_version == 1
+
+    assert await server.update_weights(lora_state_dict=lora, version=7) == 7  # same adapter shape, new weights
+    assert [c[0] for c in server.engine.calls] == ["add_lora", "add_lora", "remove_lora"]
+    assert server.engine.calls[1][1].lora_int_id == 2 and server.engine.calls[2] == ("remove_lora", 1)
+    assert (await server.get_stats())["lora_adapter_id"] == 2
+
+
+async def test_full_weights_go_to_every_worker_through_the_extension(make_server):
+    server = make_server()
+    state = {"pos_embed.proj.weight": torch.zeros(3)}
+    assert await server.update_weights(state_dict=state) == 1
+    assert server.engine.calls == [("collective_rpc", LOAD_WEIGHTS_METHOD, (state,))]
+
+    loaded: list[tuple[str, torch.Tensor]] = []
+    pipeline = SimpleNamespace(load_weights=lambda weights: {n for n, _ in weights if not loaded.append((n, 0))})
+    worker = SimpleNamespace(model_runner=SimpleNamespace(pipeline=pipeline))
+    assert getattr(VerlOmniWorkerExtension, LOAD_WEIGHTS_METHOD)(worker, state) == 1
+    assert loaded == [("transformer.pos_embed.proj.weight", 0)]  # diffusers names under the pipeline's prefix
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "update_weights needs state_dict"),
+        ({"version": True}, "version=True must be an integer"),
+        ({"lora_config": {"r": 2}}, "lora_config without lora_state_dict"),
+        ({"lora_state_dict": {"a.lora_A.weight": torch.ones(1)}}, "no LoRA adapter is loaded: pass lora_config"),
+    ],
+)
+async def test_bad_weight_updates_are_refused(make_server, kwargs, match):
+    server = make_server()
+    with pytest.raises(ValueError, match=match):
+        await server.update_weights(**kwargs)
+    assert server.engine.calls == [] and server.version == 0
+
+
+async def test_an_update_waits_for_requests_in_flight_and_later_requests_wait_for_it(make_server):
+    server = make_server()
+    server.engine.hold = asyncio.Event()
+    first = asyncio.create_task(server.generate("old", "a cat", STEPS))
+    await asyncio.sleep(0.01)
+    update = asyncio.create_task(server.update_weights(version=5))
+    await asyncio.sleep(0.01)
+    later = asyncio.create_task(server.generate("new", "a cat", STEPS))
+    await asyncio.sleep(0.01)
+    assert not update.done() and len(server.engine.requests) == 1  # the later request is not sent yet
+    server.engine.hold.set()
+    assert (await first).model_version == 0 and await update == 5 and (await later).model_version == 5
+
+
+# ----- control ---------------------------------------------------------------------------------------
+
+
+async def test_abort_pauses_admission_and_reject_aborts_in_the_engine(make_server):
+    server = make_server()
+    server.engine.hold = asyncio.Event()
+    running = asyncio.create_task(server.generate("a", "a cat", STEPS))
+    await asyncio.sleep(0.01)
+    abort = asyncio.create_task(server.abort_all_requests())
+    await asyncio.sleep(0.01)
+    assert not abort.done()  # waits for the request in flight to finish
+    queued = asyncio.create_task(server.generate("b", "a cat", STEPS))
+    server.engine.hold.set()
+    await abort
+    assert (await running).extra_fields["request_id"] == "a" and not queued.done()
+    await server.resume_generation()
+    assert (await queued).extra_fields["request_id"] == "b"
+
+    server.engine.hold = asyncio.Event()
+    running = asyncio.create_task(server.generate("c", "a cat", STEPS))
+    await asyncio.sleep(0.01)
+    abort = asyncio.create_task(server.abort_all_requests(reject_request=True))
+    await asyncio.sleep(0.01)
+    server.engine.hold.set()
+    await abort
+    assert server.engine.calls[0][0] == "abort" and server.engine.calls[0][1][0].startswith("c-")
+    with pytest.raises(RuntimeError, match="'c' returned aborted"):
+        await running
+    with pytest.raises(RuntimeError, match="rejected: generation is aborted on vo-0"):
+        await server.generate("d", "a cat", STEPS)
+    await server.resume_generation()
+    await server.generate("e", "a cat", STEPS)
+
+
+async def test_sleep_offloads_and_an_update_wakes_the_engine(make_server):
+    server = make_server()
+    await server.sleep()
+    await server.sleep()  # idempotent
+    with pytest.raises(RuntimeError, match="asleep: call wake_up"):
+        await server.generate("r", "a cat", STEPS)
+    await server.update_weights(version=1)
+    await server.sleep()
+    await server.wake_up()
+    assert [c[0] for c in server.engine.calls] == ["sleep", "wake_up", "sleep", "wake_up"]
+    assert server.engine.calls[0] == ("sleep", 1)
+    info, stats = await server.ready(), await server.get_stats()
+    assert info["backend"] == "vllm_omni" and info["model_version"] == 1 and info["default_height"] == SIZE
+    assert stats["sleeping"] is False and stats["in_flight"] == 0 and stats["chunk_size"] == 2
+    await server.close()
+    assert server.engine.calls[-1] == ("shutdown",)
+
+
+def test_start_up_errors_name_the_problem(make_server, tmp_path):
+    with pytest.raises(ValueError, match="device='cpu': the vllm_omni rollout backend runs on CUDA GPUs only"):
+        VllmOmniRolloutServer(str(write_checkpoint(tmp_path / "a")), device="cpu")
+    flux = write_checkpoint(tmp_path / "flux", "FluxPipeline")
+    with pytest.raises(ValueError, match=r"'FluxPipeline' pipeline.*valid choices: StableDiffusion3Pipeline"):
+        VllmOmniRolloutServer(str(flux))
+
+
+def test_the_replica_is_registered_and_refuses_cpu_placement(monkeypatch):
+    import ray
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from verl_omni import register_rollout_backends
+    from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+    from verl_omni.workers.rollout.vllm_omni_replica import VllmOmniRolloutReplica
+
+    register_rollout_backends()
+    assert RolloutReplicaRegistry.get("vllm_omni") is VllmOmniRolloutReplica
+    replica = SimpleNamespace(diffusion_config=DiffusionRolloutConfig(device="cpu"))
+    with pytest.raises(ValueError, match=r"diffusion.device='cpu' but actor_rollout_ref.rollout.name='vllm_omni'"):
+        VllmOmniRolloutReplica.placement(replica)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    replica = SimpleNamespace(diffusion_config=DiffusionRolloutConfig(num_gpus_per_replica=0.5))
+    with pytest.raises(ValueError, match="needs GPUs, but the Ray cluster has none"):
+        VllmOmniRolloutReplica.placement(replica)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    assert VllmOmniRolloutReplica.placement(replica) == ("cuda", 0.5)
+
+
+# ----- the real engine (GPU only) --------------------------------------------------------------------
+
+GPU_MODEL = os.environ.get("VERL_OMNI_VLLM_OMNI_TEST_MODEL")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or bool(missing_vllm_omni_modules()) or not GPU_MODEL,
+    reason="GPU only: vllm-omni has no CPU platform; needs CUDA, `pip install -e .[vllm-omni]` and "
+    "VERL_OMNI_VLLM_OMNI_TEST_MODEL=<SD3 checkpoint dir>",
+)
+async def test_real_engine_returns_a_recomputable_trajectory():
+    server = VllmOmniRolloutServer(GPU_MODEL, {"num_inference_steps": 4, "height": 256, "width": 256})
+    try:
+        outs = await server.generate_group(
+            [{"request_id": f"r{i}", "prompt_ids": "a red apple", "sampling_params": {"seed": i}} for i in range(2)]
+        )
+        for out in outs:
+            assert (
+                out.image.shape == (3, 256, 256) and out.log_probs.shape == (4,) and torch.isfinite(out.log_probs).all()
+            )
+            assert out.prompt_embeds is not None and out.latents.shape[0] == 4
+        assert not torch.equal(outs[0].image, outs[1].image)
+    finally:
+        await server.close()

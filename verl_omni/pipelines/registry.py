@@ -1,0 +1,70 @@
+"""Which model families each rollout backend can serve, and where each family's code lives.
+
+Keyed by the diffusers pipeline class (``_class_name`` in a checkpoint's ``model_index.json``). A model family
+is one package, ``verl_omni.pipelines.<model>``, holding its conditioning and sampling plus one thin adapter per
+backend; adding a model is a new package and one entry here, never an edit to an engine or a server.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+ROLLOUT_BACKENDS: tuple[str, ...] = ("diffusers", "vllm_omni")
+
+
+@dataclass(frozen=True)
+class ModelPipelines:
+    """Dotted import paths (``package.module.Name``) of one model family's backend adapters; None: unsupported.
+
+    Attributes:
+        diffusers: class wrapping a loaded ``diffusers`` pipeline for the diffusers engine.
+        vllm_omni: vllm-omni custom pipeline class (``custom_pipeline_args["pipeline_class"]``); imported only
+            inside vllm-omni's workers.
+    """
+
+    diffusers: str | None = None
+    vllm_omni: str | None = None
+
+
+MODEL_PIPELINES: dict[str, ModelPipelines] = {
+    "StableDiffusion3Pipeline": ModelPipelines(
+        diffusers="verl_omni.pipelines.sd3.diffusers_adapter.SD3DiffusersAdapter",
+        vllm_omni="verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline",
+    ),
+}
+
+
+def supported_pipelines(backend: str) -> tuple[str, ...]:
+    """The diffusers pipeline classes ``backend`` has an adapter for."""
+    check_backend_name(backend)
+    return tuple(name for name, entry in MODEL_PIPELINES.items() if getattr(entry, backend) is not None)
+
+
+def adapter_path(pipeline_class: str | None, backend: str, key: str = "actor_rollout_ref.model.path") -> str:
+    """The dotted path of ``backend``'s adapter for ``pipeline_class``; ``ValueError`` naming the valid choices."""
+    check_backend_name(backend)
+    entry = MODEL_PIPELINES.get(pipeline_class) if isinstance(pipeline_class, str) else None
+    path = None if entry is None else getattr(entry, backend)
+    if path is None:
+        raise ValueError(
+            f"{key} holds a {pipeline_class!r} pipeline, which the {backend!r} rollout backend has no pipeline for; "
+            f"valid choices: {', '.join(supported_pipelines(backend)) or 'none'}"
+        )
+    return path
+
+
+def load_adapter(pipeline_class: str, backend: str) -> Any:
+    """Import and return ``backend``'s adapter class for ``pipeline_class``."""
+    module, _, name = adapter_path(pipeline_class, backend).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_backend_name(backend: object) -> None:
+    """``ValueError`` naming ``actor_rollout_ref.rollout.name`` and the valid choices unless ``backend`` is one."""
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(
+            f"actor_rollout_ref.rollout.name={backend!r} is not a rollout backend of verl-omni; "
+            f"valid choices: {', '.join(ROLLOUT_BACKENDS)}"
+        )

@@ -1,0 +1,88 @@
+"""SD3 conditioning: prompt encoding and the classifier-free-guided velocity, shared by every backend and the trainer.
+
+A backend supplies the text-encoding call of its own loaded pipeline (diffusers' ``encode_prompt`` or
+vllm-omni's); chunking, the host-side per-text encodings and the CFG combination are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from verl_omni.pipelines.flow_match_sde import TIMESTEP_SCALE
+from verl_omni.utils.batch_invariant import map_chunks
+
+SD3Encoding = tuple[torch.Tensor, torch.Tensor]
+"""One text's conditioning: ``(prompt_embeds (L, D), pooled_prompt_embeds (P,))``, float32 on the host."""
+
+EncodeFn = Callable[[list[str]], SD3Encoding]
+"""A backend's text encoders on a list of texts: batched ``(embeds (B, L, D), pooled (B, P))``."""
+
+
+@torch.no_grad()
+def encode_texts(encode: EncodeFn, texts: list[str], chunk_size: int | None) -> list[SD3Encoding]:
+    """Run ``encode`` once over ``texts``; per-text float32 encodings on the host.
+
+    Host memory keeps a large prompt cache off the GPU (an SD3.5 entry is about 5.5 MB in float32); a batch
+    moves its few rows to the device. Batch-invariant: chunks of ``chunk_size`` texts, padded with empty prompts.
+    """
+    embeds, pooled = map_chunks(encode, [texts], chunk_size, fill="")
+    embeds, pooled = embeds.float().cpu(), pooled.float().cpu()
+    return [(embeds[i].clone(), pooled[i].clone()) for i in range(len(texts))]
+
+
+def stack_encodings(encodings: Sequence[SD3Encoding], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-text encodings as the batched ``(prompt_embeds, pooled_prompt_embeds)`` on ``device``."""
+    return (
+        torch.stack([e[0] for e in encodings]).to(device),
+        torch.stack([e[1] for e in encodings]).to(device),
+    )
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    sigmas: float | torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    detach_uncond: bool = False,
+) -> torch.Tensor:
+    """The transformer's velocity at ``(latents, sigma)``, with classifier-free guidance when ``guidance_scale > 1``.
+
+    CFG runs the negative and positive conditioning in one batch (negative first, as diffusers) and
+    combines ``v_neg + g * (v_pos - v_neg)``. ``detach_uncond`` stops the gradient through the negative
+    (unconditional) branch, as the reference trainer does, so only ``g * dv_pos`` is trained; the forward
+    values are the same either way. Returns float32 (B, C, h, w).
+    """
+    batch = latents.shape[0]
+    sig = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
+    timestep = (sig.expand(batch) if sig.ndim == 0 else sig) * TIMESTEP_SCALE
+    dtype = next(transformer.parameters()).dtype
+    x = latents.to(dtype)
+    do_cfg = guidance_scale > 1.0
+    if do_cfg:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds and pooled ones")
+        x = torch.cat([x, x])
+        timestep = torch.cat([timestep, timestep])
+        enc = torch.cat([negative_prompt_embeds, prompt_embeds])
+        pooled = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
+    else:
+        enc, pooled = prompt_embeds, pooled_prompt_embeds
+    out = transformer(
+        hidden_states=x,
+        timestep=timestep,
+        encoder_hidden_states=enc.to(dtype),
+        pooled_projections=pooled.to(dtype),
+        return_dict=False,
+    )[0].float()
+    if do_cfg:
+        v_neg, v_pos = out.chunk(2)
+        if detach_uncond:
+            v_neg = v_neg.detach()
+        out = v_neg + guidance_scale * (v_pos - v_neg)
+    return out

@@ -1,0 +1,88 @@
+"""The diffusers backend's thin adapter for SD3: binds the shared SD3 conditioning and sampling to a loaded
+``diffusers.StableDiffusion3Pipeline`` (its text encoders, scheduler, transformer and VAE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from verl_omni.pipelines.flow_match_sde import SDETrajectory
+from verl_omni.pipelines.sd3.conditioning import SD3Encoding, encode_texts, stack_encodings
+from verl_omni.pipelines.sd3.sampling import decode_latents, images_to_uint8, sample_flow_match_sde, scheduler_sigmas
+
+
+class SD3DiffusersAdapter:
+    """What the diffusers engine asks of a model family, for SD3 / SD3.5 checkpoints.
+
+    Args:
+        pipe: the loaded pipeline (on ``device``).
+        spec: the checkpoint's :class:`~verl_omni.workers.rollout.diffusers_model_spec.DiffusersModelSpec`.
+        max_sequence_length: T5 tokens of the text conditioning.
+    """
+
+    def __init__(self, pipe: Any, spec: Any, max_sequence_length: int, device: torch.device):
+        self.pipe = pipe
+        self.spec = spec
+        self.max_sequence_length = max_sequence_length
+        self.device = device
+
+    def encode(self, texts: list[str], chunk_size: int | None) -> list[SD3Encoding]:
+        """Per-text host encodings of ``texts`` (one text-encoder pass per chunk)."""
+
+        def encode_chunk(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=chunk,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            return embeds, pooled
+
+        return encode_texts(encode_chunk, texts, chunk_size)
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """The scheduler's sigmas (N + 1 values) for this image size."""
+        return scheduler_sigmas(
+            self.pipe.scheduler, num_inference_steps, height, width, self.spec.vae_scale_factor, self.spec.patch_size
+        )
+
+    def sample(
+        self,
+        encodings: Sequence[SD3Encoding],
+        negative_encodings: Sequence[SD3Encoding] | None,
+        generators: Sequence[torch.Generator],
+        params: Any,
+        chunk_size: int | None,
+    ) -> SDETrajectory:
+        """FlowGRPO-sample one batch with resolved sampling ``params`` (equal for the whole batch)."""
+        prompt_embeds, pooled = stack_encodings(encodings, self.device)
+        neg_embeds = neg_pooled = None
+        if negative_encodings is not None:
+            neg_embeds, neg_pooled = stack_encodings(negative_encodings, self.device)
+        latent_shape = (
+            self.spec.latent_channels,
+            params.height // self.spec.vae_scale_factor,
+            params.width // self.spec.vae_scale_factor,
+        )
+        return sample_flow_match_sde(
+            self.pipe.transformer,
+            self.sigmas(params.num_inference_steps, params.height, params.width),
+            prompt_embeds,
+            pooled,
+            generators,
+            latent_shape,
+            negative_prompt_embeds=neg_embeds,
+            negative_pooled_prompt_embeds=neg_pooled,
+            guidance_scale=params.guidance_scale,
+            noise_level=params.noise_level,
+            sde_window=params.sde_window,
+            chunk_size=chunk_size,
+        )
+
+    def decode(self, latents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images on the host."""
+        return images_to_uint8(decode_latents(self.pipe.vae, latents, chunk_size))

@@ -1,0 +1,115 @@
+"""The vllm-omni backend's thin adapter for SD3: a custom vllm-omni pipeline that samples with FlowGRPO.
+
+vllm-omni's stock SD3 pipeline records no trajectory. This subclass keeps everything vllm-omni built (its
+loaders, its SD3 transformer, text encoders and VAE, weight loading) and replaces only ``forward`` with the
+project's shared SD3 conditioning and sampling, so both backends run the same math. The server loads it with
+``custom_pipeline_args={"pipeline_class": "verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline"}``;
+the wire format is :mod:`verl_omni.workers.rollout.vllm_omni_protocol`.
+
+Imported only inside vllm-omni's worker processes (it imports vllm-omni at module level). Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from vllm_omni.diffusion.data import DiffusionOutput as OmniDiffusionOutput
+from vllm_omni.diffusion.models.sd3.pipeline_sd3 import StableDiffusion3Pipeline
+
+from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
+from verl_omni.pipelines.sd3.sampling import decode_latents, sample_flow_match_sde, scheduler_sigmas
+from verl_omni.workers.rollout.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory
+
+_DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+
+def _prompt_field(prompt: Any, key: str) -> str:
+    if isinstance(prompt, str):
+        return prompt if key == "prompt" else ""
+    return prompt.get(key) or ""
+
+
+class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
+    """vllm-omni's SD3 pipeline sampling with FlowGRPO's SDE and returning the trajectory per request."""
+
+    def forward(self, req: Any) -> list[OmniDiffusionOutput]:
+        """Run a vllm-omni request batch; requests with different shapes or knobs run as separate sub-batches."""
+        groups: dict[tuple, list[int]] = {}
+        for i, sp in enumerate(req.sampling_params_list):
+            args = FlowGRPOArgs.from_extra_args(sp.extra_args)
+            key = (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, args, sp.max_sequence_length)
+            groups.setdefault(key, []).append(i)
+        outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
+        for rows in groups.values():
+            for i, out in zip(rows, self._sample(req, rows), strict=True):
+                outputs[i] = out
+        return outputs
+
+    @torch.no_grad()
+    def _sample(self, req: Any, rows: Sequence[int]) -> list[OmniDiffusionOutput]:
+        sp = req.sampling_params_list[rows[0]]
+        args = FlowGRPOArgs.from_extra_args(sp.extra_args)
+        max_len = sp.max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH
+
+        def encode(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, max_sequence_length=max_len)
+
+        prompts = [req.prompts[i] for i in rows]
+        encodings = encode_texts(encode, [_prompt_field(p, "prompt") for p in prompts], args.chunk_size)
+        do_cfg = sp.guidance_scale > 1.0
+        negatives = None
+        if do_cfg:
+            negatives = encode_texts(encode, [_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
+        prompt_embeds, pooled = stack_encodings(encodings, self.device)
+        neg_embeds, neg_pooled = stack_encodings(negatives, self.device) if negatives else (None, None)
+        generators = [torch.Generator(device=self.device).manual_seed(req.sampling_params_list[i].seed) for i in rows]
+        sigmas = scheduler_sigmas(
+            self.scheduler, sp.num_inference_steps, sp.height, sp.width, self.vae_scale_factor, self.patch_size
+        )
+        latent_shape = (
+            self.transformer.in_channels,
+            sp.height // self.vae_scale_factor,
+            sp.width // self.vae_scale_factor,
+        )
+        traj = sample_flow_match_sde(
+            self.transformer,
+            sigmas,
+            prompt_embeds,
+            pooled,
+            generators,
+            latent_shape,
+            negative_prompt_embeds=neg_embeds,
+            negative_pooled_prompt_embeds=neg_pooled,
+            guidance_scale=sp.guidance_scale,
+            noise_level=args.noise_level,
+            sde_window=args.sde_window,
+            chunk_size=args.chunk_size,
+        )
+        images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
+        outputs = []
+        for j in range(len(rows)):
+            conditioning = {
+                "prompt_embeds": encodings[j][0],
+                "pooled_prompt_embeds": encodings[j][1],
+                "negative_prompt_embeds": negatives[j][0] if negatives else None,
+                "negative_pooled_prompt_embeds": negatives[j][1] if negatives else None,
+            }
+            outputs.append(OmniDiffusionOutput(output=images[j : j + 1], **pack_trajectory(traj, j, conditioning)))
+        return outputs
+
+    def _load_diffusion_lora_adapter(self, lora_request: Any, lora_path: str, dtype: torch.dtype) -> Any:
+        """vllm-omni's hook for adapters it cannot read from disk: an in-memory LoRA (``lora_tensors`` and
+        ``peft_config`` on the request, as verl's ``TensorLoRARequest``) becomes a vLLM ``LoRAModel``."""
+        tensors = getattr(lora_request, "lora_tensors", None)
+        if tensors is None:
+            return None
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        helper = PEFTHelper.from_dict(dict(lora_request.peft_config))
+        model = LoRAModel.from_lora_tensors(
+            lora_model_id=lora_request.lora_int_id, tensors=tensors, peft_helper=helper, device="cpu", dtype=dtype
+        )
+        return model, helper

@@ -1,0 +1,192 @@
+"""The wire format between the ``vllm_omni`` rollout server and verl-omni's custom vllm-omni pipelines.
+
+vllm-omni's ``OmniDiffusionSamplingParams`` has no field for FlowGRPO's knobs and its ``OmniRequestOutput`` has
+three trajectory fields; this module says what goes where, on both sides, so the server and the pipeline (which
+runs inside vllm-omni's worker processes) cannot drift apart. Pure functions of plain values: tested on CPU.
+
+Request: the usual fields (steps, guidance, size, seed, ``lora_request``) plus ``extra_args[EXTRA_ARGS_KEY]`` =
+``{"noise_level", "sde_window", "chunk_size"}``; the prompt is ``{"prompt", "negative_prompt"}``.
+
+Response, per request: ``images[0]`` the image; ``trajectory_log_probs`` (T,) float32; ``trajectory_timesteps``
+(T,) the transformer's timestep input of each recorded step; ``trajectory_latents`` a dict of tensors:
+``latents`` (T + 1, C, h, w), ``x_s`` before each recorded step then ``x_next`` of the last one (the recorded
+steps are consecutive), and the conditioning of :data:`CONDITIONING_KEYS` (absent when T == 0 or without CFG).
+Sigmas are not sent: the server recomputes the schedule with the same shared function and checks the timesteps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from verl_omni.pipelines.flow_match_sde import TIMESTEP_SCALE, SDETrajectory
+from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
+from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams
+
+EXTRA_ARGS_KEY = "verl_omni_flowgrpo"
+CONDITIONING_KEYS = (
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+
+
+@dataclass(frozen=True)
+class FlowGRPOArgs:
+    """FlowGRPO's per-request knobs as the pipeline reads them from ``extra_args``."""
+
+    noise_level: float
+    sde_window: tuple[int, int]
+    chunk_size: int | None
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> FlowGRPOArgs:
+        """Read what :func:`sampling_kwargs` wrote; a request without it is not from a verl-omni server."""
+        entry = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}] is missing: this pipeline serves FlowGRPO rollouts from verl-omni's "
+                "vllm_omni rollout server, which sets noise_level and sde_window there"
+            )
+        start, end = entry["sde_window"]
+        return cls(float(entry["noise_level"]), (int(start), int(end)), entry.get("chunk_size"))
+
+
+def sampling_kwargs(params: DiffusionSamplingParams, max_sequence_length: int, chunk_size: int | None) -> dict:
+    """Keyword arguments of vllm-omni's ``OmniDiffusionSamplingParams`` for one resolved request."""
+    return {
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "height": params.height,
+        "width": params.width,
+        "seed": params.seed,
+        "max_sequence_length": max_sequence_length,
+        "num_outputs_per_prompt": 1,
+        "return_trajectory_latents": True,
+        "extra_args": {
+            EXTRA_ARGS_KEY: {
+                "noise_level": params.noise_level,
+                "sde_window": list(params.sde_window),
+                "chunk_size": chunk_size,
+            }
+        },
+    }
+
+
+def engine_prompt(text: str, params: DiffusionSamplingParams) -> dict[str, str]:
+    """The prompt as vllm-omni takes it: text and the CFG negative."""
+    return {"prompt": text, "negative_prompt": params.negative_prompt}
+
+
+def pack_trajectory(
+    traj: SDETrajectory, row: int, conditioning: Mapping[str, torch.Tensor | None]
+) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """Pipeline side: row ``row`` of a batch's trajectory as vllm-omni ``DiffusionOutput`` trajectory fields.
+
+    ``conditioning`` maps :data:`CONDITIONING_KEYS` to this row's tensors (None where there is none).
+    """
+    latents = traj.latents[row]
+    if latents.shape[0]:
+        latents = torch.cat([latents, traj.next_latents[row, -1:]])
+    recorded = bool(traj.log_probs.shape[1])
+    payload: dict[str, torch.Tensor] = {"latents": latents.float()}
+    if recorded:
+        payload.update({k: v.float() for k, v in conditioning.items() if v is not None})
+    return {
+        "trajectory_latents": payload,
+        "trajectory_timesteps": traj.timesteps.float(),
+        "trajectory_log_probs": traj.log_probs[row].float(),
+    }
+
+
+def recorded_window(params: DiffusionSamplingParams) -> tuple[int, int]:
+    """The step indices ``[start, end)`` a request records: its SDE window, or none when ``noise_level == 0``."""
+    return (0, 0) if params.noise_level == 0 else params.sde_window
+
+
+def image_tensor(image: Any) -> torch.Tensor:
+    """A PIL image (or an HWC uint8 array / CHW uint8 tensor) as a uint8 (3, H, W) CPU tensor."""
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.ndim == 3 and tensor.shape[-1] == 3 and tensor.shape[0] != 3:
+            tensor = tensor.permute(2, 0, 1)
+    else:
+        if hasattr(image, "convert"):
+            image = image.convert("RGB")
+        tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    if tensor.dtype != torch.uint8 or tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"engine image of dtype {tensor.dtype} and shape {tuple(tensor.shape)} is not RGB uint8")
+    return tensor.contiguous()
+
+
+def to_diffusion_output(
+    output: Any,
+    params: DiffusionSamplingParams,
+    sigmas: torch.Tensor,
+    model_version: int,
+    extra_fields: dict[str, Any],
+) -> DiffusionOutput:
+    """Server side: one vllm-omni ``OmniRequestOutput`` as the project's :class:`DiffusionOutput`.
+
+    ``sigmas`` is the request's full schedule (N + 1 values, from the same shared function the pipeline used).
+    Raises ``RuntimeError`` naming the request for an aborted or malformed output (e.g. a stock pipeline that
+    records no trajectory).
+    """
+    request_id = extra_fields.get("request_id")
+    images = list(getattr(output, "images", None) or [])
+    if not images:
+        why = getattr(output, "error", None) or "no image (aborted, or the engine failed)"
+        raise RuntimeError(f"vllm-omni request {request_id!r} returned {why}")
+    image = image_tensor(images[0])
+    if tuple(image.shape[1:]) != (params.height, params.width):
+        raise RuntimeError(
+            f"vllm-omni request {request_id!r} returned a {tuple(image.shape[1:])} image, "
+            f"{(params.height, params.width)} was requested"
+        )
+    start, end = recorded_window(params)
+    steps = end - start
+    payload = getattr(output, "trajectory_latents", None)
+    log_probs = getattr(output, "trajectory_log_probs", None)
+    timesteps = getattr(output, "trajectory_timesteps", None)
+    if not isinstance(payload, Mapping) or "latents" not in payload or log_probs is None or timesteps is None:
+        raise RuntimeError(
+            f"vllm-omni request {request_id!r} carries no FlowGRPO trajectory: the engine must run verl-omni's "
+            "custom pipeline (custom_pipeline_args['pipeline_class']), not the stock one"
+        )
+    latents = torch.as_tensor(payload["latents"]).float().cpu()
+    log_probs = torch.as_tensor(log_probs).float().cpu().reshape(-1)
+    timesteps = torch.as_tensor(timesteps).float().cpu().reshape(-1)
+    expected_latents = steps + 1 if steps else 0
+    if latents.shape[0] != expected_latents or log_probs.shape[0] != steps:
+        raise RuntimeError(
+            f"vllm-omni request {request_id!r} recorded {log_probs.shape[0]} log-probs and {latents.shape[0]} "
+            f"latents; its SDE window {[start, end]} needs {steps} and {expected_latents}"
+        )
+    step_sigmas = sigmas[start:end].float()
+    if not torch.allclose(timesteps, step_sigmas * TIMESTEP_SCALE, rtol=1e-6, atol=1e-4):
+        raise RuntimeError(
+            f"vllm-omni request {request_id!r} ran timesteps {timesteps.tolist()}, not the schedule's "
+            f"{(step_sigmas * TIMESTEP_SCALE).tolist()}: the engine's scheduler differs from the checkpoint's"
+        )
+    conditioning = {key: payload.get(key) for key in CONDITIONING_KEYS} if steps else {}
+    if steps and (conditioning["prompt_embeds"] is None or conditioning["pooled_prompt_embeds"] is None):
+        raise RuntimeError(f"vllm-omni request {request_id!r} recorded steps but not the prompt conditioning")
+    if steps and params.do_cfg and conditioning["negative_prompt_embeds"] is None:
+        raise RuntimeError(f"vllm-omni request {request_id!r} sampled with CFG but returned no negative conditioning")
+    return DiffusionOutput(
+        image=image,
+        latents=latents[:-1] if steps else latents,
+        next_latents=latents[1:] if steps else latents.clone(),
+        sigmas=step_sigmas.clone(),
+        sigmas_next=sigmas[start + 1 : end + 1].float().clone(),
+        timesteps=step_sigmas * TIMESTEP_SCALE,
+        log_probs=log_probs,
+        **{k: None if v is None else torch.as_tensor(v).float().cpu() for k, v in conditioning.items()},
+        model_version=model_version,
+        extra_fields={**extra_fields, "seed": params.seed, "sde_step_indices": list(range(start, end))},
+    )

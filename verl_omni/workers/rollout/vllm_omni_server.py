@@ -1,0 +1,409 @@
+"""``VllmOmniRolloutServer``: the async rollout server of the ``vllm_omni`` backend (one per replica, GPU only).
+
+The same interface as :class:`~verl_omni.workers.rollout.diffusers_server.DiffusersRolloutServer` (``generate``,
+``generate_group``, ``update_weights``, ``sleep``/``wake_up``, ``abort_all_requests``/``resume_generation``,
+``ready``/``get_stats``), in front of vllm-omni's ``AsyncOmni`` running verl-omni's custom pipeline for the
+checkpoint's model family (:mod:`verl_omni.pipelines.registry`). vllm-omni schedules and batches the requests;
+this server validates them with the diffusers backend's rules, builds vllm-omni requests, orders weight updates
+between requests and translates every ``OmniRequestOutput`` to a :class:`DiffusionOutput`
+(:mod:`~verl_omni.workers.rollout.vllm_omni_protocol`).
+
+vllm and vllm-omni are imported only when the server starts its engine (:mod:`.vllm_omni_engine`); tests pass an
+``engine_factory`` that returns a double of ``AsyncOmni``. Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import torch
+
+from verl_omni.pipelines.registry import adapter_path
+from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
+from verl_omni.utils.containers import plain
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
+from verl_omni.workers.rollout.prompt_text import prompt_text
+from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams, resolve_sampling_params
+from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
+from verl_omni.workers.rollout.vllm_omni_protocol import (
+    engine_prompt,
+    sampling_kwargs,
+    to_diffusion_output,
+)
+from verl_omni.workers.rollout.vllm_omni_worker_extension import LOAD_WEIGHTS_METHOD, WORKER_EXTENSION
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+BACKEND = "vllm_omni"
+SLEEP_LEVEL = 1  # offload weights to host memory and keep them (level 2 would discard them)
+_PEFT_PREFIX = "base_model.model."
+EngineFactory = Callable[[str, dict[str, Any]], Any]
+
+
+def engine_kwargs(pipeline_class: str, dtype: str, config: DiffusionRolloutConfig) -> dict[str, Any]:
+    """``AsyncOmni`` keyword arguments: our custom pipeline, our worker extension, sleep mode, batching window."""
+    return {
+        "custom_pipeline_args": {"pipeline_class": pipeline_class},
+        "worker_extension_cls": WORKER_EXTENSION,
+        "dtype": dtype,
+        "enable_sleep_mode": True,
+        "request_batch_max_wait_ms": float(config.admission_window_ms),
+    }
+
+
+def resolve_engine_dtype(dtype: str, rollout_dtype: str | None) -> str:
+    """``diffusion.dtype`` for vllm-omni: ``auto`` is the rollout's dtype if it names one, else bfloat16."""
+    if dtype != "auto":
+        return dtype
+    return str(rollout_dtype) if rollout_dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+
+
+def peft_tensor_names(lora_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA tensors named as peft saves them (``base_model.model.<module>.lora_A.weight``), which vLLM parses."""
+    return {(k if k.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + k): v for k, v in lora_state_dict.items()}
+
+
+class VllmOmniRolloutServer(DiffusionServerNoOps):
+    """Serves ``generate`` requests of one replica through vllm-omni.
+
+    Args:
+        model_path: local diffusers-format checkpoint (``actor_rollout_ref.model.path``).
+        config: the ``rollout.diffusion`` section (sampling defaults; ``dtype``, ``admission_window_ms``,
+            ``batch_invariant``/``chunk_size`` and ``max_sequence_length`` apply; the prompt cache does not:
+            vllm-omni encodes each request's prompt).
+        server_id: the replica's address as the load balancer knows it; echoed in every output.
+        device: must be ``cuda``: vllm-omni has no CPU platform.
+        rollout_dtype: the rollout's ``dtype`` (used when ``diffusion.dtype`` is ``auto``).
+        engine_factory: ``(model_path, engine_kwargs) -> VllmOmniApi``; default starts ``AsyncOmni``.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        config: Any = None,
+        server_id: str = "vllm-omni-replica-0",
+        device: str = "cuda",
+        rollout_dtype: str | None = None,
+        engine_factory: EngineFactory | None = None,
+    ):
+        if device != "cuda":
+            raise ValueError(f"device={device!r}: the vllm_omni rollout backend runs on CUDA GPUs only")
+        self.config = DiffusionRolloutConfig.from_config(config)
+        self.server_id = server_id
+        self.spec = DiffusersModelSpec.from_path(model_path, backend=BACKEND)
+        self.max_sequence_length = self.config.max_sequence_length or self.spec.default_max_sequence_length()
+        self.chunk_size = self.config.chunk_size if self.config.batch_invariant else None
+        self.dtype = resolve_engine_dtype(self.config.dtype, rollout_dtype)
+        kwargs = engine_kwargs(adapter_path(self.spec.pipeline_class, BACKEND), self.dtype, self.config)
+        if engine_factory is None:
+            from verl_omni.workers.rollout.vllm_omni_engine import start_async_omni
+
+            engine_factory = start_async_omni
+        self._api = engine_factory(self.spec.path, kwargs)
+        self.engine = self._api.engine
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.spec.path, subfolder="scheduler")
+        self._sigmas: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._tokenizer: Any = None
+        self.version = 0
+        self._lora_request: Any = None
+        self._lora_config: dict[str, Any] | None = None
+        self._lora_ids = 0
+        self._lora_dir: str | None = None
+        self.sleeping = False
+        # Admission: requests wait while paused (abort_all_requests) or while a weight update runs.
+        self._cond = asyncio.Condition()
+        self._paused = False
+        self._reject = False
+        self._updating = False
+        self._inflight: dict[str, str] = {}  # engine request id -> caller's request id
+        self._served = 0
+        self._failed = 0
+        self._calls = 0
+
+    # ----- generation ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: Any,
+        sampling_params: dict[str, Any] | None = None,
+        image_data: Any = None,
+        video_data: Any = None,
+        **kwargs: Any,
+    ) -> DiffusionOutput:
+        """Generate one image for ``prompt_ids`` (prompt text or token ids); see ``sampling_params.SAMPLING_FIELDS``.
+
+        Raises ``ValueError`` (before anything reaches the engine) for unknown kwargs or sampling fields and
+        invalid values.
+        """
+        self._calls += 1
+        request = self._prepare(request_id, prompt_ids, sampling_params, image_data, video_data, **kwargs)
+        return await self._run(*request)
+
+    async def generate_group(self, requests: list[dict[str, Any]]) -> list[DiffusionOutput]:
+        """Generate several images in one call (each entry holds :meth:`generate`'s arguments), in order.
+
+        Every request is validated before any is sent: one bad request fails the call and nothing runs. The
+        requests reach vllm-omni together, so its scheduler can batch them.
+        """
+        self._calls += 1
+        prepared = [self._prepare(**request) for request in requests]
+        results = await asyncio.gather(*(self._run(*r) for r in prepared), return_exceptions=True)
+        for result in results:  # every task is awaited, so no failure goes unretrieved
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    def _prepare(
+        self,
+        request_id: str,
+        prompt_ids: Any,
+        sampling_params: dict[str, Any] | None = None,
+        image_data: Any = None,
+        video_data: Any = None,
+        **kwargs: Any,
+    ) -> tuple[str, str, DiffusionSamplingParams]:
+        if kwargs:
+            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+            raise ValueError(f"generate() got unexpected argument(s) {shown} (request_id={request_id!r})")
+        for name, value in (("image_data", image_data), ("video_data", video_data)):
+            if value is not None and not (isinstance(value, list | tuple) and len(value) == 0):
+                raise ValueError(
+                    f"{name}={type(value).__name__} is not supported: the vllm_omni backend serves text-to-image"
+                )
+        params = resolve_sampling_params(sampling_params, self.config, self.spec)
+        return str(request_id), self._prompt_text(prompt_ids), params
+
+    def _prompt_text(self, prompt_ids: Any) -> str:
+        if isinstance(prompt_ids, str):
+            return prompt_ids
+        if self._tokenizer is None:  # only token-id prompts need it: loaded on first use, on the host
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.spec.path, subfolder="tokenizer")
+        return prompt_text(prompt_ids, self._tokenizer)
+
+    def schedule(self, params: DiffusionSamplingParams) -> torch.Tensor:
+        """The request's full schedule (N + 1 sigmas), computed as the custom pipeline computes it."""
+        key = (params.num_inference_steps, params.height, params.width)
+        if key not in self._sigmas:
+            self._sigmas[key] = scheduler_sigmas(
+                self._scheduler, *key, self.spec.vae_scale_factor, self.spec.patch_size
+            )
+        return self._sigmas[key]
+
+    def build_request(self, text: str, params: DiffusionSamplingParams) -> tuple[dict[str, str], Any]:
+        """The vllm-omni prompt and ``OmniDiffusionSamplingParams`` of one request, with the current LoRA adapter."""
+        kwargs = sampling_kwargs(params, self.max_sequence_length, self.chunk_size)
+        if self._lora_request is not None:
+            kwargs["lora_request"] = self._lora_request
+        return engine_prompt(text, params), self._api.sampling_params_cls(**kwargs)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request_id: str) -> AsyncIterator[str]:
+        """Wait while paused or updating weights; hold an in-flight slot (an engine request id) meanwhile."""
+        async with self._cond:
+            while (self._paused or self._updating) and not self._reject:
+                await self._cond.wait()
+            if self._reject:
+                raise RuntimeError(f"request {request_id!r} rejected: generation is aborted on {self.server_id}")
+            engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"  # a resent request may reuse its caller id
+            self._inflight[engine_id] = request_id
+        try:
+            yield engine_id
+        finally:
+            async with self._cond:
+                self._inflight.pop(engine_id, None)
+                self._cond.notify_all()
+
+    async def _run(self, request_id: str, text: str, params: DiffusionSamplingParams) -> DiffusionOutput:
+        arrival = time.perf_counter()
+        try:
+            async with self._admitted(request_id) as engine_id:
+                self._ensure_awake()
+                version = self.version
+                prompt, sampling_params = self.build_request(text, params)
+                start = time.perf_counter()
+                final = None
+                async for output in self.engine.generate(prompt, sampling_params, request_id=engine_id):
+                    final = output
+                generate_s = time.perf_counter() - start
+            if final is None:
+                raise RuntimeError(f"vllm-omni request {request_id!r} returned no output")
+            extra = {
+                "request_id": request_id,
+                "server_id": self.server_id,
+                "global_steps": version,
+                "queue_s": start - arrival,
+                "generate_s": generate_s,
+            }
+            output = to_diffusion_output(final, params, self.schedule(params), version, extra)
+        except Exception:
+            self._failed += 1
+            raise
+        self._served += 1
+        return output
+
+    # ----- weights, memory and control (verl's RolloutReplica calls these on every server) ----------
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Block new requests and wait for in-flight ones: weights change between requests, never during one."""
+        async with self._cond:
+            while self._updating:
+                await self._cond.wait()
+            self._updating = True
+            await self._cond.wait_for(lambda: not self._inflight)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._updating = False
+                self._cond.notify_all()
+
+    async def update_weights(
+        self,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        lora_state_dict: dict[str, torch.Tensor] | None = None,
+        lora_config: Any = None,
+        version: int | None = None,
+    ) -> int:
+        """Load a full/partial transformer state dict and/or a peft LoRA adapter (in memory); returns the version.
+
+        Requests admitted before the call keep the old weights; later ones wait and get the new. A LoRA update
+        adds the new adapter, points later requests at it, then removes the old one. ``version=None`` increments.
+        """
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise ValueError(f"version={version!r} must be an integer or None")
+        if state_dict is None and lora_state_dict is None and lora_config is None and version is None:
+            raise ValueError("update_weights needs state_dict, lora_state_dict (+ lora_config) or version")
+        if lora_state_dict is None and lora_config is not None:
+            raise ValueError(
+                "lora_config without lora_state_dict: the vllm_omni backend loads a LoRA adapter with its weights"
+            )
+        async with self._exclusive():
+            await self._wake()  # as the diffusers backend: an update wakes a sleeping replica
+            if state_dict is not None:
+                await self.engine.collective_rpc(LOAD_WEIGHTS_METHOD, args=(dict(state_dict),))
+            if lora_state_dict is not None:
+                await self._load_lora(lora_state_dict, lora_config)
+            self.version = self.version + 1 if version is None else version
+        return self.version
+
+    async def _load_lora(self, lora_state_dict: Mapping[str, torch.Tensor], lora_config: Any) -> None:
+        if lora_config is not None:
+            self._lora_config = plain(lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config))
+        if self._lora_config is None:
+            raise ValueError("lora_state_dict given but no LoRA adapter is loaded: pass lora_config with it")
+        if self._lora_dir is None:  # vLLM resolves lora_path before our in-memory loader: give it a local dir
+            self._lora_dir = tempfile.mkdtemp(prefix="verl_omni_lora_")
+        self._lora_ids += 1
+        request = self._api.lora_request_cls(
+            lora_name=f"verl_omni_lora_{self._lora_ids}",
+            lora_int_id=self._lora_ids,
+            lora_path=self._lora_dir,
+            peft_config=self._lora_config,
+            lora_tensors=peft_tensor_names(lora_state_dict),
+        )
+        if await self.engine.add_lora(request) is False:
+            raise RuntimeError(f"vllm-omni refused LoRA adapter {request.lora_name!r} on {self.server_id}")
+        previous, self._lora_request = self._lora_request, request
+        if previous is not None:
+            await self.engine.remove_lora(previous.lora_int_id)
+
+    async def sleep(self) -> None:
+        """Offload the engine's weights to host memory between rollouts (vllm-omni sleep mode, level 1)."""
+        async with self._exclusive():
+            if not self.sleeping:
+                await self.engine.sleep(level=SLEEP_LEVEL)
+                self.sleeping = True
+
+    async def wake_up(self) -> None:
+        """Restore what :meth:`sleep` offloaded."""
+        async with self._exclusive():
+            await self._wake()
+
+    async def _wake(self) -> None:
+        if self.sleeping:
+            await self.engine.wake_up()
+            self.sleeping = False
+
+    def _ensure_awake(self) -> None:
+        if self.sleeping:
+            raise RuntimeError(f"{self.server_id} is asleep: call wake_up() before generate() or update_weights()")
+
+    async def abort_all_requests(self, reject_request: bool = False) -> None:
+        """Stop admitting: new requests wait for :meth:`resume_generation` (or fail if ``reject_request``).
+
+        Without ``reject_request`` the requests already in vllm-omni finish; with it they are aborted in the
+        engine and their callers get an error. Returns once none is in flight.
+        """
+        async with self._cond:
+            self._paused = True
+            self._reject = bool(reject_request)
+            inflight = list(self._inflight)
+            self._cond.notify_all()
+        if reject_request and inflight:
+            await self.engine.abort(inflight)
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._inflight)
+
+    async def resume_generation(self) -> None:
+        """Resume admitting after :meth:`abort_all_requests`."""
+        async with self._cond:
+            self._paused = False
+            self._reject = False
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        """Fail waiting requests, abort in-flight ones and shut the engine down (in-process use)."""
+        await self.abort_all_requests(reject_request=True)
+        self.engine.shutdown()
+
+    async def ready(self) -> dict[str, Any]:
+        """Engine started; what this server serves (the replica awaits it so start-up errors surface at launch)."""
+        return {
+            "server_id": self.server_id,
+            "backend": BACKEND,
+            "model_path": self.spec.path,
+            "pipeline_class": adapter_path(self.spec.pipeline_class, BACKEND),
+            "device": "cuda",
+            "dtype": self.dtype,
+            "model_version": self.version,
+            "default_height": self.spec.default_height,
+            "default_width": self.spec.default_width,
+            "pid": os.getpid(),
+        }
+
+    async def get_stats(self) -> dict[str, Any]:
+        """Requests served and failed, calls received, in flight, pause state, version and LoRA adapter."""
+        return {
+            "server_id": self.server_id,
+            "backend": BACKEND,
+            "requests_served": self._served,
+            "generate_calls": self._calls,
+            "requests_failed": self._failed,
+            "in_flight": len(self._inflight),
+            "paused": self._paused,
+            "sleeping": self.sleeping,
+            "model_version": self.version,
+            "lora_adapter_id": None if self._lora_request is None else self._lora_request.lora_int_id,
+            "device": "cuda",
+            "batch_invariant": self.config.batch_invariant,
+            "chunk_size": self.chunk_size,
+            "admission_window_ms": self.config.admission_window_ms,
+        }
