@@ -46,6 +46,7 @@ check-extras: $(PY)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.routing_bench
+	$(PY) -m benchmarks.routing_sim
 
 lint: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pre-commit run --all-files  # hooks run the venv's tools

@@ -317,15 +317,20 @@ def test_group_placement_equals_acquiring_copies_one_by_one(policy, extra):
         ids = _ids(f"s{g}", n)
         placed = {sid: copies for sid, _, copies in grouped.acquire_group(ids, routing_key=key)}
         if policy == "prompt_uid_affinity" and extra:
-            # soft affinity judges the pin once per group (loads before it), as one-by-one does for its first copy
-            assert sum(map(len, placed.values())) == n
+            # soft affinity judges the pin once per group (loads before it) and never splits the group
+            assert len(placed) == 1 and sum(map(len, placed.values())) == n
         else:
             assert placed == _one_by_one(single, ids, key)
     assert grouped.get_total_inflight() == sum([5, 3, 8, 1, 4, 6])
 
 
 def test_least_inflight_and_round_robin_split_groups_strict_affinity_does_not():
-    for policy, parts in (("least_inflight", 4), ("round_robin", 4), ("prompt_uid_affinity", 1)):
+    for policy, parts in (
+        ("least_inflight", 4),
+        ("round_robin", 4),
+        ("prompt_uid_affinity", 1),
+        ("prompt_hash_sharding", 1),
+    ):
         lb = _lb(4, policy=policy)
         placement = lb.acquire_group(_ids("g", 8), routing_key="g")
         assert len(placement) == parts, policy
@@ -335,7 +340,7 @@ def test_least_inflight_and_round_robin_split_groups_strict_affinity_does_not():
 
 def test_soft_affinity_two_thresholds_gate_a_group():
     """Divert only when the pinned replica is above the least loaded by more than max_imbalance AND by more than
-    max_imbalance_ratio times; a diverted group is spread over the least loaded and the key re-pinned."""
+    max_imbalance_ratio times; a diverted group goes whole to the least loaded and the key is re-pinned there."""
     lb = _lb(2, policy="prompt_uid_affinity", max_imbalance=2, max_imbalance_ratio=2.0)
     ((pinned, _, _),) = lb.acquire_group(_ids("a", 6), routing_key="hot")  # new key: whole group, least loaded
     other = next(s for s in lb.get_all_servers() if s != pinned)
@@ -347,7 +352,7 @@ def test_soft_affinity_two_thresholds_gate_a_group():
     lb.release_group([(other, 3)])  # loads 7 / 2: above both thresholds (7 - 2 > 2 and 7 > 2 * 2)
     placement = lb.acquire_group(_ids("e", 4), routing_key="hot")
     assert lb.get_status()["diversions"] == 1
-    assert placement[0][0] == other  # the first copy goes to the least loaded ...
+    assert [(sid, copies) for sid, _, copies in placement] == [(other, [0, 1, 2, 3])]  # whole, to the least loaded
     assert lb.acquire_server("late", routing_key="hot")[0] == other  # ... and the key follows it
 
 

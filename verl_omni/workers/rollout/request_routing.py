@@ -47,8 +47,10 @@ class OmniRequestLoadBalancer:
       or empty), so all copies of a prompt land on one replica. A new key goes to a random least-loaded
       replica. Soft affinity (``max_imbalance`` set): a group whose pinned replica is more than
       ``max_imbalance`` requests **and** more than ``max_imbalance_ratio`` times above the least-loaded
-      replica (loads before the group is added) is diverted: its copies go one by one to the least
-      loaded, and the key is re-pinned where the first went.
+      replica (loads before the group is added) is diverted whole to a random least-loaded replica, and
+      the key is re-pinned there. A group is never split: its prompt is encoded once either way
+      (``benchmarks/routing_sim.py`` measured spreading a diverted group's copies: lower co-location and
+      prompt-cache hits, and no shorter makespan).
     - ``prompt_hash_sharding``: ``sorted(server_ids)[stable_hash(key) % R]``; the same key maps to
       the same replica in every process and run for a fixed pool.
     - ``round_robin``: rotates over the sorted server ids, ignoring load and keys.
@@ -90,7 +92,7 @@ class OmniRequestLoadBalancer:
         self._releases = 0
         self._acquire_calls = 0
         self._release_calls = 0
-        self._keyed_pick = {  # policies that place a keyed group on one replica (None: divert per copy)
+        self._keyed_pick = {  # policies that place a keyed group whole on one replica
             "prompt_uid_affinity": self._pin_affinity,
             "prompt_hash_sharding": self._pin_hash,
         }.get(routing.policy)
@@ -107,8 +109,8 @@ class OmniRequestLoadBalancer:
         """Place the copies of one group and count them in flight: ``[(server_id, handle, copy indices)]``.
 
         ``request_ids`` are the copies' ids (for policies sticky on request ids and as keys when
-        ``routing_key`` is None). Strict affinity and hash sharding return one replica; least_inflight,
-        round_robin and soft affinity past its gate may return several. Release with :meth:`release_group`.
+        ``routing_key`` is None). Affinity (strict or soft) and hash sharding return one replica for a keyed
+        group; least_inflight and round_robin may return several. Release with :meth:`release_group`.
         """
         if not self._servers:
             raise RuntimeError("No available servers in load balancer")
@@ -151,17 +153,15 @@ class OmniRequestLoadBalancer:
     def _place(self, request_ids: list[str], key: str | None) -> dict[str, list[int]]:
         count = len(request_ids)
         self._acquires += count
-        server_id = self._keyed_pick(key) if key is not None and self._keyed_pick is not None else None
-        if server_id is not None:
+        if key is not None and self._keyed_pick is not None:
+            server_id = self._keyed_pick(key)
             self._count_in(server_id, count)
             return {server_id: list(range(count))}
         placement: dict[str, list[int]] = {}
-        for i, request_id in enumerate(request_ids):
+        for i, request_id in enumerate(request_ids):  # each copy by its own request id (and the load so far)
             server_id = self._pick(request_id, key)
             self._count_in(server_id, 1)
             placement.setdefault(server_id, []).append(i)
-        if key is not None and self.routing.policy == "prompt_uid_affinity":
-            self._sticky.put(key, next(iter(placement)))  # a diverted key is re-pinned where its first copy went
         return placement
 
     def _count_in(self, server_id: str, count: int) -> None:
@@ -177,20 +177,19 @@ class OmniRequestLoadBalancer:
         self._sticky.pop(key)  # pinned to a removed server: re-route
         return None
 
-    def _pin_affinity(self, key: str) -> str | None:
-        """The replica a keyed group goes to whole, or None when soft affinity diverts it."""
+    def _pin_affinity(self, key: str) -> str:
+        """The replica a keyed group goes to whole: its pin, unless new or past the soft-affinity gate."""
         server_id = self._sticky_lookup(key)
-        if server_id is None:
-            server_id = self._load.pick_least_loaded()
-            self._sticky.put(key, server_id)
-            return server_id
-        routing = self.routing
-        if routing.max_imbalance is None:
-            return server_id
-        load, least = self._load.count(server_id), self._load.min_count
-        if load - least > routing.max_imbalance and load > routing.max_imbalance_ratio * least:
+        if server_id is not None:
+            routing = self.routing
+            if routing.max_imbalance is None:
+                return server_id
+            load, least = self._load.count(server_id), self._load.min_count
+            if load - least <= routing.max_imbalance or load <= routing.max_imbalance_ratio * least:
+                return server_id
             self._diversions += 1
-            return None
+        server_id = self._load.pick_least_loaded()
+        self._sticky.put(key, server_id)
         return server_id
 
     def _pin_hash(self, key: str) -> str:
@@ -207,14 +206,8 @@ class OmniRequestLoadBalancer:
         return server_id
 
     def _pick_affinity(self, request_id: str, routing_key: str | None) -> str:
-        """One copy without a key (its request id is the key), or one copy of a diverted group."""
-        if routing_key is not None:  # diverted: this copy goes to the least loaded
-            return self._load.pick_least_loaded()
-        server_id = self._pin_affinity(request_id)
-        if server_id is None:
-            server_id = self._load.pick_least_loaded()
-            self._sticky.put(request_id, server_id)
-        return server_id
+        """A copy without a routing key: its request id is its key."""
+        return self._pin_affinity(request_id)
 
     def _pick_hash(self, request_id: str, routing_key: str | None) -> str:
         return self._pin_hash(request_id)
