@@ -416,3 +416,17 @@ def test_servers_registered_with_none_handles_are_removed_and_readded():
     lb.remove_servers(["s0", "s1", "s1"])  # unknown / repeated ids are ignored
     with pytest.raises(RuntimeError, match="No available servers"):
         lb.acquire_server(request_id="r2")
+
+
+def test_release_owner_frees_what_a_dead_worker_held():
+    """A worker that dies mid-request never releases: its restarted incarnation frees it by owner name."""
+    lb = _lb(2, policy="prompt_uid_affinity")
+    ((held, _, _),) = lb.acquire_group(_ids("a", 4), routing_key="a", owner="worker-0")
+    ((other, _, _),) = lb.acquire_group(_ids("b", 3), routing_key="b", owner="worker-1")
+    lb.acquire_group(_ids("c", 2), routing_key="c", owner="worker-0")
+    placement = lb.acquire_group(_ids("d", 1), routing_key="d", owner="worker-0")
+    lb.release_group([(sid, len(copies)) for sid, _, copies in placement], owner="worker-0")
+    assert lb.release_owner("worker-0") == 6  # groups a and c: still in flight when it died
+    assert lb.get_status()["servers"] == {held: 0, other: 3}
+    assert lb.get_total_inflight() == 3  # worker-1's group is untouched
+    assert lb.release_owner("worker-0") == 0 and lb.release_owner("never-seen") == 0

@@ -12,14 +12,19 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from recipes.flowgrpo.cluster_resources import ClusterShape, local_cluster_shape, ray_cluster_shape
 from recipes.flowgrpo.validate import validate_model_options, validate_recipe_config
 from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
+
+if TYPE_CHECKING:
+    from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
 
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
 
@@ -38,6 +43,14 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
 
     ``overrides`` are the command line's (Hydra's task overrides): keys they add with ``+`` are refused.
     """
+    return launch(cfg, overrides).fit()
+
+
+def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrainer:
+    """Validate, start (or join) Ray, place the replicas and training ranks; returns the trainer, not yet fitted.
+
+    Separate from :func:`run` so a caller (the multi-node test) can reach the actors the recipe placed.
+    """
     # Resolve once, here: env vars and interpolations mean the driver's values on every node.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     ray_init = OmegaConf.to_container(cfg.get("ray_kwargs", {}).get("ray_init", {}), resolve=True)
@@ -50,17 +63,18 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
     runtime_env = dict(ray_init.get("runtime_env") or {})
     runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
     ray_init["runtime_env"] = runtime_env
-    available_gpus = None  # this machine's GPUs; a cluster's are only known once connected (cheap)
+    cluster: ClusterShape | None = None  # a cluster's nodes are only known once connected (cheap)
     if _joins_cluster(cfg) or "ray" in sys.modules:  # else Ray (about 1 s to import) loads after the checks
         import ray
 
         if not ray.is_initialized() and _joins_cluster(cfg):
             ray.init(**ray_init)
         if ray.is_initialized():
-            available_gpus = int(ray.cluster_resources().get("GPU", 0))
+            cluster = ray_cluster_shape()
     try:
-        # before a local Ray or any model
-        prompts = validate_recipe_config(cfg, available_gpus=available_gpus, overrides=overrides)
+        cluster = cluster or local_cluster_shape(ray_init)  # the one node a local Ray will have
+        # before a local Ray or any model; a request the nodes cannot hold fails here, not as a pending actor
+        prompts = validate_recipe_config(cfg, overrides=overrides, cluster=cluster)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -116,7 +130,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
         seed=int(cfg.trainer.seed),
         shuffle=bool(cfg.data.get("shuffle", True)),
     )
-    trainer = FlowGRPOTrainer(
+    return FlowGRPOTrainer(
         cfg,
         batcher=batcher,
         agent_loop_manager=agent_loop_manager,
@@ -130,7 +144,6 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
             seed=int(cfg.trainer.seed),
         ),
     )
-    return trainer.fit()
 
 
 register_config_resolvers()  # before Hydra composes: the search path names ${verl_config_dir:}

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from recipes.flowgrpo.cluster_resources import ClusterShape, check_cluster_resources
 from recipes.flowgrpo.data import (
     DEFAULT_PROMPTS_FILE,
     DEFAULT_VAL_PROMPTS_FILE,
@@ -243,10 +244,15 @@ def num_rollout_replicas(cfg: DictConfig) -> int:
 
 
 def validate_recipe_config(
-    cfg: DictConfig, available_gpus: int | None = None, overrides: list[str] | None = None
+    cfg: DictConfig,
+    available_gpus: int | None = None,
+    overrides: list[str] | None = None,
+    cluster: ClusterShape | None = None,
 ) -> RecipePrompts:
     """Check the config; returns the training and validation prompts. ``available_gpus`` defaults to this
-    machine's; ``overrides`` (the command line's) are checked for keys added with ``+``."""
+    machine's (or ``cluster``'s); ``overrides`` (the command line's) are checked for keys added with ``+``;
+    ``cluster`` (the Ray nodes the run will use) adds the per-node placement checks, so an impossible request
+    fails here instead of hanging on placement."""
     check_added_keys(cfg, list(overrides or []))
     prompt_key = cfg.data.get("prompt_key", "prompt")
     train_files = cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE)
@@ -323,6 +329,9 @@ def validate_recipe_config(
             "actor_rollout_ref.rollout: n_gpus_per_node x nnodes must be at least one replica's "
             f"tensor x data x pipeline parallel size (got {replicas} replicas)"
         )
+    if cluster is not None:
+        check_cluster_resources(cfg, cluster, replicas, diffusion)
+        available_gpus = int(cluster.gpus) if available_gpus is None else available_gpus
     if available_gpus is None:
         import torch
 

@@ -203,3 +203,61 @@ def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_rep
     assert out.meta_info["metrics"]["rollout_routing/requests_resent"] > 0
     _shutdown(loops)
     ray.kill(doomed.get_replicas()[0].server_handle)
+
+
+def _in_background(loops: OmniAgentLoopManager, batch: DataProto) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", loops.generate_sequences(batch)))
+    thread.start()
+    return thread, result
+
+
+def _wait_for_inflight(balancer, timeout_s: float = 120) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while ray.get(balancer.get_total_inflight.remote()) == 0:
+        assert time.perf_counter() < deadline, "the burst never reached the replicas"
+        time.sleep(0.005)
+
+
+def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replicas, tiny_model_path):
+    cfg = _config(tiny_model_path, replicas=2, workers=2)
+    two_replicas.set_routing(policy="prompt_uid_affinity")
+    loops = _agent_loops(two_replicas, cfg)
+    reference = loops.generate_sequences(_batch(step=11))
+    balancer = two_replicas.global_load_balancer
+    thread, result = _in_background(loops, _batch(step=11))
+    _wait_for_inflight(balancer)
+    ray.kill(balancer, no_restart=False)  # the process dies; Ray restarts it from its creation arguments
+    thread.join(timeout=300)
+    out = result["out"]
+    for key in ("images", "old_log_probs", "rewards"):  # every sample, identical to the healthy run
+        assert torch.equal(out.batch[key], reference.batch[key]), key
+    status = ray.get(balancer.get_status.remote())  # the same handle reaches the restarted balancer
+    assert sorted(status["registered_handles"]) == sorted(r.server_address for r in two_replicas.get_replicas())
+    assert loops.generate_sequences(_batch(step=12)).batch["images"].shape[0] == PROMPTS * N
+    _shutdown(loops)
+
+
+def test_agent_loop_worker_killed_mid_rollout_reruns_its_share_and_frees_its_load(two_replicas, tiny_model_path):
+    cfg = _config(tiny_model_path, replicas=2, workers=2)
+    two_replicas.set_routing(policy="prompt_uid_affinity")
+    loops = _agent_loops(two_replicas, cfg)
+    reference = loops.generate_sequences(_batch(step=13))
+    balancer = loops.llm_client._load_balancer
+    thread, result = _in_background(loops, _batch(step=13))
+    deadline = time.perf_counter() + 120
+    while not any(owner.startswith("agent_loop_worker_0_") for owner in ray.get(balancer.get_status.remote())["held"]):
+        assert time.perf_counter() < deadline, "worker 0 never had a group in flight"
+        time.sleep(0.005)
+    ray.kill(loops.agent_loop_workers[0], no_restart=False)  # its groups stay in flight at the balancer
+    thread.join(timeout=300)
+    out = result["out"]
+    assert list(out.non_tensor_batch["request_id"]) == list(reference.non_tensor_batch["request_id"])
+    for key in ("images", "old_log_probs", "rewards"):  # the killed worker's chunk was re-run: same samples
+        assert torch.equal(out.batch[key], reference.batch[key]), key
+    for _ in range(200):  # the restarted worker freed what its lost run held; releases are fire-and-forget
+        if ray.get(balancer.get_total_inflight.remote()) == 0:
+            break
+        time.sleep(0.01)
+    assert ray.get(balancer.get_total_inflight.remote()) == 0  # no phantom load steers later picks
+    _shutdown(loops)

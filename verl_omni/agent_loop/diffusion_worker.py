@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import hydra
 import numpy as np
+import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigWrap, _agent_loop_registry
@@ -17,6 +19,8 @@ from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, Diff
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.utils.arrays import object_column
+
+logger = logging.getLogger(__name__)
 
 # Per-sample tensors stacked into the output batch, and the DiffusionOutput field each comes from.
 _TENSOR_FIELDS = {
@@ -62,13 +66,29 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         reward = config.get("reward")
         has_reward = reward is not None and (reward.get("name") is not None or reward.get("weights") is not None)
         self.reward_fn = WeightedReward.from_config(reward) if has_reward else None
+        self._adopted = False
 
     def set_client(self, llm_client: Any) -> None:
         """Route later requests through ``llm_client`` (a client of another balancer)."""
         self.llm_client = llm_client
+        self._adopted = False
+
+    async def _adopt_client(self) -> None:
+        """Tell the client whose requests it sends (this actor's name); after a restart (Ray re-ran this
+        worker because its process died) free what the previous incarnation still held at the balancer."""
+        if self._adopted:
+            return
+        self._adopted = True
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return  # not a Ray actor (tests): no name to hold requests under
+        context = ray.get_runtime_context()
+        freed = await self.llm_client.adopt(context.get_actor_name(), context.was_current_actor_reconstructed)
+        if freed:
+            logger.warning("agent-loop worker restarted: released %d requests its lost run held", freed)
 
     async def generate_sequences(self, batch: DataProto) -> DataProto:
         """Generate one image per row; returns tensors per sample plus routing/timing fields."""
+        await self._adopt_client()
         meta = batch.meta_info
         validate = bool(meta.get("validate", False))
         global_step = int(meta.get("global_steps", 0))

@@ -13,6 +13,7 @@ from verl.utils.ray_utils import auto_await
 
 from verl_omni.agent_loop.diffusion_worker import DiffusionAgentLoopWorker
 from verl_omni.agent_loop.routing_metrics import routing_metrics
+from verl_omni.workers.rollout.omni_llm_server import ACTOR_RESTARTS
 
 
 class OmniAgentLoopManager(AgentLoopManager):
@@ -22,7 +23,11 @@ class OmniAgentLoopManager(AgentLoopManager):
     CPU: the replicas and the trainer are where the compute goes.
     """
 
-    agent_loop_workers_class = ray.remote(num_cpus=0.01)(DiffusionAgentLoopWorker)
+    # A worker whose process dies is restarted and its batch chunk re-run there (same rows, same seeds, same
+    # samples); the restarted worker first frees the requests its lost run held at the balancer.
+    agent_loop_workers_class = ray.remote(num_cpus=0.01, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(
+        DiffusionAgentLoopWorker
+    )
 
     def __init__(self, config: Any, llm_client: Any, *args: Any, **kwargs: Any):
         super().__init__(config, llm_client, *args, **kwargs)

@@ -28,6 +28,10 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
 register_rollout_backends()  # the manager below looks replicas up by rollout.name
 
+# Restarts of the balancer and agent-loop worker actors (bounded: a process that dies on start-up every time
+# must end the run, not loop).
+ACTOR_RESTARTS = 3
+
 # Errors that mean the replica itself is gone (not that the request was bad).
 _REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
@@ -54,6 +58,12 @@ class OmniLLMServerClient(LLMServerClient):
         super().__init__(config=config, load_balancer_handle=load_balancer_handle, **kwargs)
         self.routing = routing or RolloutServerRoutingConfig()
         self.max_replica_failures = max_replica_failures
+        self.owner: str | None = None  # set by the agent-loop worker holding this client (its actor name)
+
+    async def adopt(self, owner: str, restarted: bool) -> int:
+        """Acquire on behalf of ``owner`` from now on; a restarted owner first frees what it held before dying."""
+        self.owner = owner
+        return await self._load_balancer.release_owner.remote(owner) if restarted else 0
 
     async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> Any:
         """One request: a group of one (``kwargs`` are the server's ``generate`` arguments)."""
@@ -72,7 +82,7 @@ class OmniLLMServerClient(LLMServerClient):
         failures = 0
         while pending:
             placement = await self._load_balancer.acquire_group.remote(
-                request_ids=[str(requests[i]["request_id"]) for i in pending], routing_key=routing_key
+                request_ids=[str(requests[i]["request_id"]) for i in pending], routing_key=routing_key, owner=self.owner
             )
             try:
                 results = await asyncio.gather(
@@ -84,7 +94,9 @@ class OmniLLMServerClient(LLMServerClient):
                 )
             finally:
                 # fire-and-forget, as verl releases; a removed replica's release is ignored by the balancer
-                self._load_balancer.release_group.remote([(sid, len(copies)) for sid, _, copies in placement])
+                self._load_balancer.release_group.remote(
+                    [(sid, len(copies)) for sid, _, copies in placement], owner=self.owner
+                )
             gone, retry = [], []
             for (server_id, _, copies), result in zip(placement, results, strict=True):
                 if isinstance(result, _REPLICA_GONE):
@@ -152,11 +164,17 @@ class OmniLLMServerManager(LLMServerManager):
                 self.rollout_config.router_config_path,
             )
         servers = dict(zip(self.server_addresses, self.server_handles, strict=True))
-        self.global_load_balancer = ray.remote(self._load_balancer_cls).remote(
-            servers=servers,
-            max_cache_size=cfg.cache_size,
-            full_determinism=bool(getattr(self.rollout_config, "full_determinism", False)),
-            routing=cfg,
+        # Restarted by Ray if its process dies (from these arguments: the replicas it started with; a dead one is
+        # dropped again by the first client that meets it), and calls in flight are retried on the new one.
+        self.global_load_balancer = (
+            ray.remote(self._load_balancer_cls)
+            .options(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+            .remote(
+                servers=servers,
+                max_cache_size=cfg.cache_size,
+                full_determinism=bool(getattr(self.rollout_config, "full_determinism", False)),
+                routing=cfg,
+            )
         )
         logger.info("Rollout routing over %d replicas: %s", len(servers), cfg.as_dict())
 

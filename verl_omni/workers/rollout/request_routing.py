@@ -85,6 +85,7 @@ class OmniRequestLoadBalancer:
         self._load = LoadBuckets(rng=random.Random(0) if full_determinism else None)
         self._sticky = LRUMap(maxsize=max_cache_size)
         self._served: dict[str, int] = {}
+        self._leases: dict[str, dict[str, int]] = {}  # owner -> server -> requests it holds in flight
         self._rr_next = 0
         self._diversions = 0
         self._split_groups = 0
@@ -105,12 +106,16 @@ class OmniRequestLoadBalancer:
         self.add_servers(servers)
 
     # ------------------------------------------------------------------ routing
-    def acquire_group(self, request_ids: list[str], routing_key: str | None = None) -> list[tuple[str, Any, list[int]]]:
+    def acquire_group(
+        self, request_ids: list[str], routing_key: str | None = None, owner: str | None = None
+    ) -> list[tuple[str, Any, list[int]]]:
         """Place the copies of one group and count them in flight: ``[(server_id, handle, copy indices)]``.
 
         ``request_ids`` are the copies' ids (for policies sticky on request ids and as keys when
         ``routing_key`` is None). Affinity (strict or soft) and hash sharding return one replica for a keyed
         group; least_inflight and round_robin may return several. Release with :meth:`release_group`.
+        ``owner`` (an agent-loop worker's name) records what it holds, so :meth:`release_owner` can free it
+        if that worker dies before releasing.
         """
         if not self._servers:
             raise RuntimeError("No available servers in load balancer")
@@ -120,15 +125,37 @@ class OmniRequestLoadBalancer:
         placement = self._place(request_ids, routing_key or None)
         if len(placement) > 1:
             self._split_groups += 1
+        if owner is not None:
+            held = self._leases.setdefault(owner, {})
+            for sid, copies in placement.items():
+                held[sid] = held.get(sid, 0) + len(copies)
         return [(sid, self._servers[sid], copies) for sid, copies in placement.items()]
 
-    def release_group(self, placement: list[tuple[str, int]]) -> None:
+    def release_group(self, placement: list[tuple[str, int]], owner: str | None = None) -> None:
         """Release what :meth:`acquire_group` placed: ``[(server_id, count)]``; removed servers are ignored."""
-        self._release_calls += 1
-        for server_id, count in placement:
+        for _, count in placement:
             if type(count) is not int or count < 1:  # bool is not int
                 raise _bad_count(count)
+        self._release_calls += 1
+        held = self._leases.get(owner) if owner is not None else None
+        for server_id, count in placement:
+            if held is not None and server_id in held:
+                held[server_id] -= count
+                if held[server_id] <= 0:
+                    del held[server_id]
             self._releases += self._load.decrement(server_id, count)
+
+    def release_owner(self, owner: str) -> int:
+        """Release everything ``owner`` still holds (its process died mid-request); returns the requests freed.
+
+        A restarted agent-loop worker calls this first, so its lost releases do not leave phantom load
+        that would steer every later pick away from those replicas.
+        """
+        freed = 0
+        for server_id, count in self._leases.pop(owner, {}).items():
+            freed += self._load.decrement(server_id, count)
+        self._releases += freed
+        return freed
 
     def acquire_server(self, request_id: str, routing_key: str | None = None) -> tuple[str, Any]:
         """verl's per-request acquire: pick a server, count it in flight, return ``(server_id, handle)``."""
@@ -271,6 +298,7 @@ class OmniRequestLoadBalancer:
             "pinned_keys": len(self._sticky),
             "diversions": self._diversions,
             "split_groups": self._split_groups,
+            "held": {owner: sum(held.values()) for owner, held in self._leases.items() if held},
             "acquires": self._acquires,
             "releases": self._releases,
             "acquire_calls": self._acquire_calls,
