@@ -44,6 +44,10 @@ check-extras: $(PY)
 	set -o pipefail; $(PIP) install --dry-run --ignore-installed -e ".[vllm-omni]" \
 		| grep '^Would install' | tr ' ' '\n' | grep -E '^(verl|vllm|vllm-omni|torch|transformers|diffusers)-[0-9]'
 
+# SIGKILL a replica, the balancer and an agent-loop worker during a 12-step run; it must finish.
+chaos: $(STAMP)
+	$(PY) -m recipes.flowgrpo.chaos
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.routing_bench
 	$(PY) -m benchmarks.routing_sim

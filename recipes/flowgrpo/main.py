@@ -100,7 +100,8 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     if not ray.is_initialized():
-        ray.init(**ray_init)
+        # not joining a cluster: start our own, even when another Ray (a `ray start` or a test) runs on this machine
+        ray.init(**({} if _joins_cluster(cfg) else {"address": "local"}), **ray_init)
 
     server_manager = OmniLLMServerManager.create(cfg)
     client = server_manager.get_client()

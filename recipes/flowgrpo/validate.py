@@ -253,6 +253,8 @@ def validate_recipe_config(
     machine's (or ``cluster``'s); ``overrides`` (the command line's) are checked for keys added with ``+``;
     ``cluster`` (the Ray nodes the run will use) adds the per-node placement checks, so an impossible request
     fails here instead of hanging on placement."""
+    if available_gpus is None and cluster is not None:
+        available_gpus = int(cluster.gpus)
     check_added_keys(cfg, list(overrides or []))
     prompt_key = cfg.data.get("prompt_key", "prompt")
     train_files = cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE)
@@ -331,7 +333,6 @@ def validate_recipe_config(
         )
     if cluster is not None:
         check_cluster_resources(cfg, cluster, replicas, diffusion)
-        available_gpus = int(cluster.gpus) if available_gpus is None else available_gpus
     if available_gpus is None:
         import torch
 

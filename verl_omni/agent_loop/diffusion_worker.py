@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from typing import Any
 
 import hydra
@@ -82,7 +83,10 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
             return  # not a Ray actor (tests): no name to hold requests under
         context = ray.get_runtime_context()
-        freed = await self.llm_client.adopt(context.get_actor_name(), context.was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own property reads a deprecated attribute of itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = context.was_current_actor_reconstructed
+        freed = await self.llm_client.adopt(context.get_actor_name(), restarted)
         if freed:
             logger.warning("agent-loop worker restarted: released %d requests its lost run held", freed)
 
