@@ -256,14 +256,14 @@ class RecordingBalancer(OmniRequestLoadBalancer):
         self.trace.releases.append(server_id)
         super().release_server(server_id, request_id)
 
-    def acquire_group(self, request_ids: list[str], routing_key: str | None = None) -> list:
+    def acquire_group(self, request_ids: list[str], routing_key: str | None = None, owner: str | None = None) -> list:
         """The overlay's one-call path: recorded per copy, as verl's per-request calls are."""
         self.trace.acquires.extend((request_id, routing_key) for request_id in request_ids)
-        return super().acquire_group(request_ids, routing_key=routing_key)
+        return super().acquire_group(request_ids, routing_key=routing_key, owner=owner)
 
-    def release_group(self, placement: list) -> None:
+    def release_group(self, placement: list, owner: str | None = None) -> None:
         self.trace.releases.extend(server_id for server_id, count in placement for _ in range(count))
-        super().release_group(placement)
+        super().release_group(placement, owner=owner)
 
 
 class RecordingServer:

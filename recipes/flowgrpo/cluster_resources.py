@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
@@ -60,10 +61,19 @@ def local_cluster_shape(ray_init: Mapping[str, Any]) -> ClusterShape:
     if cpus is None:
         cpus = os.cpu_count() or 1
     if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count()
+        gpus = local_gpu_count()
     return ClusterShape((ClusterNode(float(cpus), float(gpus)),), local=True)
+
+
+def local_gpu_count() -> int:
+    """GPUs a local Ray would see: ``CUDA_VISIBLE_DEVICES`` when set, else the NVIDIA device files.
+
+    Not ``torch.cuda.device_count()``: importing torch costs seconds before a config error can be reported.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return sum(1 for d in Path("/dev").glob("nvidia[0-9]*") if d.name[len("nvidia") :].isdigit())
 
 
 class _Demand(NamedTuple):

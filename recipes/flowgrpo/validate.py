@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipes.flowgrpo.cluster_resources import ClusterShape, check_cluster_resources
+from recipes.flowgrpo.cluster_resources import ClusterShape, check_cluster_resources, local_gpu_count
 from recipes.flowgrpo.data import (
     DEFAULT_PROMPTS_FILE,
     DEFAULT_VAL_PROMPTS_FILE,
@@ -21,15 +21,13 @@ from recipes.flowgrpo.data import (
     load_prompts,
 )
 from verl_omni.agent_loop.sampling import sampling_params
-from verl_omni.rewards.registry import reward_factory
-from verl_omni.rewards.weighted import reward_specs
-from verl_omni.trainer.flowgrpo.loss import KL_FORMS
+from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
 from verl_omni.trainer.flowgrpo.rollout_batch import ROLLOUT_ROW_FIELDS
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
+from verl_omni.workers.config.ema import validate_ema_options
 from verl_omni.workers.config.rollout_routing import ROUTING_CONFIG_PREFIX, RolloutServerRoutingConfig
-from verl_omni.workers.ema import validate_ema_options
 
 
 def _positive_int(cfg: DictConfig, dotted: str) -> int:
@@ -281,15 +279,6 @@ def validate_recipe_config(
         )
     _validation_options(cfg)
 
-    for spec in reward_specs(cfg.get("reward")):
-        check_prompts = getattr(reward_factory(spec.name), "validate_prompts", None)
-        if check_prompts is not None:  # a reward that can only score some prompts says so before any work
-            for key, rows in ((TRAIN_FILES_KEY, prompts), (VAL_FILES_KEY, val_prompts)):
-                try:
-                    check_prompts(rows)
-                except ValueError as err:
-                    raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
-    _flowgrpo_options(cfg, diffusion)
     _training_options(cfg)
 
     n = rollout.get("n")
@@ -302,12 +291,7 @@ def validate_recipe_config(
     _positive_int(cfg, "trainer.total_training_steps")
     _positive_int(cfg, "actor_rollout_ref.actor.ppo_mini_batch_size")
     _positive_int(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")
-    workers = _positive_int(cfg, "actor_rollout_ref.rollout.agent.num_workers")
-    if (batch * n) % workers:
-        raise ValueError(
-            f"actor_rollout_ref.rollout.agent.num_workers={workers} must divide the rollout batch "
-            f"(data.train_batch_size x rollout.n = {batch * n})"
-        )
+    _positive_int(cfg, "actor_rollout_ref.rollout.agent.num_workers")  # any count: rows split at group bounds
 
     model_path = cfg.actor_rollout_ref.model.get("path")
     if model_path is not None and not (Path(model_path).expanduser() / "model_index.json").is_file():
@@ -325,6 +309,7 @@ def validate_recipe_config(
     train_ranks = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes) or 1
     check_training_split(batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks)
 
+    _flowgrpo_options(cfg, diffusion)  # loads torch (the SDE window rule): after the torch-free checks
     replicas = num_rollout_replicas(cfg)
     if replicas < 1:
         raise ValueError(
@@ -334,9 +319,7 @@ def validate_recipe_config(
     if cluster is not None:
         check_cluster_resources(cfg, cluster, replicas, diffusion)
     if available_gpus is None:
-        import torch
-
-        available_gpus = torch.cuda.device_count() * int(cfg.trainer.nnodes)
+        available_gpus = local_gpu_count() * int(cfg.trainer.nnodes)
     train_gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
     ray_cpus = float(cfg.get("ray_kwargs", {}).get("ray_init", {}).get("num_cpus") or 0)
     if available_gpus == 0:
@@ -356,4 +339,15 @@ def validate_recipe_config(
                 f"{replicas} rollout replicas x {diffusion.num_gpus_per_replica} GPU + trainer.n_gpus_per_node x "
                 f"nnodes = {rollout_gpus + train_gpus:g} GPUs, but {available_gpus} are available"
             )
+    from verl_omni.rewards.registry import reward_factory  # last: the rewards load torch (seconds), so every
+    from verl_omni.rewards.weighted import reward_specs  # other check answers before it
+
+    for spec in reward_specs(cfg.get("reward")):
+        check_prompts = getattr(reward_factory(spec.name), "validate_prompts", None)
+        if check_prompts is not None:  # a reward that can only score some prompts says so before any work
+            for key, rows in ((TRAIN_FILES_KEY, prompts), (VAL_FILES_KEY, val_prompts)):
+                try:
+                    check_prompts(rows)
+                except ValueError as err:
+                    raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
     return RecipePrompts(train=prompts, val=val_prompts)

@@ -8,9 +8,11 @@ training rank (1 CPU) lands on the head (2). Then a worker node is removed while
 the replica leaves the balancer, its copies are resent with the same seeds, the step completes with full
 groups, and the next step runs on the node that is left.
 
-What this does not cover: GPUs, NCCL, several training ranks across nodes (the CPU recipe trains with one
-process), real network latency, and losing the head node or a node that hosts the balancer or an agent-loop
-worker (not recovered; see docs/advanced_features/multinode.md).
+One agent-loop worker, so the lost node holds a replica and nothing else and every assertion is exact; a lost
+node that also takes an agent-loop worker (restarted by Ray elsewhere) makes which copies are resent, and when
+the dead replica leaves the balancer, depend on timing. What this does not cover: GPUs, NCCL, several training
+ranks across nodes (the CPU recipe trains with one process), real network latency, and losing the head node
+(see docs/advanced_features/multinode.md).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ TINY = [
     "actor_rollout_ref.rollout.nnodes=2",
     "actor_rollout_ref.rollout.n_gpus_per_node=1",
     f"+actor_rollout_ref.rollout.diffusion.ray_num_cpus={REPLICA_CPUS}",
-    # verl spreads agent-loop workers over the nodes; one leaves a worker node without any (see the docstring)
+    # verl spreads agent-loop workers over the nodes round-robin; one leaves a worker node without any
     "actor_rollout_ref.rollout.agent.num_workers=1",
     "ray_kwargs.ray_init.num_cpus=null",  # joining a cluster: Ray refuses a CPU count
     f"trainer.total_training_steps={STEPS}",

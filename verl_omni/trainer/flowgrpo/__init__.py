@@ -1,6 +1,23 @@
-"""FlowGRPO (Liu et al. 2025): group-relative advantages and the clipped-ratio loss for flow-matching SDE rollouts."""
+"""FlowGRPO (Liu et al. 2025): group-relative advantages and the clipped-ratio loss for flow-matching SDE rollouts.
 
-from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats
-from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss
+Names load on first use, so torch-free submodules (``kl_forms``, ``trained_steps``, ``rollout_batch``) import
+without torch.
+"""
 
-__all__ = ["compute_group_advantages", "flowgrpo_policy_loss", "group_reward_stats"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "compute_group_advantages": "verl_omni.trainer.flowgrpo.advantages",
+    "group_reward_stats": "verl_omni.trainer.flowgrpo.advantages",
+    "flowgrpo_policy_loss": "verl_omni.trainer.flowgrpo.loss",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'verl_omni.trainer.flowgrpo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from verl_omni.pipelines.flow_match_sde import sde_std
-
-KL_FORMS = ("reference", "transition")
+from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
 
 
 def kl_std(form: str, sigmas: torch.Tensor, sigmas_next: torch.Tensor, noise_level: float) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 ACTOR_PREFIX = "actor_rollout_ref.actor"
@@ -90,6 +89,7 @@ class ActorFSDPConfig:
 
     def mp_policy(self) -> Any:
         """The FSDP2 ``MixedPrecisionPolicy`` these dtypes describe."""
+        import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         return MixedPrecisionPolicy(
