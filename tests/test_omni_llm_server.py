@@ -13,36 +13,12 @@ import pytest
 import ray
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
+from recording_server import RecordingServer
+from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry
 
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerClient, OmniLLMServerManager
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
-
-
-@ray.remote(num_cpus=0)
-class RecordingServer:
-    """Accepts exactly the kwargs verl's client sends to a server; an unexpected kwarg raises."""
-
-    def __init__(self, name: str, fail: bool = False, delay: float = 0.01):
-        self.name = name
-        self.fail = fail
-        self.delay = delay
-        self.calls: list[dict] = []
-
-    async def generate(self, request_id, prompt_ids, sampling_params, image_data=None, video_data=None):
-        self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids)})
-        await asyncio.sleep(self.delay)
-        if self.fail:
-            raise RuntimeError("server exploded")
-        return TokenOutput(token_ids=[1, 2], extra_fields={"server": self.name, "request_id": request_id})
-
-    async def generate_group(self, requests):
-        self.calls.append({"group": [r["request_id"] for r in requests]})
-        return [await self.generate(**r) for r in requests]
-
-    def get_calls(self):
-        return self.calls
 
 
 class RecordingReplica(RolloutReplica):

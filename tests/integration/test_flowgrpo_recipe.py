@@ -117,22 +117,25 @@ def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_
 
 
 def test_gpu_smoke_checker_accepts_a_real_two_step_run(two_step_run, tmp_path):
-    """tests/gpu_smoke/run.sh checks the run's metrics with an embedded script: it must read what the recipe
+    """tests/gpu_smoke/run.sh checks each backend's run with embedded scripts: they must read what the recipe
     writes (2 training steps plus the validation line after the last one). Only the GPU run itself needs a GPU."""
     script = (REPO / "tests" / "gpu_smoke" / "run.sh").read_text()
-    checker = script.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    checker, processes = (part.split("\nPYEOF\n", 1)[0] for part in script.split("<<'PYEOF'\n")[1:3])
     (tmp_path / "check.py").write_text(checker)
+    (tmp_path / "processes.py").write_text(processes)
     gpu_log = tmp_path / "gpu_processes.csv"
     gpu_log.write_text("101, 900 MiB\n102, 900 MiB\n")
+    run = [str(two_step_run / "metrics.jsonl"), str(two_step_run / "config.yaml")]
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "check.py"), str(two_step_run / "metrics.jsonl"), str(gpu_log)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, str(tmp_path / "check.py"), "diffusers", *run], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reward/mean" in proc.stdout and "== validation at step 2" in proc.stdout
-    assert "processes seen on the GPU: 2" in proc.stdout
+    assert "reward/mean" in proc.stdout and "== [diffusers] validation at step 2" in proc.stdout
+    assert "images/s" in proc.stdout and "actor/ratio_max_abs_dev" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "processes.py"), str(gpu_log)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "processes seen on the GPU: 2" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cache):
