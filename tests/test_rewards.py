@@ -173,3 +173,24 @@ def test_pickscore_needs_a_loadable_model_path(tmp_path):
         get_reward_fn("pickscore", model_path=str(tmp_path))
     with pytest.raises(ValueError, match="dtype"):
         get_reward_fn("pickscore", model_path=str(tmp_path), dtype="int8")
+
+
+def test_builtin_reward_modules_register_the_names_listed_and_load_only_when_named():
+    """``BUILTIN_REWARD_MODULES`` names each built-in reward's module; naming a reward imports only its module."""
+    import importlib
+    import subprocess
+    import sys
+
+    from verl_omni.rewards.registry import _REGISTRY, BUILTIN_REWARD_MODULES
+
+    for name, module in BUILTIN_REWARD_MODULES.items():
+        importlib.import_module(module)
+        assert name in _REGISTRY, (name, module)
+    code = (
+        "import sys; from verl_omni.rewards.registry import reward_factory, registered_rewards\n"
+        "assert 'pickscore' in registered_rewards() and 'torch' not in sys.modules\n"
+        "try:\n    reward_factory('nope')\nexcept ValueError as err:\n    assert 'geneval_color' in str(err)\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "reward_factory('jpeg_compressibility'); assert 'verl_omni.rewards.pickscore' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -309,6 +309,17 @@ def validate_recipe_config(
     train_ranks = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes) or 1
     check_training_split(batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks)
 
+    from verl_omni.rewards.registry import reward_factory  # the reward's own module may load torch:
+    from verl_omni.rewards.weighted import reward_specs  # after the checks that need nothing
+
+    for spec in reward_specs(cfg.get("reward")):
+        check_prompts = getattr(reward_factory(spec.name), "validate_prompts", None)
+        if check_prompts is not None:  # a reward that can only score some prompts says so before any work
+            for key, rows in ((TRAIN_FILES_KEY, prompts), (VAL_FILES_KEY, val_prompts)):
+                try:
+                    check_prompts(rows)
+                except ValueError as err:
+                    raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
     _flowgrpo_options(cfg, diffusion)  # loads torch (the SDE window rule): after the torch-free checks
     replicas = num_rollout_replicas(cfg)
     if replicas < 1:
@@ -339,15 +350,4 @@ def validate_recipe_config(
                 f"{replicas} rollout replicas x {diffusion.num_gpus_per_replica} GPU + trainer.n_gpus_per_node x "
                 f"nnodes = {rollout_gpus + train_gpus:g} GPUs, but {available_gpus} are available"
             )
-    from verl_omni.rewards.registry import reward_factory  # last: the rewards load torch (seconds), so every
-    from verl_omni.rewards.weighted import reward_specs  # other check answers before it
-
-    for spec in reward_specs(cfg.get("reward")):
-        check_prompts = getattr(reward_factory(spec.name), "validate_prompts", None)
-        if check_prompts is not None:  # a reward that can only score some prompts says so before any work
-            for key, rows in ((TRAIN_FILES_KEY, prompts), (VAL_FILES_KEY, val_prompts)):
-                try:
-                    check_prompts(rows)
-                except ValueError as err:
-                    raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
     return RecipePrompts(train=prompts, val=val_prompts)

@@ -1,6 +1,6 @@
-"""Image rewards for diffusion RL, picked by name from a registry (``reward.name``)."""
+"""Image rewards for diffusion RL, picked by name from a registry (``reward.name``); the built-in reward modules
+(``color``, ``jpeg``, ``pickscore``) load when their name is first resolved."""
 
-from verl_omni.rewards import color, jpeg, pickscore  # noqa: F401  (importing registers the built-in rewards)
 from verl_omni.rewards.registry import (
     RewardFn,
     get_reward_fn,

@@ -17,11 +17,20 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REWARD_NAME_KEY = "reward.name"
+# The built-in rewards and the module that registers each, imported when the name is first resolved: naming a
+# reward (or misspelling one) costs no torch or transformers import.
+BUILTIN_REWARD_MODULES: dict[str, str] = {
+    "geneval_color": "verl_omni.rewards.color",
+    "jpeg_compressibility": "verl_omni.rewards.jpeg",
+    "jpeg_incompressibility": "verl_omni.rewards.jpeg",
+    "pickscore": "verl_omni.rewards.pickscore",
+}
 
 
 class RewardFn(Protocol):
@@ -50,9 +59,8 @@ def register_reward(name: str) -> Callable[[_F], _F]:
 
 
 def registered_rewards() -> tuple[str, ...]:
-    """Sorted names of all registered rewards (the built-in ones included)."""
-    _import_builtin_rewards()
-    return tuple(sorted(_REGISTRY))
+    """Sorted names of all registered rewards (the built-in ones included, imported or not)."""
+    return tuple(sorted(set(_REGISTRY) | set(BUILTIN_REWARD_MODULES)))
 
 
 def get_reward_fn(name: str, **kwargs) -> RewardFn:
@@ -73,12 +81,14 @@ def reward_factory(name: str) -> Callable:
 
 def _resolve(name: str) -> tuple[Callable, bool]:
     """``(factory or function, is_function)`` for a registered name or a ``module:attribute`` path."""
-    _import_builtin_rewards()
+    if isinstance(name, str) and name not in _REGISTRY and name in BUILTIN_REWARD_MODULES:
+        importlib.import_module(BUILTIN_REWARD_MODULES[name])  # registers it
     if name in _REGISTRY:
         return _REGISTRY[name], False
     if not isinstance(name, str) or ":" not in name:
         raise ValueError(
-            f"Unknown {REWARD_NAME_KEY}={name!r}; valid choices: {sorted(_REGISTRY)} or 'package.module:function'"
+            f"Unknown {REWARD_NAME_KEY}={name!r}; valid choices: {list(registered_rewards())} "
+            "or 'package.module:function'"
         )
     module_name, _, attribute = name.partition(":")
     try:
@@ -108,6 +118,8 @@ def check_reward_options(name: str, kwargs: dict, key: str = "reward.kwargs") ->
 
 def validate_reward_inputs(images: torch.Tensor, prompts: list[str] | None = None) -> None:
     """Reject inputs a reward would silently mis-score (float images cast to uint8 turn black)."""
+    import torch
+
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a uint8 torch.Tensor of shape (B, 3, H, W), got {got}")
@@ -115,8 +127,3 @@ def validate_reward_inputs(images: torch.Tensor, prompts: list[str] | None = Non
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; need one prompt per image")
-
-
-def _import_builtin_rewards() -> None:
-    """Import the package so the built-in rewards register themselves, whichever module was imported first."""
-    import verl_omni.rewards  # noqa: F401

@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from verl_omni.rewards.registry import check_reward_options, get_reward_fn, registered_rewards
 
@@ -127,6 +128,8 @@ class WeightedReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total (B,), {name: score (B,)})``; raises :class:`RewardError` naming the reward and the prompt."""
+        import torch  # here: parsing reward options (the recipe's start-up check) needs no torch
+
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(prompts), dtype=torch.float32)
         for spec, fn in zip(self.specs, self.fns, strict=True):
