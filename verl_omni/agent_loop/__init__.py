@@ -4,8 +4,7 @@ without verl."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from verl_omni.utils.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "DIFFUSION_AGENT_NAME": "verl_omni.agent_loop.diffusion_agent_loop",
@@ -15,8 +14,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'verl_omni.agent_loop' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -93,10 +93,7 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
 def routing_key_of(row: dict[str, Any], field: str) -> str | None:
     """The row's routing key: the value of ``field`` as a string (None when the value is None)."""
     if field not in row:
-        raise ValueError(
-            f"actor_rollout_ref.rollout.server_routing.routing_key_field={field!r} is not a field of the batch; "
-            f"its fields: {sorted(row)}"
-        )
+        raise missing_routing_key_field(field, row)
     value = row[field]
     return None if value is None else str(value)
 
@@ -106,3 +103,11 @@ def _prompt_and_id(row: dict[str, Any]) -> tuple[str, str]:
     if not isinstance(prompt, str):
         raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(prompt).__name__}: {prompt!r}")
     return prompt, str(row["request_id"])
+
+
+def missing_routing_key_field(field: str, fields: Any) -> ValueError:
+    """The error for a ``routing_key_field`` the batch does not have (never a silent fallback to request ids)."""
+    return ValueError(
+        f"actor_rollout_ref.rollout.server_routing.routing_key_field={field!r} is not a field of the batch; "
+        f"its fields: {sorted(fields)}"
+    )

@@ -11,6 +11,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopManager
 from verl.protocol import DataProto
 from verl.utils.ray_utils import auto_await
 
+from verl_omni.agent_loop.diffusion_agent_loop import missing_routing_key_field
 from verl_omni.agent_loop.diffusion_worker import DiffusionAgentLoopWorker
 from verl_omni.agent_loop.routing_metrics import routing_metrics
 from verl_omni.workers.rollout.omni_llm_server import ACTOR_RESTARTS
@@ -54,10 +55,7 @@ class OmniAgentLoopManager(AgentLoopManager):
         field = self.llm_client.routing.routing_key_field
         keys = prompts.non_tensor_batch.get(field)
         if keys is None:
-            raise ValueError(
-                f"actor_rollout_ref.rollout.server_routing.routing_key_field={field!r} is not a field of the batch; "
-                f"its fields: {sorted(prompts.non_tensor_batch)}"
-            )
+            raise missing_routing_key_field(field, prompts.non_tensor_batch)
         bounds = group_aligned_bounds(list(keys), len(self.agent_loop_workers))
         outputs = await asyncio.gather(
             *[

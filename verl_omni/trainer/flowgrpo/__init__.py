@@ -6,8 +6,7 @@ without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from verl_omni.utils.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "compute_group_advantages": "verl_omni.trainer.flowgrpo.advantages",
@@ -16,8 +15,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'verl_omni.trainer.flowgrpo' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -33,6 +33,7 @@ import torch
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest, resolve_torch_dtype
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
+from verl_omni.workers.rollout.request_checks import check_text_to_image_args
 from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
 
@@ -133,14 +134,7 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
         video_data: Any = None,
         **kwargs: Any,
     ) -> EngineRequest:
-        if kwargs:
-            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
-            raise ValueError(f"generate() got unexpected argument(s) {shown} (request_id={request_id!r})")
-        for name, value in (("image_data", image_data), ("video_data", video_data)):
-            if value is not None and not (isinstance(value, list | tuple) and len(value) == 0):
-                raise ValueError(
-                    f"{name}={type(value).__name__} is not supported: the diffusers backend is text-to-image"
-                )
+        check_text_to_image_args(request_id, image_data, video_data, kwargs, backend="diffusers")
         params = resolve_sampling_params(sampling_params, self.config, self.engine.spec)
         return EngineRequest(str(request_id), self.engine.prompt_text(prompt_ids), params)
 

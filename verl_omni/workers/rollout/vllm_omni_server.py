@@ -33,6 +33,7 @@ from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 from verl_omni.workers.rollout.prompt_text import prompt_text
+from verl_omni.workers.rollout.request_checks import check_text_to_image_args
 from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams, resolve_sampling_params
 from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
 from verl_omni.workers.rollout.vllm_omni_protocol import (
@@ -177,14 +178,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         video_data: Any = None,
         **kwargs: Any,
     ) -> tuple[str, str, DiffusionSamplingParams]:
-        if kwargs:
-            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
-            raise ValueError(f"generate() got unexpected argument(s) {shown} (request_id={request_id!r})")
-        for name, value in (("image_data", image_data), ("video_data", video_data)):
-            if value is not None and not (isinstance(value, list | tuple) and len(value) == 0):
-                raise ValueError(
-                    f"{name}={type(value).__name__} is not supported: the vllm_omni backend serves text-to-image"
-                )
+        check_text_to_image_args(request_id, image_data, video_data, kwargs, backend="vllm_omni")
         params = resolve_sampling_params(sampling_params, self.config, self.spec)
         return str(request_id), self._prompt_text(prompt_ids), params
 
