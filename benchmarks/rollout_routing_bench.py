@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model = str(ensure_tiny_sd3(TINY_MODEL_CACHE))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     start = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         result = run_bench(
             args.model,

@@ -215,7 +215,7 @@ def main() -> None:
         return
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         bench_rpcs(args.prompts, args.n)
         bench_load(args.clients, args.client_pairs)

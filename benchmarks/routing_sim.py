@@ -13,8 +13,17 @@ modelled:
 
 Default costs are the tiny SD3 model's on this project's CPU machine (``docs/advanced_features/
 rollout_server_routing.md``, "Cost mix": encode 3.3 + 0.58/prompt ms, one step 1.61 + 0.18/image ms,
-decode 0.77 + 3.64/image ms, 8 steps). The lower bound of a burst is its work at full batches spread over the
-replicas' speeds with every prompt encoded once (a fluid bound: no schedule beats it).
+decode 0.77 + 3.64/image ms, 8 steps). Two lower bounds per burst, both counting every batch full and every
+prompt encoded once:
+
+- ``LB`` (fluid): the work spread over the replicas' speeds as if copies could be split at will; no schedule
+  beats it.
+- ``LBg`` (whole groups): no schedule that keeps each group on one replica beats it: the optimal makespan of
+  identical jobs (one group's work) on replicas of the given speeds (greedy on earliest finish is optimal
+  there). ``makespan / LBg`` is how far a co-locating policy is from the best co-locating schedule; ``LBg /
+  LB`` is what co-location itself costs when a burst has few groups per replica.
+
+The balancer's clock is the simulated time, so ``speed_aware`` routing measures the modelled replicas.
 
     python -m benchmarks.routing_sim [--replicas 4 64 256 1024] [--n 8] [--max-num-seqs 8] [--steps-per-run 4]
 """
@@ -89,6 +98,8 @@ class _Group:
 class RunResult:
     makespan_ms: float
     lower_bound_ms: float
+    group_bound_ms: float
+    warm_ratio: float | None  # makespan / LBg over the steps after the first (speeds measured), multi-step runs
     colocation: float
     encode_hit_rate: float
     rpcs_per_sample: float
@@ -99,6 +110,10 @@ class RunResult:
     @property
     def ratio(self) -> float:
         return self.makespan_ms / self.lower_bound_ms
+
+    @property
+    def group_ratio(self) -> float:
+        return self.makespan_ms / self.group_bound_ms
 
 
 class Simulation:
@@ -118,7 +133,10 @@ class Simulation:
         ids = [f"replica-{i:04d}" for i in range(replicas)]
         speeds = [2.0 if i < scenario.slow_replicas else 1.0 for i in range(replicas)]
         self.replicas = {sid: _Replica(speed) for sid, speed in zip(ids, speeds, strict=True)}
-        self.lb = OmniRequestLoadBalancer(servers=dict.fromkeys(ids), full_determinism=True, routing=routing)
+        self.clock_ms = 0.0  # simulated time, continuous over the bursts (each burst's events start at 0)
+        self.lb = OmniRequestLoadBalancer(
+            servers=dict.fromkeys(ids), routing=routing, clock=lambda: self.clock_ms / 1000, seed=seed
+        )
         self.events: list = []
         self.seq = 0
         self.rpcs = 0
@@ -185,8 +203,10 @@ class Simulation:
             self._at(self.rng.uniform(0, s.jitter_ms), "arrive", group)
         if s.lose_replica_at_ms is not None and step == 0:
             self._at(s.lose_replica_at_ms, "die", next(iter(self.replicas)))
+        start = self.clock_ms
         while self.events:
             now, _, kind, payload = heapq.heappop(self.events)
+            self.clock_ms = start + now
             if kind == "arrive":
                 self._place(now, payload, list(range(s.n)))
             elif kind == "done":
@@ -216,28 +236,55 @@ class Simulation:
         self.groups += len(groups)
         return self.last_done
 
+    def _per_image_ms(self) -> float:
+        c, b = self.cost, self.max_num_seqs
+        return (c.steps * (c.step_fixed + c.step_per_image * b) + c.decode_fixed + c.decode_per_image * b) / b
+
     def lower_bound_ms(self) -> float:
         """Fluid bound of one burst: full batches over the live replicas' speeds, each prompt encoded once."""
-        c, b = self.cost, self.max_num_seqs
-        per_image = (c.steps * (c.step_fixed + c.step_per_image * b) + c.decode_fixed + c.decode_per_image * b) / b
+        c = self.cost
         alive = [r for r in self.replicas.values() if r.alive]
         capacity = sum(1.0 / r.speed for r in alive)  # images per (per_image ms)
         images = self.s.prompts * self.s.n
         encode = self.s.prompts * c.encode_per_prompt + c.encode_fixed
-        return (images * per_image + encode) / capacity
+        return (images * self._per_image_ms() + encode) / capacity
+
+    def group_bound_ms(self) -> float:
+        """Whole-group bound: each group is ``n`` images at full batches plus its prompt's encode, on one replica;
+        groups go one by one to the live replica that would finish them first (optimal for identical jobs)."""
+        c = self.cost
+        group_ms = self.s.n * self._per_image_ms() + c.encode_per_prompt
+        finish = [(r.speed * group_ms, r.speed * group_ms) for r in self.replicas.values() if r.alive]
+        heapq.heapify(finish)
+        end = 0.0
+        for _ in range(self.s.prompts):
+            done, per_group = heapq.heappop(finish)
+            end = max(end, done)
+            heapq.heappush(finish, (done + per_group, per_group))
+        return end + c.encode_fixed
 
     def run(self) -> RunResult:
         self.colocated = self.groups = 0
-        makespan = bound = 0.0
+        makespan = bound = group_bound = 0.0
+        warm = warm_bound = 0.0
         for step in range(self.s.steps):
-            makespan += self._burst(step)
+            burst = self._burst(step)
+            self.clock_ms += 1000.0  # a gap between steps (the update), idle for the balancer
+            step_group_bound = self.group_bound_ms()
+            makespan += burst
             bound += self.lower_bound_ms()
+            group_bound += step_group_bound
+            if step > 0:
+                warm += burst
+                warm_bound += step_group_bound
         status = self.lb.get_status()
         assert status["total_inflight"] == 0, "every acquire was released"
         samples = self.s.prompts * self.s.n * self.s.steps
         return RunResult(
             makespan_ms=makespan,
             lower_bound_ms=bound,
+            group_bound_ms=group_bound,
+            warm_ratio=warm / warm_bound if warm_bound else None,
             colocation=self.colocated / self.groups,
             encode_hit_rate=self.hits / max(self.hits + self.misses, 1),
             rpcs_per_sample=self.rpcs / samples,
@@ -248,18 +295,21 @@ class Simulation:
 
 
 def routing_setups(n: int) -> dict[str, RolloutServerRoutingConfig]:
-    """Every policy, plus soft affinity gated at one group's worth of requests (absolute) and 1.5x (relative)."""
+    """Every policy; soft affinity gated at one group's worth of requests (absolute) and 1.5x (relative); and
+    affinity and least_inflight with speed-aware picks."""
     setups = {policy: RolloutServerRoutingConfig(policy=policy) for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES}
-    setups["affinity+gate"] = RolloutServerRoutingConfig(
-        policy="prompt_uid_affinity", max_imbalance=n, max_imbalance_ratio=1.5
-    )
+    gate = {"max_imbalance": n, "max_imbalance_ratio": 1.5}
+    setups["affinity+gate"] = RolloutServerRoutingConfig(policy="prompt_uid_affinity", **gate)
+    setups["least_inflight+speed"] = RolloutServerRoutingConfig(policy="least_inflight", speed_aware=True)
+    setups["affinity+speed"] = RolloutServerRoutingConfig(policy="prompt_uid_affinity", speed_aware=True)
+    setups["affinity+gate+speed"] = RolloutServerRoutingConfig(policy="prompt_uid_affinity", speed_aware=True, **gate)
     return setups
 
 
 def scenarios(replicas: int, n: int, steps: int) -> list[Scenario]:
     uneven = 2 * replicas + replicas // 2 + 1  # B mod R != 0
     return [
-        Scenario("uneven burst", prompts=uneven, n=n),
+        Scenario("uneven bursts, equal replicas", prompts=uneven, n=n, steps=steps),
         Scenario("1 slow replica, new keys", prompts=4 * replicas, n=n, steps=steps, slow_replicas=1),
         Scenario("1 slow replica, keys repeat", prompts=4 * replicas, n=n, steps=steps, slow_replicas=1,
                  key_repeats=True),
@@ -294,18 +344,20 @@ def main(argv: list[str] | None = None) -> None:
 def print_table(replicas: int, scenario: Scenario, results: dict[str, RunResult]) -> None:
     s = scenario
     print(f"\nR={replicas}  {s.name}: {s.prompts} prompts x {s.n} x {s.steps} step(s)")
-    columns = ("mk/LB", "coloc", "hits", "rpc/s", "lb us", "div", "resent")
+    columns = ("mk/LB", "mk/LBg", "warm", "coloc", "hits", "rpc/s", "lb us", "div", "resent")
     print(f"  {'policy':<22}" + "".join(f"{c:>8}" for c in columns))
     for name, r in results.items():
+        warm = f"{r.warm_ratio:8.3f}" if r.warm_ratio is not None else f"{'-':>8}"
         print(
-            f"  {name:<22}{r.ratio:8.3f}{r.colocation:8.2f}{r.encode_hit_rate:8.2f}{r.rpcs_per_sample:8.3f}"
-            f"{r.balancer_us_per_burst:8.0f}{r.diversions:8d}{r.resent:8d}"
+            f"  {name:<22}{r.ratio:8.3f}{r.group_ratio:8.3f}{warm}{r.colocation:8.2f}{r.encode_hit_rate:8.2f}"
+            f"{r.rpcs_per_sample:8.3f}{r.balancer_us_per_burst:8.0f}{r.diversions:8d}{r.resent:8d}"
         )
     best = min(results, key=lambda k: results[k].ratio)
-    gate, ref = results["affinity+gate"], results["least_inflight"]
+    ours, ref = results["affinity+gate+speed"], results["least_inflight"]
     print(
-        f"  fastest: {best}; affinity+gate makespan / least_inflight's = {gate.makespan_ms / ref.makespan_ms:.3f} "
-        f"(target <= 1.05) at co-location {gate.colocation:.2f} (target >= 0.9)"
+        f"  fastest: {best}; LBg / LB = {ours.group_bound_ms / ours.lower_bound_ms:.3f}; affinity+gate+speed: "
+        f"makespan / LBg = {ours.group_ratio:.3f}, / least_inflight's = {ours.makespan_ms / ref.makespan_ms:.3f} "
+        f"at co-location {ours.colocation:.2f}"
     )
 
 

@@ -19,6 +19,7 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # our own Ray, even beside a `ray start` or another test's cluster on this machine
         num_cpus=4,
         num_gpus=0,
         include_dashboard=False,

@@ -39,6 +39,10 @@ CPU_TWO_REPLICAS = [
     "+actor_rollout_ref.rollout.diffusion.ray_num_cpus=2.5",  # not in the tiny config: added in-process
     "ray_kwargs.ray_init.num_cpus=null",
 ]
+# Training ranks across nodes (test_multinode's cluster): a replica fits the 4- and 3-CPU nodes, a 1-CPU training
+# group the 4- and 1-CPU ones. A greedy packing that places the training groups first refuses it.
+CPU_RANKS_ACROSS = ClusterShape((ClusterNode(4, 0), ClusterNode(1, 0), ClusterNode(3, 0)))
+TWO_CPU_RANK_GROUPS = [*CPU_TWO_REPLICAS, "trainer.nnodes=2", "trainer.cpu_ranks_per_node=1"]
 
 
 def gpu_nodes(*gpus: int, cpus: int = 64) -> ClusterShape:
@@ -75,8 +79,23 @@ def validate(name: str, overrides: list[str], cluster: ClusterShape, tmp_path: P
         (SD35, SD35_TWO_NODES, gpu_nodes(8, 8)),
         (SD35, SD35_TWO_NODES, gpu_nodes(0, 8, 8)),  # a CPU-only head node is not counted, nor used
         (SD35, SD35_TWO_NODES, gpu_nodes(4, 8, 4)),  # the training groups of 4 fit on the two nodes of 4
+        (TINY, TWO_CPU_RANK_GROUPS, CPU_RANKS_ACROSS),
+        (  # 2 nodes x 2 CPU ranks beside the tiny config's two 0.5-CPU replicas
+            TINY,
+            ["trainer.nnodes=2", "trainer.cpu_ranks_per_node=2", "ray_kwargs.ray_init.num_cpus=null"],
+            ClusterShape((ClusterNode(3, 0), ClusterNode(2, 0))),
+        ),
     ],
-    ids=["tiny-local", "tiny-3-cpu-nodes", "sd35-1x8", "sd35-2x8", "sd35-cpu-head-2x8", "sd35-4-8-4"],
+    ids=[
+        "tiny-local",
+        "tiny-3-cpu-nodes",
+        "sd35-1x8",
+        "sd35-2x8",
+        "sd35-cpu-head-2x8",
+        "sd35-4-8-4",
+        "tiny-cpu-ranks-across-nodes",
+        "tiny-2x2-cpu-ranks",
+    ],
 )
 def test_requests_the_cluster_can_hold_pass(
     sd35_env: None, tmp_path: Path, name: str, overrides: list[str], cluster: ClusterShape
@@ -141,6 +160,21 @@ def test_requests_the_cluster_can_hold_pass(
             "trainer.n_gpus_per_node=8: each of the trainer.nnodes=1 training groups needs 8 GPUs on one node "
             "(0 fit), but the Ray cluster has 4 nodes with GPUs (4, 4, 4, 4 GPUs)",
         ),
+        (  # groups of 2 CPU ranks: both on the 4-CPU node, or one there and one on the 3-CPU node; 1 replica fits
+            TINY,
+            [*TWO_CPU_RANK_GROUPS, "trainer.cpu_ranks_per_node=2"],
+            CPU_RANKS_ACROSS,
+            "actor_rollout_ref.rollout.n_gpus_per_node=1 x nnodes=2 = 2 rollout replicas of 2.5 CPU each "
+            "(actor_rollout_ref.rollout.diffusion.ray_num_cpus), beside training (2 x 2 CPUs): only 1 fit on the "
+            "Ray cluster, which has 3 nodes (4, 3, 1 CPUs)",
+        ),
+        (  # a group of 4 CPU ranks fits the 4-CPU node only, and there are 2 groups
+            TINY,
+            [*TWO_CPU_RANK_GROUPS, "trainer.cpu_ranks_per_node=4"],
+            CPU_RANKS_ACROSS,
+            "trainer.cpu_ranks_per_node=4: each of the trainer.nnodes=2 training groups needs 4 CPUs on one node "
+            "(1 fit), but the Ray cluster has 3 nodes (4, 3, 1 CPUs)",
+        ),
     ],
     ids=[
         "rollout-nnodes-local",
@@ -151,6 +185,8 @@ def test_requests_the_cluster_can_hold_pass(
         "rollout-nnodes-gpu",
         "replicas-gpu",
         "training-group-per-node",
+        "cpu-rank-groups-crowd-out-replicas",
+        "cpu-rank-group-per-node",
     ],
 )
 def test_requests_the_cluster_cannot_hold_name_the_key(
@@ -159,6 +195,29 @@ def test_requests_the_cluster_cannot_hold_name_the_key(
     with pytest.raises(ValueError) as err:
         validate(name, overrides, cluster, tmp_path)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two", "true"])
+def test_cpu_ranks_per_node_must_be_a_positive_integer(sd35_env: None, tmp_path: Path, value: str) -> None:
+    with pytest.raises(ValueError) as err:
+        validate(
+            TINY, [f"trainer.cpu_ranks_per_node={value}"], ClusterShape((ClusterNode(4, 0),), local=True), tmp_path
+        )
+    shown = {"1.5": "1.5", "two": "'two'", "true": "True"}.get(value, value)
+    assert str(err.value) == (
+        f"trainer.cpu_ranks_per_node={shown} is not valid; valid values: a positive integer (CPU training processes "
+        "per node, used when trainer.n_gpus_per_node is 0)"
+    )
+
+
+def test_cpu_ranks_count_in_the_training_split(sd35_env: None, tmp_path: Path) -> None:
+    """3 CPU ranks cannot split the tiny config's 64 samples: the message names the CPU keys."""
+    with pytest.raises(ValueError) as err:
+        validate(TINY, ["trainer.cpu_ranks_per_node=3"], ClusterShape((ClusterNode(4, 0),), local=True), tmp_path)
+    assert str(err.value) == (
+        "the rollout batch (data.train_batch_size x rollout.n = 64) must divide evenly over the 3 training ranks "
+        "(trainer.cpu_ranks_per_node x trainer.nnodes)"
+    )
 
 
 def test_local_cluster_is_one_node_with_ray_init_resources() -> None:

@@ -8,6 +8,7 @@ where (routing key to the balancer only, caller's request id to the server, rele
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import ray
@@ -172,6 +173,30 @@ async def test_dead_replica_is_removed_and_requests_fail_over(ray_local):
     )
     assert {o.extra_fields["server"] for o in outs} == {"alive"}  # every sample completed
     assert sorted(o.extra_fields["request_id"] for o in outs) == sorted(f"r{i}" for i in range(12))
+    assert await lb.get_all_servers.remote() == ["alive"]
+
+
+async def test_a_restarted_balancer_forgets_replicas_that_died_before_the_restart(ray_local):
+    """Ray restarts the balancer from its creation arguments; a replica that died before must not come back."""
+    alive, dead = RecordingServer.remote("alive"), RecordingServer.remote("dead")
+    await alive.get_calls.remote()
+    await dead.get_calls.remote()
+    lb = (
+        ray.remote(OmniRequestLoadBalancer)
+        .options(max_restarts=1, max_task_retries=1)
+        .remote(
+            servers={"alive": alive, "dead": dead}, routing=RolloutServerRoutingConfig(policy="prompt_uid_affinity")
+        )
+    )
+    assert sorted(await lb.get_all_servers.remote()) == ["alive", "dead"]
+    assert (await lb.get_status.remote())["dropped_at_restart"] == []
+    ray.kill(dead)
+    ray.kill(lb, no_restart=False)  # returns before the old process is gone: wait for the restarted one
+    deadline = time.monotonic() + 60
+    while not (status := await lb.get_status.remote())["dropped_at_restart"]:
+        assert time.monotonic() < deadline, f"the restarted balancer still lists {status['registered_handles']}"
+        await asyncio.sleep(0.1)
+    assert status["dropped_at_restart"] == ["dead"]
     assert await lb.get_all_servers.remote() == ["alive"]
 
 

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("data.train_files=/nonexistent/prompts.txt", "data.train_files="),
         ("data.val_files=/nonexistent/val.txt", "data.val_files='/nonexistent/val.txt': file not found"),
         ("trainer.test_freq=-2", "trainer.test_freq=-2 is not valid; valid choices:"),
+        ("trainer.cpu_ranks_per_node=0", "trainer.cpu_ranks_per_node=0 is not valid; valid values: a positive integer"),
         ("+trainer.totl_training_steps=3", "did you mean trainer.total_training_steps?"),
         ("actor_rollout_ref.actor.timestep_fraction=0", "timestep_fraction=0 is outside the valid range (0, 1]"),
         (

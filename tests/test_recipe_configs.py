@@ -212,6 +212,18 @@ def test_top_level_policy_reaches_the_rollout_and_the_long_form_wins(tiny_env: N
     validate_recipe_config(cfg, available_gpus=0)
 
 
+def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_env: None) -> None:
+    routing = compose_recipe(TINY, []).actor_rollout_ref.rollout.server_routing
+    assert routing.policy == "prompt_uid_affinity" and routing.speed_aware is True
+    cfg = compose_recipe(TINY, ["actor_rollout_ref.rollout.server_routing.speed_aware=false"])
+    assert cfg.actor_rollout_ref.rollout.server_routing.speed_aware is False
+    validate_recipe_config(cfg, available_gpus=0)
+    with pytest.raises(ValueError, match=r"server_routing\.speed_aware='maybe' must be true or false"):
+        validate_recipe_config(
+            compose_recipe(TINY, ["actor_rollout_ref.rollout.server_routing.speed_aware=maybe"]), available_gpus=0
+        )
+
+
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [

@@ -160,3 +160,16 @@ def test_the_recipe_composes_the_one_server_routing_yaml():
     finally:
         shipped.write_text(original)
     assert compose_recipe().actor_rollout_ref.rollout.server_routing.cache_size == 10000
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0, None])
+def test_bad_speed_aware(bad):
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.speed_aware=.* true or false"):
+        RolloutServerRoutingConfig.from_config({"speed_aware": bad})
+
+
+def test_speed_aware_from_the_command_line_form():
+    cfg = RolloutServerRoutingConfig.from_config(
+        OmegaConf.from_dotlist(["policy=prompt_uid_affinity", "speed_aware=true"])
+    )
+    assert cfg.speed_aware is True and cfg.policy == "prompt_uid_affinity"

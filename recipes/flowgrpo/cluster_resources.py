@@ -76,8 +76,30 @@ def local_gpu_count() -> int:
     return sum(1 for d in Path("/dev").glob("nvidia[0-9]*") if d.name[len("nvidia") :].isdigit())
 
 
-class _Demand(NamedTuple):
-    kind: str  # "train" or "rollout"
+CPU_RANKS_KEY = "trainer.cpu_ranks_per_node"
+
+
+def cpu_ranks_per_node(trainer: Any) -> int:
+    """``trainer.cpu_ranks_per_node``, checked here so a bad value fails at startup, naming the key."""
+    value = trainer.get("cpu_ranks_per_node", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{CPU_RANKS_KEY}={value!r} is not valid; valid values: a positive integer (CPU training processes "
+            "per node, used when trainer.n_gpus_per_node is 0)"
+        )
+    return value
+
+
+def training_ranks_per_node(trainer: Any, use_gpu: bool) -> list[int]:
+    """verl's ``process_on_nodes`` for the training pool: ``trainer.nnodes`` placement groups, each on one node,
+    of ``n_gpus_per_node`` GPU ranks or, training on CPU, ``cpu_ranks_per_node`` CPU ranks."""
+    per_node = int(trainer.n_gpus_per_node) if use_gpu else cpu_ranks_per_node(trainer)
+    return [per_node] * int(trainer.nnodes)
+
+
+class _Request(NamedTuple):
+    """What one training group or one replica asks of a single node."""
+
     cpus: float
     gpus: float
 
@@ -85,9 +107,10 @@ class _Demand(NamedTuple):
 def check_cluster_resources(cfg: Any, cluster: ClusterShape, replicas: int, diffusion: DiffusionRolloutConfig) -> None:
     """Raise ``ValueError`` unless the training ranks and the rollout replicas fit on ``cluster``'s nodes.
 
-    Mirrors how the recipe places them: training as ``trainer.nnodes`` placement groups of
-    ``trainer.n_gpus_per_node`` GPU bundles (1 CPU each; one CPU process without GPUs), each replica as one actor
-    of ``diffusion.ray_num_cpus`` CPUs and, on a cluster with GPUs, ``diffusion.num_gpus_per_replica`` GPUs.
+    Mirrors how the recipe places them: training as ``trainer.nnodes`` placement groups, each on one node, of
+    ``trainer.n_gpus_per_node`` bundles of 1 GPU + 1 CPU (without GPUs: ``trainer.cpu_ranks_per_node`` bundles
+    of 1 CPU); each replica as one actor of ``diffusion.ray_num_cpus`` CPUs and, on a cluster with GPUs,
+    ``diffusion.num_gpus_per_replica`` GPUs. Like verl's pool, it lets several groups share a node.
     """
     trainer = cfg.trainer
     train_nodes, train_gpus = int(trainer.nnodes), int(trainer.n_gpus_per_node)
@@ -114,24 +137,27 @@ def check_cluster_resources(cfg: Any, cluster: ClusterShape, replicas: int, diff
             raise ValueError(f"{key}={wanted} but the Ray cluster has {cluster.describe(gpu=on_gpu)}{hint}")
 
     if train_on_gpu:
-        demands = [_Demand("train", float(train_gpus), float(train_gpus))] * train_nodes
+        group = _Request(float(train_gpus), float(train_gpus))
+        group_key, group_size = f"trainer.n_gpus_per_node={train_gpus}", f"{train_gpus} GPUs"
+        training = f"{train_nodes} x {train_gpus} GPUs"
     else:
-        demands = [_Demand("train", 1.0, 0.0)]
-    demands += [_Demand("rollout", float(diffusion.ray_num_cpus), replica_gpus)] * replicas
-    placed = _best_fit(demands, cluster.nodes)
-    if len(placed) == len(demands):
-        return
-    failed = demands[len(placed)]
-    if failed.kind == "train":
+        ranks = cpu_ranks_per_node(trainer)
+        group = _Request(float(ranks), 0.0)
+        group_key, group_size = f"{CPU_RANKS_KEY}={ranks}", f"{ranks} CPU{'s' if ranks != 1 else ''}"
+        training = "1 CPU" if train_nodes * ranks == 1 else f"{train_nodes} x {ranks} CPUs"
+    replica = _Request(float(diffusion.ray_num_cpus), replica_gpus)
+    fit = _most_replicas(cluster.nodes, train_nodes, group, replicas, replica)
+    if fit is None:
+        groups_fit = min(train_nodes, sum(_count(n.cpus, n.gpus, group, train_nodes) for n in cluster.nodes))
         raise ValueError(
-            f"trainer.n_gpus_per_node={train_gpus}: each of the trainer.nnodes={train_nodes} training groups needs "
-            f"{train_gpus} GPUs on one node ({len(placed)} fit), but the Ray cluster has {cluster.describe(gpu=True)}"
+            f"{group_key}: each of the trainer.nnodes={train_nodes} training groups needs {group_size} on one node "
+            f"({groups_fit} fit), but the Ray cluster has {cluster.describe(gpu=train_on_gpu)}"
         )
+    if fit >= replicas:
+        return
     rollout = cfg.actor_rollout_ref.rollout
     size = f"{replica_gpus:g} GPU" if replica_gpus else f"{diffusion.ray_num_cpus:g} CPU"
     size_key = "num_gpus_per_replica" if replica_gpus else "ray_num_cpus"
-    training = f"{train_nodes} x {train_gpus} GPUs" if train_on_gpu else "1 CPU"
-    fit = sum(1 for d in placed if d.kind == "rollout")
     raise ValueError(
         f"{ROLLOUT}.n_gpus_per_node={rollout.n_gpus_per_node} x nnodes={rollout_nodes} = {replicas} rollout replicas "
         f"of {size} each ({DIFFUSION_CONFIG_PREFIX}.{size_key}), beside training ({training}): only {fit} fit on "
@@ -139,18 +165,30 @@ def check_cluster_resources(cfg: Any, cluster: ClusterShape, replicas: int, diff
     )
 
 
-def _best_fit(demands: list[_Demand], nodes: tuple[ClusterNode, ...]) -> list[_Demand]:
-    """Place ``demands`` in order (training first: its groups need the most of one node), each on the node it
-    leaves fullest; returns the prefix that fit. With identical replicas this finds a packing whenever one
-    exists in practice; Ray places one actor at a time and can still do worse (then a request stays pending)."""
-    free = [[n.cpus, n.gpus] for n in nodes]
-    placed: list[_Demand] = []
-    for demand in demands:
-        fits = [i for i, (c, g) in enumerate(free) if c >= demand.cpus - 1e-9 and g >= demand.gpus - 1e-9]
-        if not fits:
-            break
-        best = min(fits, key=lambda i: (free[i][1] - demand.gpus, free[i][0] - demand.cpus))
-        free[best][0] -= demand.cpus
-        free[best][1] -= demand.gpus
-        placed.append(demand)
-    return placed
+def _count(cpus: float, gpus: float, need: _Request, cap: int) -> int:
+    """How many ``need`` fit in ``cpus`` / ``gpus`` (at most ``cap``: a request of nothing fits any number)."""
+    fits = cap
+    for free, want in ((cpus, need.cpus), (gpus, need.gpus)):
+        if want > 0:
+            fits = min(fits, int((free + 1e-9) // want))
+    return max(fits, 0)
+
+
+def _most_replicas(
+    nodes: tuple[ClusterNode, ...], groups: int, group: _Request, wanted: int, replica: _Request
+) -> int | None:
+    """The most replicas (at most ``wanted``) that fit beside all ``groups`` training groups; None when the groups
+    alone do not fit. Exact, not a greedy packing (which refuses e.g. nodes of 4, 1, 3 CPUs for two groups of 1
+    and two replicas of 2.5): for each count of groups on the nodes seen so far, the most replicas beside them.
+    Ray places one actor at a time, replicas first, and can still do worse (then a request stays pending)."""
+    best: dict[int, int] = {0: 0}
+    for node in nodes:
+        step: dict[int, int] = {}
+        for placed, held in best.items():
+            for extra in range(min(groups - placed, _count(node.cpus, node.gpus, group, groups)) + 1):
+                left = _count(node.cpus - extra * group.cpus, node.gpus - extra * group.gpus, replica, wanted)
+                total = min(wanted, held + left)
+                if total > step.get(placed + extra, -1):
+                    step[placed + extra] = total
+        best = step
+    return best.get(groups)

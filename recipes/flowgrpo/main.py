@@ -18,7 +18,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipes.flowgrpo.cluster_resources import ClusterShape, local_cluster_shape, ray_cluster_shape
+from recipes.flowgrpo.cluster_resources import (
+    ClusterShape,
+    local_cluster_shape,
+    ray_cluster_shape,
+    training_ranks_per_node,
+)
 from recipes.flowgrpo.validate import validate_model_options, validate_recipe_config
 from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
@@ -108,7 +113,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
 
     use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
-    world = [int(cfg.trainer.n_gpus_per_node)] * int(cfg.trainer.nnodes) if use_gpu else [1]
+    world = training_ranks_per_node(cfg.trainer, use_gpu)  # one placement group per entry, each on one node
     pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
     actor_wg = RayWorkerGroup(
         resource_pool=pool,

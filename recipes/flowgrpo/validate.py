@@ -12,7 +12,13 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipes.flowgrpo.cluster_resources import ClusterShape, check_cluster_resources, local_gpu_count
+from recipes.flowgrpo.cluster_resources import (
+    ClusterShape,
+    check_cluster_resources,
+    cpu_ranks_per_node,
+    local_gpu_count,
+    training_ranks_per_node,
+)
 from recipes.flowgrpo.data import (
     DEFAULT_PROMPTS_FILE,
     DEFAULT_VAL_PROMPTS_FILE,
@@ -289,6 +295,8 @@ def validate_recipe_config(
         )
     batch = _positive_int(cfg, "data.train_batch_size")
     _positive_int(cfg, "trainer.total_training_steps")
+    _positive_int(cfg, "trainer.nnodes")
+    cpu_ranks_per_node(cfg.trainer)  # checked whether or not training uses GPUs
     _positive_int(cfg, "actor_rollout_ref.actor.ppo_mini_batch_size")
     _positive_int(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")
     _positive_int(cfg, "actor_rollout_ref.rollout.agent.num_workers")  # any count: rows split at group bounds
@@ -306,8 +314,11 @@ def validate_recipe_config(
     validate_rollout_backend(cfg, available_gpus)
 
     ActorFSDPConfig.from_actor_config(cfg.actor_rollout_ref.actor)
-    train_ranks = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes) or 1
-    check_training_split(batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks)
+    train_on_gpu = int(cfg.trainer.n_gpus_per_node) > 0  # without GPUs this is refused below
+    train_ranks = sum(training_ranks_per_node(cfg.trainer, train_on_gpu))
+    check_training_split(
+        batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks, on_gpu=train_on_gpu
+    )
 
     from verl_omni.rewards.registry import reward_factory  # the reward's own module may load torch:
     from verl_omni.rewards.weighted import reward_specs  # after the checks that need nothing
@@ -336,12 +347,12 @@ def validate_recipe_config(
     if available_gpus == 0:
         if train_gpus:
             raise ValueError(f"trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} but no GPU is available")
-        needed = replicas * diffusion.ray_num_cpus + 1  # replicas + the CPU training process
+        needed = replicas * diffusion.ray_num_cpus + train_ranks  # replicas + the CPU training processes
         if ray_cpus and needed > ray_cpus:
             raise ValueError(
                 f"{replicas} CPU rollout replicas x actor_rollout_ref.rollout.diffusion.ray_num_cpus="
-                f"{diffusion.ray_num_cpus} + 1 trainer need {needed} Ray CPUs, more than "
-                f"ray_kwargs.ray_init.num_cpus={ray_cpus:g}"
+                f"{diffusion.ray_num_cpus} + {train_ranks} training rank(s) (trainer.cpu_ranks_per_node x nnodes) "
+                f"need {needed:g} Ray CPUs, more than ray_kwargs.ray_init.num_cpus={ray_cpus:g}"
             )
     else:
         rollout_gpus = replicas * diffusion.num_gpus_per_replica

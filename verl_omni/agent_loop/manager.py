@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from uuid import uuid4
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from verl.experimental.agent_loop.agent_loop import AgentLoopManager
 from verl.protocol import DataProto
 from verl.utils.ray_utils import auto_await
@@ -33,6 +35,24 @@ class OmniAgentLoopManager(AgentLoopManager):
     def __init__(self, config: Any, llm_client: Any, *args: Any, **kwargs: Any):
         super().__init__(config, llm_client, *args, **kwargs)
         self._last_diversions = 0
+
+    async def _init_agent_loop_workers(self) -> None:
+        """verl's round-robin over the nodes with CPUs, from the driver's node.
+
+        verl starts at ``ray.nodes()``'s order, which changes from run to run, and pins each worker with a soft
+        node affinity, which waits on a node whose CPUs are taken instead of moving. From the driver's node,
+        worker 0 lands in the same place every run, on the node the run cannot lose anyway.
+        """
+        driver = ray.get_runtime_context().get_node_id()
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        nodes.sort(key=lambda node: node != driver)  # stable: the others keep verl's order
+        self.agent_loop_workers = [
+            self.agent_loop_workers_class.options(
+                name=f"agent_loop_worker_{i}_{uuid4().hex[:8]}",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True),
+            ).remote(self.config, self.llm_client, self.teacher_client, self.reward_loop_worker_handles)
+            for i in range(self.rollout_config.agent.num_workers)
+        ]
 
     @auto_await
     async def set_client(self, llm_client: Any) -> None:
@@ -78,10 +98,11 @@ class OmniAgentLoopManager(AgentLoopManager):
     async def _routing_metrics(self, output: DataProto) -> dict[str, float]:
         nt = output.non_tensor_batch
         balancer = getattr(self.llm_client, "_load_balancer", None)
-        all_servers, diversions = None, None
+        all_servers, diversions, costs = None, None, None
         if balancer is not None:
             status = await balancer.get_status.remote()
             all_servers = status.get("registered_handles")
+            costs = status.get("seconds_per_request")
             if "diversions" in status:
                 diversions = status["diversions"] - self._last_diversions
                 self._last_diversions = status["diversions"]
@@ -94,6 +115,7 @@ class OmniAgentLoopManager(AgentLoopManager):
             cache_hits=[c for c in nt["rollout_cache_hit"] if c is not None],
             diversions=diversions,
             resent=int(sum(bool(r) for r in nt["rollout_resent"])),
+            seconds_per_request=costs,
         )
 
 

@@ -26,12 +26,15 @@ def routing_metrics(
     cache_hits: Sequence[bool] | None = None,
     diversions: int | None = None,
     resent: int | None = None,
+    seconds_per_request: dict[str, float | None] | None = None,
     prefix: str = "rollout_routing",
 ) -> dict[str, float]:
     """Scalar metrics for the tracker.
 
     ``all_servers`` lists replicas that could have served (so an idle replica counts in the
     max/min load ratio); per-replica request counts are reported under ``{prefix}/requests/<id>``.
+    ``seconds_per_request`` (speed-aware balancer) gives the slowest and fastest replica's measured cost
+    and their ratio, so a replica that lags is visible in the tracker.
     """
     counts = Counter(str(s) for s in servers)
     for sid in all_servers or ():
@@ -58,4 +61,9 @@ def routing_metrics(
         metrics[f"{prefix}/diversions"] = float(diversions)
     if resent is not None:  # copies sent again because their replica died mid-request
         metrics[f"{prefix}/requests_resent"] = float(resent)
+    measured = [c for c in (seconds_per_request or {}).values() if c is not None]
+    if measured:
+        metrics[f"{prefix}/seconds_per_request_max"] = max(measured)
+        metrics[f"{prefix}/seconds_per_request_min"] = min(measured)
+        metrics[f"{prefix}/replica_slowdown_max"] = max(measured) / min(measured)
     return metrics

@@ -203,7 +203,7 @@ class DiffusionActorWorker(Worker):
         """Clipped-ratio FlowGRPO update over ``ppo_epochs`` passes of the batch; returns mean metrics."""
         batch = {k: v for k, v in data.batch.items()}
         n = batch["latents"].shape[0]
-        check_training_split(n, self.mini_batch_size, self.world_size)
+        check_training_split(n, self.mini_batch_size, self.world_size, on_gpu=self.device.type != "cpu")
         rows = np.arange(self.rank, n, self.world_size)
         steps = batch["latents"].shape[1]
         rng = np.random.default_rng(int(self.config.trainer.seed) + 7919 * self._update_calls)

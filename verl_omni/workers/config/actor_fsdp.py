@@ -97,12 +97,16 @@ class ActorFSDPConfig:
         )
 
 
-def check_training_split(rollout_batch: int, mini_batch: int, world_size: int) -> None:
-    """Every rank must run the same number of forward/backward passes (each is a collective under FSDP)."""
+def check_training_split(rollout_batch: int, mini_batch: int, world_size: int, on_gpu: bool = True) -> None:
+    """Every rank must run the same number of forward/backward passes (each is a collective under FSDP).
+
+    ``on_gpu`` only picks the keys the message names: GPU ranks per node, or CPU ranks per node.
+    """
     if rollout_batch % world_size:
+        per_node = "trainer.n_gpus_per_node" if on_gpu else "trainer.cpu_ranks_per_node"
         raise ValueError(
             f"the rollout batch (data.train_batch_size x rollout.n = {rollout_batch}) must divide evenly over "
-            f"the {world_size} training ranks (trainer.n_gpus_per_node x trainer.nnodes)"
+            f"the {world_size} training ranks ({per_node} x trainer.nnodes)"
         )
     if mini_batch % world_size:
         raise ValueError(

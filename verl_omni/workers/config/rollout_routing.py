@@ -37,6 +37,11 @@ class RolloutServerRoutingConfig:
         max_imbalance_ratio: soft affinity, relative threshold (>= 1): divert only when the pinned replica's
             load is also above this ratio times the least-loaded replica's (both thresholds must be exceeded,
             as in SGLang's cache-aware router). 1.0 leaves the absolute threshold alone in charge.
+        speed_aware: weigh replicas by their measured seconds per request (timed by the balancer between
+            acquire and release): a new key, a new request id or a diverted group goes where it would finish
+            first instead of where the fewest requests are in flight, so a slower replica gets proportionally
+            less. Off by default (verl's count-based behaviour); no effect on ``prompt_hash_sharding`` and
+            ``round_robin``, which ignore load.
         cache_size: size of the sticky LRU (routing key or request id -> replica).
     """
 
@@ -45,6 +50,7 @@ class RolloutServerRoutingConfig:
     routing_key_field: str = DEFAULT_ROUTING_KEY_FIELD
     max_imbalance: int | None = None
     max_imbalance_ratio: float = 1.0
+    speed_aware: bool = False
     cache_size: int = DEFAULT_ROUTING_CACHE_SIZE
 
     def __post_init__(self) -> None:
@@ -107,6 +113,9 @@ def _validate(values: dict[str, Any], prefix: str) -> None:
     ratio = values["max_imbalance_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio) or ratio < 1:
         raise ValueError(f"{prefix}.max_imbalance_ratio={ratio!r} must be a finite number >= 1 (default: 1.0)")
+    speed = values["speed_aware"]
+    if not isinstance(speed, bool):
+        raise ValueError(f"{prefix}.speed_aware={speed!r} must be true or false (default: false)")
     size = values["cache_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(

@@ -15,6 +15,9 @@ import hashlib
 import logging
 import os
 import random
+import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 from verl_omni.utils.lru import LRUMap
@@ -24,8 +27,10 @@ from verl_omni.workers.config.rollout_routing import (
     RolloutServerRoutingConfig,
 )
 from verl_omni.workers.rollout.load_buckets import LoadBuckets
+from verl_omni.workers.rollout.replica_speed import ReplicaSpeeds
 
 logger = logging.getLogger(__name__)
+RESTART_PROBE_TIMEOUT_S = 10.0  # a restarted balancer waits this long for its replicas to answer
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 __all__ = ["OmniRequestLoadBalancer", "stable_hash", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
@@ -60,8 +65,13 @@ class OmniRequestLoadBalancer:
     copies one by one, with nothing in between, would give. verl's per-request ``acquire_server`` /
     ``release_server`` stay, with verl's signatures, for verl's own client.
 
-    Every pick is O(1) in the number of replicas (``LoadBuckets``); the sorted id list is kept
-    up to date on add/remove instead of being rebuilt per request.
+    ``routing.speed_aware``: "least loaded" (a new key, a new request id, a diverted group) means the
+    replica where new work would finish first, from each replica's seconds per request as measured between
+    this balancer's acquires and releases (``ReplicaSpeeds``), and the soft-affinity gate compares that
+    expected work in requests at the mean speed. Until every replica has a measurement, plain counts.
+
+    Every count-based pick is O(1) in the number of replicas (``LoadBuckets``), a speed-aware one O(log R);
+    the sorted id list is kept up to date on add/remove instead of being rebuilt per request.
     """
 
     def __init__(
@@ -70,10 +80,14 @@ class OmniRequestLoadBalancer:
         max_cache_size: int = DEFAULT_ROUTING_CACHE_SIZE,
         full_determinism: bool = False,
         routing: RolloutServerRoutingConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
     ):
         """``servers``, ``max_cache_size`` and ``full_determinism`` as verl's balancer takes them; ``routing``
         (validated by its constructor) picks the policy. Ties are broken by a seeded generator under
-        ``full_determinism``, so a replayed request stream is placed the same way."""
+        ``full_determinism`` (or ``seed``), so a replayed request stream is placed the same way (speed-aware
+        picks also depend on measured timing). ``clock`` (seconds) times the replicas for
+        ``routing.speed_aware``; a simulation passes its own."""
         routing = routing or RolloutServerRoutingConfig()
         if isinstance(max_cache_size, bool) or not isinstance(max_cache_size, int) or max_cache_size <= 0:
             raise ValueError(f"max_cache_size={max_cache_size!r} must be a positive integer")
@@ -82,7 +96,14 @@ class OmniRequestLoadBalancer:
         self._full_determinism = full_determinism
         self._servers: dict[str, Any] = {}
         self._sorted_ids: list[str] = []
-        self._load = LoadBuckets(rng=random.Random(0) if full_determinism else None)
+        if seed is None and full_determinism:
+            seed = 0
+        self._load = LoadBuckets(rng=random.Random(seed) if seed is not None else None)
+        self._speeds = (
+            ReplicaSpeeds(self._load.count, clock, rng=random.Random(seed + 1) if seed is not None else None)
+            if routing.speed_aware
+            else None
+        )
         self._sticky = LRUMap(maxsize=max_cache_size)
         self._served: dict[str, int] = {}
         self._leases: dict[str, dict[str, int]] = {}  # owner -> server -> requests it holds in flight
@@ -104,6 +125,7 @@ class OmniRequestLoadBalancer:
             "round_robin": self._pick_round_robin,
         }[routing.policy]
         self.add_servers(servers)
+        self._dropped_at_restart = self._forget_dead_servers_after_restart()
 
     # ------------------------------------------------------------------ routing
     def acquire_group(
@@ -143,7 +165,7 @@ class OmniRequestLoadBalancer:
                 held[server_id] -= count
                 if held[server_id] <= 0:
                     del held[server_id]
-            self._releases += self._load.decrement(server_id, count)
+            self._releases += self._drop(server_id, count)
 
     def release_owner(self, owner: str) -> int:
         """Release everything ``owner`` still holds (its process died mid-request); returns the requests freed.
@@ -153,7 +175,7 @@ class OmniRequestLoadBalancer:
         """
         freed = 0
         for server_id, count in self._leases.pop(owner, {}).items():
-            freed += self._load.decrement(server_id, count)
+            freed += self._drop(server_id, count, completed=False)
         self._releases += freed
         return freed
 
@@ -168,7 +190,7 @@ class OmniRequestLoadBalancer:
     def release_server(self, server_id: str, request_id: str | None = None) -> None:
         """verl's per-request release; an unknown or idle server is ignored (as in verl)."""
         self._release_calls += 1
-        self._releases += self._load.decrement(server_id, 1)
+        self._releases += self._drop(server_id, 1)
 
     def require_acquire_fields(self) -> list[str]:
         """verl's client sends these ``generate()`` kwargs to :meth:`acquire_server`."""
@@ -192,8 +214,25 @@ class OmniRequestLoadBalancer:
         return placement
 
     def _count_in(self, server_id: str, count: int) -> None:
+        before = self._load.count(server_id)
         self._load.increment(server_id, count)
+        if self._speeds is not None:
+            self._speeds.changed(server_id, before, before + count)
         self._served[server_id] = self._served.get(server_id, 0) + count
+
+    def _drop(self, server_id: str, count: int, completed: bool = True) -> int:
+        """Count ``count`` requests out of ``server_id`` (``completed``: they came back, so they time it)."""
+        before = self._load.count(server_id)
+        dropped = self._load.decrement(server_id, count)
+        if dropped and self._speeds is not None:
+            self._speeds.changed(server_id, before, before - dropped, completed=completed)
+        return dropped
+
+    def _least_loaded(self) -> str:
+        """Where new work goes: the fewest in flight, or with ``speed_aware`` the earliest expected finish."""
+        if self._speeds is not None and self._speeds.active:
+            return self._speeds.pick()
+        return self._load.pick_least_loaded()
 
     def _sticky_lookup(self, key: str) -> str | None:
         server_id = self._sticky.get(key)
@@ -211,11 +250,18 @@ class OmniRequestLoadBalancer:
             routing = self.routing
             if routing.max_imbalance is None:
                 return server_id
-            load, least = self._load.count(server_id), self._load.min_count
+            speeds = self._speeds
+            if speeds is not None and speeds.active:  # expected work, in requests at the mean speed
+                best = speeds.pick()
+                load, least = speeds.load(server_id), speeds.load(best)
+            else:
+                best, load, least = None, self._load.count(server_id), self._load.min_count
             if load - least <= routing.max_imbalance or load <= routing.max_imbalance_ratio * least:
                 return server_id
             self._diversions += 1
-        server_id = self._load.pick_least_loaded()
+            server_id = best or self._load.pick_least_loaded()
+        else:
+            server_id = self._least_loaded()
         self._sticky.put(key, server_id)
         return server_id
 
@@ -228,7 +274,7 @@ class OmniRequestLoadBalancer:
             if self._full_determinism:
                 server_id = self._sorted_ids[stable_hash(request_id) % len(self._sorted_ids)]
             else:
-                server_id = self._load.pick_least_loaded()
+                server_id = self._least_loaded()
             self._sticky.put(request_id, server_id)
         return server_id
 
@@ -244,6 +290,37 @@ class OmniRequestLoadBalancer:
         self._rr_next = (self._rr_next + 1) % len(self._sorted_ids)
         return server_id
 
+    def _forget_dead_servers_after_restart(self) -> list[str]:
+        """Ray restarts a dead balancer actor from its creation arguments, which still list replicas that died
+        since; each would cost the first group placed on it a resend. So a restarted balancer asks every replica
+        actor for Ray's built-in ``__ray_ready__`` and removes those Ray reports dead (a busy replica that does
+        not answer within ``RESTART_PROBE_TIMEOUT_S`` is kept)."""
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is None:
+            return []
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id` (Ray 2.5x)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if not context.was_current_actor_reconstructed:
+                return []
+        probes = {sid: h.__ray_ready__.remote() for sid, h in self._servers.items() if hasattr(h, "__ray_ready__")}
+        ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=RESTART_PROBE_TIMEOUT_S)
+        answered = set(ready)
+        dead = []
+        for server_id, ref in probes.items():
+            if ref in answered:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.ActorDiedError:
+                    dead.append(server_id)
+        if dead:
+            logger.warning("[OmniRequestLoadBalancer] restarted: %d dead replicas removed: %s", len(dead), dead)
+            self.remove_servers(dead)
+        return dead
+
     # ------------------------------------------------------------- pool changes
     def add_servers(self, servers: dict[str, Any]) -> None:
         """Add (or re-register) servers; a re-registered server keeps its in-flight count."""
@@ -251,6 +328,8 @@ class OmniRequestLoadBalancer:
             if server_id not in self._servers:
                 bisect.insort(self._sorted_ids, server_id)
                 self._load.add(server_id)
+                if self._speeds is not None:
+                    self._speeds.add(server_id)
             self._servers[server_id] = handle
         logger.info("[OmniRequestLoadBalancer] added %d servers", len(servers))
 
@@ -262,6 +341,8 @@ class OmniRequestLoadBalancer:
             del self._servers[server_id]
             self._sorted_ids.pop(bisect.bisect_left(self._sorted_ids, server_id))
             self._load.remove(server_id)
+            if self._speeds is not None:
+                self._speeds.remove(server_id)
         logger.info("[OmniRequestLoadBalancer] removed %d servers", len(server_ids))
 
     # ---------------------------------------------------------------- inspection
@@ -298,6 +379,9 @@ class OmniRequestLoadBalancer:
             "pinned_keys": len(self._sticky),
             "diversions": self._diversions,
             "split_groups": self._split_groups,
+            "speed_aware": self._speeds is not None,
+            "dropped_at_restart": list(self._dropped_at_restart),
+            "seconds_per_request": self._speeds.as_dict() if self._speeds is not None else {},
             "held": {owner: sum(held.values()) for owner, held in self._leases.items() if held},
             "acquires": self._acquires,
             "releases": self._releases,
