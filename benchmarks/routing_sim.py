@@ -295,10 +295,10 @@ class Simulation:
 
 
 def routing_setups(n: int) -> dict[str, RolloutServerRoutingConfig]:
-    """Every policy; soft affinity gated at one group's worth of requests (absolute) and 1.5x (relative); and
-    affinity and least_inflight with speed-aware picks."""
+    """Every policy; soft affinity gated at one group's worth of requests (``max_imbalance = n``, no relative
+    threshold); and affinity and least_inflight with speed-aware picks."""
     setups = {policy: RolloutServerRoutingConfig(policy=policy) for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES}
-    gate = {"max_imbalance": n, "max_imbalance_ratio": 1.5}
+    gate = {"max_imbalance": n}
     setups["affinity+gate"] = RolloutServerRoutingConfig(policy="prompt_uid_affinity", **gate)
     setups["least_inflight+speed"] = RolloutServerRoutingConfig(policy="least_inflight", speed_aware=True)
     setups["affinity+speed"] = RolloutServerRoutingConfig(policy="prompt_uid_affinity", speed_aware=True)
