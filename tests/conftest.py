@@ -29,3 +29,14 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def verl_omni_cache(tmp_path_factory):
+    """A ``VERL_OMNI_CACHE`` directory holding the recipe's default pretrained tiny model, built once per session
+    (about 25 s on two cores) and shared by the tests that need it, as a user's cache is shared by their runs."""
+    from verl_omni.models.tiny_pretrain import ensure_pretrained_tiny_sd3
+
+    cache = tmp_path_factory.mktemp("verl_omni_cache")
+    ensure_pretrained_tiny_sd3(cache / "tiny_sd3", seed=0, progress=False)  # where recipes.flowgrpo.main looks
+    return cache

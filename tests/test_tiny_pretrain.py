@@ -87,9 +87,9 @@ def test_same_seed_same_files_and_ensure_reuses_or_rebuilds(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def default_model(tmp_path_factory) -> Path:
-    """The demo's model, with the default options (about 15 s on two cores)."""
-    return ensure_pretrained_tiny_sd3(tmp_path_factory.mktemp("pretrained"), seed=0, progress=False)
+def default_model(verl_omni_cache) -> Path:
+    """The demo's model, with the default options (built once per session, in the shared cache)."""
+    return ensure_pretrained_tiny_sd3(verl_omni_cache / "tiny_sd3", seed=0, progress=False)
 
 
 def test_default_pretraining_draws_flat_colours_and_follows_the_colour_word_only_weakly(default_model, monkeypatch):

@@ -55,14 +55,15 @@ def _metrics(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(verl_omni_cache) -> Path:
+    """The session's cache: the tiny model the recipe builds on first use (model.path=null) is already there."""
+    return verl_omni_cache
 
 
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, cache) -> Path:
     """2 steps with a checkpoint after each and the default validation (before training and after the last
-    step); the tiny model is built on first use (model.path=null)."""
+    step); the tiny model comes from the cache (model.path=null)."""
     run_dir = tmp_path_factory.mktemp("run")
     _main(run_dir, cache, "trainer.total_training_steps=2", "trainer.save_freq=1")
     return run_dir
