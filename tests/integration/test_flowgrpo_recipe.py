@@ -78,7 +78,7 @@ def plain_run(tmp_path_factory, cache) -> Path:
 
 
 def test_two_steps_train_end_to_end(two_step_run, cache):
-    assert (cache / "tiny_sd3").is_dir()  # built locally on first use
+    assert (cache / "tiny_sd3").is_dir()  # built locally (once per test session)
     rows = _metrics(two_step_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 2: the validation after the last step
     for row in rows[:2]:
@@ -88,6 +88,10 @@ def test_two_steps_train_end_to_end(two_step_run, cache):
         # fixed chunk shape, here with 4-sample micro-batches padded to the 8-sample chunks of the rollout
         assert data["actor/ratio_max_abs_dev"] == 0.0 and data["actor/log_ratio_abs_mean"] == 0.0
         assert data["rollout_routing/colocation"] == 1.0  # default policy: prompt_uid_affinity
+        # speed_aware (the diffusion default): both replicas timed by the balancer (by the validation rollout
+        # before step 0's), the slowest / fastest ratio is what its name says
+        slow, fast = data["rollout_routing/seconds_per_request_max"], data["rollout_routing/seconds_per_request_min"]
+        assert slow >= fast > 0 and data["rollout_routing/replica_slowdown_max"] == slow / fast
         assert data["rollout/model_version"] == row["step"]
     samples = sorted(p.name for p in (two_step_run / "samples").glob("*.png"))
     assert samples == ["step_00001.png", "step_00002.png", "val_step_00000.png", "val_step_00002.png"]
