@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -30,8 +31,8 @@ from verl_omni.workers.rollout.load_buckets import LoadBuckets
 from verl_omni.workers.rollout.replica_speed import ReplicaSpeeds
 
 logger = logging.getLogger(__name__)
-RESTART_PROBE_TIMEOUT_S = 10.0  # a restarted balancer waits this long for its replicas to answer
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+RESTART_PROBE_TIMEOUT_S = 10.0  # a restarted balancer waits this long for its replicas to answer
 
 __all__ = ["OmniRequestLoadBalancer", "stable_hash", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
 
@@ -295,9 +296,8 @@ class OmniRequestLoadBalancer:
         since; each would cost the first group placed on it a resend. So a restarted balancer asks every replica
         actor for Ray's built-in ``__ray_ready__`` and removes those Ray reports dead (a busy replica that does
         not answer within ``RESTART_PROBE_TIMEOUT_S`` is kept)."""
-        import ray
-
-        if not ray.is_initialized():
+        ray = sys.modules.get("ray")  # a Ray actor has imported Ray; in-process (simulator, tests) nothing to do
+        if ray is None or not ray.is_initialized():
             return []
         context = ray.get_runtime_context()
         if context.get_actor_id() is None:
