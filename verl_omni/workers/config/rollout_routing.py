@@ -115,7 +115,9 @@ def _validate(values: dict[str, Any], prefix: str) -> None:
         raise ValueError(f"{prefix}.max_imbalance_ratio={ratio!r} must be a finite number >= 1 (default: 1.0)")
     speed = values["speed_aware"]
     if not isinstance(speed, bool):
-        raise ValueError(f"{prefix}.speed_aware={speed!r} must be true or false (shared default false, diffusion default true)")
+        raise ValueError(
+            f"{prefix}.speed_aware={speed!r} must be true or false (shared default false, diffusion default true)"
+        )
     size = values["cache_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(
