@@ -1,5 +1,5 @@
 """Image rewards for diffusion RL, picked by name from a registry (``reward.name``); the built-in reward modules
-(``color``, ``jpeg``, ``pickscore``) load when their name is first resolved."""
+(``color``, ``jpeg``, ``ocr``, ``pickscore``) load when their name is first resolved."""
 
 from verl_omni.rewards.registry import (
     RewardFn,

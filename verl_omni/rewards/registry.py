@@ -29,6 +29,7 @@ BUILTIN_REWARD_MODULES: dict[str, str] = {
     "geneval_color": "verl_omni.rewards.color",
     "jpeg_compressibility": "verl_omni.rewards.jpeg",
     "jpeg_incompressibility": "verl_omni.rewards.jpeg",
+    "ocr": "verl_omni.rewards.ocr",
     "pickscore": "verl_omni.rewards.pickscore",
 }
 
