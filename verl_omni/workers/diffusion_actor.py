@@ -35,6 +35,7 @@ from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn,
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.ema import EMAWeights
+from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -101,6 +102,9 @@ class DiffusionActorWorker(Worker):
         torch.manual_seed(int(cfg.trainer.seed))
 
         self.model = load_transformer(model_cfg.path)
+        # The rollout's bf16 copy (from_pretrained) has bf16 buffers too; FSDP2 casts only parameters.
+        self.compute_dtype = torch_dtype(self.fsdp.param_dtype)
+        cast_floating_buffers(self.model, self.compute_dtype)
         self.lora_rank = int(model_cfg.get("lora_rank", 0) or 0)
         self.beta = float(actor.get("kl_loss_coef", 0.0) if actor.get("use_kl_loss", False) else 0.0)
         if self.lora_rank > 0:
@@ -265,6 +269,7 @@ class DiffusionActorWorker(Worker):
             "guidance_scale": self.guidance_scale,
             "noise_level": self.noise_level,
             "detach_uncond": self.cfg_detach_uncond,
+            "dtype": self.compute_dtype,
             **cond,
         }
         log_prob, mean, _ = self._compute_log_prob(self.model, step_args)

@@ -50,6 +50,7 @@ def predict_velocity(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     detach_uncond: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The transformer's velocity at ``(latents, sigma)``, with classifier-free guidance when ``guidance_scale > 1``.
 
@@ -57,11 +58,16 @@ def predict_velocity(
     combines ``v_neg + g * (v_pos - v_neg)``. ``detach_uncond`` stops the gradient through the negative
     (unconditional) branch, as the reference trainer does, so only ``g * dv_pos`` is trained; the forward
     values are the same either way. Returns float32 (B, C, h, w).
+
+    ``dtype`` is the compute dtype the latents and text conditioning are cast to (None: the transformer's
+    parameter dtype, right for a model loaded in its compute dtype, as the rollout's is). The timestep stays
+    float32 either way: the SD3 transformer builds its sinusoidal embedding from it in float32, so a trainer
+    whose mixed precision casts it to bf16 (``936`` for ``937.5``) would compute another function.
     """
     batch = latents.shape[0]
     sig = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
     timestep = (sig.expand(batch) if sig.ndim == 0 else sig) * TIMESTEP_SCALE
-    dtype = next(transformer.parameters()).dtype
+    dtype = dtype or next(transformer.parameters()).dtype
     x = latents.to(dtype)
     do_cfg = guidance_scale > 1.0
     if do_cfg:

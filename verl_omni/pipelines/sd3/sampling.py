@@ -96,6 +96,7 @@ def compute_log_prob(
     guidance_scale: float = 1.0,
     noise_level: float = 0.7,
     detach_uncond: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` under ``transformer`` (with gradients).
 
@@ -110,6 +111,8 @@ def compute_log_prob(
         noise_level: the sampler's ``noise_level``.
         detach_uncond: with CFG, back-propagate through the conditional branch only (the reference's choice;
             ``actor_rollout_ref.actor.cfg_detach_uncond``).
+        dtype: the transformer's compute dtype (the trainer's mixed-precision ``param_dtype``); None: its
+            parameters' dtype. See :func:`~verl_omni.pipelines.sd3.conditioning.predict_velocity`.
 
     Returns:
         ``(log_prob (B,), prev_sample_mean (B, C, h, w), std_dev (B, 1, 1, 1))``, float32.
@@ -124,6 +127,7 @@ def compute_log_prob(
         negative_pooled_prompt_embeds,
         guidance_scale,
         detach_uncond=detach_uncond,
+        dtype=dtype,
     )
     out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
     return out.log_prob, out.prev_sample_mean, out.std_dev

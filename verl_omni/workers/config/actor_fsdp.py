@@ -88,12 +88,19 @@ class ActorFSDPConfig:
         )
 
     def mp_policy(self) -> Any:
-        """The FSDP2 ``MixedPrecisionPolicy`` these dtypes describe."""
+        """The FSDP2 ``MixedPrecisionPolicy`` these dtypes describe.
+
+        ``cast_forward_inputs`` is off: the actor casts the transformer's inputs itself, exactly as the rollout
+        does (latents and text conditioning to ``param_dtype``, the timestep kept float32); FSDP2's cast would
+        round the timestep to bf16 and make the trainer compute another function than the sampler.
+        """
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         return MixedPrecisionPolicy(
-            param_dtype=getattr(torch, self.param_dtype), reduce_dtype=getattr(torch, self.reduce_dtype)
+            param_dtype=getattr(torch, self.param_dtype),
+            reduce_dtype=getattr(torch, self.reduce_dtype),
+            cast_forward_inputs=False,
         )
 
 
