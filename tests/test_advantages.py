@@ -76,11 +76,61 @@ def test_group_reward_stats():
     assert stats["group_size_min"] == stats["group_size_max"] == 2
 
 
-def test_informative_rows_drop_groups_of_identical_rewards_exactly():
-    from verl_omni.trainer.flowgrpo.advantages import informative_rows
+def test_zero_advantage_rows_are_dropped_per_sample_exactly():
+    from verl_omni.trainer.flowgrpo.advantages import nonzero_advantage_rows
 
-    # 0.1 * 3 rounds: r - mean of a constant group is not exactly 0 in floating point, the test on rewards is
-    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 2.0, 1.0, 5.0, 5.0])
-    uids = ["a", "a", "a", "b", "b", "b", "c", "c"]
-    assert informative_rows(rewards, uids).tolist() == [False] * 3 + [True] * 3 + [False] * 2
-    assert informative_rows(torch.zeros(0), []).numel() == 0
+    # "a": 0.1 * 3 rounds (r - mean is 1e-17 in floating point, 0 in the math): every sample dropped.
+    # "b": 1 is its group's mean (1, 2, 0): that sample alone is dropped, as the reference's per-sample mask does.
+    # "c": constant group. "d": no reward at the mean.
+    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 2.0, 0.0, 5.0, 5.0, 1.0, 4.0], dtype=torch.float64)
+    uids = ["a", "a", "a", "b", "b", "b", "c", "c", "d", "d"]
+    keep = nonzero_advantage_rows(rewards, uids)
+    assert keep.tolist() == [False] * 3 + [False, True, True] + [False] * 2 + [True] * 2
+    assert nonzero_advantage_rows(torch.zeros(0), []).numel() == 0
+    # The same rows have advantage exactly 0 (not 1e-13), and only they do.
+    adv = compute_group_advantages(rewards, uids, global_std=True)
+    assert ((adv == 0) == ~keep).all()
+
+
+class _Ranks:
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+
+def _rollout(n: int, steps: int = 3):
+    from verl.protocol import DataProto
+
+    keys = ("latents", "next_latents", "sigmas", "sigmas_next", "old_log_probs")
+    per_step = {k: torch.arange(n * steps, dtype=torch.float32).view(n, steps) for k in keys}
+    return DataProto.from_dict(tensors={**per_step, "advantages": torch.zeros(n)})
+
+
+@pytest.mark.parametrize(
+    ("world_size", "expected_rows"), [(1, [1, 2, 3, 5]), (2, [1, 2, 3, 5]), (3, [0, 1, 2, 3, 4, 5])]
+)
+def test_training_batch_keeps_nonzero_advantages_and_tops_up_to_the_ranks(world_size: int, expected_rows) -> None:
+    from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
+
+    trainer = FlowGRPOTrainer.__new__(FlowGRPOTrainer)  # only the fields _training_batch reads
+    trainer.drop_zero_advantage, trainer.trained_steps, trainer.actor_wg = True, 2, _Ranks(world_size)
+    # rows 0 (a's mean), 4 (b's mean) and 6-8 (a constant group) have advantage 0; with 3 ranks the first two
+    # of them top the 4 kept rows up to 6
+    rewards = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0, 5.0, 2.0, 2.0, 2.0])
+    uids = ["a", "a", "a", "b", "b", "b", "c", "c", "c"]
+    batch, kept_fraction = trainer._training_batch(_rollout(9), rewards, uids)
+    assert kept_fraction == pytest.approx(4 / 9)  # the share with a nonzero advantage, before any top-up
+    assert len(batch) % world_size == 0
+    # the rows kept, read back from the per-step tensor (row i starts at i * steps), cut to the trained steps
+    assert (batch.batch["sigmas"][:, 0] / 3).long().tolist() == expected_rows
+    assert batch.batch["sigmas"].shape[1] == 2
+
+
+def test_training_batch_is_none_when_every_advantage_is_zero() -> None:
+    from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
+
+    trainer = FlowGRPOTrainer.__new__(FlowGRPOTrainer)
+    trainer.drop_zero_advantage, trainer.trained_steps, trainer.actor_wg = True, 3, _Ranks(2)
+    assert trainer._training_batch(_rollout(4), torch.tensor([1.0, 1.0, 0.5, 0.5]), ["a", "a", "b", "b"]) == (
+        None,
+        0.0,
+    )

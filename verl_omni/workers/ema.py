@@ -1,9 +1,10 @@
 """Exponential moving average of the trained weights, as FlowGRPO's reference keeps for evaluation and checkpoints.
 
-Every ``update_every`` optimizer steps ``ema += (1 - d_k) * (param - ema)`` with the warm-up decay
-``d_k = min(decay, (1 + k) / (10 + k))`` (``k`` = optimizer steps so far), so early updates follow the
-weights closely and later ones average over about ``update_every / (1 - decay)`` steps (80 with the
-reference's 0.9 and 8). Works on plain tensors and on FSDP2 ``DTensor`` shards alike (elementwise ops only).
+Once ``k`` optimizer steps are done, the average moves when ``(k + 1) % update_every == 0`` (the reference's
+rule: after the 7th, 15th, ... step with ``update_every=8``): ``ema += (1 - d_k) * (param - ema)`` with the
+warm-up decay ``d_k = min(decay, (1 + k) / (10 + k))``, so early updates follow the weights closely and later
+ones average over about ``update_every / (1 - decay)`` steps (80 with the reference's 0.9 and 8).
+Works on plain tensors and on FSDP2 ``DTensor`` shards alike (elementwise ops only).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class EMAWeights:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Count one optimizer step; every ``update_every``-th moves the average toward the weights."""
+        """Count one optimizer step; with ``k`` steps done, move the average when ``(k + 1) % update_every == 0``."""
         self.steps += 1
-        if self.steps % self.update_every:
+        if (self.steps + 1) % self.update_every:
             return
         weight = 1.0 - self.current_decay()
         for shadow, param in zip(self.shadow, self.params, strict=True):

@@ -7,6 +7,7 @@ then optional clipping to ``[-clip_max, clip_max]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
@@ -48,7 +49,8 @@ def compute_group_advantages(
     """``A_i = (r_i - mean(r_group)) / (std + eps)``, clipped to ``[-clip_max, clip_max]`` when given.
 
     ``std`` is the std of the sample's group, or of the whole batch with ``global_std`` (steadier when groups
-    are small or nearly uniform). A group whose rewards are all equal gets advantage 0: it carries no signal.
+    are small or nearly uniform). A reward equal to its group's mean (every reward of a constant group) gets
+    advantage exactly 0: it carries no signal (see :func:`nonzero_advantage_rows`).
     Returns float32 of shape ``(N,)`` on the rewards' device.
     """
     if eps < 0:
@@ -62,6 +64,7 @@ def compute_group_advantages(
     mean, std = _group_mean_std(values, group, num_groups)
     scale = values.std(correction=0) if global_std else std[group]
     advantages = (values - mean[group]) / (scale + eps)
+    advantages[~nonzero_advantage_rows(values, uids)] = 0.0  # exactly: float rounding leaves ~1e-13 there
     if clip_max is not None:
         advantages = advantages.clamp(-clip_max, clip_max)
     return advantages.to(device=rewards.device, dtype=torch.float32)
@@ -92,17 +95,23 @@ def group_reward_stats(rewards: torch.Tensor, uids: Sequence[str], zero_std_tol:
     }
 
 
-def informative_rows(rewards: torch.Tensor, uids: Sequence[str]) -> torch.Tensor:
-    """Bool ``(N,)``: rows whose group's rewards are not all identical.
+def nonzero_advantage_rows(rewards: torch.Tensor, uids: Sequence[str]) -> torch.Tensor:
+    """Bool ``(N,)``: rows whose advantage is not 0, i.e. whose reward differs from its group's mean.
 
-    A group of identical rewards has advantage 0 for every sample (exactly 0 in the math, but ``r - mean`` can
-    round to ~1e-17), so it carries no policy-gradient signal; the reference trainer drops such samples from
-    the update. The test is on the rewards themselves (max > min), not on rounded advantages.
+    The reference trainer keeps a sample only if its advantage is nonzero, per sample: every sample of a group
+    of identical rewards drops out, and so does a sample whose reward is exactly its group's mean (the middle
+    one of 0, 1, 2). The comparison is exact, in rationals (``n * r_i == sum(r)``): in floating point the mean
+    of three 0.1 rewards is 0.10000000000000002, which would leave a constant group a 1e-13 advantage and keep
+    it where the math gives 0 (the reference's float test does keep such a group).
     """
     values = _check_rewards(rewards).cpu()
     group, num_groups = _group_index(uids, values.numel())
-    if values.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    high = torch.full((num_groups,), -torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amax")
-    low = torch.full((num_groups,), torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amin")
-    return (high > low)[group]
+    exact = [Fraction(v) for v in values.tolist()]  # a float converts to a rational without rounding
+    sums = [Fraction(0)] * num_groups
+    counts = [0] * num_groups
+    for g, value in zip(group.tolist(), exact, strict=True):
+        sums[g] += value
+        counts[g] += 1
+    return torch.tensor(
+        [counts[g] * value != sums[g] for g, value in zip(group.tolist(), exact, strict=True)], dtype=torch.bool
+    )

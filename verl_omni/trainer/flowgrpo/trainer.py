@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from verl.protocol import DataProto
 from verl.utils.tracking import Tracking
 
-from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, informative_rows
+from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, nonzero_advantage_rows
 from verl_omni.trainer.flowgrpo.rollout_batch import rollout_rows
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
@@ -306,7 +306,7 @@ class FlowGRPOTrainer:
         t1 = time.perf_counter()
         train_batch, kept_fraction = self._training_batch(out, rewards, uids)
         actor_metrics: dict[str, float] = {}
-        if train_batch is not None:  # else every group had identical rewards: nothing to learn from this step
+        if train_batch is not None:  # else every advantage was 0: nothing to learn from this step
             actor_metrics = self.actor_wg.update_policy(train_batch)
             actor_metrics = _mean_dicts(actor_metrics if isinstance(actor_metrics, list) else [actor_metrics])
         timings["timing_s/update"] = time.perf_counter() - t1
@@ -339,9 +339,9 @@ class FlowGRPOTrainer:
         """The rows and steps the update trains on, and the kept share of the samples.
 
         Steps: the first ``trained_steps`` recorded ones (``timestep_fraction``). Rows: with
-        ``algorithm.drop_zero_advantage``, those of groups whose rewards differ (as the reference trainer); every
-        training rank must run the same number of passes, so a few dropped rows (advantage 0, no policy-gradient
-        signal) top the count up to a multiple of the ranks. None when no row is left.
+        ``algorithm.drop_zero_advantage``, those whose advantage is not 0 (per sample, as the reference trainer);
+        every training rank must run the same number of passes, so the first dropped rows (advantage exactly 0,
+        no policy-gradient signal) top the count up to the next multiple of the ranks. None when no row is left.
         """
         present = set(out.batch.keys())
         batch = out.select(batch_keys=[k for k in _TRAIN_KEYS if k in present])
@@ -349,7 +349,7 @@ class FlowGRPOTrainer:
             batch.batch[key] = batch.batch[key][:, : self.trained_steps].contiguous()
         if not self.drop_zero_advantage:
             return batch, 1.0
-        keep = informative_rows(rewards, uids)
+        keep = nonzero_advantage_rows(rewards, uids)
         kept = int(keep.sum())
         if kept == 0:
             return None, 0.0
