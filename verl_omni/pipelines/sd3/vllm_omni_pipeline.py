@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from vllm_omni.diffusion.data import DiffusionOutput as OmniDiffusionOutput
 from vllm_omni.diffusion.models.sd3.pipeline_sd3 import StableDiffusion3Pipeline
+from vllm_omni.platforms import current_omni_platform
 
 from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
 from verl_omni.pipelines.sd3.sampling import decode_latents, sample_flow_match_sde, scheduler_sigmas
@@ -34,23 +35,36 @@ def _prompt_field(prompt: Any, key: str) -> str:
 class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
     """vllm-omni's SD3 pipeline sampling with FlowGRPO's SDE and returning the trajectory per request."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if current_omni_platform.is_cpu():  # verl-omni's CPU platform: float32 attention through CPU SDPA
+            from verl_omni.workers.rollout.vllm_omni_cpu_attention import route_sdpa_fallbacks
+
+            route_sdpa_fallbacks(self)
+
     def forward(self, req: Any) -> list[OmniDiffusionOutput]:
-        """Run a vllm-omni request batch; requests with different shapes or knobs run as separate sub-batches."""
+        """Run a vllm-omni request batch; requests with different shapes or knobs run as separate sub-batches.
+
+        vllm-omni's start-up warm-up request (no ``extra_args``, no seed) runs the whole schedule as SDE steps.
+        """
+        warmup = req.is_dummy_run()
         groups: dict[tuple, list[int]] = {}
         for i, sp in enumerate(req.sampling_params_list):
-            args = FlowGRPOArgs.from_extra_args(sp.extra_args)
+            if warmup:
+                args = FlowGRPOArgs.for_warmup(sp.num_inference_steps)
+            else:
+                args = FlowGRPOArgs.from_extra_args(sp.extra_args)
             key = (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, args, sp.max_sequence_length)
             groups.setdefault(key, []).append(i)
         outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
-        for rows in groups.values():
-            for i, out in zip(rows, self._sample(req, rows), strict=True):
+        for (*_, args, _), rows in groups.items():
+            for i, out in zip(rows, self._sample(req, rows, args), strict=True):
                 outputs[i] = out
         return outputs
 
     @torch.no_grad()
-    def _sample(self, req: Any, rows: Sequence[int]) -> list[OmniDiffusionOutput]:
+    def _sample(self, req: Any, rows: Sequence[int], args: FlowGRPOArgs) -> list[OmniDiffusionOutput]:
         sp = req.sampling_params_list[rows[0]]
-        args = FlowGRPOArgs.from_extra_args(sp.extra_args)
         max_len = sp.max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH
 
         def encode(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +78,8 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
             negatives = encode_texts(encode, [_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
         prompt_embeds, pooled = stack_encodings(encodings, self.device)
         neg_embeds, neg_pooled = stack_encodings(negatives, self.device) if negatives else (None, None)
-        generators = [torch.Generator(device=self.device).manual_seed(req.sampling_params_list[i].seed) for i in rows]
+        seeds = [req.sampling_params_list[i].seed for i in rows]
+        generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
         sigmas = scheduler_sigmas(
             self.scheduler, sp.num_inference_steps, sp.height, sp.width, self.vae_scale_factor, self.patch_size
         )

