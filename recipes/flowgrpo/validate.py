@@ -235,8 +235,13 @@ def validate_rollout_backend(cfg: DictConfig, available_gpus: int | None) -> Non
     """``actor_rollout_ref.rollout.name`` names a backend that is installed, has its GPUs and serves the model."""
     from verl_omni.workers.rollout.backends import check_rollout_backend
 
+    model = cfg.actor_rollout_ref.model
+    lora_rank = model.get("lora_rank", 0)
     check_rollout_backend(
-        cfg.actor_rollout_ref.rollout.get("name"), cfg.actor_rollout_ref.model.get("path"), available_gpus
+        cfg.actor_rollout_ref.rollout.get("name"),
+        model.get("path"),
+        available_gpus,
+        lora_rank=lora_rank if isinstance(lora_rank, int) and not isinstance(lora_rank, bool) else None,
     )
 
 
@@ -323,7 +328,11 @@ def validate_recipe_config(
     from verl_omni.rewards.registry import reward_factory  # the reward's own module may load torch:
     from verl_omni.rewards.weighted import reward_specs  # after the checks that need nothing
 
+    weighted = (cfg.get("reward") or {}).get("weights") is not None
     for spec in reward_specs(cfg.get("reward")):
+        preflight = getattr(reward_factory(spec.name), "preflight", None)
+        if preflight is not None:  # a reward served elsewhere must answer now, not at the first rollout
+            preflight(key="reward.kwargs" + (f".{spec.name}" if weighted else ""), **spec.kwargs)
         check_prompts = getattr(reward_factory(spec.name), "validate_prompts", None)
         if check_prompts is not None:  # a reward that can only score some prompts says so before any work
             for key, rows in ((TRAIN_FILES_KEY, prompts), (VAL_FILES_KEY, val_prompts)):

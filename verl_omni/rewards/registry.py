@@ -31,7 +31,11 @@ BUILTIN_REWARD_MODULES: dict[str, str] = {
     "jpeg_incompressibility": "verl_omni.rewards.jpeg",
     "ocr": "verl_omni.rewards.ocr",
     "pickscore": "verl_omni.rewards.pickscore",
+    "remote": "verl_omni.rewards.remote",
 }
+# A term of a weighted reward may be named ``<reward>-<label>`` (e.g. ``remote-geneval``): reward ``<reward>``
+# under its own name, so one reward (two reward services) can appear several times with different options.
+LABEL_SEPARATOR = "-"
 
 
 class RewardFn(Protocol):
@@ -80,8 +84,23 @@ def reward_factory(name: str) -> Callable:
     return _resolve(name)[0]
 
 
+def base_reward_name(name: str) -> str:
+    """The reward a name stands for: itself, or ``<reward>`` for a labelled name ``<reward>-<label>``."""
+    if not isinstance(name, str) or name in _REGISTRY or name in BUILTIN_REWARD_MODULES or ":" in name:
+        return name
+    base, sep, label = name.partition(LABEL_SEPARATOR)
+    return base if sep and label and (base in _REGISTRY or base in BUILTIN_REWARD_MODULES) else name
+
+
+def is_known_reward(name: str) -> bool:
+    """Whether ``name`` resolves without importing anything: registered, built in (labelled or not) or a path."""
+    base = base_reward_name(name)
+    return isinstance(base, str) and (base in _REGISTRY or base in BUILTIN_REWARD_MODULES or ":" in base)
+
+
 def _resolve(name: str) -> tuple[Callable, bool]:
     """``(factory or function, is_function)`` for a registered name or a ``module:attribute`` path."""
+    name = base_reward_name(name)
     if isinstance(name, str) and name not in _REGISTRY and name in BUILTIN_REWARD_MODULES:
         importlib.import_module(BUILTIN_REWARD_MODULES[name])  # registers it
     if name in _REGISTRY:
@@ -89,7 +108,7 @@ def _resolve(name: str) -> tuple[Callable, bool]:
     if not isinstance(name, str) or ":" not in name:
         raise ValueError(
             f"Unknown {REWARD_NAME_KEY}={name!r}; valid choices: {list(registered_rewards())} "
-            "or 'package.module:function'"
+            "(or '<reward>-<label>') or 'package.module:function'"
         )
     module_name, _, attribute = name.partition(":")
     try:

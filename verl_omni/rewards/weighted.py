@@ -4,7 +4,8 @@
       name: geneval_color          # one reward (weight 1) ...
       kwargs: {}                   # ... and its options
       weights: null                # or several: {geneval_color: 1.0, jpeg_compressibility: 0.05}
-                                   # (then ``name`` is null and ``kwargs`` maps a reward name to its options)
+                                   # (then ``name`` is null and ``kwargs`` maps a reward name to its options;
+                                   # ``<reward>-<label>`` uses one reward twice: {remote-geneval: 1, remote-vlm: 1})
 
 Advantages use the weighted sum; every term is logged on its own. A reward that raises or returns NaN/inf
 stops the run with a :class:`RewardError` naming the reward and the prompt: a failed score is never 0.
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from verl_omni.rewards.registry import check_reward_options, get_reward_fn, registered_rewards
+from verl_omni.rewards.registry import check_reward_options, get_reward_fn, is_known_reward, registered_rewards
 
 REWARD_KEY = "reward"
 
@@ -53,10 +54,6 @@ def _plain(section: Any) -> dict[str, Any]:
     return dict(section)
 
 
-def _is_import_path(name: Any) -> bool:
-    return isinstance(name, str) and ":" in name
-
-
 def reward_specs(section: Any) -> list[RewardSpec]:
     """Parse and check the ``reward`` section (names, weights, options) without building any reward model.
 
@@ -71,7 +68,7 @@ def reward_specs(section: Any) -> list[RewardSpec]:
     if not isinstance(kwargs, Mapping):
         raise ValueError(f"{REWARD_KEY}.kwargs={kwargs!r} must be a mapping")
     if weights is None:
-        if name not in valid and not _is_import_path(name):
+        if not is_known_reward(name):
             raise ValueError(
                 f"{REWARD_KEY}.name={name!r} is not a known reward; valid choices: {list(valid)} or "
                 "'package.module:function'"
@@ -89,8 +86,11 @@ def reward_specs(section: Any) -> list[RewardSpec]:
             )
         specs = []
         for key, weight in weights.items():
-            if key not in valid and not _is_import_path(key):
-                raise ValueError(f"{REWARD_KEY}.weights has {key!r}, not a known reward; valid choices: {list(valid)}")
+            if not is_known_reward(key):
+                raise ValueError(
+                    f"{REWARD_KEY}.weights has {key!r}, not a known reward; valid choices: {list(valid)} (a name may "
+                    "carry a label, '<reward>-<label>', to use one reward twice)"
+                )
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
                 raise ValueError(f"{REWARD_KEY}.weights.{key}={weight!r} must be a finite number")
             options = kwargs.get(key) or {}
