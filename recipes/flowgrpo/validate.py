@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +34,7 @@ from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
 from verl_omni.workers.config.ema import validate_ema_options
+from verl_omni.workers.config.precision import check_old_log_prob_options, precision_warning
 from verl_omni.workers.config.rollout_routing import ROUTING_CONFIG_PREFIX, RolloutServerRoutingConfig
 
 
@@ -102,6 +104,7 @@ def _flowgrpo_options(cfg: DictConfig, diffusion: DiffusionRolloutConfig) -> Non
         raise ValueError(f"{prefix}.kl_loss_coef={beta!r} must be a finite number >= 0 (the KL coefficient beta)")
     ema = actor.get("ema") or {}
     validate_ema_options(ema.get("enable", False), ema.get("decay", 0.9), ema.get("update_every", 8))
+    check_old_log_prob_options(actor, cfg.trainer)
 
 
 _RESUME_MODES = ("auto", "disable", "resume_path")
@@ -351,6 +354,9 @@ def validate_recipe_config(
         check_cluster_resources(cfg, cluster, replicas, diffusion)
     if available_gpus is None:
         available_gpus = local_gpu_count() * int(cfg.trainer.nnodes)
+    warning = precision_warning(cfg, diffusion, gpus_available=available_gpus > 0)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     train_gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
     ray_cpus = float(cfg.get("ray_kwargs", {}).get("ray_init", {}).get("num_cpus") or 0)
     if available_gpus == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
 from verl_omni.pipelines.sd3.sampling import compute_log_prob
-from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std
+from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std, truncated_is_weights
+from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
 from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
@@ -167,6 +169,10 @@ class DiffusionActorWorker(Worker):
         self.recompute_threads = diffusion.cpu_threads if invariant_cpu else None
         self.kl_form = str(actor.get("kl_form", "reference"))
         self.cfg_detach_uncond = bool(actor.get("cfg_detach_uncond", True))
+        # Old log-probs: the rollout's, or recomputed here at the trainer's precision before each update.
+        self.recompute_old_log_prob = bool(actor.get("recompute_old_log_prob", False))
+        threshold = actor.get("rollout_is_threshold")
+        self.rollout_is_threshold = None if threshold is None else float(threshold)
         self._update_calls = 0
         return {
             "strategy": self.fsdp.strategy if self.use_fsdp else "single",
@@ -214,7 +220,17 @@ class DiffusionActorWorker(Worker):
         self._update_calls += 1
         mini = min(self.mini_batch_size // self.world_size, len(rows))
         micro = min(self.micro_batch_size, mini)
+        out: dict[str, float] = {}
+        if self.recompute_old_log_prob:
+            start = time.perf_counter()
+            rollout_log_probs = batch["old_log_probs"]
+            old = recompute_old_log_probs(self._policy_log_prob(batch), rollout_log_probs, rows, micro)
+            batch["old_log_probs"], batch["rollout_log_probs"] = old, rollout_log_probs
+            out.update(rollout_gap_metrics(old[rows], rollout_log_probs[rows]))
+            out["timing_s/old_log_prob"] = time.perf_counter() - start
         totals: dict[str, list[float]] = {}
+        first_clip: list[float] = []  # clip fraction of the first inner step (before any update), then the rest
+        later_clip: list[float] = []
         first_log_ratios: list[torch.Tensor] = []  # every (sample, trained step) row before the first update
         for epoch in range(self.ppo_epochs):
             order = rows[rng.permutation(len(rows))]
@@ -230,11 +246,15 @@ class DiffusionActorWorker(Worker):
                         (loss * weight).backward()
                         if on_policy:
                             first_log_ratios.append(log_ratio)
+                        (first_clip if on_policy else later_clip).append(metrics["clip_frac"])
                         for key, value in metrics.items():
                             totals.setdefault(key, []).append(value)
                 grad_norm = self._step()
                 totals.setdefault("grad_norm", []).append(grad_norm)
-        out = {f"actor/{k}": float(np.mean(v)) for k, v in totals.items()}
+        out.update({f"actor/{k}": float(np.mean(v)) for k, v in totals.items()})
+        out["actor/clip_frac_first"] = float(np.mean(first_clip))
+        if later_clip:
+            out["actor/clip_frac_later"] = float(np.mean(later_clip))
         # On-policy check: with unchanged weights ratio = 1 exactly under batch-invariant CPU execution; a mean
         # would hide single deviations, so report the largest one (the driver merges ranks by max).
         log_ratio = torch.cat(first_log_ratios).double() if first_log_ratios else torch.zeros(1, dtype=torch.float64)
@@ -249,6 +269,41 @@ class DiffusionActorWorker(Worker):
         self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """Loss and metrics of rows ``idx`` at trained step ``t``, and their detached ``log_prob - old_log_prob``."""
+        step_args = self._step_args(batch, idx, t)
+        log_prob, mean, _ = self._compute_log_prob(self.model, step_args)
+        ref_mean = None
+        if self.beta > 0:
+            with torch.no_grad(), self._reference():
+                ref_model = self.ref_model if self.ref_model is not None else self.model
+                _, ref_mean, _ = self._compute_log_prob(ref_model, step_args)
+        old_log_prob = batch["old_log_probs"][idx, t].to(self.device)
+        is_weights = None
+        if self.rollout_is_threshold is not None and "rollout_log_probs" in batch:
+            rollout_log_prob = batch["rollout_log_probs"][idx, t].to(self.device)
+            is_weights = truncated_is_weights(old_log_prob, rollout_log_prob, self.rollout_is_threshold)
+        loss, metrics = flowgrpo_policy_loss(
+            log_prob=log_prob,
+            old_log_prob=old_log_prob,
+            advantages=batch["advantages"][idx].to(self.device),
+            clip_range=self.clip_range,
+            prev_sample_mean=mean,
+            ref_prev_sample_mean=ref_mean,
+            kl_std=kl_std(self.kl_form, step_args["sigmas"], step_args["sigmas_next"], self.noise_level),
+            beta=self.beta,
+            is_weights=is_weights,
+        )
+        return loss, metrics, (log_prob - old_log_prob).detach()
+
+    def _policy_log_prob(self, batch: dict[str, torch.Tensor]) -> LogProbFn:
+        """``(rows, t) -> log_prob``: the current policy's log-prob of stored transitions, as the update computes it."""
+
+        def log_prob(idx: torch.Tensor, t: int) -> torch.Tensor:
+            return self._compute_log_prob(self.model, self._step_args(batch, idx, t))[0]
+
+        return log_prob
+
+    def _step_args(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int) -> dict[str, Any]:
+        """``compute_log_prob``'s arguments for rows ``idx`` at trained step ``t``, on the device."""
         dev = self.device
 
         def take(key: str) -> torch.Tensor | None:
@@ -272,24 +327,7 @@ class DiffusionActorWorker(Worker):
             "dtype": self.compute_dtype,
             **cond,
         }
-        log_prob, mean, _ = self._compute_log_prob(self.model, step_args)
-        ref_mean = None
-        if self.beta > 0:
-            with torch.no_grad(), self._reference():
-                ref_model = self.ref_model if self.ref_model is not None else self.model
-                _, ref_mean, _ = self._compute_log_prob(ref_model, step_args)
-        old_log_prob = batch["old_log_probs"][idx, t].to(dev)
-        loss, metrics = flowgrpo_policy_loss(
-            log_prob=log_prob,
-            old_log_prob=old_log_prob,
-            advantages=batch["advantages"][idx].to(dev),
-            clip_range=self.clip_range,
-            prev_sample_mean=mean,
-            ref_prev_sample_mean=ref_mean,
-            kl_std=kl_std(self.kl_form, step_args["sigmas"], step_args["sigmas_next"], self.noise_level),
-            beta=self.beta,
-        )
-        return loss, metrics, (log_prob - old_log_prob).detach()
+        return step_args
 
     def _compute_log_prob(self, model: torch.nn.Module, step_args: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """``compute_log_prob`` as the replicas sampled: in chunks of exactly ``chunk_size`` rows (the last padded

@@ -58,6 +58,7 @@ def flowgrpo_policy_loss(
     ref_prev_sample_mean: torch.Tensor | None = None,
     kl_std: torch.Tensor | None = None,
     beta: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over the ``B`` (sample, trained step) rows of ``max(-A r, -A clip(r, 1-eps, 1+eps)) + beta * kl``.
 
@@ -67,6 +68,10 @@ def flowgrpo_policy_loss(
     they are optional and, when given, only reported. Metrics are Python floats: ``pg_loss``, ``kl``,
     ``clip_frac`` (share of rows with ``|r - 1| > eps``), ``approx_kl`` (``0.5 mean((logp - old)^2)``),
     ``ratio_mean``, ``ratio_max``, ``loss``.
+
+    ``is_weights`` (B,), optional: per-row importance weights multiplying the policy-gradient term (constants),
+    the rollout correction of a trainer that recomputed ``old_log_prob`` itself: truncated
+    ``min(p_old / p_rollout, C)`` (:func:`truncated_is_weights`); they also add ``is_weight_mean``.
     """
     if not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
@@ -90,7 +95,12 @@ def flowgrpo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    pg_loss = torch.maximum(unclipped, clipped).mean()
+    per_row = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        if is_weights.shape != log_prob.shape:
+            raise ValueError(f"is_weights must have shape {tuple(log_prob.shape)}, got {tuple(is_weights.shape)}")
+        per_row = per_row * is_weights.detach().to(per_row.dtype)
+    pg_loss = per_row.mean()
 
     if not missing:
         if prev_sample_mean.shape[0] != log_prob.shape[0]:
@@ -113,4 +123,18 @@ def flowgrpo_policy_loss(
             "ratio_mean": ratio.mean().item(),
             "ratio_max": ratio.max().item(),
         }
+        if is_weights is not None:
+            metrics["is_weight_mean"] = is_weights.float().mean().item()
     return loss, metrics
+
+
+def truncated_is_weights(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(old - rollout), threshold)`` (TIS, verl's ``rollout_is_threshold``).
+
+    ``old_log_prob`` is the trainer's recompute at its own precision, ``rollout_log_prob`` what the sampler
+    stored: the weight corrects for the two computing slightly different policies, capped so that one row
+    whose log-probs disagree a lot cannot dominate the batch.
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold!r}")
+    return torch.exp(old_log_prob.detach() - rollout_log_prob.detach()).clamp(max=threshold)

@@ -102,6 +102,9 @@ class FlowGRPOTrainer:
         )
         self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
         self.drop_zero_advantage = bool((config.get("algorithm") or {}).get("drop_zero_advantage", True))
+        self.clip_range = float(actor.get("clip_ratio", 0.0) or 0.0)
+        self.warn_clip_frac_first = float(config.trainer.get("warn_clip_frac_first", 0.05))
+        self._warned_off_policy = False
         self.replicas_lost = 0
         self.version = 0
         self.start_step = 0
@@ -267,6 +270,7 @@ class FlowGRPOTrainer:
                 self.history.append({"step": step, **metrics})
                 tracker.log(data={**metrics, **val_metrics}, step=step)
                 tqdm.write(self._console_line(step, metrics, val_metrics))
+                self._warn_off_policy(step, metrics)
                 done = step + 1
                 if save_freq > 0 and (done % save_freq == 0 or done == self.total_steps):
                     self._save(done)
@@ -361,7 +365,9 @@ class FlowGRPOTrainer:
         """One short line per step; every metric is in the tracker (jsonl, tensorboard).
 
         ``val`` (when validated at this step) scores the policy this step's rollout sampled from.
-        ``ratio_dev`` is max |ratio - 1| before the first update: 0 when training is exactly on-policy.
+        ``ratio_dev`` is max |ratio - 1| before the first update: 0 when training is exactly on-policy; when it
+        exceeds the clip range the line says so (those rows start clipped). ``clip_first`` is the clip fraction of
+        that first inner step, ``clip`` the mean over all inner steps.
         """
         width = len(str(self.total_steps))
         parts = [f"step {step + 1:>{width}}/{self.total_steps}", f"reward {metrics['reward/mean']:.3f}"]
@@ -369,11 +375,30 @@ class FlowGRPOTrainer:
             parts.append(f"val {val_metrics['val/reward/mean']:.3f}")
         parts += [
             f"kl {metrics.get('actor/kl', 0.0):.1e}",
+            f"clip_first {metrics.get('actor/clip_frac_first', 0.0):.2f}",
             f"clip {metrics.get('actor/clip_frac', 0.0):.2f}",
             f"ratio_dev {metrics.get('actor/ratio_max_abs_dev', float('nan')):.1e}",
-            f"{metrics['timing_s/step']:.2f}s",
         ]
+        if metrics.get("actor/ratio_max_abs_dev", 0.0) > self.clip_range > 0:
+            parts[-1] += f" > clip_ratio {self.clip_range:.1e}"
+        parts.append(f"{metrics['timing_s/step']:.2f}s")
         return "  ".join(parts)
+
+    def _warn_off_policy(self, step: int, metrics: dict[str, float]) -> None:
+        """One warning line, the first time the first inner step clips more than ``trainer.warn_clip_frac_first``
+        of its rows: with the weights unchanged the ratio should be 1, so the rollout and the trainer disagree."""
+        clip_first = metrics.get("actor/clip_frac_first")
+        if self._warned_off_policy or clip_first is None or clip_first <= self.warn_clip_frac_first:
+            return
+        self._warned_off_policy = True
+        dev = metrics.get("actor/ratio_max_abs_dev", float("nan"))
+        tqdm.write(
+            f"WARNING step {step + 1}: the first inner step clipped {clip_first:.0%} of its rows before any update "
+            f"(actor/clip_frac_first > trainer.warn_clip_frac_first={self.warn_clip_frac_first:g}; "
+            f"actor/ratio_max_abs_dev={dev:.1e}, clip_ratio={self.clip_range:g}): the rollout's log-probs are not "
+            "the trainer's. Give the rollout and the trainer the same dtype, or set "
+            "actor_rollout_ref.actor.recompute_old_log_prob=true (see docs/advanced_features/determinism.md)"
+        )
 
     def _validate(self, step: int) -> dict[str, float]:
         """Sample every validation row with the current policy, the ``diffusion_val`` overrides and the fixed
@@ -449,7 +474,9 @@ class FlowGRPOTrainer:
 
 
 # Per-rank metrics that are maxima: merged by max over ranks (a mean would hide one rank's deviation).
-_MAX_MERGED_METRICS = frozenset({"actor/ratio_max_abs_dev"})
+_MAX_MERGED_METRICS = frozenset(
+    {"actor/ratio_max_abs_dev", "actor/rollout_log_prob_gap_max", "actor/rollout_ratio_max_abs_dev"}
+)
 
 
 def _lines_before_step(path: Path, step: int) -> list[bytes]:
