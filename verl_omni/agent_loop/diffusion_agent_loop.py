@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, register
 
+from verl_omni.agent_loop.group_reward import score_group
 from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 
@@ -26,6 +26,8 @@ class DiffusionAgentLoopOutput(BaseModel):
     reward: float | None = None
     reward_terms: dict[str, float] | None = None
     reward_s: float | None = None
+    sampled_at: float | None = None  # time.perf_counter() when the image was back (this process's clock)
+    scored_at: float | None = None  # ... and when its reward was
 
 
 @register(DIFFUSION_AGENT_NAME)
@@ -56,8 +58,8 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
     ) -> list[DiffusionAgentLoopOutput]:
         """Generate the samples of one routing key with one client call (``generate_group``), in order.
 
-        ``samples`` holds ``(sampling_params, row fields)`` as :meth:`run` takes them; each output is
-        scored in its own thread once the group is back, so scoring never holds up other groups.
+        ``samples`` holds ``(sampling_params, row fields)`` as :meth:`run` takes them. With a reward, the group
+        is scored in one call, in a thread, as soon as its images are back: other groups keep sampling meanwhile.
         """
         requests = [_prompt_and_id(kwargs) for _, kwargs in samples]
         outputs = await self.server_manager.generate_group(
@@ -67,27 +69,14 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
             ],
             routing_key=routing_key,
         )
-        return list(
-            await asyncio.gather(
-                *(
-                    self._result(prompt, request_id, routing_key, output)
-                    for (prompt, request_id), output in zip(requests, outputs, strict=True)
-                )
-            )
-        )
-
-    async def _result(
-        self, prompt: str, request_id: str, routing_key: str | None, output: DiffusionOutput
-    ) -> DiffusionAgentLoopOutput:
-        result = DiffusionAgentLoopOutput(request_id=request_id, routing_key=routing_key, output=output)
+        back = time.perf_counter()
+        results = [
+            DiffusionAgentLoopOutput(request_id=request_id, routing_key=routing_key, output=output, sampled_at=back)
+            for (_, request_id), output in zip(requests, outputs, strict=True)
+        ]
         if self.reward_fn is not None:
-            # Scored as soon as this sample is back, in a thread: other samples keep rolling out.
-            start = time.perf_counter()
-            total, terms = await asyncio.to_thread(self.reward_fn, output.image.unsqueeze(0), [prompt])
-            result.reward = float(total[0])
-            result.reward_terms = {name: float(score[0]) for name, score in terms.items()}
-            result.reward_s = time.perf_counter() - start
-        return result
+            await score_group(self.reward_fn, results, [prompt for prompt, _ in requests])
+        return results
 
 
 def routing_key_of(row: dict[str, Any], field: str) -> str | None:

@@ -17,6 +17,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigW
 from verl.protocol import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput, routing_key_of
+from verl_omni.agent_loop.group_reward import reward_exposed_s, score_group
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.utils.arrays import object_column
@@ -67,6 +68,9 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         reward = config.get("reward")
         has_reward = reward is not None and (reward.get("name") is not None or reward.get("weights") is not None)
         self.reward_fn = WeightedReward.from_config(reward) if has_reward else None
+        # Score each group as soon as its images are back (overlapping the other groups' sampling), or all groups
+        # after the whole chunk is sampled (``reward.overlap: false``, the in-line baseline).
+        self.reward_overlap = bool(reward.get("overlap", True)) if reward is not None else True
         self._adopted = False
 
     def set_client(self, llm_client: Any) -> None:
@@ -111,8 +115,21 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             params = {**shared_params, "seed": row_seed(base_seed, global_step, int(row_index[i]))}
             samples.append((str(agent_names[i]), params, kwargs))
         results = await self._run_groups(samples)
+        if self.reward_fn is not None and not self.reward_overlap:
+            await self._score_in_line(results, [kwargs["prompt"] for _, _, kwargs in samples])
+        exposed = reward_exposed_s(results, time.perf_counter()) if self.reward_fn is not None else None
         elapsed = time.perf_counter() - start
-        return self._collate(results, non_tensor, meta, elapsed)
+        out = self._collate(results, non_tensor, meta, elapsed)
+        out.meta_info["reward_exposed_s"] = exposed
+        return out
+
+    async def _score_in_line(self, results: list[DiffusionAgentLoopOutput], prompts: list[str]) -> None:
+        """Score group after group once every group is sampled: the reward's whole time adds to the step."""
+        groups: dict[str, list[int]] = {}
+        for i, result in enumerate(results):
+            groups.setdefault(result.routing_key or result.request_id, []).append(i)
+        for rows in groups.values():
+            await score_group(self.reward_fn, [results[i] for i in rows], [prompts[i] for i in rows])
 
     async def _run_groups(self, samples: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[Any]:
         """One task per (agent loop, routing key): the client sends each group's rows in one call.
@@ -157,7 +174,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             processor=None,
             dataset_cls=None,
             data_config=DictConfigWrap(self.config.get("data", OmegaConf.create({}))),
-            reward_fn=self.reward_fn,
+            reward_fn=self.reward_fn if self.reward_overlap else None,
         )
 
     @staticmethod

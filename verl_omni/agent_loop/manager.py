@@ -86,12 +86,15 @@ class OmniAgentLoopManager(AgentLoopManager):
         )
         # per-worker timing differs between chunks; DataProto.concat requires equal meta_info
         worker_times = [o.meta_info.pop("worker_generate_s", 0.0) for o in outputs]
+        exposed = [e for o in outputs if (e := o.meta_info.pop("reward_exposed_s", None)) is not None]
         output = DataProto.concat(outputs)
         elapsed = time.perf_counter() - start
 
         metrics = await self._routing_metrics(output)
         metrics["timing_s/agent_loop/generate_sequences"] = elapsed
         metrics["timing_s/agent_loop/slowest_worker"] = max(worker_times)
+        if exposed:  # reward time no sampling hid, in the worker where it was longest
+            metrics["timing_s/reward_exposed"] = max(exposed)
         output.meta_info = {**outputs[0].meta_info, "metrics": metrics}
         return output
 

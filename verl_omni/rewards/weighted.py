@@ -6,6 +6,7 @@
       weights: null                # or several: {geneval_color: 1.0, jpeg_compressibility: 0.05}
                                    # (then ``name`` is null and ``kwargs`` maps a reward name to its options;
                                    # ``<reward>-<label>`` uses one reward twice: {remote-geneval: 1, remote-vlm: 1})
+      overlap: true                # score each group as soon as it is sampled, while others still sample
 
 Advantages use the weighted sum; every term is logged on its own. A reward that raises or returns NaN/inf
 stops the run with a :class:`RewardError` naming the reward and the prompt: a failed score is never 0.
@@ -60,9 +61,13 @@ def reward_specs(section: Any) -> list[RewardSpec]:
     Raises ``ValueError`` naming the key, the bad value and the valid choices.
     """
     cfg = _plain(section)
-    unknown = sorted(set(cfg) - {"name", "kwargs", "weights"})
+    unknown = sorted(set(cfg) - {"name", "kwargs", "weights", "overlap"})
     if unknown:
-        raise ValueError(f"Unknown key(s) {unknown} in {REWARD_KEY}; valid keys: ['kwargs', 'name', 'weights']")
+        raise ValueError(
+            f"Unknown key(s) {unknown} in {REWARD_KEY}; valid keys: ['kwargs', 'name', 'overlap', 'weights']"
+        )
+    if not isinstance(cfg.get("overlap", True), bool):
+        raise ValueError(f"{REWARD_KEY}.overlap={cfg['overlap']!r} is not valid; valid choices: true, false")
     name, weights, kwargs = cfg.get("name"), cfg.get("weights"), cfg.get("kwargs") or {}
     valid = registered_rewards()
     if not isinstance(kwargs, Mapping):
