@@ -90,6 +90,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     from verl_omni.agent_loop import OmniAgentLoopManager
     from verl_omni.models.tiny_pretrain import ensure_pretrained_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
+    from verl_omni.utils.heartbeat import Heartbeat, ray_free_resources
     from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
     from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
@@ -108,9 +109,13 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         # not joining a cluster: start our own, even when another Ray (a `ray start` or a test) runs on this machine
         ray.init(**({} if _joins_cluster(cfg) else {"address": "local"}), **ray_init)
 
-    server_manager = OmniLLMServerManager.create(cfg)
+    # start-up waits on Ray placement: a progress line with Ray's free resources says whether it is one
+    startup = Heartbeat(float(cfg.trainer.get("progress_interval_s", 60) or 0)).phase
+    with startup("start-up: launching the rollout replicas", ray_free_resources):
+        server_manager = OmniLLMServerManager.create(cfg)
     client = server_manager.get_client()
-    agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
+    with startup("start-up: launching the agent-loop workers", ray_free_resources):
+        agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
 
     use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
     world = training_ranks_per_node(cfg.trainer, use_gpu)  # one placement group per entry, each on one node
@@ -122,7 +127,8 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         device_name="cuda" if use_gpu else "cpu",
         worker_env=actor_worker_env(cfg, use_gpu),
     )
-    layout = actor_wg.init_model()[0]
+    with startup("start-up: placing the training ranks and loading the model", ray_free_resources):
+        layout = actor_wg.init_model()[0]
     print(
         f"Actor: {layout['strategy']} over {layout['world_size']} rank(s) on {layout['device']}, "
         f"{layout['trainable_params'] / 1e6:.2f}M trainable parameters, {layout['local_trainable_params'] / 1e6:.2f}M "

@@ -23,6 +23,7 @@ from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, grou
 from verl_omni.trainer.flowgrpo.rollout_batch import rollout_rows
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from verl_omni.utils.heartbeat import Heartbeat
 from verl_omni.utils.visualize import save_image_grid, save_reward_curve
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
@@ -105,6 +106,8 @@ class FlowGRPOTrainer:
         self.clip_range = float(actor.get("clip_ratio", 0.0) or 0.0)
         self.warn_clip_frac_first = float(config.trainer.get("warn_clip_frac_first", 0.05))
         self._warned_off_policy = False
+        # a line every progress_interval_s while a phase runs: the step line alone can be minutes apart on CPU
+        self.heartbeat = Heartbeat(float(config.trainer.get("progress_interval_s", 60) or 0), write=tqdm.write)
         self.replicas_lost = 0
         self.version = 0
         self.start_step = 0
@@ -289,7 +292,9 @@ class FlowGRPOTrainer:
     def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        out = self.agent_loop_manager.generate_sequences(self._make_batch(self.batcher.batch(step)))
+        request = self._make_batch(self.batcher.batch(step))
+        with self.heartbeat.phase(f"step {step + 1}: rollout of {len(request)} samples"):
+            out = self.agent_loop_manager.generate_sequences(request)
         timings["timing_s/rollout"] = time.perf_counter() - t0
 
         self._check_on_policy(out, f"step {step}")
@@ -311,11 +316,13 @@ class FlowGRPOTrainer:
         train_batch, kept_fraction = self._training_batch(out, rewards, uids)
         actor_metrics: dict[str, float] = {}
         if train_batch is not None:  # else every advantage was 0: nothing to learn from this step
-            actor_metrics = self.actor_wg.update_policy(train_batch)
+            with self.heartbeat.phase(f"step {step + 1}: policy update on {len(train_batch)} samples"):
+                actor_metrics = self.actor_wg.update_policy(train_batch)
             actor_metrics = _mean_dicts(actor_metrics if isinstance(actor_metrics, list) else [actor_metrics])
         timings["timing_s/update"] = time.perf_counter() - t1
         self.version += 1
-        timings["timing_s/weight_sync"] = self._sync_weights()
+        with self.heartbeat.phase(f"step {step + 1}: weight sync"):
+            timings["timing_s/weight_sync"] = self._sync_weights()
         timings["timing_s/step"] = time.perf_counter() - t0
 
         metrics: dict[str, float] = {
@@ -414,7 +421,8 @@ class FlowGRPOTrainer:
             self._sync_weights(ema=True)
         try:
             for rows in self.validation.batches():
-                out = self.agent_loop_manager.generate_sequences(self._make_batch(rows, validate=True))
+                with self.heartbeat.phase(f"validation after {step} updates: {len(rows)} samples"):
+                    out = self.agent_loop_manager.generate_sequences(self._make_batch(rows, validate=True))
                 expected = self._ema_version() if self.validate_with_ema else self.version
                 self._check_on_policy(out, f"validation after step {step}", expected)
                 outs.append(out)
