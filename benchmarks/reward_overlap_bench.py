@@ -1,15 +1,19 @@
-"""Step time with a slow reward scored in-line (after the whole batch is sampled) vs overlapped (each group as soon
-as its images are back), measured side by side in one run.
+"""Rollout and step time with a slow reward scored in-line (after the whole batch is sampled) vs overlapped (each
+group as soon as its images are back), measured side by side in one run.
 
-Runs the CPU recipe (``python -m recipes.flowgrpo.main``, the tiny model) once per mode, the modes interleaved
-over ``--rounds``, with a reward that costs ``--seconds-per-image`` (the colour reward plus a sleep, one image
-at a time per agent-loop worker, as one scorer that cannot run two batches at once). Reports the median over
-steps (the first step of each run left out: warm-up) of ``timing_s/step``, ``timing_s/rollout`` and
-``timing_s/reward_exposed``, and the ratio in-line / overlapped.
+Runs the CPU recipe (``python -m recipes.flowgrpo.main``, the tiny model, 8 prompts x 8 samples per step over
+2 replicas and 2 agent-loop workers) once per mode, the modes interleaved over ``--rounds``, with a reward that
+costs ``--seconds-per-image`` (the colour reward plus a sleep; one scorer per agent-loop worker, which scores one
+batch at a time, like one GPU). Reports the median over steps (the first step of each run left out: warm-up) of
+``timing_s/rollout`` (sampling + the reward time not hidden; what overlap changes), ``timing_s/step`` (with the
+policy update, which overlap does not change) and ``timing_s/reward_exposed``, and the ratios in-line /
+overlapped.
 
-    python -m benchmarks.reward_overlap_bench [--steps 4] [--rounds 1] [--seconds-per-image 0.2]
+    python -m benchmarks.reward_overlap_bench [--steps 5] [--rounds 1] [--seconds-per-image 0.2] [overrides...]
 
-Overlap can hide at most the sampling time: the gain is largest when sampling and scoring take about as long.
+Overlap hides at most the sampling time: the gain is largest when a worker's sampling and scoring take about as
+long, and groups come back one after another (``actor_rollout_ref.rollout.diffusion.max_num_seqs=8``: one group
+per replica batch) rather than all at once.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def slow_color(images: torch.Tensor, prompts: list[str], seconds_per_image: floa
         return _COLOR(images, prompts)
 
 
-def run_recipe(run_dir: Path, overlap: str, steps: int, seconds_per_image: float) -> list[dict]:
+def run_recipe(run_dir: Path, overlap: str, steps: int, seconds_per_image: float, extra: list[str]) -> list[dict]:
     """One training run; returns its per-step metrics."""
     cmd = [
         sys.executable,
@@ -61,6 +65,7 @@ def run_recipe(run_dir: Path, overlap: str, steps: int, seconds_per_image: float
         "reward.name=benchmarks.reward_overlap_bench:slow_color",
         f"+reward.kwargs.seconds_per_image={seconds_per_image}",
         f"reward.overlap={overlap}",
+        *extra,
     ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -76,16 +81,18 @@ def _metric(row: dict, key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seconds-per-image", type=float, default=0.2)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for both modes")
     args = parser.parse_args()
-    keys = ("timing_s/step", "timing_s/rollout", "timing_s/reward_exposed")
+    keys = ("timing_s/rollout", "timing_s/step", "timing_s/reward_exposed")
     samples: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in keys} for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for mode, overlap in MODES.items():
-                rows = run_recipe(Path(tmp) / f"{mode}-{round_}", overlap, args.steps, args.seconds_per_image)
+                run_dir = Path(tmp) / f"{mode}-{round_}"
+                rows = run_recipe(run_dir, overlap, args.steps, args.seconds_per_image, args.overrides)
                 for row in rows[1:]:  # the first step warms up (model load, first Ray calls)
                     for key in keys:
                         samples[mode][key].append(_metric(row, key))
@@ -96,8 +103,9 @@ def main() -> None:
     medians = {mode: {k: statistics.median(v) for k, v in per.items()} for mode, per in samples.items()}
     for mode, per in medians.items():
         print(f"{mode:<12}" + "".join(f"{per[k]:>28.2f}" for k in keys))
-    ratio = medians["in-line"]["timing_s/step"] / medians["overlapped"]["timing_s/step"]
-    print(f"step time in-line / overlapped: {ratio:.2f}x")
+    for key in keys[:2]:
+        ratio = medians["in-line"][key] / medians["overlapped"][key]
+        print(f"{key} in-line / overlapped: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
