@@ -329,3 +329,23 @@ def test_serve_refuses_an_unknown_reward_with_exit_2() -> None:
     assert proc.returncode == 2
     assert "reward service error: Unknown reward.name='aesthetic_v9'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_labelled_service_is_checked_at_start_up_under_its_own_key(services, tmp_path: Path) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from recipes.flowgrpo import config_compose
+    from recipes.flowgrpo.validate import validate_recipe_config
+
+    up, down = services("geneval_color"), f"http://127.0.0.1:{free_port()}"
+    GlobalHydra.instance().clear()
+    cfg = config_compose.compose_recipe(
+        "reward.name=null",
+        "reward.weights={remote-color: 1.0, remote-other: 0.5}",
+        f"+reward.kwargs.remote-color={{url: '{up.url}'}}",
+        f"+reward.kwargs.remote-other={{url: '{down}'}}",
+        f"trainer.default_local_dir={tmp_path / 'run'}",
+        config_name="flowgrpo_tiny",
+    )
+    with pytest.raises(ValueError, match=re.escape(f"reward.kwargs.remote-other.url='{down}': no reward service")):
+        validate_recipe_config(cfg, available_gpus=0)
