@@ -80,10 +80,10 @@ def validate(name: str, overrides: list[str], cluster: ClusterShape, tmp_path: P
         (SD35, SD35_TWO_NODES, gpu_nodes(0, 8, 8)),  # a CPU-only head node is not counted, nor used
         (SD35, SD35_TWO_NODES, gpu_nodes(4, 8, 4)),  # the training groups of 4 fit on the two nodes of 4
         (TINY, TWO_CPU_RANK_GROUPS, CPU_RANKS_ACROSS),
-        (  # 2 nodes x 2 CPU ranks beside the tiny config's two 0.5-CPU replicas
+        (  # 2 nodes x 2 CPU ranks beside the tiny config's two 0.5-CPU replicas, 0.1 CPU left for 2 agent workers
             TINY,
             ["trainer.nnodes=2", "trainer.cpu_ranks_per_node=2", "ray_kwargs.ray_init.num_cpus=null"],
-            ClusterShape((ClusterNode(3, 0), ClusterNode(2, 0))),
+            ClusterShape((ClusterNode(3, 0), ClusterNode(2.1, 0))),
         ),
     ],
     ids=[

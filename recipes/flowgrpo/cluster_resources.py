@@ -17,6 +17,9 @@ from typing import Any, NamedTuple
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
 
 ROLLOUT = "actor_rollout_ref.rollout"
+# Ray CPUs each agent-loop worker actor asks for (verl_omni.agent_loop.manager; a test keeps the two equal). Tiny,
+# but not zero: on a node the replicas and training fill exactly, the workers wait, and so does everything after.
+AGENT_LOOP_WORKER_CPUS = 0.01
 
 
 class ClusterNode(NamedTuple):
@@ -153,15 +156,41 @@ def check_cluster_resources(cfg: Any, cluster: ClusterShape, replicas: int, diff
             f"{group_key}: each of the trainer.nnodes={train_nodes} training groups needs {group_size} on one node "
             f"({groups_fit} fit), but the Ray cluster has {cluster.describe(gpu=train_on_gpu)}"
         )
-    if fit >= replicas:
-        return
     rollout = cfg.actor_rollout_ref.rollout
+    if fit >= replicas:
+        _check_agent_loop_workers(cfg, cluster, train_nodes * group.cpus, replicas * replica.cpus, training)
+        return
     size = f"{replica_gpus:g} GPU" if replica_gpus else f"{diffusion.ray_num_cpus:g} CPU"
     size_key = "num_gpus_per_replica" if replica_gpus else "ray_num_cpus"
     raise ValueError(
         f"{ROLLOUT}.n_gpus_per_node={rollout.n_gpus_per_node} x nnodes={rollout_nodes} = {replicas} rollout replicas "
         f"of {size} each ({DIFFUSION_CONFIG_PREFIX}.{size_key}), beside training ({training}): only {fit} fit on "
         f"the Ray cluster, which has {cluster.describe(gpu=replica_gpus > 0)}"
+    )
+
+
+def _check_agent_loop_workers(
+    cfg: Any, cluster: ClusterShape, training_cpus: float, replica_cpus: float, training: str
+) -> None:
+    """The agent-loop workers' CPUs must fit in what the training ranks and the replicas leave of the cluster.
+
+    Ray places them before the training ranks; when they take the last CPUs the training group waits forever
+    without a word (measured: 2 replicas x 0.5 + 1 training CPU + 4 x 0.01 on a 2-CPU local Ray). Summed over the
+    nodes: each worker asks for a sliver, so it fits wherever any is left.
+    """
+    rollout = cfg.actor_rollout_ref.rollout
+    workers = int((rollout.get("agent") or {}).get("num_workers", 1) or 1)
+    needed = workers * AGENT_LOOP_WORKER_CPUS
+    left = sum(n.cpus for n in cluster.nodes) - training_cpus - replica_cpus
+    if left + 1e-9 >= needed:
+        return
+    source = "this machine's cores, as ray_kwargs.ray_init.num_cpus is null" if cluster.local else "the Ray cluster"
+    raise ValueError(
+        f"{ROLLOUT}.agent.num_workers={workers} agent-loop workers need {needed:g} Ray CPUs beside training "
+        f"({training}) and the rollout replicas ({replica_cpus:g} CPUs, {DIFFUSION_CONFIG_PREFIX}.ray_num_cpus), "
+        f"but only {max(left, 0.0):g} of the {cluster.describe(gpu=False)} are left ({source}): Ray would leave the "
+        f"training ranks waiting forever. Raise ray_kwargs.ray_init.num_cpus (Ray CPUs are scheduling tokens: "
+        f"compute follows the thread counts) or lower {DIFFUSION_CONFIG_PREFIX}.ray_num_cpus"
     )
 
 

@@ -120,14 +120,14 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
     world = training_ranks_per_node(cfg.trainer, use_gpu)  # one placement group per entry, each on one node
     pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
-    actor_wg = RayWorkerGroup(
-        resource_pool=pool,
-        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
-        name_prefix="flowgrpo_actor",
-        device_name="cuda" if use_gpu else "cpu",
-        worker_env=actor_worker_env(cfg, use_gpu),
-    )
     with startup("start-up: placing the training ranks and loading the model", ray_free_resources):
+        actor_wg = RayWorkerGroup(  # waits for the training placement group
+            resource_pool=pool,
+            ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
+            name_prefix="flowgrpo_actor",
+            device_name="cuda" if use_gpu else "cpu",
+            worker_env=actor_worker_env(cfg, use_gpu),
+        )
         layout = actor_wg.init_model()[0]
     print(
         f"Actor: {layout['strategy']} over {layout['world_size']} rank(s) on {layout['device']}, "
