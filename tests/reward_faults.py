@@ -47,3 +47,14 @@ def blocks(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     (Path(os.environ["REWARD_FAULTS_DIR"]) / "started").touch()
     while True:
         time.sleep(1.0)
+
+
+def fails_after(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Scores like :func:`brightness` until ``$FAIL_AFTER_IMAGES`` images are scored, then crashes on every call:
+    a scorer that breaks in the middle of a run."""
+    log = Path(os.environ["REWARD_FAULTS_DIR"]) / "calls.jsonl"
+    done = sum(json.loads(line)["batch"] for line in log.read_text().splitlines()) if log.exists() else 0
+    _record("fails_after", prompts)
+    if done + len(prompts) > int(os.environ["FAIL_AFTER_IMAGES"]):
+        raise RuntimeError("the scorer broke")
+    return images.float().mean(dim=(1, 2, 3)) / 255.0
