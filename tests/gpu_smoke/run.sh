@@ -11,6 +11,9 @@
 # (`pip install -e .[vllm-omni]`). Where `nvidia-smi -L` lists no GPU it prints a skip message and exits 0, before
 # installing anything. SMOKE_TIMEOUT (s, default 900) bounds each run, SMOKE_INSTALL_TIMEOUT (s, default 1800) each
 # install; SMOKE_RUN_DIR sets the run directory (default outputs/gpu_smoke/<time>, one subdirectory per backend).
+# Then one more diffusers run at the SD3.5 config's precision (bf16 sampling, bf16-mixed training, LoRA r=32, CFG 4.5,
+# clip_ratio 1e-4, batch-invariant chunks of 4; SMOKE_PRECISION=0 skips it): its first inner step, before any
+# update, must clip at most 1% of its rows (actor/clip_frac_first), and actor/ratio_max_abs_dev is printed.
 set -euo pipefail
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU [0-9]'; then
@@ -74,7 +77,11 @@ EXTRA_OVERRIDES=("$@")
 # (ratio 1 to rounding; the checker prints actor/ratio_max_abs_dev).
 run_backend() {
   local backend="$1"
-  local run_dir="$SMOKE_DIR/$backend"
+  local label="${2:-$1}"  # the run's name (a subdirectory); more arguments: overrides of this run only
+  shift $(($# > 1 ? 2 : 1))
+  local run_overrides=("$@")
+  local max_clip_first="${MAX_CLIP_FIRST:-}"
+  local run_dir="$SMOKE_DIR/$label"
   local status=0
   mkdir -p "$run_dir"
   if [[ "$backend" == vllm_omni ]]; then
@@ -95,6 +102,7 @@ run_backend() {
     actor_rollout_ref.rollout.diffusion.device=cuda \
     "actor_rollout_ref.rollout.diffusion.dtype=${SMOKE_DTYPE:-float32}" \
     "${MODEL_OVERRIDES[@]}" \
+    ${run_overrides[@]+"${run_overrides[@]}"} \
     ${EXTRA_OVERRIDES[@]+"${EXTRA_OVERRIDES[@]}"} || status=$?
   if ((status == 124 || status == 137)); then
     echo "FAIL gpu_smoke[$backend]: the run did not finish within ${SMOKE_TIMEOUT:-900} s" >&2
@@ -110,7 +118,7 @@ run_backend() {
   }
   echo "== [$backend] $metrics (tail)"
   tail -n 2 "$metrics"
-  "$PY" - "$backend" "$metrics" "$run_dir/config.yaml" <<'PYEOF'
+  "$PY" - "$label" "$metrics" "$run_dir/config.yaml" $max_clip_first <<'PYEOF'
 import json
 import math
 import sys
@@ -118,6 +126,7 @@ import sys
 from omegaconf import OmegaConf
 
 backend, metrics, config = sys.argv[1:4]
+max_clip_first = float(sys.argv[4]) if len(sys.argv) > 4 else None
 logged = [json.loads(line) for line in open(metrics) if line.strip()]
 # training steps; the validation after the last step logs a line of its own
 rows = [row for row in logged if "reward/mean" in row["data"]]
@@ -147,6 +156,16 @@ else:
     print(f"== [{backend}] first step: actor/ratio_max_abs_dev {dev:.3g} (max |ratio - 1| before the first update)")
     if dev > 1e-2:
         print(f"WARNING [{backend}]: actor/ratio_max_abs_dev={dev:.3g}: rollout and trainer log-probs disagree")
+clip_first = rows[0]["data"].get("actor/clip_frac_first")
+if clip_first is not None:
+    clip = OmegaConf.select(OmegaConf.load(config), "actor_rollout_ref.actor.clip_ratio")
+    print(f"== [{backend}] first step: actor/clip_frac_first {clip_first:.3g} at clip_ratio {clip:g}")
+    if max_clip_first is not None and clip_first > max_clip_first:
+        sys.exit(
+            f"FAIL gpu_smoke[{backend}]: the first inner step clipped {clip_first:.1%} of its rows before any update "
+            f"(> {max_clip_first:.0%}): the rollout's and the trainer's log-probs disagree on this device; rerun with "
+            "actor_rollout_ref.actor.recompute_old_log_prob=true to train on-policy anyway"
+        )
 PYEOF
 }
 
@@ -155,6 +174,21 @@ for backend in "${BACKENDS[@]}"; do
   echo "== gpu_smoke: backend $backend"
   run_backend "$backend" || failed+=("$backend")
 done
+if [[ "${SMOKE_PRECISION:-1}" != 0 ]]; then
+  # The SD3.5 config's precision, LoRA, CFG, clip range and chunking on this device (tiny model unless
+  # SMOKE_MODEL_PATH): bf16 sampling and bf16-mixed training must agree before the first update.
+  echo "== gpu_smoke: diffusers at the SD3.5 precision (bf16 rollout + bf16 training)"
+  MAX_CLIP_FIRST=0.01 run_backend diffusers diffusers_bf16 \
+    actor_rollout_ref.rollout.diffusion.dtype=bfloat16 \
+    actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bfloat16 \
+    actor_rollout_ref.model.lora_rank=32 \
+    actor_rollout_ref.model.lora_alpha=64 \
+    actor_rollout_ref.rollout.diffusion.guidance_scale=4.5 \
+    actor_rollout_ref.rollout.diffusion.num_inference_steps=10 \
+    actor_rollout_ref.rollout.diffusion.chunk_size=4 \
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \
+    actor_rollout_ref.actor.clip_ratio=1e-4 || failed+=("diffusers_bf16")
+fi
 "$PY" - "$GPU_LOG" <<'PYEOF'
 import sys
 
