@@ -48,7 +48,20 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, f
 
     ``overrides`` are the command line's (Hydra's task overrides): keys they add with ``+`` are refused.
     """
-    return launch(cfg, overrides).fit()
+    trainer = launch(cfg, overrides)
+    try:
+        return trainer.fit()
+    finally:
+        _close_replicas(trainer)
+
+
+def _close_replicas(trainer: FlowGRPOTrainer, timeout_s: float = 30.0) -> None:
+    """Shut every live replica's engine down before Ray tears the actors down: a vllm-omni engine runs in
+    processes of its own, which a killed actor would leave behind."""
+    import ray
+
+    closing = [server.close.remote() for replica in trainer.replicas for server in replica.servers]
+    ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
 
 
 def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrainer:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -109,6 +110,26 @@ def unit_scaled_lora(
     return {k: v * scaling if ".lora_B." in k else v for k, v in lora_state_dict.items()}, config
 
 
+def _exit_with_parent(engine: Any, server_id: str, poll_s: float = 1.0) -> None:
+    """End this process (engine first) once its parent is gone.
+
+    A Ray actor holding ``AsyncOmni`` outlived its Ray session here: after the recipe exited, the actor process
+    (re-parented to init) kept running and spawning vllm-omni stage processes. A daemon thread watches the parent
+    (the raylet for an actor) and shuts the engine down and exits when it changes, so no engine is left behind.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logger.warning("%s: parent process %d is gone; shutting the vllm-omni engine down", server_id, parent)
+        with contextlib.suppress(Exception):
+            engine.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watch, name=f"{server_id}-parent-watch", daemon=True).start()
+
+
 class VllmOmniRolloutServer(DiffusionServerNoOps):
     """Serves ``generate`` requests of one replica through vllm-omni.
 
@@ -150,6 +171,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         self._api = engine_factory(self.spec.path, kwargs)
         self.engine = self._api.engine
         self.engine_start_s = time.perf_counter() - start
+        _exit_with_parent(self.engine, self.server_id)
 
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -1,0 +1,102 @@
+"""The FlowGRPO recipe end to end with ``actor_rollout_ref.rollout.name=vllm_omni`` on CPU: two real vllm-omni
+replicas behind ``prompt_uid_affinity`` routing, a LoRA adapter synced to them every step, and one replica killed
+with SIGKILL mid-run. The run is a subprocess with its own local Ray, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from recipes.flowgrpo.chaos import _descends_from, actor_pids
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 5
+KILL_AFTER = 2  # steps logged before the kill
+OVERRIDES = [
+    "actor_rollout_ref.rollout.name=vllm_omni",
+    "server_routing.policy=prompt_uid_affinity",
+    "actor_rollout_ref.model.lora_rank=8",
+    f"trainer.total_training_steps={STEPS}",
+    "data.train_batch_size=2",
+    "actor_rollout_ref.rollout.n=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.rollout.diffusion.num_inference_steps=4",
+    "actor_rollout_ref.rollout.diffusion.height=32",
+    "actor_rollout_ref.rollout.diffusion.width=32",
+    "trainer.logger=[console,file]",
+    "trainer.test_freq=-1",
+    "trainer.val_before_train=false",
+    "trainer.save_freq=-1",
+]
+
+
+def _steps(metrics: Path) -> list[dict]:
+    try:
+        return [json.loads(line)["data"] for line in metrics.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def _engine_processes(servers: list[int]) -> list[int]:
+    """The server actors and every process under them (vllm-omni's stage and worker processes)."""
+    under = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return servers + [pid for pid in under if any(_descends_from(pid, s) for s in servers)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_vllm_omni_replicas_train_lora_and_survive_a_killed_replica(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vllm_omni_run")
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *OVERRIDES]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    killed: list[int] = []
+    engine_pids: list[int] = []
+    deadline = time.monotonic() + 1500
+    while proc.poll() is None and time.monotonic() < deadline:
+        if not killed and len(_steps(run_dir / "metrics.jsonl")) >= KILL_AFTER:
+            time.sleep(0.3)  # into the next step's rollout
+            pids = actor_pids("VllmOmniRolloutServer")
+            assert len(pids) == 2, pids
+            engine_pids = _engine_processes(pids)
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    reader.join(timeout=10)
+    log = "".join(output)
+    assert proc.returncode == 0, log[-6000:]
+    assert killed, "the run ended before a replica could be killed"
+
+    steps = _steps(run_dir / "metrics.jsonl")
+    assert len(steps) == STEPS
+    # No sample lost: every step trained on both full groups, before and after the kill.
+    assert all(m["reward/num_groups"] == 2 and m["reward/group_size_min"] == 4 for m in steps)
+    assert steps[-1]["rollout/replicas_lost"] == 1
+    assert steps[-1]["rollout/model_version"] == STEPS - 1  # the LoRA adapter reached the survivor every step
+    assert all(m["rollout_routing/colocation"] == 1.0 for m in steps)  # each group on one replica
+    deviations = [m["actor/ratio_max_abs_dev"] for m in steps]
+    print(f"vllm_omni recipe: actor/ratio_max_abs_dev per step {[f'{d:.2g}' for d in deviations]}")
+    print(f"requests resent after the kill: {sum(m['rollout_routing/requests_resent'] for m in steps):.0f}")
+    assert all(d < 0.05 for d in deviations)
+    time.sleep(3)  # a killed actor's engine processes notice their parent is gone
+    assert not [pid for pid in engine_pids if _alive(pid)], "vllm-omni processes outlived the run"
