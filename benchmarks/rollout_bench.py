@@ -16,8 +16,12 @@ Part 2: B concurrent requests on a server that fuses them (``max_num_seqs=B``) v
 one at a time (``max_num_seqs=1``), B = 1, 4, 8, 16; batch-invariant with ``chunk_size=max_num_seqs``.
 Part 3: fused groups of 8 copies, a new prompt per group, with the prompt cache (each distinct text
 encoded once) vs without (every request encodes its prompt and its negative prompt).
+Part 4 (where the vllm-omni extra is installed, e.g. ``make install-vllm-omni``): the two rollout backends on the
+same model and the same batch shapes, groups of B copies through ``generate_group`` (B = 1, 8), both in
+batch-invariant mode; images/s of each, their ratio, and each engine's start-up time.
 
-    python -m benchmarks.rollout_bench [--model DIR] [--steps 10] [--rounds 5] [--threads 1]
+    python -m benchmarks.rollout_bench [--model DIR] [--steps 10] [--rounds 5] [--threads 1] [--parts 1 2 3 4]
+    .venv-vllm-omni/bin/python -m benchmarks.rollout_bench --parts 4
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ async def _burst(server: Any, prompts: list[str], seed0: int, params: dict) -> f
     return time.perf_counter() - start
 
 
-async def _group(server: Any, batch: int, seed0: int, params: dict) -> float:
+async def _group(server: Any, batch: int, seed0: int, params: dict, check_batch: bool = True) -> float:
     """Seconds to serve one group of ``batch`` copies of a prompt (one fused batch, no admission wait)."""
     group = [
         {
@@ -68,7 +72,8 @@ async def _group(server: Any, batch: int, seed0: int, params: dict) -> float:
     ]
     start = time.perf_counter()
     outs = await server.generate_group(group)
-    assert {o.extra_fields["batch_size"] for o in outs} == {batch}
+    if check_batch:  # the diffusers server reports the fused batch; vllm-omni's scheduler does not
+        assert {o.extra_fields["batch_size"] for o in outs} == {batch}
     return time.perf_counter() - start
 
 
@@ -136,7 +141,61 @@ def compare_modes(model: str, threads: int, rounds: int, params: dict) -> dict[s
     }
 
 
-async def run(model: str, steps: int, rounds: int, threads: int) -> None:
+async def compare_backends(model: str, steps: int, rounds: int, threads: int) -> None:
+    """Part 4: diffusers vs vllm_omni, in-process servers on the same model and request shapes."""
+    from verl_omni.workers.rollout.vllm_omni_server import VllmOmniRolloutServer
+
+    config = {
+        "num_inference_steps": steps,
+        "guidance_scale": 4.5,
+        "cpu_threads": threads,
+        "batch_invariant": True,
+        "chunk_size": GROUP,
+        "max_num_seqs": GROUP,
+        "admission_window_ms": 0.0,
+        "dtype": "float32",
+    }
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # vllm-omni's worker process starts with it
+    start_s, servers = {}, {}
+    for name, make in (
+        ("diffusers", lambda: _server(model, threads, **config)),
+        ("vllm_omni", lambda: VllmOmniRolloutServer(model, config, server_id="vllm-omni-bench", device="cpu")),
+    ):
+        start = time.perf_counter()
+        servers[name] = make()
+        await _group(servers[name], 2, 10**9, {}, check_batch=False)  # warm-up
+        start_s[name] = time.perf_counter() - start
+    images = 16  # per measurement
+    times: dict[tuple[str, int], list[float]] = {}
+    seed = 0
+    for _ in range(rounds):  # interleaved: both backends see the same background load
+        for b in (1, GROUP):
+            for name, server in servers.items():
+                total = sum([await _group(server, b, seed + i * b, {}, check_batch=False) for i in range(images // b)])
+                times.setdefault((name, b), []).append(images / total)
+            seed += images
+    med = {key: statistics.median(v) for key, v in times.items()}
+    print(
+        f"\nPart 4: rollout backends, groups of B copies of one prompt through generate_group ({steps} steps, CFG 4.5, "
+        f"batch-invariant chunks of {GROUP}, float32, {threads} thread(s) each), {images} images per measurement"
+    )
+    print(f"{'B':>4} {'diffusers img/s':>16} {'vllm_omni img/s':>16} {'vllm_omni / diffusers':>22}")
+    for b in (1, GROUP):
+        d, v = med[("diffusers", b)], med[("vllm_omni", b)]
+        print(f"{b:>4} {d:>16.2f} {v:>16.2f} {v / d:>21.2f}x")
+    print(
+        f"engine start-up incl. first group: diffusers {start_s['diffusers']:.1f} s, vllm_omni "
+        f"{start_s['vllm_omni']:.1f} s (its engine alone: {servers['vllm_omni'].engine_start_s:.1f} s)"
+    )
+    for server in servers.values():
+        await server.close()
+
+
+async def run(model: str, steps: int, rounds: int, threads: int, parts: list[int]) -> None:
+    if 4 in parts:
+        await compare_backends(model, steps, rounds, threads)
+    if not {1, 2, 3} & set(parts):
+        return
     params = {"num_inference_steps": steps, "guidance_scale": 4.5, "noise_level": 0.7}
     modes = compare_modes(model, threads, rounds, params)
 
@@ -212,13 +271,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
+    parser.add_argument(
+        "--parts", type=int, nargs="+", help="parts to run (default: 1-3, and 4 where vllm-omni is installed)"
+    )
     args = parser.parse_args(argv)
+    import importlib.util
+
+    parts = args.parts or [1, 2, 3] + ([4] if importlib.util.find_spec("vllm_omni") else [])
     # Parts 2 and 3 run here, like the replica's actors: MKL in strict mode, set before torch loads MKL.
     os.environ.setdefault("MKL_CBWR", STRICT_MKL)
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
 
     model = args.model or str(ensure_tiny_sd3(Path(tempfile.gettempdir()) / "verl_omni_models"))
-    asyncio.run(run(model, args.steps, args.rounds, args.threads))
+    asyncio.run(run(model, args.steps, args.rounds, args.threads, parts))
 
 
 if __name__ == "__main__":

@@ -65,13 +65,14 @@ CPU_FULL_WEIGHTS = (
 
 def engine_kwargs(pipeline_class: str, dtype: str, config: DiffusionRolloutConfig, device: str) -> dict[str, Any]:
     """``AsyncOmni`` keyword arguments: our custom pipeline, our worker extension, sleep mode (GPU only: vLLM's
-    CPU build has no cumem allocator to sleep with), batching window."""
+    CPU build has no cumem allocator to sleep with), the batching window and batch cap."""
     return {
         "custom_pipeline_args": {"pipeline_class": pipeline_class},
         "worker_extension_cls": WORKER_EXTENSION,
         "dtype": dtype,
         "enable_sleep_mode": device == "cuda",
         "request_batch_max_wait_ms": float(config.admission_window_ms),
+        "max_num_seqs": int(config.max_num_seqs),  # vllm-omni's default, 1, runs every request alone
     }
 
 
