@@ -1,12 +1,13 @@
-"""The ``vllm_omni`` rollout server without vllm-omni: request building, response translation, weight-update
-messages, ordering, abort/sleep and error paths.
+"""The ``vllm_omni`` rollout server where the real engine cannot be used here.
 
-vllm-omni has no CPU platform, so these tests drive the server against :class:`FakeAsyncOmni`, a double of
-vllm-omni's ``AsyncOmni`` with the same methods (``generate`` as an async iterator of ``OmniRequestOutput``-shaped
-objects, ``abort``, ``add_lora``/``remove_lora``, ``collective_rpc``, ``sleep``/``wake_up``, ``shutdown``). The
-double answers the way verl-omni's custom pipeline does: it samples with the project's one SDE loop (a toy
-velocity instead of a transformer) and packs the result with the same protocol functions. The real engine is
-tested by the GPU-only test at the end (skipped here, with the reason).
+The real engine (vllm-omni on vLLM's CPU build) is tested in tests/vllm_omni (`make test-vllm-omni`): generation,
+groups, trajectories, LoRA, abort, stats, close and the recipe. This file keeps, without vllm-omni installed:
+pure functions (request building, engine options, the LoRA scaling fold, RPC result checks), the answers a real
+engine gives only when something is wrong (a stock pipeline's output without a trajectory, another schedule), and
+what vLLM's CPU build cannot do at all: full-weight updates through the worker extension and sleep mode (GPU only).
+For those the server runs against :class:`FakeAsyncOmni`, a double of vllm-omni's ``AsyncOmni`` that answers the
+way verl-omni's custom pipeline does (the project's one SDE loop with a toy velocity, packed with the same protocol
+functions). The GPU engine test at the end runs only on a CUDA machine with a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ import pytest
 import torch
 from PIL import Image
 
-from verl_omni.pipelines.flow_match_sde import sample_sde_trajectory, sde_step_with_logprob
+from verl_omni.pipelines.flow_match_sde import sample_sde_trajectory
 from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
 from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
 from verl_omni.workers.rollout.vllm_omni_protocol import (
     EXTRA_ARGS_KEY,
-    FlowGRPOArgs,
-    pack_trajectory,
-)
-from verl_omni.workers.rollout.vllm_omni_server import VllmOmniRolloutServer, engine_kwargs, resolve_engine_dtype
-from verl_omni.workers.rollout.vllm_omni_worker_extension import (
     LOAD_WEIGHTS_METHOD,
     WORKER_EXTENSION,
-    VerlOmniWorkerExtension,
+    FlowGRPOArgs,
+    check_rpc_results,
+    pack_trajectory,
+)
+from verl_omni.workers.rollout.vllm_omni_server import (
+    VllmOmniRolloutServer,
+    engine_kwargs,
+    resolve_engine_dtype,
+    unit_scaled_lora,
 )
 
 SIZE = 16  # pixels; the fake checkpoint's VAE scale factor is 2, so latents are (4, 8, 8)
@@ -77,7 +81,7 @@ class FakeAsyncOmni:
     vllm-omni's stock SD3 pipeline (an image, no trajectory); ``"bad_timesteps"`` shifts the timesteps.
     """
 
-    def __init__(self, model_path: str, kwargs: dict[str, Any]):
+    def __init__(self, model_path: str, kwargs: dict[str, Any]):  # noqa: D107
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.model_path, self.kwargs = model_path, kwargs
@@ -139,6 +143,8 @@ class FakeAsyncOmni:
 
     async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs=None):
         self.calls.append(("collective_rpc", method, args))
+        if self.mode == "rpc_fails":  # as vllm-omni reports a worker call that raised
+            return [{"supported": False, "error": "Attempted to load weight into parameter"}]
         return [len(args[0])]
 
     async def sleep(self, level: int = 2) -> list:
@@ -207,10 +213,13 @@ def test_engine_options():
 
     assert resolve_engine_dtype("auto", "float16") == "float16" and resolve_engine_dtype("auto", None) == "bfloat16"
     assert resolve_engine_dtype("float32", "bfloat16") == "float32"
-    kwargs = engine_kwargs("pkg.Pipe", "bfloat16", DiffusionRolloutConfig(admission_window_ms=25))
+    kwargs = engine_kwargs("pkg.Pipe", "bfloat16", DiffusionRolloutConfig(admission_window_ms=25), "cuda")
     assert (
         kwargs["request_batch_max_wait_ms"] == 25.0 and kwargs["custom_pipeline_args"]["pipeline_class"] == "pkg.Pipe"
     )
+    assert kwargs["max_num_seqs"] == 16 and kwargs["enable_sleep_mode"] is True
+    # vLLM's CPU build has no cumem allocator: sleep mode would fail the engine's start-up.
+    assert engine_kwargs("pkg.Pipe", "float32", DiffusionRolloutConfig(), "cpu")["enable_sleep_mode"] is False
 
 
 @pytest.mark.parametrize(
@@ -236,44 +245,6 @@ async def test_bad_requests_fail_before_reaching_the_engine(make_server, call, m
 # ----- responses -------------------------------------------------------------------------------------
 
 
-async def test_the_output_is_a_diffusion_output_whose_steps_recompute_exactly(make_server):
-    server = make_server()
-    out = await server.generate("r1", "a cat", {"seed": 3, "sde_window": [1, 3], **STEPS})
-    full = scheduler_sigmas(server._scheduler, 4, SIZE, SIZE, 2, 2)
-    assert out.image.dtype == torch.uint8 and out.image.shape == (3, SIZE, SIZE) and int(out.image[0, 0, 0]) == 3
-    assert out.latents.shape == out.next_latents.shape == (2, 4, 8, 8) and out.log_probs.shape == (2,)
-    assert torch.equal(out.latents[1], out.next_latents[0])  # consecutive steps of one trajectory
-    assert torch.equal(out.sigmas, full[1:3]) and torch.equal(out.sigmas_next, full[2:4])
-    assert torch.equal(out.timesteps, full[1:3] * 1000)
-    assert out.prompt_embeds.shape == (3, 8) and out.pooled_prompt_embeds.shape == (6,)
-    assert out.negative_prompt_embeds.shape == (3, 8)  # CFG at the default guidance 4.5
-    assert out.model_version == 0 and out.extra_fields["sde_step_indices"] == [1, 2]
-    assert out.extra_fields["request_id"] == "r1" and out.extra_fields["server_id"] == "vo-0"
-    assert out.extra_fields["seed"] == 3 and out.extra_fields["generate_s"] >= 0
-    # What the trainer does with the stored transition gives back the stored log-prob, bit for bit.
-    for t in range(2):
-        v = toy_velocity(out.latents[t : t + 1], out.sigmas[t], out.prompt_embeds[None], out.pooled_prompt_embeds[None])
-        step = sde_step_with_logprob(
-            v, out.latents[t : t + 1], out.sigmas[t], out.sigmas_next[t], 0.7, prev_sample=out.next_latents[t : t + 1]
-        )
-        assert torch.equal(step.log_prob[0], out.log_probs[t])
-
-
-async def test_ode_sampling_records_nothing(make_server):
-    out = await make_server().generate("v", "a cat", {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0, **STEPS})
-    assert out.latents.shape == (0, 4, 8, 8) and out.log_probs.shape == (0,) and out.sigmas.shape == (0,)
-    assert out.prompt_embeds is None and out.negative_prompt_embeds is None and out.image.shape == (3, SIZE, SIZE)
-
-
-async def test_generate_group_keeps_the_order_and_sends_every_request(make_server):
-    server = make_server()
-    reqs = [{"request_id": f"g{i}", "prompt_ids": "a cat", "sampling_params": {"seed": i, **STEPS}} for i in range(3)]
-    outs = await server.generate_group(reqs)
-    assert [o.extra_fields["request_id"] for o in outs] == ["g0", "g1", "g2"]
-    assert [int(o.image[0, 0, 0]) for o in outs] == [0, 1, 2] and len(server.engine.requests) == 3
-    assert (await server.get_stats())["requests_served"] == 3
-
-
 @pytest.mark.parametrize(
     ("mode", "match"), [("stock", "carries no FlowGRPO trajectory"), ("bad_timesteps", "not the schedule's")]
 )
@@ -288,37 +259,40 @@ async def test_outputs_without_a_usable_trajectory_are_errors(make_server, mode,
 # ----- weights ---------------------------------------------------------------------------------------
 
 
-async def test_lora_updates_go_in_memory_and_replace_the_previous_adapter(make_server):
-    from omegaconf import OmegaConf
-
-    server = make_server()
-    lora = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 8)}
-    config = OmegaConf.create({"r": 2, "lora_alpha": 4, "target_modules": ["to_q", "to_k"]})
-    assert await server.update_weights(lora_state_dict=lora, lora_config=config) == 1
-    ((_, first),) = server.engine.calls
-    assert first.lora_int_id == 1 and os.path.isdir(first.lora_path)
-    assert first.peft_config == {"r": 2, "lora_alpha": 4, "target_modules": ["to_q", "to_k"]}  # plain dict
-    assert list(first.lora_tensors) == ["base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight"]
-    out = await server.generate("r1", "a cat", STEPS)
-    assert server.engine.requests[-1][1].lora_request is first and out.model_version == 1
-
-    assert await server.update_weights(lora_state_dict=lora, version=7) == 7  # same adapter shape, new weights
-    assert [c[0] for c in server.engine.calls] == ["add_lora", "add_lora", "remove_lora"]
-    assert server.engine.calls[1][1].lora_int_id == 2 and server.engine.calls[2] == ("remove_lora", 1)
-    assert (await server.get_stats())["lora_adapter_id"] == 2
-
-
 async def test_full_weights_go_to_every_worker_through_the_extension(make_server):
+    """GPU only (vLLM's CPU layers repack their weights; the CPU server refuses: tests/vllm_omni)."""
     server = make_server()
     state = {"pos_embed.proj.weight": torch.zeros(3)}
     assert await server.update_weights(state_dict=state) == 1
     assert server.engine.calls == [("collective_rpc", LOAD_WEIGHTS_METHOD, (state,))]
 
-    loaded: list[tuple[str, torch.Tensor]] = []
-    pipeline = SimpleNamespace(load_weights=lambda weights: {n for n, _ in weights if not loaded.append((n, 0))})
-    worker = SimpleNamespace(model_runner=SimpleNamespace(pipeline=pipeline))
-    assert getattr(VerlOmniWorkerExtension, LOAD_WEIGHTS_METHOD)(worker, state) == 1
-    assert loaded == [("transformer.pos_embed.proj.weight", 0)]  # diffusers names under the pipeline's prefix
+
+async def test_a_failed_full_weight_update_raises_and_keeps_the_version(make_server):
+    """vllm-omni answers a worker call that raised with a result, not an exception: the server must look."""
+    server = make_server()
+    server.engine.mode = "rpc_fails"
+    with pytest.raises(RuntimeError, match=r"vo-0: collective_rpc\('verl_omni_load_transformer_weights'\) failed"):
+        await server.update_weights(state_dict={"pos_embed.proj.weight": torch.zeros(3)})
+    assert server.version == 0
+
+
+def test_rpc_results_are_checked():
+    assert check_rpc_results([[True], 3], "m", "r0") == [[True], 3]
+    for bad in ([{"supported": False, "error": "boom"}], [{"todo": True}], [SimpleNamespace(status="FAILED")]):
+        with pytest.raises(RuntimeError, match=r"r0: collective_rpc\('m'\) failed: stage 0"):
+            check_rpc_results(bad, "m", "r0")
+
+
+def test_lora_scaling_is_folded_into_lora_b():
+    lora = {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2)}
+    tensors, config = unit_scaled_lora(lora, {"r": 2, "lora_alpha": 4, "target_modules": ["a"]})
+    assert config == {"r": 2, "lora_alpha": 2, "use_rslora": False, "target_modules": ["a"]}
+    assert torch.equal(tensors["a.lora_A.weight"], lora["a.lora_A.weight"])
+    assert torch.equal(tensors["a.lora_B.weight"], 2 * lora["a.lora_B.weight"])  # alpha / r
+    tensors, _ = unit_scaled_lora(lora, {"r": 4, "lora_alpha": 4, "use_rslora": True})
+    assert torch.equal(tensors["a.lora_B.weight"], 2 * lora["a.lora_B.weight"])  # alpha / sqrt(r)
+    with pytest.raises(ValueError, match="alpha_pattern"):
+        unit_scaled_lora(lora, {"r": 2, "alpha_pattern": {"a": 8}})
 
 
 @pytest.mark.parametrize(
@@ -337,55 +311,11 @@ async def test_bad_weight_updates_are_refused(make_server, kwargs, match):
     assert server.engine.calls == [] and server.version == 0
 
 
-async def test_an_update_waits_for_requests_in_flight_and_later_requests_wait_for_it(make_server):
-    server = make_server()
-    server.engine.hold = asyncio.Event()
-    first = asyncio.create_task(server.generate("old", "a cat", STEPS))
-    await asyncio.sleep(0.01)
-    update = asyncio.create_task(server.update_weights(version=5))
-    await asyncio.sleep(0.01)
-    later = asyncio.create_task(server.generate("new", "a cat", STEPS))
-    await asyncio.sleep(0.01)
-    assert not update.done() and len(server.engine.requests) == 1  # the later request is not sent yet
-    server.engine.hold.set()
-    assert (await first).model_version == 0 and await update == 5 and (await later).model_version == 5
-
-
 # ----- control ---------------------------------------------------------------------------------------
 
 
-async def test_abort_pauses_admission_and_reject_aborts_in_the_engine(make_server):
-    server = make_server()
-    server.engine.hold = asyncio.Event()
-    running = asyncio.create_task(server.generate("a", "a cat", STEPS))
-    await asyncio.sleep(0.01)
-    abort = asyncio.create_task(server.abort_all_requests())
-    await asyncio.sleep(0.01)
-    assert not abort.done()  # waits for the request in flight to finish
-    queued = asyncio.create_task(server.generate("b", "a cat", STEPS))
-    server.engine.hold.set()
-    await abort
-    assert (await running).extra_fields["request_id"] == "a" and not queued.done()
-    await server.resume_generation()
-    assert (await queued).extra_fields["request_id"] == "b"
-
-    server.engine.hold = asyncio.Event()
-    running = asyncio.create_task(server.generate("c", "a cat", STEPS))
-    await asyncio.sleep(0.01)
-    abort = asyncio.create_task(server.abort_all_requests(reject_request=True))
-    await asyncio.sleep(0.01)
-    server.engine.hold.set()
-    await abort
-    assert server.engine.calls[0][0] == "abort" and server.engine.calls[0][1][0].startswith("c-")
-    with pytest.raises(RuntimeError, match="'c' returned aborted"):
-        await running
-    with pytest.raises(RuntimeError, match="rejected: generation is aborted on vo-0"):
-        await server.generate("d", "a cat", STEPS)
-    await server.resume_generation()
-    await server.generate("e", "a cat", STEPS)
-
-
 async def test_sleep_offloads_and_an_update_wakes_the_engine(make_server):
+    """GPU only: sleep mode needs vLLM's cumem allocator (off on CPU, with a log line: tests/vllm_omni)."""
     server = make_server()
     await server.sleep()
     await server.sleep()  # idempotent
@@ -404,14 +334,14 @@ async def test_sleep_offloads_and_an_update_wakes_the_engine(make_server):
 
 
 def test_start_up_errors_name_the_problem(make_server, tmp_path):
-    with pytest.raises(ValueError, match="device='cpu': the vllm_omni rollout backend runs on CUDA GPUs only"):
-        VllmOmniRolloutServer(str(write_checkpoint(tmp_path / "a")), device="cpu")
+    with pytest.raises(ValueError, match="device='tpu' is not a device of the vllm_omni rollout backend; valid"):
+        VllmOmniRolloutServer(str(write_checkpoint(tmp_path / "a")), device="tpu")
     flux = write_checkpoint(tmp_path / "flux", "FluxPipeline")
     with pytest.raises(ValueError, match=r"'FluxPipeline' pipeline.*valid choices: StableDiffusion3Pipeline"):
         VllmOmniRolloutServer(str(flux))
 
 
-def test_the_replica_is_registered_and_refuses_cpu_placement(monkeypatch):
+def test_the_replica_is_registered_and_placed_like_the_diffusers_one(monkeypatch):
     import ray
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
@@ -421,14 +351,10 @@ def test_the_replica_is_registered_and_refuses_cpu_placement(monkeypatch):
 
     register_rollout_backends()
     assert RolloutReplicaRegistry.get("vllm_omni") is VllmOmniRolloutReplica
-    replica = SimpleNamespace(diffusion_config=DiffusionRolloutConfig(device="cpu"))
-    with pytest.raises(ValueError, match=r"diffusion.device='cpu' but actor_rollout_ref.rollout.name='vllm_omni'"):
-        VllmOmniRolloutReplica.placement(replica)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     replica = SimpleNamespace(diffusion_config=DiffusionRolloutConfig(num_gpus_per_replica=0.5))
-    with pytest.raises(ValueError, match="needs GPUs, but the Ray cluster has none"):
-        VllmOmniRolloutReplica.placement(replica)
+    assert VllmOmniRolloutReplica.placement(replica) == ("cpu", 0.0)  # vLLM's CPU build
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
     assert VllmOmniRolloutReplica.placement(replica) == ("cuda", 0.5)
 
@@ -440,7 +366,7 @@ GPU_MODEL = os.environ.get("VERL_OMNI_VLLM_OMNI_TEST_MODEL")
 
 @pytest.mark.skipif(
     not torch.cuda.is_available() or bool(missing_vllm_omni_modules()) or not GPU_MODEL,
-    reason="GPU only: vllm-omni has no CPU platform; needs CUDA, `pip install -e .[vllm-omni]` and "
+    reason="GPU only (the CPU engine runs in tests/vllm_omni): needs CUDA, `pip install -e .[vllm-omni]` and "
     "VERL_OMNI_VLLM_OMNI_TEST_MODEL=<SD3 checkpoint dir>",
 )
 async def test_real_engine_returns_a_recomputable_trajectory():

@@ -207,6 +207,45 @@ async def test_abort_pauses_admission_rejects_and_resumes(server):
     assert (await server.generate("after", PROMPT, {"seed": 2})).image.shape == (3, 64, 64)
 
 
+async def test_ode_sampling_records_nothing(server):
+    out = await server.generate("ode", PROMPT, {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0})
+    assert out.latents.shape[0] == 0 and out.log_probs.shape == (0,) and out.sigmas.shape == (0,)
+    assert out.prompt_embeds is None and out.image.shape == (3, 64, 64)
+
+
+async def test_an_update_waits_for_the_request_in_flight_and_later_requests_wait_for_it(server):
+    version = server.version
+    first = asyncio.ensure_future(server.generate("first", PROMPT, {"seed": 5, "num_inference_steps": 200}))
+    while not server._inflight:
+        await asyncio.sleep(0.01)
+    update = asyncio.ensure_future(server.update_weights(version=version + 10))
+    await asyncio.sleep(0)  # the update holds admission from here on
+    later = asyncio.ensure_future(server.generate("later", PROMPT, {"seed": 5}))
+    assert (await first).model_version == version  # weights change between requests, never during one
+    assert await update == version + 10 and (await later).model_version == version + 10
+
+
+def test_the_worker_extension_loads_transformer_weights_and_reports_what_it_skipped():
+    from types import SimpleNamespace
+
+    from verl_omni.workers.rollout.vllm_omni_protocol import LOAD_WEIGHTS_METHOD
+    from verl_omni.workers.rollout.vllm_omni_worker_extension import VerlOmniWorkerExtension
+
+    loaded: list[str] = []
+
+    def load_weights(weights):  # vllm-omni's pipeline loader: returns the names it loaded
+        names = [name for name, _ in weights]
+        loaded.extend(names)
+        return {n for n in names if "skip" not in n}
+
+    worker = SimpleNamespace(model_runner=SimpleNamespace(pipeline=SimpleNamespace(load_weights=load_weights)))
+    load = getattr(VerlOmniWorkerExtension, LOAD_WEIGHTS_METHOD)
+    assert load(worker, {"pos_embed.proj.weight": torch.zeros(3)}) == 1
+    assert loaded == ["transformer.pos_embed.proj.weight"]  # diffusers names under the pipeline's prefix
+    with pytest.raises(RuntimeError, match=r"1 of 2 transformer tensors were not loaded: \['transformer.skip'\]"):
+        load(worker, {"pos_embed.proj.weight": torch.zeros(3), "skip": torch.zeros(1)})
+
+
 async def test_stats_then_close(server):
     stats = await server.get_stats()
     assert stats["device"] == "cpu" and stats["in_flight"] == 0 and stats["requests_served"] >= 10
