@@ -133,6 +133,7 @@ class DiffusionActorWorker(Worker):
             self.model.enable_gradient_checkpointing()
         self.model = self._shard(self.model)
         self.model.train()
+        self.buffer_names = {n for n, _ in self.model.named_buffers()}
         named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.trainable_names = {n for n, _ in named_trainable}
         self.trainable = [p for _, p in named_trainable]
@@ -373,6 +374,9 @@ class DiffusionActorWorker(Worker):
     def get_rollout_weights(self, ema: bool = False) -> dict[str, Any] | None:
         """What the rollout replicas load: the LoRA adapter (with its config) or the full state dict.
 
+        The full state dict holds parameters only: buffers are not trained, the replicas loaded them from the same
+        model files in their own dtype, and this copy's are cast to the compute dtype (see ``precision``).
+
         ``ema=True``: the EMA weights instead of the trained ones (validation samples with them); an error when
         ``actor.ema.enable`` is off. Every rank takes part in gathering the shards; rank 0 returns the full
         tensors, the others None.
@@ -394,7 +398,7 @@ class DiffusionActorWorker(Worker):
                 "lora_state_dict": get_peft_model_state_dict(self.model, state_dict=state),
                 "lora_config": dict(self.lora_config),
             }
-        return {"state_dict": state}
+        return {"state_dict": {k: v for k, v in state.items() if k not in self.buffer_names}}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def state_dict(self) -> dict[str, Any] | None:
