@@ -97,6 +97,6 @@ def test_vllm_omni_replicas_train_lora_and_survive_a_killed_replica(tmp_path_fac
     deviations = [m["actor/ratio_max_abs_dev"] for m in steps]
     print(f"vllm_omni recipe: actor/ratio_max_abs_dev per step {[f'{d:.2g}' for d in deviations]}")
     print(f"requests resent after the kill: {sum(m['rollout_routing/requests_resent'] for m in steps):.0f}")
-    assert all(d < 0.05 for d in deviations)
+    assert all(d < 1e-4 for d in deviations)  # float32 on both sides; not bit-exact (vLLM's CPU GEMM)
     time.sleep(3)  # a killed actor's engine processes notice their parent is gone
     assert not [pid for pid in engine_pids if _alive(pid)], "vllm-omni processes outlived the run"
