@@ -40,10 +40,16 @@ _COLOR = None
 
 
 def slow_color(images: torch.Tensor, prompts: list[str], seconds_per_image: float = 0.2) -> torch.Tensor:
-    """The colour reward, made to cost ``seconds_per_image`` per image (the benchmark's slow scorer)."""
+    """The colour reward, made to cost ``seconds_per_image`` per image (the benchmark's slow scorer).
+
+    The sleep stands for a scorer elsewhere (a GPU, a reward service); the colour arithmetic itself runs on one
+    thread, so the worker's scoring threads do not each start a team of OpenMP threads that compete with the
+    replicas and the trainer for the CPU (they would measure this machine's core count, not the overlap).
+    """
     global _COLOR
     with _SCORER:
         if _COLOR is None:
+            torch.set_num_threads(1)
             _COLOR = get_reward_fn("geneval_color")
         time.sleep(seconds_per_image * len(prompts))
         return _COLOR(images, prompts)
