@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from recipe_runs import NO_VALIDATION, SMALL_RUN
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -22,18 +23,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 # Small and fast: 2 prompts x 4 samples, 4 denoising steps at 32x32, no tensorboard.
-FAST = [
-    "data.train_batch_size=2",
-    "actor_rollout_ref.rollout.n=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
-    "actor_rollout_ref.rollout.diffusion.num_inference_steps=4",
-    "actor_rollout_ref.rollout.diffusion.height=32",
-    "actor_rollout_ref.rollout.diffusion.width=32",
-    "trainer.logger=[console,file]",
-    "trainer.sample_freq=1",
-]
-NO_VALIDATION = ["trainer.test_freq=-1", "trainer.val_before_train=false"]
+FAST = [*SMALL_RUN, "trainer.sample_freq=1"]
 # Metrics of the policy update and its rollout: a pure function of the seed on CPU (timings and replica batch
 # sizes are not).
 TRAINING_PREFIXES = ("reward/", "actor/", "advantages/", "rollout/")

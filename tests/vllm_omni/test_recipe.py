@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from recipe_runs import NO_VALIDATION, SMALL_RUN
+
 from recipes.flowgrpo.chaos import _descends_from, actor_pids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,16 +25,8 @@ OVERRIDES = [
     "server_routing.policy=prompt_uid_affinity",
     "actor_rollout_ref.model.lora_rank=8",
     f"trainer.total_training_steps={STEPS}",
-    "data.train_batch_size=2",
-    "actor_rollout_ref.rollout.n=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
-    "actor_rollout_ref.rollout.diffusion.num_inference_steps=4",
-    "actor_rollout_ref.rollout.diffusion.height=32",
-    "actor_rollout_ref.rollout.diffusion.width=32",
-    "trainer.logger=[console,file]",
-    "trainer.test_freq=-1",
-    "trainer.val_before_train=false",
+    *SMALL_RUN,
+    *NO_VALIDATION,
     "trainer.save_freq=-1",
 ]
 

@@ -1,0 +1,17 @@
+"""Overrides shared by the tests that run the FlowGRPO recipe end to end: small and fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+# 2 prompts x 4 samples (8 images, two groups) per step, 4 denoising steps at 32 x 32, metrics to a file.
+SMALL_RUN = [
+    "data.train_batch_size=2",
+    "actor_rollout_ref.rollout.n=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.rollout.diffusion.num_inference_steps=4",
+    "actor_rollout_ref.rollout.diffusion.height=32",
+    "actor_rollout_ref.rollout.diffusion.width=32",
+    "trainer.logger=[console,file]",
+]
+# No validation rollouts (before training or during it).
+NO_VALIDATION = ["trainer.test_freq=-1", "trainer.val_before_train=false"]
