@@ -41,9 +41,21 @@ def _bad_input(path: str, expected: str, key: str) -> ValueError:
     return ValueError(f"{key}={path!r}: {expected}")
 
 
-def _read_txt(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+def _utf8_lines(path: Path, key: str) -> list[str]:
+    """The file's lines decoded as UTF-8; a bad byte names the key, the file and the line (Python's own error
+    gives only a byte offset)."""
+    lines = []
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            detail = f"line {line_no} is not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+            raise _bad_input(str(path), f"{detail}; expected a UTF-8 text file", key) from None
+    return lines
+
+
+def _read_txt(path: Path, key: str) -> list[str]:
+    return [line.strip() for line in _utf8_lines(path, key) if line.strip()]
 
 
 def _checked_prompt(value: Any, where: str, field: str, path: str, key: str) -> str:
@@ -54,19 +66,18 @@ def _checked_prompt(value: Any, where: str, field: str, path: str, key: str) -> 
 
 def _read_jsonl(path: Path, field: str, key: str) -> list[str]:
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _bad_input(str(path), f"line {line_no} is not valid JSON ({exc.msg})", key) from exc
-            if not isinstance(record, dict) or field not in record:
-                raise _bad_input(
-                    str(path), f"line {line_no} has no field {field!r}; expected a JSON object with {field!r}", key
-                )
-            prompts.append(_checked_prompt(record[field], f"line {line_no}", field, str(path), key))
+    for line_no, line in enumerate(_utf8_lines(path, key), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _bad_input(str(path), f"line {line_no} is not valid JSON ({exc.msg})", key) from exc
+        if not isinstance(record, dict) or field not in record:
+            raise _bad_input(
+                str(path), f"line {line_no} has no field {field!r}; expected a JSON object with {field!r}", key
+            )
+        prompts.append(_checked_prompt(record[field], f"line {line_no}", field, str(path), key))
     return prompts
 
 
@@ -105,7 +116,7 @@ def load_prompts(
         if not path.is_file():
             raise _bad_input(str(raw), "file not found; expected an existing prompt file", key)
         if suffix == ".txt":
-            prompts.extend(_read_txt(path))
+            prompts.extend(_read_txt(path, key))
         elif suffix == ".jsonl":
             prompts.extend(_read_jsonl(path, prompt_field, key))
         else:

@@ -24,13 +24,19 @@ from recipes.flowgrpo.cluster_resources import (
     ray_cluster_shape,
     training_ranks_per_node,
 )
-from recipes.flowgrpo.validate import validate_model_options, validate_recipe_config
+from recipes.flowgrpo.validate import (
+    check_override_keys,
+    resolve_config,
+    validate_model_options,
+    validate_recipe_config,
+)
 from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 
 if TYPE_CHECKING:
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
 
+DEFAULT_CONFIG_NAME = "flowgrpo_tiny"
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
 
 
@@ -41,6 +47,13 @@ class ConfigError(ValueError):
 def _joins_cluster(cfg: DictConfig) -> bool:
     ray_init = cfg.get("ray_kwargs", {}).get("ray_init", {}) or {}
     return bool(os.environ.get("RAY_ADDRESS") or ray_init.get("address"))
+
+
+def _built_tiny_model() -> str | None:
+    """The built-in tiny model's directory if a previous run built it (``ensure_pretrained_tiny_sd3``'s name for
+    seed 0), so its configs can be checked before the modules that build it load; else None (checked once built)."""
+    path = TINY_MODEL_CACHE / "tiny-sd3-color-seed0"
+    return str(path) if (path / "model_index.json").is_file() else None
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, float]]:
@@ -70,7 +83,10 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     Separate from :func:`run` so a caller (the multi-node test) can reach the actors the recipe placed.
     """
     # Resolve once, here: env vars and interpolations mean the driver's values on every node.
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        cfg = resolve_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     ray_init = OmegaConf.to_container(cfg.get("ray_kwargs", {}).get("ray_init", {}), resolve=True)
     ray_init = {
         "include_dashboard": False,
@@ -92,7 +108,8 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     try:
         cluster = cluster or local_cluster_shape(ray_init)  # the one node a local Ray will have
         # before a local Ray or any model; a request the nodes cannot hold fails here, not as a pending actor
-        prompts = validate_recipe_config(cfg, overrides=overrides, cluster=cluster)
+        model = cfg.actor_rollout_ref.model.get("path") or _built_tiny_model()
+        prompts = validate_recipe_config(cfg, overrides=overrides, cluster=cluster, image_size_model=model)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -174,13 +191,37 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
 register_config_resolvers()  # before Hydra composes: the search path names ${verl_config_dir:}
 
 
-@hydra.main(config_path="config", config_name="flowgrpo_tiny", version_base=None)
+def _refuse(err: Exception) -> None:
+    """The one way a bad config ends the recipe: one ``config error:`` line on stderr, exit 2."""
+    print(f"config error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Before Hydra composes: a ``key=value`` for a key the config lacks gets the nearest valid key (Hydra's own
+    message does not). Runs only on plain overrides and ``--config-name``; other flags are left to Hydra."""
+    overrides, config_name, args = [], DEFAULT_CONFIG_NAME, iter(argv)
+    for arg in args:
+        if arg in ("--config-name", "-cn"):
+            config_name = next(args, config_name)
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            return
+        else:
+            overrides.append(arg)
+    try:
+        check_override_keys(overrides, config_name)
+    except ValueError as err:
+        _refuse(err)
+
+
+@hydra.main(config_path="config", config_name=DEFAULT_CONFIG_NAME, version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg, overrides=list(HydraConfig.get().overrides.task))
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _refuse(err)
     except KeyboardInterrupt:
         print(
             f"Interrupted. The last checkpoint under {cfg.trainer.default_local_dir}/checkpoints is intact; "
@@ -190,4 +231,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

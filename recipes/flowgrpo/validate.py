@@ -6,12 +6,15 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from recipes.flowgrpo.cluster_resources import (
     ClusterShape,
@@ -57,12 +60,7 @@ class RecipePrompts(NamedTuple):
 def _validation_options(cfg: DictConfig) -> None:
     """verl's validation keys: ``trainer.test_freq``, ``trainer.val_before_train``, ``data.val_batch_size`` and
     ``actor_rollout_ref.rollout.val_kwargs.n``; ``diffusion_val`` overrides must make a valid sampling config."""
-    test_freq = cfg.trainer.get("test_freq")
-    if isinstance(test_freq, bool) or not isinstance(test_freq, int) or test_freq < -1:
-        raise ValueError(
-            f"trainer.test_freq={test_freq!r} is not valid; valid choices: a positive integer (validate every N "
-            "steps and after the last one), 0 or -1 (never)"
-        )
+    _frequency(cfg, "trainer.test_freq", "validate")
     before = cfg.trainer.get("val_before_train")
     if not isinstance(before, bool):
         raise ValueError(f"trainer.val_before_train={before!r} is not valid; valid choices: true, false")
@@ -129,6 +127,76 @@ def _number(cfg: DictConfig, dotted: str, low: float, *, strict: bool, nullable:
         raise ValueError(f"{dotted}={node!r} must be a finite number {bound}{' or null' if nullable else ''}")
 
 
+def _frequency(cfg: DictConfig, dotted: str, what: str, nullable: bool = False) -> None:
+    """A ``trainer.*_freq``: every N steps (N > 0) or never (0, -1); any other negative is a typo, not "never"."""
+    value: Any = OmegaConf.select(cfg, dotted)
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(
+            f"{dotted}={value!r} is not valid; valid choices: a positive integer ({what} every N steps and after "
+            f"the last one), 0 or -1{', null' if nullable else ''} (never)"
+        )
+
+
+# verl's tracking backends (verl.utils.tracking.Tracking.supported_backend): listed here because importing verl
+# takes seconds (torch, Ray); tests/test_recipe_configs.py keeps the two lists equal.
+TRACKING_BACKENDS = (
+    "wandb",
+    "mlflow",
+    "swanlab",
+    "vemlp_wandb",
+    "tensorboard",
+    "console",
+    "clearml",
+    "trackio",
+    "file",
+    "rl_insight",
+)
+
+
+def _logger_names(cfg: DictConfig) -> None:
+    """``trainer.logger`` names verl trackers only: verl's own check asserts after Ray and the models started."""
+    loggers = cfg.trainer.get("logger")
+    names = [loggers] if isinstance(loggers, str) else list(loggers or [])
+    unknown = [name for name in names if name not in TRACKING_BACKENDS]
+    if unknown:
+        raise ValueError(
+            f"trainer.logger={names} has {', '.join(repr(n) for n in unknown)}, not a verl tracker; valid choices: "
+            f"{', '.join(TRACKING_BACKENDS)}"
+        )
+
+
+def _model_options(cfg: DictConfig) -> None:
+    """``actor_rollout_ref.model.lora_rank``: 0 trains every weight, > 0 a LoRA adapter; a negative rank would
+    silently train every weight."""
+    rank = cfg.actor_rollout_ref.model.get("lora_rank", 0)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(
+            f"actor_rollout_ref.model.lora_rank={rank!r} is not valid; valid choices: 0 (full fine-tuning) or a "
+            "positive integer (the LoRA rank)"
+        )
+
+
+def _micro_batch_fits(cfg: DictConfig, train_ranks: int) -> None:
+    """A micro-batch larger than a rank's share of the mini-batch would be cut down silently: say so instead."""
+    actor = cfg.actor_rollout_ref.actor
+    mini, micro = int(actor.ppo_mini_batch_size), int(actor.ppo_micro_batch_size_per_gpu)
+    per_rank = mini // train_ranks
+    if micro > per_rank:
+        raise ValueError(
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} is larger than a training rank's share of "
+            f"the mini-batch (ppo_mini_batch_size={mini} / {train_ranks} rank(s) = {per_rank}); valid: an integer "
+            f"in [1, {per_rank}]"
+        )
+
+
+def _ray_init_options(cfg: DictConfig) -> None:
+    """Ray's CPU and GPU counts, checked as the keys the user set (not as the cluster they would make)."""
+    _number(cfg, "ray_kwargs.ray_init.num_cpus", 0, strict=True, nullable=True)
+    _number(cfg, "ray_kwargs.ray_init.num_gpus", 0, strict=False, nullable=True)
+
+
 def _training_options(cfg: DictConfig) -> None:
     """Numbers and enums of the training loop that would otherwise fail late (or silently do nothing)."""
     _number(cfg, "actor_rollout_ref.actor.optim.lr", 0, strict=True)
@@ -153,10 +221,13 @@ def _training_options(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.resume_from_path={path!r} is not a checkpoint directory (needed by resume_mode=resume_path)"
             )
-    for key in ("save_freq", "sample_freq", "seed"):
-        value = trainer.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"trainer.{key}={value!r} must be an integer")
+    _frequency(cfg, "trainer.save_freq", "save a checkpoint", nullable=True)
+    _frequency(cfg, "trainer.sample_freq", "save sample grids", nullable=True)
+    seed = trainer.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"trainer.seed={seed!r} must be an integer")
+    _positive_int(cfg, "trainer.sample_scale")  # pixels per image pixel in the sample grids
+    _logger_names(cfg)
     _check_writable("trainer.default_local_dir", str(trainer.default_local_dir))
 
 
@@ -186,12 +257,81 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         key = override.lstrip("+").split("=", 1)[0].strip()
         if key.startswith(_OPEN_SECTIONS) or key in ("reward.kwargs", "reward.weights"):
             continue
-        parent, _, leaf = key.rpartition(".")
-        siblings = OmegaConf.select(cfg, parent) if parent else cfg
-        known = [k for k in (siblings.keys() if isinstance(siblings, DictConfig) else []) if k != leaf]
-        close = difflib.get_close_matches(leaf, known, n=1)
-        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        hint = _nearest_key_hint(cfg, key)
         raise ValueError(f"{key} is not a key of the recipe config (added with {override.split('=')[0]}){hint}")
+
+
+def _nearest_key_hint(cfg: DictConfig, key: str) -> str:
+    """``; did you mean <the closest sibling key>?`` for a key ``cfg`` lacks, or ``""`` when none is close."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = OmegaConf.select(cfg, parent) if parent else cfg
+    known = [k for k in (siblings.keys() if isinstance(siblings, DictConfig) else []) if k != leaf]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+
+
+def check_override_keys(overrides: list[str], config_name: str) -> None:
+    """Refuse a ``key=value`` override (no ``+``) for a key the recipe config lacks, like the ``+`` case.
+
+    Hydra refuses it too, but with a multi-line message and exit 1; composing once more here (a fraction of a
+    second) lets the recipe name the nearest valid key. Any other composition problem is left to Hydra.
+    """
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from recipes.flowgrpo.config_compose import compose_recipe
+
+    try:
+        compose_recipe(*overrides, config_name=config_name)
+        return
+    except ConfigCompositionException as err:
+        cause = err.__cause__
+        missing = getattr(cause, "full_key", None) if isinstance(cause, ConfigAttributeError | ConfigKeyError) else None
+    bad = next((o for o in overrides if missing and (o.split("=", 1)[0] + ".").startswith(missing + ".")), None)
+    if bad is None:
+        return
+    try:
+        cfg = compose_recipe(*(o for o in overrides if o is not bad), config_name=config_name)
+    except ConfigCompositionException:
+        return
+    key, _, value = bad.partition("=")
+    raise ValueError(f"{key}={value}: {missing} is not a key of the recipe config{_nearest_key_hint(cfg, missing)}")
+
+
+_REQUIRED_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)\}")  # no default: the variable must be set
+
+
+def resolve_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with every interpolation resolved; a variable the config requires (``${oc.env:NAME}``) that is
+    unset is named in one line with the key that reads it, instead of OmegaConf's traceback about whichever
+    key happened to resolve first."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except InterpolationResolutionError as err:
+        unset = [(key, name) for key, name in _env_references(cfg) if name not in os.environ]
+        if not unset:
+            raise ValueError(str(err).splitlines()[0]) from None
+        names = ", ".join(dict.fromkeys(name for _, name in unset))
+        keys = ", ".join(f"{key}=${{oc.env:{name}}}" for key, name in unset)
+        raise ValueError(
+            f"{keys}: set the environment variable(s) {names} (the paths this config needs), or set the key(s) "
+            "on the command line"
+        ) from None
+
+
+def _env_references(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(dotted key, variable) for each leaf of ``cfg`` that reads a required environment variable."""
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, str):
+            found.extend((prefix.rstrip("."), name) for name in _REQUIRED_ENV.findall(node))
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return found
 
 
 def validate_model_options(cfg: DictConfig, model_path: str) -> None:
@@ -199,15 +339,7 @@ def validate_model_options(cfg: DictConfig, model_path: str) -> None:
 
     Run once the model path is known (the tiny model is built first), still before Ray starts.
     """
-    from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
-
-    spec = DiffusersModelSpec.from_path(model_path)
-    rollout = cfg.actor_rollout_ref.rollout
-    for section in ("diffusion", "diffusion_val"):
-        for key in ("height", "width"):
-            value = OmegaConf.select(rollout, f"{section}.{key}")
-            if value is not None:
-                spec.check_image_size(f"actor_rollout_ref.rollout.{section}.{key}", value)
+    validate_image_sizes(cfg, model_path)
     model = cfg.actor_rollout_ref.model
     if int(model.get("lora_rank", 0) or 0) > 0:
         targets = model.get("target_modules")
@@ -220,6 +352,20 @@ def validate_model_options(cfg: DictConfig, model_path: str) -> None:
                 f"actor_rollout_ref.model.target_modules has {missing}, which match no module of the transformer; "
                 f"module names end in e.g. {leaves[:12]}"
             )
+
+
+def validate_image_sizes(cfg: DictConfig, model_path: str) -> None:
+    """Heights and widths the model's VAE and transformer take, read from its JSON configs (no torch, no weights),
+    so this check answers as fast as the others."""
+    from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+
+    spec = DiffusersModelSpec.from_path(model_path)
+    rollout = cfg.actor_rollout_ref.rollout
+    for section in ("diffusion", "diffusion_val"):
+        for key in ("height", "width"):
+            value = OmegaConf.select(rollout, f"{section}.{key}")
+            if value is not None:
+                spec.check_image_size(f"actor_rollout_ref.rollout.{section}.{key}", value)
 
 
 def _transformer_module_names(model_path: str) -> list[str]:
@@ -261,14 +407,19 @@ def validate_recipe_config(
     available_gpus: int | None = None,
     overrides: list[str] | None = None,
     cluster: ClusterShape | None = None,
+    image_size_model: str | None = None,
 ) -> RecipePrompts:
     """Check the config; returns the training and validation prompts. ``available_gpus`` defaults to this
     machine's (or ``cluster``'s); ``overrides`` (the command line's) are checked for keys added with ``+``;
     ``cluster`` (the Ray nodes the run will use) adds the per-node placement checks, so an impossible request
-    fails here instead of hanging on placement."""
+    fails here instead of hanging on placement. ``image_size_model`` (the model directory the run will load) has
+    its JSON configs checked against the image sizes before anything loads torch; None leaves that check to
+    :func:`validate_model_options`."""
     if available_gpus is None and cluster is not None:
         available_gpus = int(cluster.gpus)
     check_added_keys(cfg, list(overrides or []))
+    _model_options(cfg)
+    _ray_init_options(cfg)
     prompt_key = cfg.data.get("prompt_key", "prompt")
     train_files = cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE)
     prompts = load_prompts(train_files, prompt_field=prompt_key, key=TRAIN_FILES_KEY)
@@ -320,6 +471,8 @@ def validate_recipe_config(
         index = json.loads((Path(model_path).expanduser() / "model_index.json").read_text())
         if "transformer" not in index:
             raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' to train")
+    if image_size_model is not None:  # before the checks below load torch
+        validate_image_sizes(cfg, image_size_model)
     validate_rollout_backend(cfg, available_gpus)
 
     ActorFSDPConfig.from_actor_config(cfg.actor_rollout_ref.actor)
@@ -328,6 +481,7 @@ def validate_recipe_config(
     check_training_split(
         batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks, on_gpu=train_on_gpu
     )
+    _micro_batch_fits(cfg, train_ranks)
 
     from verl_omni.rewards.registry import reward_factory  # the reward's own module may load torch:
     from verl_omni.rewards.weighted import reward_specs  # after the checks that need nothing
