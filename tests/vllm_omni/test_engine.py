@@ -254,3 +254,11 @@ async def test_stats_then_close(server):
     server._api = None  # closed: the fixture does not close it again
     with pytest.raises(RuntimeError):
         await server.generate("closed", PROMPT, {"seed": 1})
+
+
+def test_the_vllm_omni_patch_series_applies_and_imports(capsys):
+    """patches/vllm-omni: upstream-bound changes to vllm-omni, checked against the installed release."""
+    from verl_omni.patches.__main__ import main
+
+    assert main(["--package", "vllm_omni", "check"]) == 0, capsys.readouterr().out
+    assert "1 applied, 0 already upstream, 0 failed -- OK" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``python -m verl_omni.patches {list,check}``: show the patch series, or check it against the installed verl.
+"""``python -m verl_omni.patches [--package vllm_omni] {list,check}``: show a patch series, or check it against
+the installed package (verl: ``patches/series``; vllm-omni: ``patches/vllm-omni/series``).
 
 Exit status: 0 when every patch applied (or is already upstream) and the patched copy imports,
 1 when a patch failed or the import failed, 2 for a malformed series (missing file, bad header).
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from verl_omni.patches.check import (
     FAILED,
+    PACKAGES,
     check_series,
     installed_verl_dir,
     installed_verl_version,
@@ -27,9 +29,9 @@ def _indent(text: str, prefix: str = "      ") -> str:
     return textwrap.fill(text, width=_WRAP, initial_indent=prefix, subsequent_indent=prefix)
 
 
-def cmd_list(patches_dir: Path) -> int:
+def cmd_list(patches_dir: Path, package: str = "verl") -> int:
     """Print each patch in series order with its purpose, overlay class and upstream status."""
-    series = read_series(patches_dir)
+    series = read_series(patches_dir, package)
     print(f"{patches_dir / 'series'}: {len(series)} patch(es)")
     for i, patch in enumerate(series, start=1):
         print(f"{i:>3}. {patch.name}  [{patch.subject}]")
@@ -41,13 +43,15 @@ def cmd_list(patches_dir: Path) -> int:
     return 0
 
 
-def cmd_check(patches_dir: Path, verl_dir: Path | None, tool: str | None, run_import: bool) -> int:
-    """Apply the series to a temporary copy of verl and report each patch; 1 on any failure."""
-    series = read_series(patches_dir)
-    source = verl_dir or installed_verl_dir()
-    version = installed_verl_version() if verl_dir is None else "from --verl-dir"
-    print(f"checking {len(series)} patch(es) from {patches_dir / 'series'} against verl {version} at {source}")
-    report = check_series(series, source, tool=tool, run_import=run_import)
+def cmd_check(
+    patches_dir: Path, verl_dir: Path | None, tool: str | None, run_import: bool, package: str = "verl"
+) -> int:
+    """Apply the series to a temporary copy of the package and report each patch; 1 on any failure."""
+    series = read_series(patches_dir, package)
+    source = verl_dir or installed_verl_dir(package)
+    version = installed_verl_version(package) if verl_dir is None else "from --verl-dir"
+    print(f"checking {len(series)} patch(es) from {patches_dir / 'series'} against {package} {version} at {source}")
+    report = check_series(series, source, tool=tool, run_import=run_import, package=package)
     width = max((len(r.status) for r in report.results), default=0)
     for r in report.results:
         print(f"  {r.status:<{width}}  {r.patch.name}")
@@ -67,6 +71,9 @@ def cmd_check(patches_dir: Path, verl_dir: Path | None, tool: str | None, run_im
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m verl_omni.patches", description=__doc__.splitlines()[0])
     parser.add_argument("--patches-dir", type=Path, default=None, help="folder holding 'series' (default: ./patches)")
+    parser.add_argument(
+        "--package", choices=sorted(PACKAGES), default="verl", help="the package the series patches (default: verl)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the series with each patch's purpose")
     check = sub.add_parser("check", help="apply the series to a temporary copy of the installed verl")
@@ -76,9 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         patches_dir = args.patches_dir or default_patches_dir()
+        if args.package != "verl" and args.patches_dir is None:
+            patches_dir = patches_dir / args.package.replace("_", "-")
         if args.command == "list":
-            return cmd_list(patches_dir)
-        return cmd_check(patches_dir, args.verl_dir, args.tool, not args.no_import)
+            return cmd_list(patches_dir, args.package)
+        return cmd_check(patches_dir, args.verl_dir, args.tool, not args.no_import, args.package)
     except (PatchSeriesError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
-"""Apply the patch series to a throwaway copy of the installed verl and prove the result imports.
+"""Apply the patch series to a throwaway copy of the installed verl (or vllm-omni) and prove the result imports.
 
-Nothing here touches site-packages: the installed ``verl`` package is copied into a temporary
+Nothing here touches site-packages: the installed package (``verl`` by default) is copied into a temporary
 folder, the series is applied there in order, and the patched copy is imported in a separate
 Python process whose ``sys.path`` starts with that folder. A patch whose reverse applies cleanly is
 reported as already upstream (the installed verl has the change), so the series can shrink.
@@ -49,28 +49,32 @@ class CheckReport:
         return all(r.status != FAILED for r in self.results) and self.import_ok is not False
 
 
-def installed_verl_dir() -> Path:
-    """The source folder of the installed ``verl`` package, found without importing it."""
-    spec = importlib.util.find_spec("verl")
+# The packages a series may patch: import name -> distribution name and how to install it.
+PACKAGES = {"verl": ("verl", "pip install verl==0.9.1"), "vllm_omni": ("vllm-omni", "make install-vllm-omni")}
+
+
+def installed_verl_dir(package: str = "verl") -> Path:
+    """The source folder of the installed ``package`` (verl by default), found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("verl is not installed in this environment (pip install verl==0.9.1)")
+        raise FileNotFoundError(f"{package} is not installed in this environment ({PACKAGES[package][1]})")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def installed_verl_version() -> str:
-    """The installed verl's version from package metadata (``unknown`` without one), for the report."""
+def installed_verl_version(package: str = "verl") -> str:
+    """The installed package's version from its metadata (``unknown`` without one), for the report."""
     try:
-        return importlib.metadata.version("verl")
+        return importlib.metadata.version(PACKAGES[package][0])
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
-def copy_verl(source: Path, root: Path) -> Path:
-    """Copy a ``verl`` package folder to ``root/verl`` (no bytecode), so ``-p1`` paths resolve under root."""
+def copy_verl(source: Path, root: Path, package: str = "verl") -> Path:
+    """Copy a package folder to ``root/<package>`` (no bytecode), so ``-p1`` paths resolve under root."""
     source = Path(source)
     if not (source / "__init__.py").is_file():
         raise FileNotFoundError(f"{source} is not a Python package folder (no __init__.py)")
-    dest = Path(root) / "verl"
+    dest = Path(root) / package
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
@@ -127,18 +131,17 @@ def apply_series(series: Sequence[Patch], root: Path, tool: str | None = None) -
 
 _IMPORT_PROBE = """
 import importlib, os, sys
-root = os.path.realpath(sys.argv[1])
-import verl
-where = os.path.realpath(verl.__file__)
+root, package = os.path.realpath(sys.argv[1]), sys.argv[2]
+where = os.path.realpath(importlib.import_module(package).__file__)
 if not where.startswith(root + os.sep):
-    sys.exit(f"imported verl from {where}, not from the patched copy under {root}")
-for name in sys.argv[2:]:
+    sys.exit(f"imported {package} from {where}, not from the patched copy under {root}")
+for name in sys.argv[3:]:
     importlib.import_module(name)
-print(f"imported {', '.join(sys.argv[2:])} from {os.path.dirname(where)}")
+print(f"imported {', '.join(sys.argv[3:])} from {os.path.dirname(where)}")
 """
 
 
-def import_patched(root: Path, modules: Sequence[str], timeout: float = 600) -> tuple[bool, str]:
+def import_patched(root: Path, modules: Sequence[str], timeout: float = 600, package: str = "verl") -> tuple[bool, str]:
     """Import ``modules`` from the patched copy under ``root`` in a fresh interpreter.
 
     The copy goes first on ``sys.path`` (PYTHONPATH and cwd); the probe fails if ``verl`` still
@@ -149,10 +152,10 @@ def import_patched(root: Path, modules: Sequence[str], timeout: float = 600) -> 
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONNOUSERSITE"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    modules = list(dict.fromkeys(modules)) or ["verl"]
+    modules = list(dict.fromkeys(modules)) or [package]
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _IMPORT_PROBE, str(root), *modules],
+            [sys.executable, "-c", _IMPORT_PROBE, str(root), package, *modules],
             cwd=root,
             env=env,
             capture_output=True,
@@ -174,16 +177,17 @@ def check_series(
     *,
     tool: str | None = None,
     run_import: bool = True,
+    package: str = "verl",
 ) -> CheckReport:
     """Copy verl to a temporary folder, apply the series, and import the result; the folder is then removed.
 
     The import is skipped when a patch failed: the copy is then known broken and the failure is
     already reported against the patch that caused it.
     """
-    source = Path(verl_source) if verl_source else installed_verl_dir()
+    source = Path(verl_source) if verl_source else installed_verl_dir(package)
     with tempfile.TemporaryDirectory(prefix="verl-omni-patches-") as tmp:
         root = Path(tmp)
-        copy_verl(source, root)
+        copy_verl(source, root, package)
         report = CheckReport(results=apply_series(series, root, tool))
         if not run_import:
             report.import_detail = "skipped (--no-import)"
@@ -191,5 +195,5 @@ def check_series(
             report.import_detail = "skipped: a patch failed"
         else:
             modules = [m for r in report.results for m in r.patch.modules]
-            report.import_ok, report.import_detail = import_patched(root, modules)
+            report.import_ok, report.import_detail = import_patched(root, modules, package=package)
     return report

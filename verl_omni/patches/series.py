@@ -1,7 +1,8 @@
 """Read ``patches/series`` and the header of each patch it lists.
 
 A patch file is a free-text header of ``Key: value`` fields (indented lines continue a value)
-followed by a unified diff against the pinned verl. The header says why the patch exists, which
+followed by a unified diff against the pinned verl (``patches/series``) or, in its own series, against another
+package the overlay builds on (``patches/vllm-omni/series``: vllm-omni). The header says why the patch exists, which
 overlay class gives the same behaviour today, and where it stands upstream, so a reviewer can tell
 what the overlay could drop once verl takes the change.
 """
@@ -95,8 +96,8 @@ def parse_header(text: str, source: str) -> tuple[dict[str, str], str]:
     return header, "".join(lines[start:])
 
 
-def diff_targets(body: str, source: str) -> tuple[str, ...]:
-    """Paths a diff touches, with the ``a/``/``b/`` prefix stripped (``-p1``); all must be under verl/."""
+def diff_targets(body: str, source: str, package: str = "verl") -> tuple[str, ...]:
+    """Paths a diff touches, with the ``a/``/``b/`` prefix stripped (``-p1``); all must be under ``package``/."""
     targets: list[str] = []
     old = None
     for line in body.splitlines():
@@ -108,8 +109,8 @@ def diff_targets(body: str, source: str) -> tuple[str, ...]:
             if path is None or path == "/dev/null":
                 raise PatchSeriesError(f"{source}: a '+++' line without a file to patch")
             stripped = path.split("/", 1)[1] if "/" in path else path
-            if not stripped.startswith("verl/"):
-                raise PatchSeriesError(f"{source}: touches {path!r}; patches here apply to the verl package only")
+            if not stripped.startswith(f"{package}/"):
+                raise PatchSeriesError(f"{source}: touches {path!r}; patches here apply to the {package} package only")
             if stripped not in targets:
                 targets.append(stripped)
     if not targets:
@@ -117,17 +118,17 @@ def diff_targets(body: str, source: str) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def read_patch(path: Path, name: str | None = None) -> Patch:
-    """Parse one patch file (header + diff)."""
+def read_patch(path: Path, name: str | None = None, package: str = "verl") -> Patch:
+    """Parse one patch file (header + diff) against ``package``."""
     name = name or path.name
     if not path.is_file():
         raise PatchSeriesError(f"patch {name!r} does not exist (looked for {path})")
     header, body = parse_header(path.read_text(encoding="utf-8"), name)
-    return Patch(name=name, path=path, header=header, targets=diff_targets(body, name))
+    return Patch(name=name, path=path, header=header, targets=diff_targets(body, name, package))
 
 
-def read_series(patches_dir: Path) -> list[Patch]:
-    """The patches listed in ``patches_dir/series``, in order; ``#`` starts a comment.
+def read_series(patches_dir: Path, package: str = "verl") -> list[Patch]:
+    """The patches listed in ``patches_dir/series`` (against ``package``), in order; ``#`` starts a comment.
 
     A missing series file, a missing or duplicated patch, or a malformed header raises
     ``PatchSeriesError`` naming the file and, for entries, the series line.
@@ -149,13 +150,17 @@ def read_series(patches_dir: Path) -> list[Patch]:
         path = patches_dir / entry
         if not path.is_file():
             raise PatchSeriesError(f"{where}: patch {entry!r} listed in series does not exist (looked for {path})")
-        patches.append(read_patch(path, entry))
+        patches.append(read_patch(path, entry, package))
     return patches
 
 
 def unlisted_patches(patches_dir: Path, series: list[Patch]) -> list[str]:
-    """``*.patch`` files under ``patches_dir`` that the series does not list (likely forgotten)."""
+    """``*.patch`` files under ``patches_dir`` that the series does not list (likely forgotten); a subfolder with a
+    ``series`` of its own is another package's series and is not looked into."""
     listed = {p.path.resolve() for p in series}
+    own = [d for d in Path(patches_dir).iterdir() if d.is_dir() and (d / "series").is_file()]
     return sorted(
-        str(p.relative_to(patches_dir)) for p in Path(patches_dir).rglob("*.patch") if p.resolve() not in listed
+        str(p.relative_to(patches_dir))
+        for p in Path(patches_dir).rglob("*.patch")
+        if p.resolve() not in listed and not any(d in p.parents for d in own)
     )
