@@ -65,11 +65,15 @@ def test_parquet_and_multiple_files(tmp_path):
         ("empty.txt", "\n\n", "holds no prompts"),
         ("bad.jsonl", "{not json\n", "line 1 is not valid JSON"),
         ("null.jsonl", '{"prompt": null}\n', "must be a non-empty string"),
+        ("latin1.txt", b"a cat\nbad \xff line\n", r"line 2 is not valid UTF-8 \(byte 0xff at column 5\)"),
+        ("latin1.jsonl", b'{"prompt": "a"}\n{"prompt": "\xe9"}\n', r"line 2 is not valid UTF-8 \(byte 0xe9"),
     ],
 )
 def test_bad_prompt_files_name_key_and_value(tmp_path, name, content, match):
     path = tmp_path / name
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=r"data\.train_files") as info:
         load_prompts(path)

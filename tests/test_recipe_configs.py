@@ -329,6 +329,26 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
             ],
             r"Unknown option\(s\) \['q'\] in reward\.kwargs\.jpeg_compressibility",
         ),
+        (
+            ["actor_rollout_ref.model.lora_rank=-8"],
+            r"actor_rollout_ref\.model\.lora_rank=-8 is not valid; valid choices: 0 \(full fine-tuning\) or a posi",
+        ),
+        (
+            ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32"],
+            r"ppo_micro_batch_size_per_gpu=32 is larger than .* \(ppo_mini_batch_size=16 / 1 rank\(s\) = 16\); valid: "
+            r"an integer in \[1, 16\]",
+        ),
+        (
+            ["trainer.logger=[tensorboard,wandbx]"],
+            r"trainer\.logger=\['tensorboard', 'wandbx'\] has 'wandbx', not a verl tracker; valid choices: wandb,",
+        ),
+        (["trainer.sample_scale=0"], r"trainer\.sample_scale=0 must be a positive integer"),
+        (
+            ["trainer.save_freq=-3"],
+            r"trainer\.save_freq=-3 is not valid; valid choices: a positive integer \(save a checkpoint every N",
+        ),
+        (["trainer.sample_freq=-2"], r"trainer\.sample_freq=-2 is not valid; valid choices: a positive integer"),
+        (["ray_kwargs.ray_init.num_cpus=0"], r"ray_kwargs\.ray_init\.num_cpus=0 must be a finite number > 0 or null"),
     ],
     ids=[
         "unknown-policy",
@@ -372,6 +392,13 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
         "name-and-weights",
         "kwargs-of-no-reward",
         "unknown-weighted-option",
+        "negative-lora-rank",
+        "micro-over-mini",
+        "unknown-logger",
+        "zero-sample-scale",
+        "negative-save-freq",
+        "negative-sample-freq",
+        "zero-ray-cpus",
     ],
 )
 def test_bad_config_raises_naming_the_key(tiny_env: None, tmp_path: Path, overrides: list[str], pattern: str) -> None:
@@ -385,6 +412,97 @@ def test_bad_config_raises_naming_the_key(tiny_env: None, tmp_path: Path, overri
     cfg = compose_recipe(TINY, overrides)
     with pytest.raises(ValueError, match=pattern):
         validate_recipe_config(cfg, available_gpus=0, overrides=overrides)
+
+
+def test_never_frequencies_are_accepted(tiny_env: None, tmp_path: Path) -> None:
+    """-1 and 0 (and null for the save and sample frequencies) keep meaning "never"."""
+    for value in ("-1", "0", "null"):
+        overrides = [
+            f"trainer.save_freq={value}",
+            f"trainer.sample_freq={value}",
+            f"trainer.default_local_dir={tmp_path}",
+        ]
+        validate_recipe_config(compose_recipe(TINY, overrides), available_gpus=0)
+
+
+def test_logger_names_are_verls() -> None:
+    """The recipe lists verl's tracker names (importing verl takes seconds); the two lists stay equal."""
+    from verl.utils.tracking import Tracking
+
+    from recipes.flowgrpo.validate import TRACKING_BACKENDS
+
+    assert list(TRACKING_BACKENDS) == list(Tracking.supported_backend)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        (
+            "actor_rollout_ref.rollout.diffusion.guidance_scal=3",
+            r"^actor_rollout_ref\.rollout\.diffusion\.guidance_scal=3: actor_rollout_ref\.rollout\.diffusion\."
+            r"guidance_scal is not a key of the recipe config; did you mean actor_rollout_ref\.rollout\.diffusion\."
+            r"guidance_scale\?$",
+        ),
+        (
+            "actor_rollout_ref.rolout.n=3",
+            r"actor_rollout_ref\.rolout is not a key .*did you mean actor_rollout_ref\.rollout\?",
+        ),
+    ],
+)
+def test_key_typo_without_plus_names_the_nearest_key(override: str, pattern: str) -> None:
+    from recipes.flowgrpo.validate import check_override_keys
+
+    GlobalHydra.instance().clear()
+    with pytest.raises(ValueError, match=pattern):
+        check_override_keys([override, "trainer.seed=1"], TINY)
+    check_override_keys(["trainer.seed=1", "+trainer.anything=2"], TINY)  # valid (the + case is checked later)
+
+
+def test_unset_env_var_is_named_in_one_line(sd35_env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from recipes.flowgrpo.validate import resolve_config
+
+    monkeypatch.delenv("MODEL_PATH")
+    monkeypatch.delenv("PICKSCORE_PATH")
+    with pytest.raises(ValueError, match=r"^actor_rollout_ref\.model\.path=\$\{oc\.env:MODEL_PATH\}, ") as info:
+        resolve_config(compose_recipe(SD35))
+    assert "set the environment variable(s) MODEL_PATH, PICKSCORE_PATH" in str(info.value)
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("MODEL_PATH", str(sd35_env["model"]))
+    with pytest.raises(ValueError, match=r"^reward\.kwargs\.model_path=\$\{oc\.env:PICKSCORE_PATH\}: set the"):
+        resolve_config(compose_recipe(SD35))
+
+
+def write_json_pipeline(path: Path) -> Path:
+    """A diffusers SD3 pipeline directory with its JSON configs only (no weights): enough for the config checks."""
+    components = {name: ["diffusers", "X"] for name in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")}
+    write_pipeline(path, components)
+    for name in components:
+        (path / name).mkdir()
+    (path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 8, 8, 8], "latent_channels": 4}))
+    (path / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2, "sample_size": 16}))
+    return path
+
+
+def test_image_size_is_checked_from_json_without_torch(tiny_env: None, tmp_path: Path) -> None:
+    """A height that is not a multiple of 16 is refused by the checks that run before torch loads (a fresh
+    interpreter, so modules other tests imported do not count)."""
+    model = write_json_pipeline(tmp_path / "model")
+    script = (
+        "import sys\n"
+        "from recipes.flowgrpo.config_compose import compose_recipe\n"
+        "from recipes.flowgrpo.validate import validate_recipe_config\n"
+        f"cfg = compose_recipe('actor_rollout_ref.rollout.diffusion.height=100', "
+        f"'trainer.default_local_dir={tmp_path / 'run'}')\n"
+        "try:\n"
+        f"    validate_recipe_config(cfg, available_gpus=0, image_size_model={str(model)!r})\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "actor_rollout_ref.rollout.diffusion.height=100 is not a multiple of 16" in proc.stdout
+    assert proc.stdout.strip().endswith("no torch")
 
 
 # ------------------------------------------------------------------ shell scripts
