@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pipeline_dirs import write_json_pipeline
 
 from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
 
@@ -31,6 +33,45 @@ REPO = Path(__file__).resolve().parents[1]
             "actor_rollout_ref.rollout.diffusion.chunk_size=17",
             "actor_rollout_ref.rollout.diffusion.chunk_size=17 must be an integer in [1, max_num_seqs=16]",
         ),
+        (
+            "actor_rollout_ref.model.lora_rank=-8",
+            "config error: actor_rollout_ref.model.lora_rank=-8 is not valid; valid choices: 0 (full fine-tuning) or "
+            "a positive integer (the LoRA rank)",
+        ),
+        (
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
+            "config error: actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32 is larger than a training rank's "
+            "share of the mini-batch (ppo_mini_batch_size=16 / 1 rank(s) = 16); valid: an integer in [1, 16]",
+        ),
+        (
+            "trainer.logger=[tensorboard,wandbx]",
+            "config error: trainer.logger=['tensorboard', 'wandbx'] has 'wandbx', not a verl tracker; valid choices: ",
+        ),
+        ("trainer.sample_scale=0", "config error: trainer.sample_scale=0 must be a positive integer"),
+        (
+            "actor_rollout_ref.rollout.diffusion.guidance_scal=3",
+            "config error: actor_rollout_ref.rollout.diffusion.guidance_scal=3: actor_rollout_ref.rollout.diffusion."
+            "guidance_scal is not a key of the recipe config; did you mean actor_rollout_ref.rollout.diffusion."
+            "guidance_scale?",
+        ),
+        (
+            "data.train_files=BADUTF8",
+            "bad_utf8.txt': line 2 is not valid UTF-8 (byte 0xff at column 5); expected a UTF-8 text file",
+        ),
+        (
+            "trainer.save_freq=-3",
+            "config error: trainer.save_freq=-3 is not valid; valid choices: a positive integer (save a checkpoint "
+            "every N steps and after the last one), 0 or -1, null (never)",
+        ),
+        (
+            "ray_kwargs.ray_init.num_cpus=0",
+            "config error: ray_kwargs.ray_init.num_cpus=0 must be a finite number > 0 or null",
+        ),
+        (
+            "actor_rollout_ref.rollout.diffusion.height=100",
+            "config error: actor_rollout_ref.rollout.diffusion.height=100 is not a multiple of 16 (VAE scale factor 8 "
+            "x transformer patch size 2)",
+        ),
         pytest.param(
             "actor_rollout_ref.rollout.name=vllm_omni",
             "actor_rollout_ref.rollout.name='vllm_omni' needs the vllm-omni extra",
@@ -39,15 +80,35 @@ REPO = Path(__file__).resolve().parents[1]
     ],
 )
 def test_bad_config_exits_2_with_one_line_before_ray(override: str, message: str, tmp_path: Path) -> None:
+    bad_utf8 = tmp_path / "bad_utf8.txt"
+    bad_utf8.write_bytes(b"a cat\nbad \xff line\n")
+    model = write_json_pipeline(tmp_path / "model")  # the height check reads this model's JSON configs
+    args = [override.replace("BADUTF8", str(bad_utf8)), f"trainer.default_local_dir={tmp_path / 'run'}"]
+    if not override.startswith("actor_rollout_ref.model."):
+        args.append(f"actor_rollout_ref.model.path={model}")
+    assert_refused(args, message, tmp_path / "run")
+
+
+def test_sd35_config_without_its_paths_names_the_env_vars(tmp_path: Path) -> None:
+    """The GPU config started directly (as its docs allow) without MODEL_PATH / PICKSCORE_PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "PICKSCORE_PATH")}
+    args = ["--config-name", "flowgrpo_sd35_medium_lora", f"trainer.default_local_dir={tmp_path / 'run'}"]
+    assert_refused(args, "set the environment variable(s) MODEL_PATH, PICKSCORE_PATH", tmp_path / "run", env=env)
+
+
+def assert_refused(args: list[str], message: str, run_dir: Path, env: dict[str, str] | None = None) -> None:
+    """The recipe exits 2 with one ``config error:`` line holding ``message``, before Ray, writing nothing."""
     proc = subprocess.run(
-        [sys.executable, "-m", "recipes.flowgrpo.main", override, f"trainer.default_local_dir={tmp_path}"],
+        [sys.executable, "-m", "recipes.flowgrpo.main", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
-    assert not (tmp_path / "config.yaml").exists()  # nothing was written either
+    assert not (run_dir / "config.yaml").exists()  # nothing was written either

@@ -16,6 +16,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+from pipeline_dirs import write_json_pipeline
 
 from recipes.flowgrpo import config_compose
 from recipes.flowgrpo.validate import num_rollout_replicas, validate_recipe_config
@@ -470,17 +471,6 @@ def test_unset_env_var_is_named_in_one_line(sd35_env: dict[str, Path], monkeypat
     monkeypatch.setenv("MODEL_PATH", str(sd35_env["model"]))
     with pytest.raises(ValueError, match=r"^reward\.kwargs\.model_path=\$\{oc\.env:PICKSCORE_PATH\}: set the"):
         resolve_config(compose_recipe(SD35))
-
-
-def write_json_pipeline(path: Path) -> Path:
-    """A diffusers SD3 pipeline directory with its JSON configs only (no weights): enough for the config checks."""
-    components = {name: ["diffusers", "X"] for name in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")}
-    write_pipeline(path, components)
-    for name in components:
-        (path / name).mkdir()
-    (path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 8, 8, 8], "latent_channels": 4}))
-    (path / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2, "sample_size": 16}))
-    return path
 
 
 def test_image_size_is_checked_from_json_without_torch(tiny_env: None, tmp_path: Path) -> None:
