@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
         ),
         (
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
-            "config error: actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32 is larger than a training rank's "
-            "share of the mini-batch (ppo_mini_batch_size=16 / 1 rank(s) = 16); valid: an integer in [1, 16]",
+            "config error: actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32 is larger than "
+            "actor_rollout_ref.actor.ppo_mini_batch_size=16; valid: an integer in [1, 16]",
         ),
         (
             "trainer.logger=[tensorboard,wandbx]",

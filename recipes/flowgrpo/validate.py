@@ -178,16 +178,15 @@ def _model_options(cfg: DictConfig) -> None:
         )
 
 
-def _micro_batch_fits(cfg: DictConfig, train_ranks: int) -> None:
-    """A micro-batch larger than a rank's share of the mini-batch would be cut down silently: say so instead."""
+def _micro_batch_fits(cfg: DictConfig) -> None:
+    """A micro-batch larger than the whole mini-batch is a mistake the actor would hide (it cuts the micro-batch
+    to the rows it has). A rank's share below the micro-batch is not refused: it follows from the rank count."""
     actor = cfg.actor_rollout_ref.actor
     mini, micro = int(actor.ppo_mini_batch_size), int(actor.ppo_micro_batch_size_per_gpu)
-    per_rank = mini // train_ranks
-    if micro > per_rank:
+    if micro > mini:
         raise ValueError(
-            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} is larger than a training rank's share of "
-            f"the mini-batch (ppo_mini_batch_size={mini} / {train_ranks} rank(s) = {per_rank}); valid: an integer "
-            f"in [1, {per_rank}]"
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} is larger than "
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}; valid: an integer in [1, {mini}]"
         )
 
 
@@ -481,7 +480,7 @@ def validate_recipe_config(
     check_training_split(
         batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks, on_gpu=train_on_gpu
     )
-    _micro_batch_fits(cfg, train_ranks)
+    _micro_batch_fits(cfg)
 
     from verl_omni.rewards.registry import reward_factory  # the reward's own module may load torch:
     from verl_omni.rewards.weighted import reward_specs  # after the checks that need nothing
