@@ -204,6 +204,7 @@ def _training_options(cfg: DictConfig) -> None:
     _number(cfg, "actor_rollout_ref.actor.grad_clip", 0, strict=True)
     _number(cfg, "algorithm.adv_clip_max", 0, strict=True, nullable=True)
     _number(cfg, "trainer.progress_interval_s", 0, strict=False, nullable=True)  # 0 or null: no progress lines
+    _number(cfg, "trainer.preempt_grace_s", 0, strict=True)  # how long a stop signal waits for the step in flight
     _positive_int(cfg, "actor_rollout_ref.actor.ppo_epochs")  # 0 epochs would train nothing and exit 0
     if not isinstance(cfg.algorithm.get("global_std", False), bool):
         raise ValueError(f"algorithm.global_std={cfg.algorithm.global_std!r} is not valid; valid choices: true, false")

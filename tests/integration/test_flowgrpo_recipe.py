@@ -153,25 +153,57 @@ def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cac
     assert resumed[0]["data"]["val/reward/mean"] == first_run[2]["data"]["val/reward/mean"]
 
 
-def test_ctrl_c_leaves_last_checkpoint_intact(cache, tmp_path):
-    run_dir = tmp_path / "interrupted"
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
-        f"trainer.default_local_dir={run_dir}",
-        *FAST,
-        "trainer.total_training_steps=200",
-        "trainer.save_freq=1",
-    ]
+def _run_until_a_step(run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
+    """The recipe as a subprocess, returned once it has logged its first training step."""
+    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and '"reward/mean"' in metrics.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("run ended or stalled before its first step: " + proc.communicate()[0][-3000:])
+        time.sleep(0.5)
+    return proc
+
+
+def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, cache, tmp_path):
+    """Preemption: SIGTERM lets the step in flight finish, writes a checkpoint and exits 0 (no checkpoint was due:
+    save_freq=-1); the same command then continues like the uninterrupted run."""
+    run_dir = tmp_path / "preempted"
+    overrides = ("trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.sample_freq=-1", *NO_VALIDATION)
+    proc = _run_until_a_step(run_dir, cache, *overrides)
     try:
-        deadline = time.monotonic() + 300
-        while find_latest_checkpoint(run_dir / "checkpoints") is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled before a checkpoint"
-            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: stopped after step" in out and "run the same command to resume" in out
+    step, path = find_latest_checkpoint(run_dir / "checkpoints")
+    assert load_checkpoint(path, weights_only=False)["trainer"]["step"] == step in (1, 2)
+
+    _main(run_dir, cache, *overrides)
+    rows = [r["data"] for r in _metrics(run_dir / "metrics.jsonl") if "reward/mean" in r["data"]]
+    straight = [r["data"] for r in _metrics(plain_run / "metrics.jsonl") if "reward/mean" in r["data"]]
+    assert len(rows) == len(straight) == 3
+    for key in ("reward/mean", "reward/std", "actor/pg_loss", "actor/grad_norm"):
+        assert [r[key] for r in rows] == [r[key] for r in straight], key
+
+
+def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(cache, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    proc = _run_until_a_step(run_dir, cache, "trainer.total_training_steps=200", "trainer.save_freq=1")
+    try:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        seen = []
+        for line in proc.stdout:  # the first signal is handled (two at once would arrive as one)
+            seen.append(line)
+            if "SIGINT received" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out = "".join(seen) + proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             proc.kill()

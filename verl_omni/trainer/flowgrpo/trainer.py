@@ -20,6 +20,7 @@ from verl.protocol import DataProto
 from verl.utils.tracking import Tracking
 
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, nonzero_advantage_rows
+from verl_omni.trainer.flowgrpo.preemption import GracefulStop
 from verl_omni.trainer.flowgrpo.rollout_batch import rollout_rows
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
@@ -109,6 +110,7 @@ class FlowGRPOTrainer:
         # a line every progress_interval_s while a phase runs: the step line alone can be minutes apart on CPU
         self.heartbeat = Heartbeat(float(config.trainer.get("progress_interval_s", 60) or 0), write=tqdm.write)
         self.replicas_lost = 0
+        self.stopped: str | None = None  # why the run stopped before its last step (a stop signal), if it did
         self.version = 0
         self.start_step = 0
         self.history: list[dict[str, float]] = []
@@ -249,7 +251,8 @@ class FlowGRPOTrainer:
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, float]]:
-        """Train until ``trainer.total_training_steps``; returns the per-step metric history."""
+        """Train until ``trainer.total_training_steps``, or until a stop signal (``GracefulStop``: then
+        ``stopped`` says why); returns the per-step metric history."""
         self._resume()
         if self.start_step == 0:
             self._sync_weights()
@@ -265,29 +268,49 @@ class FlowGRPOTrainer:
             range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps, disable=None
         )
         bar.set_description("FlowGRPO")
-        try:
-            for step in bar:
-                # validation of the policy after `step` updates: the one this step's rollout samples from
-                val_metrics = self._validate(step) if self.validates_at(step) else {}
-                metrics = self._train_step(step, algo)
-                self.history.append({"step": step, **metrics})
-                tracker.log(data={**metrics, **val_metrics}, step=step)
-                tqdm.write(self._console_line(step, metrics, val_metrics))
-                self._warn_off_policy(step, metrics)
-                done = step + 1
-                if save_freq > 0 and (done % save_freq == 0 or done == self.total_steps):
-                    self._save(done)
-            if self.start_step < self.total_steps and self.validates_at(self.total_steps):
-                val_metrics = self._validate(self.total_steps)
-                tracker.log(data=val_metrics, step=self.total_steps)
-                tqdm.write(f"validation after step {self.total_steps}: val {val_metrics['val/reward/mean']:.3f}")
-        finally:
-            bar.close()
-            for backend in getattr(tracker, "logger", {}).values():
-                if hasattr(backend, "finish"):
-                    backend.finish()
+        stop = GracefulStop(float(self.config.trainer.get("preempt_grace_s", 20)), write=tqdm.write)
+        with stop:
+            try:
+                self._loop(bar, tracker, algo, save_freq, stop)
+            except KeyboardInterrupt:
+                if not stop.expired:  # Ctrl-C twice (or a signal outside the grace logic): the caller reports it
+                    raise
+                self.stopped = f"{stop.requested}: the step in flight was abandoned after the grace period"
+                tqdm.write(f"{self.stopped}; {self._resume_hint()}")
+            finally:
+                bar.close()
+                for backend in getattr(tracker, "logger", {}).values():
+                    if hasattr(backend, "finish"):
+                        backend.finish()
         self._save_reward_curve()
         return self.history
+
+    def _loop(self, bar: Any, tracker: Any, algo: DictConfig, save_freq: int, stop: GracefulStop) -> None:
+        """The steps, each saved when ``save_freq`` says so or when a stop signal came during it."""
+        for step in bar:
+            # validation of the policy after `step` updates: the one this step's rollout samples from
+            val_metrics = self._validate(step) if self.validates_at(step) else {}
+            metrics = self._train_step(step, algo)
+            self.history.append({"step": step, **metrics})
+            tracker.log(data={**metrics, **val_metrics}, step=step)
+            tqdm.write(self._console_line(step, metrics, val_metrics))
+            self._warn_off_policy(step, metrics)
+            done = step + 1
+            if stop.requested or (save_freq > 0 and (done % save_freq == 0 or done == self.total_steps)):
+                self._save(done)
+            if stop.requested:
+                self.stopped = f"{stop.requested}: stopped after step {done} of {self.total_steps}"
+                tqdm.write(f"{self.stopped}, checkpoint written; {self._resume_hint()}")
+                return
+        if self.start_step < self.total_steps and self.validates_at(self.total_steps):
+            val_metrics = self._validate(self.total_steps)
+            tracker.log(data=val_metrics, step=self.total_steps)
+            tqdm.write(f"validation after step {self.total_steps}: val {val_metrics['val/reward/mean']:.3f}")
+
+    def _resume_hint(self) -> str:
+        found = find_latest_checkpoint(self.ckpt_dir)
+        newest = f"the newest checkpoint is {found[1]}" if found else "no checkpoint was written yet"
+        return f"{newest}; run the same command to resume"
 
     def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
         timings: dict[str, float] = {}
