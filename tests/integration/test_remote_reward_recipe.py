@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipe_runs import NO_VALIDATION, SMALL_RUN
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -20,19 +21,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 # 2 prompts x 4 samples (8 images, two groups) per step, 4 denoising steps at 32 x 32, no validation
-FAST = [
-    "data.train_batch_size=2",
-    "actor_rollout_ref.rollout.n=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
-    "actor_rollout_ref.rollout.diffusion.num_inference_steps=4",
-    "actor_rollout_ref.rollout.diffusion.height=32",
-    "actor_rollout_ref.rollout.diffusion.width=32",
-    "trainer.logger=[console,file]",
-    "trainer.test_freq=-1",
-    "trainer.val_before_train=false",
-    "trainer.save_freq=1",
-]
+FAST = [*SMALL_RUN, *NO_VALIDATION, "trainer.save_freq=1"]
 
 
 def _serve(reward: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
