@@ -217,6 +217,21 @@ def test_auto_dtype_is_float32_on_cpu_as_the_trainer_computes(make_server):
     assert make_server(device="cpu", dtype="bfloat16").engine.kwargs["dtype"] == "bfloat16"
 
 
+def test_an_engine_that_lost_a_port_race_is_started_again(checkpoint):
+    """Two replicas starting together can race for vllm-omni's torch.distributed port (seen once on CPU)."""
+    attempts = []
+
+    def factory(model_path: str, kwargs: dict[str, Any]) -> SimpleNamespace:
+        attempts.append(model_path)
+        if len(attempts) == 1:
+            raise RuntimeError("Orchestrator initialization failed: ... code: -98, name: EADDRINUSE, message: ...")
+        return SimpleNamespace(engine=FakeAsyncOmni(model_path, kwargs), sampling_params_cls=SamplingParams)
+
+    assert VllmOmniRolloutServer(checkpoint, engine_factory=factory).engine is not None and len(attempts) == 2
+    with pytest.raises(ValueError, match="another error"):  # anything else is not retried
+        VllmOmniRolloutServer(checkpoint, engine_factory=lambda *_: (_ for _ in ()).throw(ValueError("another error")))
+
+
 def test_engine_options():
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 

@@ -105,6 +105,26 @@ def unit_scaled_lora(
     return {k: v * scaling if ".lora_B." in k else v for k, v in lora_state_dict.items()}, config
 
 
+ENGINE_START_ATTEMPTS = 3
+
+
+def _start_engine(factory: EngineFactory, model_path: str, kwargs: dict[str, Any], server_id: str) -> Any:
+    """``factory(model_path, kwargs)``, tried again when the engine lost a port race.
+
+    vllm-omni picks its torch.distributed port as a free one and binds it later; replicas (or anything else) starting
+    at the same time can take it in between, and start-up fails with EADDRINUSE (seen with two replicas starting
+    beside a busy test run). Each attempt picks a new port.
+    """
+    for attempt in range(1, ENGINE_START_ATTEMPTS + 1):
+        try:
+            return factory(model_path, kwargs)
+        except Exception as exc:
+            if "EADDRINUSE" not in str(exc) or attempt == ENGINE_START_ATTEMPTS:
+                raise
+            logger.warning("%s: vllm-omni lost a port race at start-up (attempt %d); again", server_id, attempt)
+    raise AssertionError("unreachable")
+
+
 def _exit_with_parent(engine: Any, server_id: str, poll_s: float = 1.0) -> None:
     """End this process (engine first) once its parent is gone.
 
@@ -165,7 +185,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
 
             engine_factory = start_async_omni
         start = time.perf_counter()
-        self._api = engine_factory(self.spec.path, kwargs)
+        self._api = _start_engine(engine_factory, self.spec.path, kwargs, self.server_id)
         self.engine = self._api.engine
         self.engine_start_s = time.perf_counter() - start
         _exit_with_parent(self.engine, self.server_id)
