@@ -53,7 +53,7 @@ $(VO_STAMP): pyproject.toml setup.py
 install-vllm-omni: $(VO_STAMP)
 
 test-vllm-omni: $(VO_STAMP)
-	$(VO_PY) -m pytest -q tests/vllm_omni
+	$(VO_PY) -m pytest -q tests/vllm_omni_engine
 
 # Apply patches/series to a temporary copy of the installed verl and import it (never site-packages).
 patches-check: $(STAMP)

@@ -1,6 +1,6 @@
 """The ``vllm_omni`` rollout server where the real engine cannot be used here.
 
-The real engine (vllm-omni on vLLM's CPU build) is tested in tests/vllm_omni (`make test-vllm-omni`): generation,
+The real engine (vllm-omni on vLLM's CPU build) is tested in tests/vllm_omni_engine (`make test-vllm-omni`): generation,
 groups, trajectories, LoRA, abort, stats, close and the recipe. This file keeps, without vllm-omni installed:
 pure functions (request building, engine options, the LoRA scaling fold, RPC result checks), the answers a real
 engine gives only when something is wrong (a stock pipeline's output without a trajectory, another schedule), and
@@ -282,7 +282,7 @@ async def test_outputs_without_a_usable_trajectory_are_errors(make_server, mode,
 
 
 async def test_full_weights_go_to_every_worker_through_the_extension(make_server):
-    """GPU only (vLLM's CPU layers repack their weights; the CPU server refuses: tests/vllm_omni)."""
+    """GPU only (vLLM's CPU layers repack their weights; the CPU server refuses: tests/vllm_omni_engine)."""
     server = make_server()
     state = {"pos_embed.proj.weight": torch.zeros(3)}
     assert await server.update_weights(state_dict=state) == 1
@@ -337,7 +337,7 @@ async def test_bad_weight_updates_are_refused(make_server, kwargs, match):
 
 
 async def test_sleep_offloads_and_an_update_wakes_the_engine(make_server):
-    """GPU only: sleep mode needs vLLM's cumem allocator (off on CPU, with a log line: tests/vllm_omni)."""
+    """GPU only: sleep mode needs vLLM's cumem allocator (off on CPU, with a log line: tests/vllm_omni_engine)."""
     server = make_server()
     await server.sleep()
     await server.sleep()  # idempotent
@@ -388,7 +388,7 @@ GPU_MODEL = os.environ.get("VERL_OMNI_VLLM_OMNI_TEST_MODEL")
 
 @pytest.mark.skipif(
     not torch.cuda.is_available() or bool(missing_vllm_omni_modules()) or not GPU_MODEL,
-    reason="GPU only (the CPU engine runs in tests/vllm_omni): needs CUDA, `pip install -e .[vllm-omni]` and "
+    reason="GPU only (the CPU engine runs in tests/vllm_omni_engine): needs CUDA, `pip install -e .[vllm-omni]` and "
     "VERL_OMNI_VLLM_OMNI_TEST_MODEL=<SD3 checkpoint dir>",
 )
 async def test_real_engine_returns_a_recomputable_trajectory():

@@ -1,6 +1,6 @@
 """Real-engine tests of the ``vllm_omni`` rollout backend: vllm-omni 0.28 on vLLM's CPU build, with the tiny SD3
 model built locally. They need the ``vllm-omni-cpu`` extra, which `make test` does not install (tests/conftest.py
-leaves this folder out where vllm-omni is missing): `make test-vllm-omni` builds .venv-vllm-omni and runs them."""
+leaves this folder out where vllm-omni is not installed): `make test-vllm-omni` builds .venv-vllm-omni and runs them."""
 
 from __future__ import annotations
 
