@@ -8,7 +8,6 @@ agent-loop workers (0.01 CPU each) are placed before the training rank, and its 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
+from pipeline_dirs import write_json_pipeline
 
 from recipes.flowgrpo import config_compose
 from recipes.flowgrpo.cluster_resources import AGENT_LOOP_WORKER_CPUS, ClusterNode, ClusterShape
@@ -38,11 +38,7 @@ ON_CPU = [
 
 @pytest.fixture()
 def model_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    model = tmp_path / "sd35"
-    model.mkdir()
-    (model / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
-    )
+    model = write_json_pipeline(tmp_path / "sd35")  # the model checks, which run first, pass on its configs
     monkeypatch.setenv("MODEL_PATH", str(model))
     monkeypatch.delenv("VERL_OMNI_PROMPTS", raising=False)
     return model

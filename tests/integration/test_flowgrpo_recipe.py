@@ -196,6 +196,9 @@ def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(cache, tmp
     run_dir = tmp_path / "interrupted"
     proc = _run_until_a_step(run_dir, cache, "trainer.total_training_steps=200", "trainer.save_freq=1")
     try:
+        deadline = time.monotonic() + 120  # the step's metrics are logged before its checkpoint is written
+        while find_latest_checkpoint(run_dir / "checkpoints") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         seen = []
         for line in proc.stdout:  # the first signal is handled (two at once would arrive as one)
