@@ -15,3 +15,16 @@ SMALL_RUN = [
 ]
 # No validation rollouts (before training or during it).
 NO_VALIDATION = ["trainer.test_freq=-1", "trainer.val_before_train=false"]
+# The SD3.5 LoRA recipe on CPU (the tiny model at MODEL_PATH): only placement and image size change; precision,
+# LoRA, CFG, steps, clip range and chunking stay as shipped.
+SD35_ON_CPU = [
+    "--config-name",
+    "flowgrpo_sd35_medium_lora",
+    "reward.name=geneval_color",
+    "~reward.kwargs",
+    "trainer.n_gpus_per_node=0",
+    "actor_rollout_ref.rollout.n_gpus_per_node=2",
+    "actor_rollout_ref.rollout.diffusion.device=cpu",
+    "actor_rollout_ref.rollout.diffusion.height=64",
+    "actor_rollout_ref.rollout.diffusion.width=64",
+]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from pipeline_dirs import write_json_pipeline
+from recipe_runs import SD35_ON_CPU
 
 from recipes.flowgrpo import config_compose
 from recipes.flowgrpo.cluster_resources import AGENT_LOOP_WORKER_CPUS, ClusterNode, ClusterShape
@@ -23,15 +24,7 @@ from recipes.flowgrpo.validate import validate_recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 ON_CPU = [
-    "--config-name",
-    "flowgrpo_sd35_medium_lora",
-    "reward.name=geneval_color",
-    "~reward.kwargs",
-    "trainer.n_gpus_per_node=0",
-    "actor_rollout_ref.rollout.n_gpus_per_node=2",
-    "actor_rollout_ref.rollout.diffusion.device=cpu",
-    "actor_rollout_ref.rollout.diffusion.height=64",
-    "actor_rollout_ref.rollout.diffusion.width=64",
+    *SD35_ON_CPU,
     "data.train_batch_size=4",
 ]
 

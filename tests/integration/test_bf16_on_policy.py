@@ -17,22 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipe_runs import SD35_ON_CPU as SD35_CPU_BASE
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-# The CPU stand-in for the GPU recipe: only placement, size and batch shrink; precision, LoRA, CFG,
-# steps, clip range and chunking stay as shipped.
+# The CPU stand-in for the GPU recipe: only placement, size and batch shrink.
 SD35_ON_CPU = [
-    "--config-name",
-    "flowgrpo_sd35_medium_lora",
-    "reward.name=geneval_color",
-    "~reward.kwargs",
-    "trainer.n_gpus_per_node=0",
-    "actor_rollout_ref.rollout.n_gpus_per_node=2",
-    "actor_rollout_ref.rollout.diffusion.device=cpu",
-    "actor_rollout_ref.rollout.diffusion.height=64",
-    "actor_rollout_ref.rollout.diffusion.width=64",
+    *SD35_CPU_BASE,
     "data.train_batch_size=2",
     "actor_rollout_ref.rollout.n=4",
     "actor_rollout_ref.actor.ppo_mini_batch_size=8",
