@@ -14,13 +14,19 @@ from recipes.flowgrpo.data import (
     DEFAULT_PROMPTS_FILE,
     DEFAULT_VAL_PROMPTS_FILE,
     VAL_FILES_KEY,
+    PromptBatch,
     PromptBatcher,
     ValidationBatches,
     load_prompts,
     prompt_uid,
-    row_seed,
     validation_seed,
 )
+from verl_omni.utils.seeding import row_seed
+
+
+def row_seeds(batch: PromptBatch) -> list[int]:
+    """The seeds the rollout draws each row's noise from (``meta_info`` seed, step and global row index)."""
+    return [row_seed(batch.base_seed, batch.step, r) for r in batch.row_index]
 
 
 def test_shipped_prompts():
@@ -91,8 +97,8 @@ def test_batch_is_interleaved_with_uids_rows_and_seeds():
         assert len(set(batch.prompts[rows])) == 1 and len(set(batch.uids[rows])) == 1
     assert len(set(batch.uids)) == 3
     assert batch.prompts == [prompts[i] for i in batch.prompt_index]
-    assert batch.seeds == [row_seed(7, 5, r) for r in range(12)]
-    assert len(set(batch.seeds)) == 12  # the copies of a prompt sample different noise
+    assert row_seeds(batch) == [row_seed(7, 5, r) for r in range(12)]
+    assert len(set(row_seeds(batch))) == 12  # the copies of a prompt sample different noise
 
 
 def test_every_epoch_visits_every_prompt_once_and_epochs_differ():
@@ -125,7 +131,7 @@ def test_resume_with_changed_prompts_is_refused():
 
 def test_seeds_and_uids_are_stable_across_processes():
     code = (
-        "from recipes.flowgrpo.data import row_seed, prompt_uid;"
+        "from recipes.flowgrpo.data import prompt_uid; from verl_omni.utils.seeding import row_seed;"
         "print(row_seed(1, 2, 3), prompt_uid(1, 2, 3), row_seed(0, 0, 0))"
     )
     repo_root = Path(__file__).resolve().parents[1]
@@ -185,12 +191,12 @@ def test_validation_rows_are_interleaved_groups_with_fixed_seeds():
     (batch,) = ValidationBatches(prompts, n=2, seed=7).batches()
     assert batch.prompts == ["a", "a", "b", "b", "c", "c"] and batch.prompt_index == [0, 0, 1, 1, 2, 2]
     assert batch.uids[0] == batch.uids[1] != batch.uids[2] == batch.uids[3] != batch.uids[4]
-    assert batch.row_index == list(range(6)) and len(set(batch.seeds)) == 6
+    assert batch.row_index == list(range(6)) and len(set(row_seeds(batch))) == 6
     assert batch.base_seed == validation_seed(7) and batch.step == ValidationBatches.SEED_STEP
-    assert batch.seeds == [row_seed(batch.base_seed, batch.step, r) for r in range(6)]
+    assert row_seeds(batch) == [row_seed(batch.base_seed, batch.step, r) for r in range(6)]
     # the same rows at every validation, in any process; another trainer.seed draws other noise
     assert ValidationBatches(prompts, n=2, seed=7).batches() == [batch]
-    assert ValidationBatches(prompts, n=2, seed=8).batches()[0].seeds != batch.seeds
+    assert row_seeds(ValidationBatches(prompts, n=2, seed=8).batches()[0]) != row_seeds(batch)
 
 
 def test_validation_chunks_keep_each_rows_seed_and_uid():
@@ -198,7 +204,7 @@ def test_validation_chunks_keep_each_rows_seed_and_uid():
     whole = ValidationBatches(prompts, n=2, seed=3).batches()[0]
     chunks = ValidationBatches(prompts, n=2, batch_size=2, seed=3).batches()
     assert [len(c) for c in chunks] == [4, 4, 2]
-    for field in ("prompts", "uids", "row_index", "seeds", "prompt_index"):
+    for field in ("prompts", "uids", "row_index", "prompt_index"):
         assert [v for c in chunks for v in getattr(c, field)] == getattr(whole, field), field
 
 
@@ -207,7 +213,7 @@ def test_validation_never_shares_seeds_or_uids_with_training():
     val = ValidationBatches(prompts, n=2, seed=42).batches()[0]
     batcher = PromptBatcher(prompts, batch_size=8, n=2, seed=42)
     train = [batcher.batch(step) for step in range(20)]
-    assert not set(val.seeds) & {s for b in train for s in b.seeds}
+    assert not set(row_seeds(val)) & {s for b in train for s in row_seeds(b)}
     assert not set(val.uids) & {u for b in train for u in b.uids}
 
 

@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 from verl.workers.rollout.router import GlobalRequestLoadBalancer
 
+from verl_omni.utils.seeding import stable_int
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
-from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer, stable_hash
+from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 
 
 def _servers(n: int) -> dict[str, str]:
@@ -204,8 +205,8 @@ def test_hash_sharding_formula_and_independence_of_load():
     ids = sorted(_servers(4))
     for i in range(40):
         key = f"uid-{i}"
-        assert lb.acquire_server(f"r{i}", routing_key=key)[0] == ids[stable_hash(key) % 4]
-    assert lb.acquire_server("rid-x")[0] == ids[stable_hash("rid-x") % 4]  # falls back to request_id
+        assert lb.acquire_server(f"r{i}", routing_key=key)[0] == ids[stable_int(key) % 4]
+    assert lb.acquire_server("rid-x")[0] == ids[stable_int("rid-x") % 4]  # falls back to request_id
 
 
 def test_hash_sharding_uses_sorted_ids_not_insertion_order():
@@ -219,11 +220,9 @@ def test_hash_sharding_uses_sorted_ids_not_insertion_order():
         assert a.acquire_server("r", routing_key=f"k{i}") == b.acquire_server("r", routing_key=f"k{i}")
 
 
-def test_stable_hash_identical_across_processes():
+def test_stable_int_identical_across_processes():
     keys = [f"uid-{i}" for i in range(5)] + ["", "ünïcode"]
-    code = (
-        f"from verl_omni.workers.rollout.request_routing import stable_hash;print([stable_hash(k) for k in {keys!r}])"
-    )
+    code = f"from verl_omni.utils.seeding import stable_int;print([stable_int(k) for k in {keys!r}])"
     outs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed}
@@ -231,7 +230,7 @@ def test_stable_hash_identical_across_processes():
         for seed in ("1", "2")
     }
     assert len(outs) == 1
-    assert outs.pop() == str([stable_hash(k) for k in keys])
+    assert outs.pop() == str([stable_int(k) for k in keys])
 
 
 # ---------------------------------------------------------------- round_robin

@@ -367,8 +367,8 @@ def test_the_replica_is_registered_and_placed_like_the_diffusers_one(monkeypatch
     import ray
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from verl_omni import register_rollout_backends
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+    from verl_omni.workers.rollout.backends import register_rollout_backends
     from verl_omni.workers.rollout.vllm_omni_replica import VllmOmniRolloutReplica
 
     register_rollout_backends()

@@ -1,8 +1,8 @@
 """verl-omni: online RL for diffusion models on verl, with multi-replica rollout server routing.
 
 Importing the package is light (no verl, torch or Ray): the modules that build verl objects register
-the overlay's extensions in verl's registries when they are imported (``register_rollout_backends``);
-nothing patches verl.
+the overlay's extensions in verl's registries when they are imported
+(:func:`verl_omni.workers.rollout.backends.register_rollout_backends`); nothing patches verl.
 """
 
 __version__ = "0.1.0"
@@ -46,32 +46,6 @@ def check_verl_version() -> str | None:
 
         warnings.warn(message, VerlVersionWarning, stacklevel=2)
     return message
-
-
-def _load_diffusers_replica() -> type:
-    """Lazy loader: the diffusers backend (torch models, diffusers) is imported only when a replica is built."""
-    from verl_omni.workers.rollout.diffusers_replica import DiffusersRolloutReplica
-
-    return DiffusersRolloutReplica
-
-
-def _load_vllm_omni_replica() -> type:
-    """Lazy loader: the vllm-omni backend; vllm itself is imported only when its server starts (GPU only)."""
-    from verl_omni.workers.rollout.vllm_omni_replica import VllmOmniRolloutReplica
-
-    return VllmOmniRolloutReplica
-
-
-def register_rollout_backends() -> None:
-    """Register the overlay's rollout backends by name in verl's registry (verl's own extension point).
-
-    Called by the modules that start replicas (``OmniLLMServerManager``'s); call it yourself before
-    handing ``rollout.name=diffusers`` to verl's own ``LLMServerManager``. Idempotent.
-    """
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    RolloutReplicaRegistry.register("diffusers", _load_diffusers_replica)
-    RolloutReplicaRegistry.register("vllm_omni", _load_vllm_omni_replica)
 
 
 check_verl_version()

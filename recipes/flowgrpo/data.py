@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_omni.utils.seeding import row_seed, stable_int
+from verl_omni.utils.seeding import stable_int
 
 TRAIN_FILES_KEY = "data.train_files"
 VAL_FILES_KEY = "data.val_files"
@@ -132,7 +132,7 @@ class PromptBatch:
     """The rows of one training step (or one validation chunk): prompts, each repeated ``n`` times interleaved.
 
     Row ``r`` belongs to group ``r // n``; ``row_index`` is its position in the whole step's batch (across all
-    workers and validation chunks), and ``seeds[r] == row_seed(base_seed, step, row_index[r])``.
+    workers and validation chunks); the rollout seeds it with ``row_seed(base_seed, step, row_index[r])``.
     """
 
     step: int
@@ -140,7 +140,6 @@ class PromptBatch:
     prompts: list[str]
     uids: list[str]
     row_index: list[int]
-    seeds: list[int]
     prompt_index: list[int]  # index of the row's prompt in the loaded prompt list
 
     def __len__(self) -> int:
@@ -193,7 +192,7 @@ class PromptBatcher:
         return [self._permutation(i // num)[i % num] for i in range(start, start + self.batch_size)]
 
     def batch(self, step: int) -> PromptBatch:
-        """The interleaved rows ``p0 x n, p1 x n, ...`` of ``step``, with uids and per-row seeds."""
+        """The interleaved rows ``p0 x n, p1 x n, ...`` of ``step``, with uids and global row indices."""
         groups = self.prompt_indices(step)
         prompt_index = [p for p in groups for _ in range(self.n)]
         uids = [prompt_uid(self.seed, step, g) for g in range(len(groups)) for _ in range(self.n)]
@@ -204,7 +203,6 @@ class PromptBatcher:
             prompts=[self.prompts[p] for p in prompt_index],
             uids=uids,
             row_index=rows,
-            seeds=[row_seed(self.seed, step, r) for r in rows],
             prompt_index=prompt_index,
         )
 
@@ -274,7 +272,6 @@ class ValidationBatches:
                     prompts=[self.prompts[p] for p in prompt_index],
                     uids=[prompt_uid(self.seed, self.SEED_STEP, p) for p in prompt_index],
                     row_index=rows,
-                    seeds=[row_seed(self.seed, self.SEED_STEP, r) for r in rows],
                     prompt_index=prompt_index,
                 )
             )

@@ -12,19 +12,9 @@ import re
 
 import torch
 
+from verl_omni.models.color_scenes import PALETTE
 from verl_omni.rewards.registry import register_reward, validate_reward_inputs
 
-# Well separated in CIELAB (smallest distance: blue-purple, 34; every other pair is at least 45 apart).
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (250, 150, 20),
-    "yellow": (245, 225, 35),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "purple": (150, 40, 180),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
 DEFAULT_TEMPERATURE = 10.0  # CIELAB units: a palette colour keeps >= 0.97 of its own soft assignment
 
 _SRGB_TO_XYZ = torch.tensor(

@@ -1,4 +1,4 @@
-"""Deterministic per-row seeds: the same in every process and run (no ``hash()``)."""
+"""Stable hashes, the same in every process and run (no ``hash()``): per-row seeds and routing-key shards."""
 
 from __future__ import annotations
 

@@ -84,3 +84,29 @@ def pipeline_class(model_path: str) -> str | None:
     except (OSError, ValueError):
         return None
     return index.get("_class_name") if isinstance(index, dict) else None
+
+
+def _load_diffusers_replica() -> type:
+    """Lazy loader: the diffusers backend (torch models, diffusers) is imported only when a replica is built."""
+    from verl_omni.workers.rollout.diffusers_replica import DiffusersRolloutReplica
+
+    return DiffusersRolloutReplica
+
+
+def _load_vllm_omni_replica() -> type:
+    """Lazy loader: the vllm-omni backend; vllm itself is imported only when its server starts (GPU only)."""
+    from verl_omni.workers.rollout.vllm_omni_replica import VllmOmniRolloutReplica
+
+    return VllmOmniRolloutReplica
+
+
+def register_rollout_backends() -> None:
+    """Register the overlay's rollout backends by name in verl's registry (verl's own extension point).
+
+    Called by the modules that start replicas (``OmniLLMServerManager``'s); call it yourself before
+    handing ``rollout.name=diffusers`` to verl's own ``LLMServerManager``. Idempotent.
+    """
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register("diffusers", _load_diffusers_replica)
+    RolloutReplicaRegistry.register("vllm_omni", _load_vllm_omni_replica)

@@ -18,9 +18,9 @@ import ray
 from verl.utils.ray_utils import auto_await
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
-from verl_omni import register_rollout_backends
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
+from verl_omni.workers.rollout.backends import register_rollout_backends
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ Like verl's, it is a plain class: wrap it with ``ray.remote(...)`` at instantiat
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import os
 import random
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from verl_omni.utils.lru import LRUMap
+from verl_omni.utils.seeding import stable_int
 from verl_omni.workers.config.rollout_routing import (
     DEFAULT_ROUTING_CACHE_SIZE,
     VALID_ROLLOUT_SERVER_ROUTING_POLICIES,
@@ -34,12 +34,7 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 RESTART_PROBE_TIMEOUT_S = 10.0  # a restarted balancer waits this long for its replicas to answer
 
-__all__ = ["OmniRequestLoadBalancer", "stable_hash", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
-
-
-def stable_hash(key: str) -> int:
-    """A 64-bit hash of ``key`` that is identical across processes and runs (unlike ``hash()``)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+__all__ = ["OmniRequestLoadBalancer", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
 
 
 class OmniRequestLoadBalancer:
@@ -57,7 +52,7 @@ class OmniRequestLoadBalancer:
       the key is re-pinned there. A group is never split: its prompt is encoded once either way
       (``benchmarks/routing_sim.py`` measured spreading a diverted group's copies: lower co-location and
       prompt-cache hits, and no shorter makespan).
-    - ``prompt_hash_sharding``: ``sorted(server_ids)[stable_hash(key) % R]``; the same key maps to
+    - ``prompt_hash_sharding``: ``sorted(server_ids)[stable_int(key) % R]``; the same key maps to
       the same replica in every process and run for a fixed pool.
     - ``round_robin``: rotates over the sorted server ids, ignoring load and keys.
 
@@ -267,13 +262,13 @@ class OmniRequestLoadBalancer:
         return server_id
 
     def _pin_hash(self, key: str) -> str:
-        return self._sorted_ids[stable_hash(key) % len(self._sorted_ids)]
+        return self._sorted_ids[stable_int(key) % len(self._sorted_ids)]
 
     def _pick_least_inflight(self, request_id: str, routing_key: str | None) -> str:
         server_id = self._sticky_lookup(request_id)
         if server_id is None:
             if self._full_determinism:
-                server_id = self._sorted_ids[stable_hash(request_id) % len(self._sorted_ids)]
+                server_id = self._sorted_ids[stable_int(request_id) % len(self._sorted_ids)]
             else:
                 server_id = self._least_loaded()
             self._sticky.put(request_id, server_id)
