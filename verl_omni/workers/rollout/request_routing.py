@@ -16,8 +16,10 @@ import os
 import random
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from verl_omni.utils.lru import LRUMap
@@ -34,7 +36,19 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 RESTART_PROBE_TIMEOUT_S = 10.0  # a restarted balancer waits this long for its replicas to answer
 
-__all__ = ["OmniRequestLoadBalancer", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
+__all__ = ["BalancerRestarted", "OmniRequestLoadBalancer", "VALID_ROLLOUT_SERVER_ROUTING_POLICIES"]
+
+
+class BalancerRestarted(RuntimeError):
+    """An acquire named an earlier incarnation of the balancer: the client restores its leases, then retries."""
+
+
+@dataclass
+class _Lease:
+    """What one acquire placed, kept until its release: who holds it and how many requests on each replica."""
+
+    owner: str | None
+    servers: dict[str, int]
 
 
 class OmniRequestLoadBalancer:
@@ -65,6 +79,12 @@ class OmniRequestLoadBalancer:
     replica where new work would finish first, from each replica's seconds per request as measured between
     this balancer's acquires and releases (``ReplicaSpeeds``), and the soft-affinity gate compares that
     expected work in requests at the mean speed. Until every replica has a measurement, plain counts.
+
+    Restarts: Ray re-runs ``__init__`` from the creation arguments when this actor's process dies, so a new
+    life knows no counts and no pins while requests placed by the previous one still run. Each life has an
+    ``incarnation``; the overlay's client names every acquire by a lease and keeps it until its release, and
+    re-sends the leases it still has in flight (:meth:`restore_leases`) once it learns of a new incarnation (a
+    refused acquire, or the answer to a release). A release of a lease this life does not know is ignored.
 
     Every count-based pick is O(1) in the number of replicas (``LoadBuckets``), a speed-aware one O(log R);
     the sorted id list is kept up to date on add/remove instead of being rebuilt per request.
@@ -102,7 +122,12 @@ class OmniRequestLoadBalancer:
         )
         self._sticky = LRUMap(maxsize=max_cache_size)
         self._served: dict[str, int] = {}
-        self._leases: dict[str, dict[str, int]] = {}  # owner -> server -> requests it holds in flight
+        self._held: dict[str, dict[str, int]] = {}  # owner -> server -> requests it holds in flight
+        self._leases: dict[str, _Lease] = {}  # lease id -> what that acquire placed (restorable after a restart)
+        self._removed: set[str] = set()  # replicas removed in this life: a restored lease does not bring them back
+        self._restored = 0
+        # Identifies this life of the actor: Ray re-runs __init__ on a restart, so a restart gets a new one.
+        self.incarnation = uuid.uuid4().hex
         self._rr_next = 0
         self._diversions = 0
         self._split_groups = 0
@@ -125,7 +150,12 @@ class OmniRequestLoadBalancer:
 
     # ------------------------------------------------------------------ routing
     def acquire_group(
-        self, request_ids: list[str], routing_key: str | None = None, owner: str | None = None
+        self,
+        request_ids: list[str],
+        routing_key: str | None = None,
+        owner: str | None = None,
+        lease: str | None = None,
+        incarnation: str | None = None,
     ) -> list[tuple[str, Any, list[int]]]:
         """Place the copies of one group and count them in flight: ``[(server_id, handle, copy indices)]``.
 
@@ -133,8 +163,16 @@ class OmniRequestLoadBalancer:
         ``routing_key`` is None). Affinity (strict or soft) and hash sharding return one replica for a keyed
         group; least_inflight and round_robin may return several. Release with :meth:`release_group`.
         ``owner`` (an agent-loop worker's name) records what it holds, so :meth:`release_owner` can free it
-        if that worker dies before releasing.
+        if that worker dies before releasing. ``lease`` (an id the client chooses, unique per acquire) names
+        the placement so it survives a restart of this actor (:meth:`restore_leases`); ``incarnation`` is the
+        life of this actor the client has restored its leases to: an earlier one raises
+        :class:`BalancerRestarted` before anything is placed.
         """
+        if incarnation is not None and incarnation != self.incarnation:
+            raise BalancerRestarted(
+                f"the load balancer was restarted (incarnation {self.incarnation}, the client knew {incarnation}): "
+                "restore_leases() first"
+            )
         if not self._servers:
             raise RuntimeError("No available servers in load balancer")
         if not request_ids:
@@ -143,25 +181,72 @@ class OmniRequestLoadBalancer:
         placement = self._place(request_ids, routing_key or None)
         if len(placement) > 1:
             self._split_groups += 1
-        if owner is not None:
-            held = self._leases.setdefault(owner, {})
-            for sid, copies in placement.items():
-                held[sid] = held.get(sid, 0) + len(copies)
+        counts = {sid: len(copies) for sid, copies in placement.items()}
+        self._hold(owner, counts)
+        if lease is not None:
+            self._leases[lease] = _Lease(owner, counts)
         return [(sid, self._servers[sid], copies) for sid, copies in placement.items()]
 
-    def release_group(self, placement: list[tuple[str, int]], owner: str | None = None) -> None:
-        """Release what :meth:`acquire_group` placed: ``[(server_id, count)]``; removed servers are ignored."""
+    def release_group(
+        self, placement: list[tuple[str, int]], owner: str | None = None, lease: str | None = None
+    ) -> str:
+        """Release what :meth:`acquire_group` placed: ``[(server_id, count)]``; removed servers are ignored.
+
+        With a ``lease``, what this actor recorded for it is released; a lease it does not know was placed by an
+        earlier incarnation and never restored, so it is not counted here and nothing is released (a late
+        release must not take load off requests placed since). Returns this actor's incarnation, so a client
+        learns of a restart from its releases too.
+        """
         for _, count in placement:
             if type(count) is not int or count < 1:  # bool is not int
                 raise _bad_count(count)
         self._release_calls += 1
-        held = self._leases.get(owner) if owner is not None else None
+        if lease is not None:
+            record = self._leases.pop(lease, None)
+            if record is None:
+                return self.incarnation
+            owner, placement = record.owner, list(record.servers.items())
+        held = self._held.get(owner) if owner is not None else None
         for server_id, count in placement:
             if held is not None and server_id in held:
                 held[server_id] -= count
                 if held[server_id] <= 0:
                     del held[server_id]
             self._releases += self._drop(server_id, count)
+        return self.incarnation
+
+    def restore_leases(
+        self, leases: list[tuple[str, str | None, list[tuple[str, Any, int]]]], owner: str | None = None
+    ) -> str:
+        """Count again what a client still has in flight after this actor was restarted; returns the incarnation.
+
+        Ray restarts a dead balancer from its creation arguments: no counts, no pins, while requests it placed
+        are still running. Each client sends its outstanding leases ``(lease id, routing key, [(server_id,
+        handle, count)])``; they are counted in flight again (a lease already known is skipped, so restoring twice
+        counts once), and under ``prompt_uid_affinity`` a key still in flight on one replica is pinned there
+        again, so the group's later copies join it. A replica missing from the creation arguments (added later)
+        comes back with its handle, unless it was removed in this life. ``leases=[]`` only asks the incarnation.
+        """
+        pin = self.routing.policy == "prompt_uid_affinity"
+        for lease, routing_key, parts in leases:
+            if lease in self._leases:
+                continue
+            counts: dict[str, int] = {}
+            for server_id, handle, count in parts:
+                if server_id not in self._servers:
+                    if server_id in self._removed or handle is None:
+                        continue
+                    self.add_servers({server_id: handle})
+                self._count_in(server_id, count, served=False)
+                counts[server_id] = counts.get(server_id, 0) + count
+            if not counts:
+                continue
+            self._leases[lease] = _Lease(owner, counts)
+            self._hold(owner, counts)
+            self._restored += sum(counts.values())
+            if pin and routing_key and len(counts) == 1 and self._sticky_lookup(routing_key) is None:
+                self._sticky.put(routing_key, next(iter(counts)))
+        return self.incarnation
 
     def release_owner(self, owner: str) -> int:
         """Release everything ``owner`` still holds (its process died mid-request); returns the requests freed.
@@ -170,10 +255,19 @@ class OmniRequestLoadBalancer:
         that would steer every later pick away from those replicas.
         """
         freed = 0
-        for server_id, count in self._leases.pop(owner, {}).items():
+        for server_id, count in self._held.pop(owner, {}).items():
             freed += self._drop(server_id, count, completed=False)
         self._releases += freed
+        for lease in [lease for lease, record in self._leases.items() if record.owner == owner]:
+            del self._leases[lease]
         return freed
+
+    def _hold(self, owner: str | None, counts: dict[str, int]) -> None:
+        if owner is None:
+            return
+        held = self._held.setdefault(owner, {})
+        for server_id, count in counts.items():
+            held[server_id] = held.get(server_id, 0) + count
 
     def acquire_server(self, request_id: str, routing_key: str | None = None) -> tuple[str, Any]:
         """verl's per-request acquire: pick a server, count it in flight, return ``(server_id, handle)``."""
@@ -209,12 +303,13 @@ class OmniRequestLoadBalancer:
             placement.setdefault(server_id, []).append(i)
         return placement
 
-    def _count_in(self, server_id: str, count: int) -> None:
+    def _count_in(self, server_id: str, count: int, served: bool = True) -> None:
         before = self._load.count(server_id)
         self._load.increment(server_id, count)
         if self._speeds is not None:
             self._speeds.changed(server_id, before, before + count)
-        self._served[server_id] = self._served.get(server_id, 0) + count
+        if served:  # a restored lease was served (and counted) by an earlier incarnation
+            self._served[server_id] = self._served.get(server_id, 0) + count
 
     def _drop(self, server_id: str, count: int, completed: bool = True) -> int:
         """Count ``count`` requests out of ``server_id`` (``completed``: they came back, so they time it)."""
@@ -326,6 +421,7 @@ class OmniRequestLoadBalancer:
                 if self._speeds is not None:
                     self._speeds.add(server_id)
             self._servers[server_id] = handle
+            self._removed.discard(server_id)
         logger.info("[OmniRequestLoadBalancer] added %d servers", len(servers))
 
     def remove_servers(self, server_ids: list[str]) -> None:
@@ -333,6 +429,7 @@ class OmniRequestLoadBalancer:
         for server_id in server_ids:
             if server_id not in self._servers:  # unknown or already removed (a handle itself may be None)
                 continue
+            self._removed.add(server_id)
             del self._servers[server_id]
             self._sorted_ids.pop(bisect.bisect_left(self._sorted_ids, server_id))
             self._load.remove(server_id)
@@ -377,7 +474,10 @@ class OmniRequestLoadBalancer:
             "speed_aware": self._speeds is not None,
             "dropped_at_restart": list(self._dropped_at_restart),
             "seconds_per_request": self._speeds.as_dict() if self._speeds is not None else {},
-            "held": {owner: sum(held.values()) for owner, held in self._leases.items() if held},
+            "held": {owner: sum(held.values()) for owner, held in self._held.items() if held},
+            "incarnation": self.incarnation,
+            "leases": len(self._leases),
+            "restored": self._restored,
             "acquires": self._acquires,
             "releases": self._releases,
             "acquire_calls": self._acquire_calls,
