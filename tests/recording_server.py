@@ -28,16 +28,25 @@ class Output:
 
 @ray.remote(num_cpus=0)
 class RecordingServer:
-    """Accepts exactly the kwargs verl's client sends to a server; an unexpected kwarg raises."""
+    """Accepts exactly the kwargs verl's client sends to a server; an unexpected kwarg raises.
 
-    def __init__(self, name: str, fail: bool = False, delay: float = 0.01):
+    ``gated``: each request stays in flight until :meth:`finish` names it (or :meth:`finish_all`), so a test can
+    compare a balancer's in-flight counts with what the servers hold at one instant.
+    """
+
+    def __init__(self, name: str, fail: bool = False, delay: float = 0.01, gated: bool = False):
         self.name = name
         self.fail = fail
         self.delay = delay
         self.calls: list[dict] = []
+        self.gated = gated
+        self.gates: dict[str, asyncio.Event] = {}
 
     async def generate(self, request_id, prompt_ids, sampling_params, image_data=None, video_data=None):
         self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids)})
+        if self.gated:
+            await self.gates.setdefault(request_id, asyncio.Event()).wait()
+            del self.gates[request_id]
         await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("server exploded")
@@ -45,7 +54,22 @@ class RecordingServer:
 
     async def generate_group(self, requests):
         self.calls.append({"group": [r["request_id"] for r in requests]})
+        if self.gated:  # every copy held at once
+            return list(await asyncio.gather(*(self.generate(**r) for r in requests)))
         return [await self.generate(**r) for r in requests]
 
     def get_calls(self):
         return self.calls
+
+    def in_flight(self) -> list[str]:
+        """The requests held at the gate now."""
+        return sorted(self.gates)
+
+    def finish(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.gates[request_id].set()
+
+    def finish_all(self) -> None:
+        self.gated = False
+        for gate in self.gates.values():
+            gate.set()

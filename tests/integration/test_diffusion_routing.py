@@ -236,6 +236,15 @@ def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replic
         assert torch.equal(out.batch[key], reference.batch[key]), key
     status = ray.get(balancer.get_status.remote())  # the same handle reaches the restarted balancer
     assert sorted(status["registered_handles"]) == sorted(r.server_address for r in two_replicas.get_replicas())
+    where: dict[str, set] = {}
+    for uid, server in zip(out.non_tensor_batch["uid"], out.non_tensor_batch["rollout_server"], strict=True):
+        where.setdefault(uid, set()).add(server)
+    assert all(len(servers) == 1 for servers in where.values()), where  # every group stayed on one replica
+    for _ in range(200):  # late releases of the earlier life are ignored, restored leases released: nothing left
+        if (status := ray.get(balancer.get_status.remote()))["total_inflight"] == 0 and status["leases"] == 0:
+            break
+        time.sleep(0.01)
+    assert (status["total_inflight"], status["leases"]) == (0, 0), status["servers"]
     assert loops.generate_sequences(_batch(step=12)).batch["images"].shape[0] == PROMPTS * N
     _shutdown(loops)
 

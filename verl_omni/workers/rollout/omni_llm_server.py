@@ -10,8 +10,10 @@ A FlowGRPO group of ``n`` copies costs two balancer calls instead of ``2 n``. Th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import uuid
 from typing import Any
 
 import ray
@@ -21,7 +23,7 @@ from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.backends import register_rollout_backends
-from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
+from verl_omni.workers.rollout.request_routing import BalancerRestarted, OmniRequestLoadBalancer
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -45,6 +47,13 @@ class OmniLLMServerClient(LLMServerClient):
             removed from the balancer and only the copies it held are placed again (same request ids and
             sampling params, so the same seeds): a lost replica loses no samples. Resent outputs carry
             ``extra_fields["resent"] = True``.
+
+    Every acquire is a lease (an id unique to this client's process) that the client keeps until it releases
+    it. When Ray restarts the balancer, the new one knows none of them: the client sends its outstanding
+    leases (:meth:`OmniRequestLoadBalancer.restore_leases`) before its next acquire (the balancer refuses an
+    acquire that names its previous incarnation) or as soon as a release answers with a new incarnation,
+    so in-flight counts and the pins of keys in flight come back, and late releases of unrestored leases
+    are ignored instead of taking load off requests placed since.
     """
 
     def __init__(
@@ -59,6 +68,27 @@ class OmniLLMServerClient(LLMServerClient):
         self.routing = routing or RolloutServerRoutingConfig()
         self.max_replica_failures = max_replica_failures
         self.owner: str | None = None  # set by the agent-loop worker holding this client (its actor name)
+        self._incarnation: str | None = None  # the balancer life this client's leases are counted in
+        self._reset_leases()
+
+    def _reset_leases(self) -> None:
+        """Lease state belongs to one process: set on first use there (a client is pickled to every worker)."""
+        self._lease_prefix: str | None = None
+        self._lease_ids: Any = None
+        self._outstanding: dict[str, tuple[str | None, list[tuple[str, Any, int]]]] = {}
+        self._restoring: asyncio.Lock | None = None
+        self._watchers: set[asyncio.Future] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_lease_prefix", "_lease_ids", "_outstanding", "_restoring", "_watchers", "_incarnation"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._incarnation = None
+        self._reset_leases()
 
     async def adopt(self, owner: str, restarted: bool) -> int:
         """Acquire on behalf of ``owner`` from now on; a restarted owner first frees what it held before dying."""
@@ -81,9 +111,7 @@ class OmniLLMServerClient(LLMServerClient):
         pending = list(range(len(requests)))
         failures = 0
         while pending:
-            placement = await self._load_balancer.acquire_group.remote(
-                request_ids=[str(requests[i]["request_id"]) for i in pending], routing_key=routing_key, owner=self.owner
-            )
+            lease, placement = await self._acquire([str(requests[i]["request_id"]) for i in pending], routing_key)
             try:
                 results = await asyncio.gather(
                     *(
@@ -93,10 +121,7 @@ class OmniLLMServerClient(LLMServerClient):
                     return_exceptions=True,
                 )
             finally:
-                # fire-and-forget, as verl releases; a removed replica's release is ignored by the balancer
-                self._load_balancer.release_group.remote(
-                    [(sid, len(copies)) for sid, _, copies in placement], owner=self.owner
-                )
+                self._release(lease, placement)
             gone, retry = [], []
             for (server_id, _, copies), result in zip(placement, results, strict=True):
                 if isinstance(result, _REPLICA_GONE):
@@ -118,6 +143,61 @@ class OmniLLMServerClient(LLMServerClient):
                 await self._load_balancer.remove_servers.remote(gone)
             pending = retry
         return outputs
+
+    async def _acquire(self, request_ids: list[str], routing_key: str | None) -> tuple[str, list]:
+        """One ``acquire_group`` under a new lease, kept as outstanding until :meth:`_release`.
+
+        The acquire names the balancer incarnation this client's leases are counted in; a restarted balancer
+        refuses it, the client restores its leases there and acquires again (Ray restarts the balancer a bounded
+        number of times, so this ends).
+        """
+        if self._lease_prefix is None:
+            self._lease_prefix, self._lease_ids = uuid.uuid4().hex[:16], itertools.count()
+        lease = f"{self._lease_prefix}-{next(self._lease_ids)}"
+        while True:
+            if self._incarnation is None:
+                await self._restore(None)
+            known = self._incarnation
+            try:
+                placement = await self._load_balancer.acquire_group.remote(
+                    request_ids=request_ids, routing_key=routing_key, owner=self.owner, lease=lease, incarnation=known
+                )
+            except BalancerRestarted:
+                await self._restore(known)
+                continue
+            self._outstanding[lease] = (routing_key, [(sid, server, len(copies)) for sid, server, copies in placement])
+            return lease, placement
+
+    def _release(self, lease: str, placement: list) -> None:
+        """Release fire-and-forget (as verl does); the answer, read in the background, reveals a restart."""
+        self._outstanding.pop(lease, None)
+        ref = self._load_balancer.release_group.remote(
+            [(sid, len(copies)) for sid, _, copies in placement], owner=self.owner, lease=lease
+        )
+        watcher = asyncio.ensure_future(self._after_release(ref, self._incarnation))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _after_release(self, ref: Any, sent_in: str | None) -> None:
+        try:
+            incarnation = await ref
+        except Exception as err:  # the balancer is gone for good: the next acquire reports it
+            logger.warning("release to the load balancer failed: %s", err)
+            return
+        if incarnation != sent_in and sent_in is not None:
+            await self._restore(sent_in)
+
+    async def _restore(self, stale: str | None) -> None:
+        """Send every outstanding lease to the balancer (once per incarnation, however many callers noticed)."""
+        if self._restoring is None:
+            self._restoring = asyncio.Lock()
+        async with self._restoring:
+            if self._incarnation != stale:  # restored by another caller meanwhile
+                return
+            leases = [(lease, key, parts) for lease, (key, parts) in self._outstanding.items()]
+            self._incarnation = await self._load_balancer.restore_leases.remote(leases, owner=self.owner)
+            if stale is not None:
+                logger.warning("load balancer restarted: %d leases in flight restored", len(leases))
 
     def _sent(self, request: dict[str, Any]) -> dict[str, Any]:
         return {**request, "request_id": self._vllm_request_id(str(request["request_id"]))}
