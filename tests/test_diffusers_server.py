@@ -17,8 +17,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
+from verl_omni.protocol import Sample, SampleGroup
 from verl_omni.workers.rollout.diffusers_server import DiffusersRolloutServer
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerClient, OmniLLMServerManager
 
 PROMPT = "a photo of a cat"
@@ -44,9 +44,16 @@ async def make_server(tiny_dir):
         await server.close()
 
 
+async def _sample(server, *args, **kwargs) -> Sample:
+    """``generate``'s one sample (the server answers with a group of one)."""
+    group = await server.generate(*args, **kwargs)
+    assert isinstance(group, SampleGroup) and len(group.samples) == 1
+    return group.samples[0]
+
+
 async def _gather(server, n, prompt=PROMPT, seed0=0, **params):
     return await asyncio.gather(
-        *[server.generate(f"r{seed0 + i}", prompt, {"seed": seed0 + i, **FAST, **params}) for i in range(n)]
+        *[_sample(server, f"r{seed0 + i}", prompt, {"seed": seed0 + i, **FAST, **params}) for i in range(n)]
     )
 
 
@@ -57,13 +64,10 @@ async def test_concurrent_requests_fuse_and_the_prompt_is_encoded_once(make_serv
     server = make_server(guidance_scale=4.5)
     outs = await _gather(server, 8)
     out = outs[0]
-    assert isinstance(out, DiffusionOutput)
     assert out.image.dtype == torch.uint8 and out.image.shape == (3, 64, 64)
-    assert out.latents.shape == out.next_latents.shape == (4, 4, 8, 8)
-    assert out.log_probs.shape == out.sigmas.shape == out.sigmas_next.shape == out.timesteps.shape == (4,)
-    torch.testing.assert_close(out.timesteps, out.sigmas * 1000)
-    assert out.prompt_embeds.ndim == 2 and out.pooled_prompt_embeds.ndim == 1
-    assert out.negative_prompt_embeds is not None and out.negative_pooled_prompt_embeds is not None
+    assert out.latents.shape == (5, 4, 8, 8) and out.sigmas.shape == (5,)  # x and sigma before each step, then after
+    assert out.log_probs.shape == (4,)
+    assert out.conditioning == PROMPT and out.negative_conditioning == ""  # keys of the group's conditioning
     for o in outs:
         ef = o.extra_fields
         assert ef["server_id"] == "test-server" and ef["batch_size"] == 8
@@ -79,7 +83,7 @@ async def test_concurrent_requests_fuse_and_the_prompt_is_encoded_once(make_serv
     assert stats["texts_encoded"] == 2  # the prompt and the shared negative prompt, once each
     assert stats["prompt_cache"]["misses"] == 2 and stats["prompt_cache"]["hits"] == 14
 
-    again = await server.generate("later", PROMPT, {"seed": 99, **FAST})
+    again = await _sample(server, "later", PROMPT, {"seed": 99, **FAST})
     assert again.extra_fields["cache_hit"] is True and again.extra_fields["batch_size"] == 1
     stats = await server.get_stats()
     assert stats["texts_encoded"] == 2 and stats["requests_served"] == 9 and stats["batches"] == 2
@@ -95,26 +99,26 @@ async def test_without_cache_every_request_encodes_its_prompts(make_server):
 async def test_prompt_cache_is_lru(make_server):
     server = make_server(guidance_scale=1.0, prompt_cache_size=1)
     for prompt in ("a cat", "a dog", "a cat"):
-        out = await server.generate(prompt, prompt, {"seed": 0, **FAST})
-        assert out.extra_fields["cache_hit"] is False and out.negative_prompt_embeds is None
-    assert (await server.generate("x", "a cat", {"seed": 0, **FAST})).extra_fields["cache_hit"] is True
+        out = await _sample(server, prompt, prompt, {"seed": 0, **FAST})
+        assert out.extra_fields["cache_hit"] is False and out.negative_conditioning is None
+    assert (await _sample(server, "x", "a cat", {"seed": 0, **FAST})).extra_fields["cache_hit"] is True
     stats = await server.get_stats()
     assert stats["texts_encoded"] == 3 and stats["prompt_cache"]["evictions"] == 2
 
 
 async def test_token_ids_and_text_share_one_encoding(make_server):
     server = make_server()
-    text_out = await server.generate("t", PROMPT, {"seed": 1, **FAST})
+    text_out = await _sample(server, "t", PROMPT, {"seed": 1, **FAST})
     ids = server.engine.pipe.tokenizer(PROMPT).input_ids
-    ids_out = await server.generate("i", ids, {"seed": 1, **FAST})
+    ids_out = await _sample(server, "i", ids, {"seed": 1, **FAST})
     assert ids_out.extra_fields["cache_hit"] is True
     assert torch.equal(ids_out.image, text_out.image)  # both ran alone: same inputs, same image
 
 
 async def test_incompatible_requests_are_not_fused_and_the_cap_holds(make_server):
     server = make_server(max_num_seqs=3, chunk_size=3)
-    four = [server.generate(f"a{i}", PROMPT, {"seed": i, "num_inference_steps": 4}) for i in range(5)]
-    three = [server.generate(f"b{i}", PROMPT, {"seed": i, "num_inference_steps": 3}) for i in range(2)]
+    four = [_sample(server, f"a{i}", PROMPT, {"seed": i, "num_inference_steps": 4}) for i in range(5)]
+    three = [_sample(server, f"b{i}", PROMPT, {"seed": i, "num_inference_steps": 3}) for i in range(2)]
     outs = await asyncio.gather(*four, *three)
     assert sorted(o.extra_fields["batch_size"] for o in outs[:5]) == [2, 2, 3, 3, 3]
     assert [o.extra_fields["batch_size"] for o in outs[5:]] == [2, 2]
@@ -133,9 +137,13 @@ def _group(prefix: str, seeds: range, prompt: str = PROMPT, **params) -> list[di
 async def test_a_group_fuses_with_other_pending_requests_and_comes_back_in_order(make_server):
     server = make_server(guidance_scale=1.0)
     group = server.generate_group(_group("g", range(3)))
-    singles = [server.generate(f"s{i}", "another prompt", {"seed": 10 + i, **FAST}) for i in range(2)]
-    outs, *single_outs = await asyncio.gather(group, *singles)
-    assert [o.extra_fields["request_id"] for o in outs] == ["g0", "g1", "g2"]
+    singles = [_sample(server, f"s{i}", "another prompt", {"seed": 10 + i, **FAST}) for i in range(2)]
+    group, *single_outs = await asyncio.gather(group, *singles)
+    outs = group.samples
+    assert [o.request_id for o in outs] == ["g0", "g1", "g2"]
+    # the group's conditioning comes back once, not per copy: one prompt, no CFG negative
+    assert list(group.conditioning) == [PROMPT] and {o.conditioning for o in outs} == {PROMPT}
+    assert set(group.conditioning[PROMPT]) == {"prompt_embeds", "pooled_prompt_embeds"}
     assert [o.extra_fields["seed"] for o in outs] == [0, 1, 2]
     assert {o.extra_fields["batch_size"] for o in [*outs, *single_outs]} == {5}  # one fused run of all five
     assert [o.extra_fields["cache_hit"] for o in outs] == [False, True, True]  # the group's prompt encoded once
@@ -145,11 +153,13 @@ async def test_a_group_fuses_with_other_pending_requests_and_comes_back_in_order
 
 async def test_a_group_larger_than_max_num_seqs_is_split_and_keeps_its_order(make_server):
     server = make_server(max_num_seqs=3, chunk_size=3)
-    outs = await server.generate_group(_group("g", range(5)))
-    assert [o.extra_fields["request_id"] for o in outs] == [f"g{i}" for i in range(5)]
+    group = await server.generate_group(_group("g", range(5)))
+    outs = group.samples
+    assert [o.request_id for o in outs] == [f"g{i}" for i in range(5)]
+    assert list(group.conditioning) == [PROMPT, ""]  # two batches, one entry per distinct text
     assert [o.extra_fields["batch_size"] for o in outs] == [3, 3, 3, 2, 2]
     assert (await server.get_stats())["batch_size_histogram"] == {2: 1, 3: 1}
-    assert await server.generate_group([]) == []
+    assert (await server.generate_group([])).samples == []
 
 
 def _record_rows(engine, calls: dict[str, list[int]]) -> None:
@@ -202,27 +212,28 @@ async def test_one_bad_request_fails_its_group_before_anything_is_queued(make_se
 
 async def test_sde_window_and_ode_requests(make_server):
     server = make_server()
-    windowed = await server.generate("w", PROMPT, {"seed": 0, "num_inference_steps": 6, "sde_window": [1, 4]})
-    assert windowed.latents.shape[0] == 3 and windowed.extra_fields["sde_step_indices"] == [1, 2, 3]
-    ode = await server.generate("o", PROMPT, {"seed": 0, "num_inference_steps": 6, "noise_level": 0.0})
+    windowed = await _sample(server, "w", PROMPT, {"seed": 0, "num_inference_steps": 6, "sde_window": [1, 4]})
+    assert windowed.latents.shape[0] == 4 and windowed.extra_fields["sde_step_indices"] == [1, 2, 3]
+    ode_group = await server.generate("o", PROMPT, {"seed": 0, "num_inference_steps": 6, "noise_level": 0.0})
+    ode = ode_group.samples[0]
     assert ode.latents.shape[0] == 0 and ode.log_probs.shape == (0,) and ode.extra_fields["sde_step_indices"] == []
     # the conditioning comes back only with recorded steps (the trainer recomputes those)
-    assert windowed.prompt_embeds is not None and windowed.pooled_prompt_embeds is not None
-    assert ode.prompt_embeds is None and ode.pooled_prompt_embeds is None
+    assert windowed.conditioning == PROMPT
+    assert ode.conditioning is None and ode_group.conditioning == {}
 
 
 async def test_full_state_dict_update_changes_output_and_bumps_version(make_server):
     server = make_server()
-    before = await server.generate("a", PROMPT, {"seed": 5, **FAST})
+    before = await _sample(server, "a", PROMPT, {"seed": 5, **FAST})
     original = {k: v.clone() for k, v in server.engine.transformer.state_dict().items()}
     perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in original.items()}
     assert await server.update_weights(state_dict=perturbed) == 1
-    after = await server.generate("b", PROMPT, {"seed": 5, **FAST})
+    after = await _sample(server, "b", PROMPT, {"seed": 5, **FAST})
     assert after.model_version == after.extra_fields["global_steps"] == 1
     assert not torch.equal(after.image, before.image)
 
     assert await server.update_weights(state_dict=original, version=7) == 7
-    restored = await server.generate("c", PROMPT, {"seed": 5, **FAST})
+    restored = await _sample(server, "c", PROMPT, {"seed": 5, **FAST})
     assert restored.model_version == 7 and torch.equal(restored.image, before.image)
     assert (await server.get_stats())["model_version"] == 7
 
@@ -239,7 +250,7 @@ async def test_lora_adapter_update(make_server, tiny_dir):
     from peft.utils import get_peft_model_state_dict
 
     server = make_server()
-    base = await server.generate("a", PROMPT, {"seed": 3, **FAST})
+    base = await _sample(server, "a", PROMPT, {"seed": 3, **FAST})
     lora_config = {"r": 4, "lora_alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 
     # The trainer's side: the same base transformer with a peft adapter, exported as peft does.
@@ -247,12 +258,12 @@ async def test_lora_adapter_update(make_server, tiny_dir):
     trainer_model.add_adapter(LoraConfig(**lora_config))
     zero_adapter = get_peft_model_state_dict(trainer_model)  # lora_B starts at zero: the identity
     assert await server.update_weights(lora_state_dict=zero_adapter, lora_config=lora_config) == 1
-    same = await server.generate("b", PROMPT, {"seed": 3, **FAST})
+    same = await _sample(server, "b", PROMPT, {"seed": 3, **FAST})
     assert same.model_version == 1 and torch.equal(same.image, base.image)
 
     trained = {k: (torch.randn_like(v) * 0.5 if "lora_B" in k else v) for k, v in zero_adapter.items()}
     assert await server.update_weights(lora_state_dict=trained) == 2  # config already loaded
-    changed = await server.generate("c", PROMPT, {"seed": 3, **FAST})
+    changed = await _sample(server, "c", PROMPT, {"seed": 3, **FAST})
     assert changed.model_version == 2 and not torch.equal(changed.image, base.image)
 
     # A new adapter shape (config as the trainer's OmegaConf section) replaces the old adapter.
@@ -262,7 +273,7 @@ async def test_lora_adapter_update(make_server, tiny_dir):
     smaller.add_adapter(LoraConfig(**{**lora_config, "r": 2}))
     section = OmegaConf.create({**lora_config, "r": 2})
     assert await server.update_weights(lora_state_dict=get_peft_model_state_dict(smaller), lora_config=section) == 3
-    assert torch.equal((await server.generate("d", PROMPT, {"seed": 3, **FAST})).image, base.image)
+    assert torch.equal((await _sample(server, "d", PROMPT, {"seed": 3, **FAST})).image, base.image)
 
     with pytest.raises(ValueError, match=r"lora_config=\{'rank': 4\} is not a peft LoraConfig"):
         await server.update_weights(lora_config={"rank": 4})
@@ -287,30 +298,30 @@ async def test_lora_adapter_update(make_server, tiny_dir):
 async def test_bad_requests_raise_value_error_naming_the_field(make_server, kwargs, params, match):
     server = make_server()
     with pytest.raises(ValueError, match=match):
-        await server.generate("bad", PROMPT, params, **kwargs)
-    ok = await asyncio.wait_for(server.generate("ok", PROMPT, {"seed": 0, **FAST}), timeout=30)
+        await _sample(server, "bad", PROMPT, params, **kwargs)
+    ok = await asyncio.wait_for(_sample(server, "ok", PROMPT, {"seed": 0, **FAST}), timeout=30)
     assert ok.image.shape == (3, 64, 64)  # the server is still serving
 
 
 async def test_abort_holds_requests_until_resume_and_reject_fails_them(make_server):
     server = make_server(admission_window_ms=0)
     await server.abort_all_requests()
-    held = asyncio.ensure_future(server.generate("held", PROMPT, {"seed": 0, **FAST}))
+    held = asyncio.ensure_future(_sample(server, "held", PROMPT, {"seed": 0, **FAST}))
     await asyncio.sleep(0.2)
     assert not held.done() and (await server.get_stats())["pending"] == 1
     await server.resume_generation()
-    assert (await asyncio.wait_for(held, timeout=30)).extra_fields["request_id"] == "held"
+    assert (await asyncio.wait_for(held, timeout=30)).request_id == "held"
 
     await server.abort_all_requests()
-    queued = asyncio.ensure_future(server.generate("queued", PROMPT, {"seed": 0, **FAST}))
+    queued = asyncio.ensure_future(_sample(server, "queued", PROMPT, {"seed": 0, **FAST}))
     await asyncio.sleep(0.05)
     await server.abort_all_requests(reject_request=True)
     with pytest.raises(RuntimeError, match="rejected"):
         await queued
     with pytest.raises(RuntimeError, match="rejected"):
-        await server.generate("new", PROMPT, {"seed": 0, **FAST})
+        await _sample(server, "new", PROMPT, {"seed": 0, **FAST})
     await server.resume_generation()
-    assert (await server.generate("after", PROMPT, {"seed": 0, **FAST})).image.shape == (3, 64, 64)
+    assert (await _sample(server, "after", PROMPT, {"seed": 0, **FAST})).image.shape == (3, 64, 64)
     # CPU: memory controls are cheap no-ops that verl's replica may call at any time.
     for method in ("sleep", "wake_up", "clear_kv_cache", "release_kv_cache", "resume_kv_cache", "stop_profile"):
         assert await getattr(server, method)() is None
@@ -352,12 +363,13 @@ async def test_two_replicas_serve_concurrent_groups_through_the_client(manager):
     assert isinstance(client, OmniLLMServerClient)
 
     async def one(group: int, copy: int):
-        return await client.generate(
+        group = await client.generate(
             f"g{group}-{copy}",
             prompt_ids=f"prompt {group}",
             sampling_params={"seed": 100 * group + copy},
             routing_key=f"uid-{group}",
         )
+        return group.samples[0]
 
     outs = await asyncio.wait_for(asyncio.gather(*[one(g, c) for g in range(4) for c in range(4)]), timeout=120)
     servers_by_group = {}
@@ -382,10 +394,11 @@ async def test_two_replicas_serve_concurrent_groups_through_the_client(manager):
         alone = await replica.server_handle.generate.remote(
             request_id="alone", prompt_ids="prompt 2", sampling_params={"seed": 203}
         )
+        alone = alone.samples[0]
         assert alone.extra_fields["batch_size"] == 1
         assert torch.equal(alone.image, batched.image)
         assert torch.equal(alone.log_probs, batched.log_probs)
-        assert torch.equal(alone.next_latents, batched.next_latents)
+        assert torch.equal(alone.latents, batched.latents)
 
 
 async def test_bad_request_error_reaches_the_caller_not_a_hang(manager):
@@ -405,10 +418,10 @@ async def test_bad_request_error_reaches_the_caller_not_a_hang(manager):
 async def test_weight_update_through_the_replica_reaches_later_outputs(manager):
     replica = manager.get_replicas()[0]
     server = replica.server_handle
-    before = await server.generate.remote(request_id="w0", prompt_ids=PROMPT, sampling_params={"seed": 1})
+    before = (await server.generate.remote(request_id="w0", prompt_ids=PROMPT, sampling_params={"seed": 1})).samples[0]
     state = {"proj_out.bias": torch.full((16,), 0.3)}  # a partial update: one known parameter
     assert await server.update_weights.remote(state_dict=state, version=5) == 5
-    after = await server.generate.remote(request_id="w1", prompt_ids=PROMPT, sampling_params={"seed": 1})
+    after = (await server.generate.remote(request_id="w1", prompt_ids=PROMPT, sampling_params={"seed": 1})).samples[0]
     assert after.model_version == 5 and after.extra_fields["global_steps"] == 5
     assert not torch.equal(after.image, before.image)
     await replica.sleep()

@@ -12,26 +12,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, register
 from verl.protocol import DataProto
 
-from verl_omni.agent_loop import DiffusionAgentLoopWorker, DiffusionSingleTurnAgentLoop
+from verl_omni.agent_loop import DiffusionAgentLoopWorker
+from verl_omni.protocol import CONDITIONING, Sample, SampleGroup
 from verl_omni.utils.arrays import object_column
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
-
-SINGLE_ONLY_AGENT = "test_single_sample_only_agent"
-
-
-@register(SINGLE_ONLY_AGENT)
-class SingleSampleOnlyAgentLoop(AgentLoopBase):
-    """An agent loop that knows single samples only (no ``run_group``)."""
-
-    def __init__(self, trainer_config: Any, server_manager: Any, reward_fn: Any = None, **kwargs: Any):
-        self.inner = DiffusionSingleTurnAgentLoop(trainer_config, server_manager, reward_fn)
-
-    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
-        return await self.inner.run(sampling_params, **kwargs)
 
 
 class StubClient:
@@ -42,25 +28,25 @@ class StubClient:
         self.calls: list[tuple[str, list[str], str | None]] = []
 
     @staticmethod
-    def _output(request_id: str, sampling_params: dict[str, Any]) -> DiffusionOutput:
+    def _output(request_id: str, prompt: str, sampling_params: dict[str, Any]) -> Sample:
         seed = sampling_params["seed"]
         t = torch.full((2,), float(seed), dtype=torch.float64)  # exact for any seed
-        return DiffusionOutput(
+        return Sample(
+            request_id=request_id,
             image=torch.full((3, 2, 2), seed % 256, dtype=torch.uint8),
-            latents=t.view(2, 1, 1, 1),
-            next_latents=t.view(2, 1, 1, 1),
-            sigmas=t,
-            sigmas_next=t,
-            timesteps=t,
+            latents=torch.cat([t, t[:1]]).view(3, 1, 1, 1),
+            sigmas=torch.cat([t, t[:1]]),
             log_probs=t,
-            prompt_embeds=torch.zeros(1, 2),
-            pooled_prompt_embeds=torch.zeros(2),
+            conditioning=prompt,
             extra_fields={"server_id": "stub", "batch_size": 1, "cache_hit": False, "generate_s": 0.0},
         )
 
     async def generate_group(self, requests, *, routing_key=None):
         self.calls.append(("generate_group", [r["request_id"] for r in requests], routing_key))
-        return [self._output(r["request_id"], r["sampling_params"]) for r in requests]
+        samples = [self._output(r["request_id"], r["prompt_ids"], r["sampling_params"]) for r in requests]
+        # the group's conditioning once per distinct prompt, as a replica returns it
+        conditioning = {r["prompt_ids"]: {"embeds": torch.full((2,), float(len(r["prompt_ids"])))} for r in requests}
+        return SampleGroup(samples=samples, conditioning=conditioning)
 
 
 def _worker(client: StubClient) -> DiffusionAgentLoopWorker:
@@ -85,8 +71,6 @@ UIDS = ["a", "b", "a", None, "b", "a", None]
 async def test_rows_of_a_key_go_out_in_one_call_and_come_back_in_row_order():
     client = StubClient()
     grouped = await _worker(client).generate_sequences(_batch(UIDS))
-    single_client = StubClient()
-    single = await _worker(single_client).generate_sequences(_batch(UIDS, agent=SINGLE_ONLY_AGENT))
 
     assert sorted(client.calls, key=str) == sorted(
         [
@@ -97,15 +81,19 @@ async def test_rows_of_a_key_go_out_in_one_call_and_come_back_in_row_order():
         ],
         key=str,
     )
-    # an agent loop without run_group: a group of one per row, still one path
-    assert sorted(len(c[1]) for c in single_client.calls) == [1] * len(UIDS)
     assert list(grouped.non_tensor_batch["request_id"]) == [f"step3-row{10 + i}" for i in range(len(UIDS))]
     assert list(grouped.non_tensor_batch["uid"]) == UIDS
     # what co-location is measured on: the key each row was routed by (its request id when it had none)
     assert list(grouped.non_tensor_batch["routing_key"]) == ["a", "b", "a", "step3-row13", "b", "a", "step3-row16"]
-    for key in sorted(single.batch.keys()):  # same per-row seeds, so the same outputs in the same rows
-        assert torch.equal(grouped.batch[key], single.batch[key]), key
     assert len(set(grouped.batch["sigmas"][:, 0].tolist())) == len(UIDS)  # every row has its own seed
+    # one conditioning entry per distinct prompt, each row pointing at its prompt's
+    table = grouped.meta_info[CONDITIONING]
+    prompts = list(grouped.non_tensor_batch["prompt"])
+    assert len(table) == len(set(prompts)) == 3  # two groups of one share the prompt "prompt of None"
+    for row, prompt in enumerate(prompts):
+        entry = table[int(grouped.batch["conditioning_index"][row])]
+        assert torch.equal(entry["embeds"], torch.full((2,), float(len(prompt))))
+    assert grouped.batch["negative_conditioning_index"].tolist() == [-1] * len(UIDS)
 
 
 async def test_routing_key_field_other_than_uid_groups_by_that_field():

@@ -29,6 +29,10 @@ def pipe(tmp_path_factory):
     return pipe
 
 
+def _cond(embeds, pooled):
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
 def _encode(pipe, prompts, negative="", cfg=True):
     with torch.no_grad():
         return pipe.encode_prompt(
@@ -109,25 +113,24 @@ def test_recorded_log_probs_recompute_exactly_from_stored_latents_with_cfg(pipe)
     sigmas = _sigmas(pipe, 6)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     traj = sample_flow_match_sde(
-        pipe.transformer, sigmas, pe, pp, gens, (4, 8, 8), npe, npp, guidance_scale=4.5, noise_level=0.7
+        pipe.transformer, sigmas, _cond(pe, pp), _cond(npe, npp), gens, (4, 8, 8), guidance_scale=4.5, noise_level=0.7
     )
-    assert traj.latents.shape == (3, 6, 4, 8, 8) and traj.log_probs.shape == (3, 6)
-    assert torch.equal(traj.sigmas, sigmas[:-1]) and torch.equal(traj.sigmas_next, sigmas[1:])
-    torch.testing.assert_close(traj.timesteps, pipe.scheduler.timesteps)
-    assert torch.equal(traj.latents[:, 1:], traj.next_latents[:, :-1])  # a trajectory, step after step
+    # a chain: x before each of the 6 steps, then after the last, at the schedule's noise levels
+    assert traj.latents.shape == (3, 7, 4, 8, 8) and traj.log_probs.shape == (3, 6)
+    assert torch.equal(traj.sigmas, sigmas)
+    torch.testing.assert_close(traj.sigmas[:-1] * 1000, pipe.scheduler.timesteps)
+    torch.testing.assert_close(traj.latents[:, -1], traj.final_latents, rtol=0, atol=0)
 
     # Same batch, same weights: the trainer's recomputation is bit-identical (on-policy ratio exactly 1).
     for t in range(6):
         logp, _, _ = compute_log_prob(
             pipe.transformer,
             traj.latents[:, t],
-            traj.next_latents[:, t],
+            traj.latents[:, t + 1],
             traj.sigmas[t].expand(3),
-            traj.sigmas_next[t].expand(3),
-            pe,
-            pp,
-            npe,
-            npp,
+            traj.sigmas[t + 1].expand(3),
+            _cond(pe, pp),
+            _cond(npe, npp),
             guidance_scale=4.5,
             noise_level=0.7,
         )
@@ -138,13 +141,11 @@ def test_recorded_log_probs_recompute_exactly_from_stored_latents_with_cfg(pipe)
     logp, mean, std = compute_log_prob(
         pipe.transformer,
         traj.latents[rows, steps],
-        traj.next_latents[rows, steps],
+        traj.latents[rows, steps + 1],
         traj.sigmas[steps],
-        traj.sigmas_next[steps],
-        pe[rows],
-        pp[rows],
-        npe[rows],
-        npp[rows],
+        traj.sigmas[steps + 1],
+        _cond(pe[rows], pp[rows]),
+        _cond(npe[rows], npp[rows]),
         guidance_scale=4.5,
         noise_level=0.7,
     )
@@ -158,7 +159,15 @@ def test_compute_log_prob_has_gradients_for_the_trainer(pipe):
     pipe.transformer.requires_grad_(True)
     try:
         logp, _, _ = compute_log_prob(
-            pipe.transformer, x, x * 0.9, torch.tensor([0.8]), torch.tensor([0.7]), pe, pp, npe, npp, 4.5, 0.7
+            pipe.transformer,
+            x,
+            x * 0.9,
+            torch.tensor([0.8]),
+            torch.tensor([0.7]),
+            _cond(pe, pp),
+            _cond(npe, npp),
+            4.5,
+            0.7,
         )
         logp.sum().backward()
         grads = [p.grad for p in pipe.transformer.parameters() if p.grad is not None]
@@ -172,16 +181,16 @@ def test_sde_window_records_only_window_steps(pipe):
     pe, _, pp, _ = _encode(pipe, ["a cat"], cfg=False)
     sigmas = _sigmas(pipe, 8)
     traj = sample_flow_match_sde(
-        pipe.transformer, sigmas, pe, pp, [torch.Generator().manual_seed(0)], (4, 8, 8), sde_window=(2, 5)
+        pipe.transformer, sigmas, _cond(pe, pp), None, [torch.Generator().manual_seed(0)], (4, 8, 8), sde_window=(2, 5)
     )
-    assert traj.latents.shape == (1, 3, 4, 8, 8)
+    assert traj.latents.shape == (1, 4, 4, 8, 8) and traj.log_probs.shape == (1, 3)
     assert traj.step_indices.tolist() == [2, 3, 4]
-    assert torch.equal(traj.sigmas, sigmas[2:5]) and torch.equal(traj.sigmas_next, sigmas[3:6])
+    assert torch.equal(traj.sigmas, sigmas[2:6])
 
     ode = sample_flow_match_sde(
-        pipe.transformer, sigmas, pe, pp, [torch.Generator().manual_seed(0)], (4, 8, 8), noise_level=0.0
+        pipe.transformer, sigmas, _cond(pe, pp), None, [torch.Generator().manual_seed(0)], (4, 8, 8), noise_level=0.0
     )
-    assert ode.latents.shape == (1, 0, 4, 8, 8) and ode.log_probs.shape == (1, 0)
+    assert ode.latents.shape == (1, 0, 4, 8, 8) and ode.log_probs.shape == (1, 0) and ode.sigmas.shape == (0,)
     assert not torch.equal(ode.final_latents, traj.final_latents)  # the window's noise changed the sample
 
 
@@ -192,12 +201,10 @@ def test_ode_sampling_matches_the_stock_diffusers_pipeline(pipe):
     ours = sample_flow_match_sde(
         pipe.transformer,
         sigmas,
-        pe,
-        pp,
+        _cond(pe, pp),
+        _cond(npe, npp),
         [torch.Generator().manual_seed(7)],
         (4, 8, 8),
-        npe,
-        npp,
         guidance_scale=3.0,
         noise_level=0.0,
     )
@@ -234,7 +241,7 @@ def test_cfg_gradient_flows_through_the_conditional_branch_only_when_detached(de
     x = torch.zeros(1, 1, 1, 1)
     pos, neg = torch.tensor([[2.0]]), torch.tensor([[3.0]])
     emb = torch.zeros(1, 1, 1)
-    v = predict_velocity(model, x, 0.5, emb, pos, emb, neg, guidance_scale=g, detach_uncond=detach_uncond)
+    v = predict_velocity(model, x, 0.5, _cond(emb, pos), _cond(emb, neg), guidance_scale=g, detach_uncond=detach_uncond)
     # forward: v_neg + g (v_pos - v_neg), the same either way
     assert v.item() == pytest.approx(3.0 + g * (2.0 - 3.0))
     v.sum().backward()

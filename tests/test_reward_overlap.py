@@ -18,11 +18,11 @@ from omegaconf import OmegaConf
 from verl.protocol import DataProto
 
 from verl_omni.agent_loop import DiffusionAgentLoopWorker
+from verl_omni.protocol import Sample, SampleGroup
 from verl_omni.rewards import register_reward
 from verl_omni.rewards.weighted import reward_specs
 from verl_omni.utils.arrays import object_column
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 
 EVENTS: list[str] = []
 LOCK = threading.Lock()
@@ -49,23 +49,21 @@ class OrderedClient:
         self.routing = RolloutServerRoutingConfig()
         self.release_a = asyncio.Event()
 
-    async def generate_group(self, requests: list[dict], *, routing_key: str | None = None) -> list[DiffusionOutput]:
+    async def generate_group(self, requests: list[dict], *, routing_key: str | None = None) -> SampleGroup:
         if routing_key == "a":
             await self.release_a.wait()
         with LOCK:
             EVENTS.append(f"sampled {routing_key}")
-        return [self._output(r["sampling_params"]["seed"]) for r in requests]
+        return SampleGroup(samples=[self._output(r["request_id"], r["sampling_params"]["seed"]) for r in requests])
 
     @staticmethod
-    def _output(seed: int) -> DiffusionOutput:
+    def _output(request_id: str, seed: int) -> Sample:
         t = torch.zeros(2, dtype=torch.float64)
-        return DiffusionOutput(
+        return Sample(
+            request_id=request_id,
             image=torch.full((3, 2, 2), seed % 256, dtype=torch.uint8),
-            latents=t.view(2, 1, 1, 1),
-            next_latents=t.view(2, 1, 1, 1),
-            sigmas=t,
-            sigmas_next=t,
-            timesteps=t,
+            latents=torch.zeros(3, 1, 1, 1),
+            sigmas=torch.zeros(3),
             log_probs=t,
             extra_fields={"server_id": "stub", "batch_size": 1, "cache_hit": False, "generate_s": 0.0},
         )
@@ -136,7 +134,7 @@ async def test_no_reward_no_exposed_time() -> None:
 
 def _seeds(out: DataProto) -> list[int]:
     """The seed each row was sampled with, read back from its image (the stub writes seed % 256 there)."""
-    return [int(v) for v in out.batch["images"][:, 0, 0, 0].tolist()]
+    return [int(v) for v in out.batch["image"][:, 0, 0, 0].tolist()]
 
 
 def test_overlap_must_be_a_bool() -> None:

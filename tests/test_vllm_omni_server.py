@@ -27,7 +27,7 @@ from PIL import Image
 from verl_omni.pipelines.flow_match_sde import sample_sde_trajectory
 from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
 from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
-from verl_omni.workers.rollout.vllm_omni_protocol import (
+from verl_omni.pipelines.vllm_omni_protocol import (
     EXTRA_ARGS_KEY,
     LOAD_WEIGHTS_METHOD,
     WORKER_EXTENSION,
@@ -114,13 +114,9 @@ class FakeAsyncOmni:
             sde_window=args.sde_window,
             chunk_size=args.chunk_size,
         )
-        cond = {
-            "prompt_embeds": embeds[0],
-            "pooled_prompt_embeds": pooled[0],
-            "negative_prompt_embeds": None if negative[0] is None else negative[0][0],
-            "negative_pooled_prompt_embeds": None if negative[1] is None else negative[1][0],
-        }
-        fields = pack_trajectory(traj, 0, cond)
+        cond = {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+        neg = None if negative[0] is None else {"prompt_embeds": negative[0][0], "pooled_prompt_embeds": negative[1][0]}
+        fields = pack_trajectory(traj, 0, cond, neg)
         if self.mode == "stock":
             fields = {"trajectory_latents": None, "trajectory_timesteps": None, "trajectory_log_probs": None}
         elif self.mode == "bad_timesteps":
@@ -394,14 +390,15 @@ GPU_MODEL = os.environ.get("VERL_OMNI_VLLM_OMNI_TEST_MODEL")
 async def test_real_engine_returns_a_recomputable_trajectory():
     server = VllmOmniRolloutServer(GPU_MODEL, {"num_inference_steps": 4, "height": 256, "width": 256})
     try:
-        outs = await server.generate_group(
+        group = await server.generate_group(
             [{"request_id": f"r{i}", "prompt_ids": "a red apple", "sampling_params": {"seed": i}} for i in range(2)]
         )
+        outs = group.samples
         for out in outs:
             assert (
                 out.image.shape == (3, 256, 256) and out.log_probs.shape == (4,) and torch.isfinite(out.log_probs).all()
             )
-            assert out.prompt_embeds is not None and out.latents.shape[0] == 4
+            assert out.conditioning in group.conditioning and out.latents.shape[0] == 5
         assert not torch.equal(outs[0].image, outs[1].image)
     finally:
         await server.close()

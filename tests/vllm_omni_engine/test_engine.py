@@ -228,7 +228,7 @@ async def test_an_update_waits_for_the_request_in_flight_and_later_requests_wait
 def test_the_worker_extension_loads_transformer_weights_and_reports_what_it_skipped():
     from types import SimpleNamespace
 
-    from verl_omni.workers.rollout.vllm_omni_protocol import LOAD_WEIGHTS_METHOD
+    from verl_omni.pipelines.vllm_omni_protocol import LOAD_WEIGHTS_METHOD
     from verl_omni.workers.rollout.vllm_omni_worker_extension import VerlOmniWorkerExtension
 
     loaded: list[str] = []

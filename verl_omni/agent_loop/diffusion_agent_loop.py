@@ -9,20 +9,25 @@ from pydantic import BaseModel, ConfigDict
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, register
 
 from verl_omni.agent_loop.group_reward import score_group
+from verl_omni.protocol import Conditioning, Sample
 from verl_omni.rewards.weighted import WeightedReward
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 
 DIFFUSION_AGENT_NAME = "diffusion_single_turn_agent"
 
 
 class DiffusionAgentLoopOutput(BaseModel):
-    """What one run returns to the worker: the server output plus how it was routed."""
+    """What one run returns to the worker: the sample, how it was routed and its reward.
+
+    ``conditioning`` is the table the sample's conditioning keys refer to: its group's, shared (not copied) by
+    every sample of the group.
+    """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     request_id: str
     routing_key: str | None
-    output: DiffusionOutput
+    sample: Sample
+    conditioning: dict[str, Conditioning]
     reward: float | None = None
     reward_terms: dict[str, float] | None = None
     reward_s: float | None = None
@@ -39,17 +44,15 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
     keeps only the config and the client from verl's constructor arguments.
     """
 
-    def __init__(
-        self, trainer_config: Any, server_manager: Any, reward_fn: WeightedReward | None = None, **kwargs: Any
-    ):
+    def __init__(self, trainer_config: Any, client: Any, reward_fn: WeightedReward | None = None, **kwargs: Any):
         self.config = trainer_config.config
         self.reward_fn = reward_fn
         self.rollout_config = self.config.actor_rollout_ref.rollout
-        self.server_manager = server_manager
+        self.client = client
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> DiffusionAgentLoopOutput:
         """Generate one sample (a group of one); ``kwargs`` are the row's non-tensor fields (``prompt``, ...)."""
-        field = self.server_manager.routing.routing_key_field
+        field = self.client.routing.routing_key_field
         (result,) = await self.run_group([(sampling_params, kwargs)], routing_key=routing_key_of(kwargs, field))
         return result
 
@@ -62,7 +65,7 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
         is scored in one call, in a thread, as soon as its images are back: other groups keep sampling meanwhile.
         """
         requests = [_prompt_and_id(kwargs) for _, kwargs in samples]
-        outputs = await self.server_manager.generate_group(
+        group = await self.client.generate_group(
             [
                 {"request_id": request_id, "prompt_ids": prompt, "sampling_params": params}
                 for (params, _), (prompt, request_id) in zip(samples, requests, strict=True)
@@ -71,8 +74,14 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
         )
         back = time.perf_counter()
         results = [
-            DiffusionAgentLoopOutput(request_id=request_id, routing_key=routing_key, output=output, sampled_at=back)
-            for (_, request_id), output in zip(requests, outputs, strict=True)
+            DiffusionAgentLoopOutput(
+                request_id=request_id,
+                routing_key=routing_key,
+                sample=sample,
+                conditioning=group.conditioning,
+                sampled_at=back,
+            )
+            for (_, request_id), sample in zip(requests, group.samples, strict=True)
         ]
         if self.reward_fn is not None:
             await score_group(self.reward_fn, results, [prompt for prompt, _ in requests])

@@ -19,25 +19,11 @@ from verl.protocol import DataProto
 from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput, routing_key_of
 from verl_omni.agent_loop.group_reward import reward_exposed_s, score_group
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
+from verl_omni.protocol import CONDITIONING, stack_samples
 from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.utils.arrays import object_column
 
 logger = logging.getLogger(__name__)
-
-# Per-sample tensors stacked into the output batch, and the DiffusionOutput field each comes from.
-_TENSOR_FIELDS = {
-    "images": "image",
-    "latents": "latents",
-    "next_latents": "next_latents",
-    "sigmas": "sigmas",
-    "sigmas_next": "sigmas_next",
-    "timesteps": "timesteps",
-    "old_log_probs": "log_probs",
-    "prompt_embeds": "prompt_embeds",
-    "pooled_prompt_embeds": "pooled_prompt_embeds",
-    "negative_prompt_embeds": "negative_prompt_embeds",
-    "negative_pooled_prompt_embeds": "negative_pooled_prompt_embeds",
-}
 
 
 class DiffusionAgentLoopWorker(AgentLoopWorker):
@@ -107,7 +93,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         agent_names = non_tensor.get("agent_name", np.array([DIFFUSION_AGENT_NAME] * n, dtype=object))
 
         start = time.perf_counter()
-        shared_params = sampling_params(self.rollout_config, validate=validate)
+        shared_params = sampling_params(self.rollout_config, validate=validate)  # the replica applies the defaults
         samples = []
         for i in range(n):
             kwargs = {k: v[i] for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
@@ -156,10 +142,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
     async def _run_group(
         self, agent_name: str, samples: list[tuple[dict[str, Any], dict[str, Any]]], routing_key: str | None
     ) -> list[DiffusionAgentLoopOutput]:
-        agent_loop = self._agent_loop(agent_name)
-        if not hasattr(agent_loop, "run_group"):  # an agent loop that only knows single samples
-            return list(await asyncio.gather(*(agent_loop.run(params, **kwargs) for params, kwargs in samples)))
-        return await agent_loop.run_group(samples, routing_key=routing_key)
+        return await self._agent_loop(agent_name).run_group(samples, routing_key=routing_key)
 
     def _agent_loop(self, agent_name: str) -> Any:
         if agent_name not in _agent_loop_registry:
@@ -169,7 +152,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         return hydra.utils.instantiate(
             config=_agent_loop_registry[agent_name],
             trainer_config=DictConfigWrap(config=self.config),
-            server_manager=self.llm_client,
+            client=self.llm_client,
             tokenizer=None,
             processor=None,
             dataset_cls=None,
@@ -184,19 +167,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         meta: dict[str, Any],
         elapsed: float,
     ) -> DataProto:
-        outputs = [r.output for r in results]
-        tensors: dict[str, torch.Tensor] = {}
-        for key, field in _TENSOR_FIELDS.items():
-            values = [getattr(o, field) for o in outputs]
-            if any(v is None for v in values):
-                if not all(v is None for v in values):
-                    raise ValueError(f"field {field!r} is set for some samples and missing for others")
-                continue
-            shapes = {tuple(v.shape) for v in values}
-            if len(shapes) != 1:
-                raise ValueError(f"field {field!r} has different shapes across samples: {sorted(shapes)}")
-            tensors[key] = torch.stack(values)
-        tensors["model_version"] = torch.tensor([o.model_version for o in outputs], dtype=torch.int64)
+        samples = [r.sample for r in results]
+        tensors, table = stack_samples(samples, [r.conditioning for r in results])
         if all(r.reward is not None for r in results):
             tensors["rewards"] = torch.tensor([r.reward for r in results], dtype=torch.float32)
             for name in results[0].reward_terms or {}:
@@ -206,12 +178,13 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         passthrough["request_id"] = object_column([r.request_id for r in results])
         # the key each row was routed by (its request id when it had none): what co-location is measured on
         passthrough["routing_key"] = object_column([r.routing_key or r.request_id for r in results])
-        passthrough["rollout_resent"] = object_column([bool(o.extra_fields.get("resent")) for o in outputs])
-        passthrough["rollout_server"] = object_column([o.extra_fields.get("server_id") for o in outputs])
-        passthrough["rollout_batch_size"] = object_column([o.extra_fields.get("batch_size") for o in outputs])
-        passthrough["rollout_cache_hit"] = object_column([o.extra_fields.get("cache_hit") for o in outputs])
-        passthrough["rollout_generate_s"] = object_column([o.extra_fields.get("generate_s") for o in outputs])
+        passthrough["rollout_resent"] = object_column([bool(o.extra_fields.get("resent")) for o in samples])
+        passthrough["rollout_server"] = object_column([o.extra_fields.get("server_id") for o in samples])
+        passthrough["rollout_batch_size"] = object_column([o.extra_fields.get("batch_size") for o in samples])
+        passthrough["rollout_cache_hit"] = object_column([o.extra_fields.get("cache_hit") for o in samples])
+        passthrough["rollout_generate_s"] = object_column([o.extra_fields.get("generate_s") for o in samples])
         passthrough["reward_s"] = object_column([r.reward_s for r in results])
         out_meta = {k: v for k, v in meta.items() if k != "metrics"}
         out_meta["worker_generate_s"] = elapsed
+        out_meta[CONDITIONING] = table
         return DataProto.from_dict(tensors=tensors, non_tensors=passthrough, meta_info=out_meta)

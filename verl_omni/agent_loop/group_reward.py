@@ -22,7 +22,7 @@ async def score_group(reward_fn: WeightedReward, results: Sequence[Any], prompts
 
     if not results:
         return
-    images = torch.stack([r.output.image for r in results])
+    images = torch.stack([r.sample.image for r in results])
     start = time.perf_counter()
     total, terms = await asyncio.to_thread(reward_fn, images, list(prompts))
     end = time.perf_counter()

@@ -16,6 +16,7 @@ from verl.utils.ray_utils import auto_await
 from verl_omni.agent_loop.diffusion_agent_loop import missing_routing_key_field
 from verl_omni.agent_loop.diffusion_worker import DiffusionAgentLoopWorker
 from verl_omni.agent_loop.routing_metrics import routing_metrics
+from verl_omni.protocol import CONDITIONING, merge_tables
 from verl_omni.workers.rollout.omni_llm_server import ACTOR_RESTARTS
 
 
@@ -87,6 +88,7 @@ class OmniAgentLoopManager(AgentLoopManager):
         # per-worker timing differs between chunks; DataProto.concat requires equal meta_info
         worker_times = [o.meta_info.pop("worker_generate_s", 0.0) for o in outputs]
         exposed = [e for o in outputs if (e := o.meta_info.pop("reward_exposed_s", None)) is not None]
+        table = merge_tables(outputs)  # each worker's conditioning entries, once
         output = DataProto.concat(outputs)
         elapsed = time.perf_counter() - start
 
@@ -95,7 +97,7 @@ class OmniAgentLoopManager(AgentLoopManager):
         metrics["timing_s/agent_loop/slowest_worker"] = max(worker_times)
         if exposed:  # reward time no sampling hid, in the worker where it was longest
             metrics["timing_s/reward_exposed"] = max(exposed)
-        output.meta_info = {**outputs[0].meta_info, "metrics": metrics}
+        output.meta_info = {**outputs[0].meta_info, CONDITIONING: table, "metrics": metrics}
         return output
 
     async def _routing_metrics(self, output: DataProto) -> dict[str, float]:

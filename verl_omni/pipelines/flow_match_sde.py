@@ -48,21 +48,21 @@ class SDEStepOutput:
 class SDETrajectory:
     """What :func:`sample_sde_trajectory` records for a batch of B samples and T SDE steps.
 
+    The recorded steps are consecutive in the schedule, so step ``t`` moves ``latents[:, t]`` to
+    ``latents[:, t + 1]`` at noise levels ``sigmas[t] -> sigmas[t + 1]``.
+
     Attributes:
         final_latents: (B, *latent_shape) denoised latents (before VAE decoding).
-        latents / next_latents: (B, T, *latent_shape) ``x_s`` and ``x_next`` of every SDE step.
+        latents: (B, T + 1, *latent_shape) ``x`` before every SDE step, then after the last (T = 0: empty).
         log_probs: (B, T) log-prob of every SDE step under the sampling policy.
-        sigmas / sigmas_next / timesteps: (T,) the schedule of the SDE steps (shared by the batch).
+        sigmas: (T + 1,) the noise levels of ``latents`` (shared by the batch; T = 0: empty).
         step_indices: (T,) the indices of the SDE steps in the full schedule.
     """
 
     final_latents: torch.Tensor
     latents: torch.Tensor
-    next_latents: torch.Tensor
     log_probs: torch.Tensor
     sigmas: torch.Tensor
-    sigmas_next: torch.Tensor
-    timesteps: torch.Tensor
     step_indices: torch.Tensor
 
 
@@ -245,7 +245,7 @@ def sample_sde_trajectory(
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     x = standard_normal((batch, *latent_shape), list(generators), device)
 
-    rec_x, rec_next, rec_logp = [], [], []
+    rec_x, rec_logp = [], []
     for i in range(num_steps):
         sde = start <= i < end
         # drawn for the whole batch, one generator per sample, then chunked with the rest of the step's inputs
@@ -254,19 +254,15 @@ def sample_sde_trajectory(
         x_next, log_prob = map_chunks(step, [x, *conditioning, noise], chunk_size)
         if sde:
             rec_x.append(x)
-            rec_next.append(x_next)
             rec_logp.append(log_prob)
         x = x_next
+        if i + 1 == end and rec_x:
+            rec_x.append(x)
 
-    steps = torch.arange(start, end, device=device)
-    empty = torch.empty((batch, 0, *latent_shape), device=device)
     return SDETrajectory(
         final_latents=x,
-        latents=torch.stack(rec_x, dim=1) if rec_x else empty,
-        next_latents=torch.stack(rec_next, dim=1) if rec_next else empty.clone(),
+        latents=torch.stack(rec_x, dim=1) if rec_x else torch.empty((batch, 0, *latent_shape), device=device),
         log_probs=torch.stack(rec_logp, dim=1) if rec_logp else torch.empty((batch, 0), device=device),
-        sigmas=sigmas[start:end].clone(),
-        sigmas_next=sigmas[start + 1 : end + 1].clone(),
-        timesteps=sigmas[start:end] * TIMESTEP_SCALE,
-        step_indices=steps,
+        sigmas=sigmas[start : end + 1].clone() if end > start else sigmas[:0].clone(),
+        step_indices=torch.arange(start, end, device=device),
     )

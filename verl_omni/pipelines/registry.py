@@ -16,20 +16,25 @@ ROLLOUT_BACKENDS: tuple[str, ...] = ("diffusers", "vllm_omni")
 
 @dataclass(frozen=True)
 class ModelPipelines:
-    """Dotted import paths (``package.module.Name``) of one model family's backend adapters; None: unsupported.
+    """Dotted import paths (``package.module.Name``) of one model family's code; None: unsupported.
 
     Attributes:
+        trainer: ``compute_log_prob(transformer, latents, next_latents, sigmas, sigmas_next, conditioning,
+            negative_conditioning, guidance_scale, noise_level, detach_uncond, dtype)``: the family's log-prob of
+            stored transitions, with its conditioning bundles as the rollout recorded them.
         diffusers: class wrapping a loaded ``diffusers`` pipeline for the diffusers engine.
         vllm_omni: vllm-omni custom pipeline class (``custom_pipeline_args["pipeline_class"]``); imported only
             inside vllm-omni's workers.
     """
 
+    trainer: str
     diffusers: str | None = None
     vllm_omni: str | None = None
 
 
 MODEL_PIPELINES: dict[str, ModelPipelines] = {
     "StableDiffusion3Pipeline": ModelPipelines(
+        trainer="verl_omni.pipelines.sd3.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.sd3.diffusers_adapter.SD3DiffusersAdapter",
         vllm_omni="verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline",
     ),
@@ -58,6 +63,18 @@ def adapter_path(pipeline_class: str | None, backend: str, key: str = "actor_rol
 def load_adapter(pipeline_class: str, backend: str) -> Any:
     """Import and return ``backend``'s adapter class for ``pipeline_class``."""
     module, _, name = adapter_path(pipeline_class, backend).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_trainer_binding(pipeline_class: str | None, key: str = "actor_rollout_ref.model.path") -> Any:
+    """The model family's ``compute_log_prob`` for ``pipeline_class``; ``ValueError`` naming the valid choices."""
+    entry = MODEL_PIPELINES.get(pipeline_class) if isinstance(pipeline_class, str) else None
+    if entry is None:
+        raise ValueError(
+            f"{key} holds a {pipeline_class!r} pipeline, which verl-omni cannot train; "
+            f"valid choices: {', '.join(MODEL_PIPELINES)}"
+        )
+    module, _, name = entry.trainer.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 

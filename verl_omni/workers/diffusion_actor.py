@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -30,7 +31,8 @@ from verl.protocol import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
-from verl_omni.pipelines.sd3.sampling import compute_log_prob
+from verl_omni.pipelines.registry import load_trainer_binding
+from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand, shard
 from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std, truncated_is_weights
 from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
 from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
@@ -42,8 +44,9 @@ from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a diffusers pipeline's ``transformer`` with ``from_pretrained``, whatever its class."""
+def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
+    """Load a diffusers pipeline's ``transformer`` with ``from_pretrained``, whatever its class; and the pipeline
+    class (``model_index.json``'s ``_class_name``), which names the model family."""
     index_file = Path(model_path) / "model_index.json"
     if not index_file.is_file():
         raise ValueError(
@@ -56,7 +59,21 @@ def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> tor
 
     library, class_name = index["transformer"]
     cls = getattr(diffusers, class_name)
-    return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
+    return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype), index.get("_class_name")
+
+
+def dispatch_rank_shards(worker_group: Any, data: DataProto, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    """verl dispatch: rank ``r`` receives rows ``r, r + W, ...`` of the training batch and only the conditioning
+    entries those rows use (:func:`~verl_omni.protocol.shard`), not the whole batch."""
+    shards = shard(data, worker_group.world_size)
+    return (shards, *([a] * worker_group.world_size for a in args)), {
+        k: [v] * worker_group.world_size for k, v in kwargs.items()
+    }
+
+
+def collect_all(worker_group: Any, output: list[Any]) -> list[Any]:
+    """Every rank's result, in rank order."""
+    return output
 
 
 def actor_worker_env(config: DictConfig, use_gpu: bool) -> dict[str, str]:
@@ -103,7 +120,9 @@ class DiffusionActorWorker(Worker):
         # Same seed on every rank: LoRA initialisation is identical, so sharding needs no broadcast.
         torch.manual_seed(int(cfg.trainer.seed))
 
-        self.model = load_transformer(model_cfg.path)
+        self.model, pipeline_class = load_transformer(model_cfg.path)
+        # the model family's log-prob of stored transitions: the same velocity and SDE step its rollout samples with
+        self.compute_log_prob = load_trainer_binding(pipeline_class)
         # The rollout's bf16 copy (from_pretrained) has bf16 buffers too; FSDP2 casts only parameters.
         self.compute_dtype = torch_dtype(self.fsdp.param_dtype)
         cast_floating_buffers(self.model, self.compute_dtype)
@@ -209,14 +228,22 @@ class DiffusionActorWorker(Worker):
         return module
 
     # ---------------------------------------------------------------- update
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    @register(dispatch_mode={"dispatch_fn": dispatch_rank_shards, "collect_fn": collect_all})
     def update_policy(self, data: DataProto) -> dict[str, float]:
-        """Clipped-ratio FlowGRPO update over ``ppo_epochs`` passes of the batch; returns mean metrics."""
+        """Clipped-ratio FlowGRPO update over ``ppo_epochs`` passes of this rank's shard; returns mean metrics.
+
+        ``data`` is this rank's rows (:func:`dispatch_rank_shards`) with their conditioning table; a step's
+        conditioning is expanded from it only when the step runs.
+        """
         batch = {k: v for k, v in data.batch.items()}
-        n = batch["latents"].shape[0]
-        check_training_split(n, self.mini_batch_size, self.world_size, on_gpu=self.device.type != "cpu")
-        rows = np.arange(self.rank, n, self.world_size)
-        steps = batch["latents"].shape[1]
+        self._table = data.meta_info.get(CONDITIONING, [])
+        local = batch["latents"].shape[0]
+        check_training_split(
+            local * self.world_size, self.mini_batch_size, self.world_size, on_gpu=self.device.type != "cpu"
+        )
+        rows = np.arange(local)
+        batch["old_log_probs"] = batch.pop("log_probs")
+        steps = batch["old_log_probs"].shape[1]
         rng = np.random.default_rng(int(self.config.trainer.seed) + 7919 * self._update_calls)
         self._update_calls += 1
         mini = min(self.mini_batch_size // self.world_size, len(rows))
@@ -304,45 +331,55 @@ class DiffusionActorWorker(Worker):
         return log_prob
 
     def _step_args(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int) -> dict[str, Any]:
-        """``compute_log_prob``'s arguments for rows ``idx`` at trained step ``t``, on the device."""
+        """The model's ``compute_log_prob`` arguments for rows ``idx`` at trained step ``t``, on the device: step ``t``
+        moves ``latents[:, t]`` to ``latents[:, t + 1]``; the conditioning is expanded from the table here."""
         dev = self.device
 
-        def take(key: str) -> torch.Tensor | None:
-            value = batch.get(key)
-            return None if value is None else value[idx].to(dev)
+        def bundle(key: str) -> dict[str, torch.Tensor] | None:
+            found = expand(self._table, batch[key][idx])
+            return None if found is None else {k: v.to(dev) for k, v in found.items()}
 
-        cond = {
-            "prompt_embeds": take("prompt_embeds"),
-            "pooled_prompt_embeds": take("pooled_prompt_embeds"),
-            "negative_prompt_embeds": take("negative_prompt_embeds"),
-            "negative_pooled_prompt_embeds": take("negative_pooled_prompt_embeds"),
-        }
-        step_args = {
+        return {
             "latents": batch["latents"][idx, t].to(dev),
-            "next_latents": batch["next_latents"][idx, t].to(dev),
+            "next_latents": batch["latents"][idx, t + 1].to(dev),
             "sigmas": batch["sigmas"][idx, t].to(dev),
-            "sigmas_next": batch["sigmas_next"][idx, t].to(dev),
+            "sigmas_next": batch["sigmas"][idx, t + 1].to(dev),
+            "conditioning": bundle(CONDITIONING_INDEX),
+            "negative_conditioning": bundle(NEGATIVE_CONDITIONING_INDEX) if self.guidance_scale > 1.0 else None,
             "guidance_scale": self.guidance_scale,
             "noise_level": self.noise_level,
             "detach_uncond": self.cfg_detach_uncond,
             "dtype": self.compute_dtype,
-            **cond,
         }
-        return step_args
 
     def _compute_log_prob(self, model: torch.nn.Module, step_args: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """``compute_log_prob`` as the replicas sampled: in chunks of exactly ``chunk_size`` rows (the last padded
         by repeating a real row; padded outputs are dropped, so they get no gradient and no metric), on CPU
         without oneDNN and with the replicas' thread count, under batch-invariant mode; on the whole micro-batch
         otherwise."""
-        names = [k for k, v in step_args.items() if v is None or isinstance(v, torch.Tensor)]
-        params = {k: v for k, v in step_args.items() if k not in names}
+        # every per-row tensor, the conditioning bundles' included, is chunked alike
+        flat: dict[tuple[str, str | None], torch.Tensor | None] = {}
+        params = {}
+        for key, value in step_args.items():
+            if isinstance(value, dict):
+                flat.update({(key, name): tensor for name, tensor in value.items()})
+            elif value is None or isinstance(value, torch.Tensor):
+                flat[(key, None)] = value
+            else:
+                params[key] = value
+        names = list(flat)
 
         def call(*rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-            return compute_log_prob(model, **dict(zip(names, rows, strict=True)), **params)
+            args: dict[str, Any] = {}
+            for (key, name), row in zip(names, rows, strict=True):
+                if name is None:
+                    args[key] = row
+                else:
+                    args.setdefault(key, {})[name] = row
+            return self.compute_log_prob(model, **args, **params)
 
         with onednn(enabled=self.use_onednn), torch_threads(self.recompute_threads):
-            return map_chunks(call, [step_args[k] for k in names], self.chunk_size)
+            return map_chunks(call, list(flat.values()), self.chunk_size)
 
     def _reference(self):
         """With LoRA the reference is the base model: the same module with adapters disabled."""
@@ -371,18 +408,23 @@ class DiffusionActorWorker(Worker):
 
     # --------------------------------------------------------- weights, state
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def get_rollout_weights(self, ema: bool = False) -> dict[str, Any] | None:
-        """What the rollout replicas load: the LoRA adapter (with its config) or the full state dict.
+    def put_rollout_weights(self, ema: bool = False) -> dict[str, ray.ObjectRef] | None:
+        """What the rollout replicas load, put into Ray's object store by this worker: the LoRA adapter (with its
+        config) or the full state dict, as ``update_weights`` keyword -> ``ObjectRef``.
+
+        The worker puts the tensors itself and the driver only passes the refs on (Ray resolves a top-level ref
+        argument in each replica), so the weights never pass through the driver: for full fine-tuning of a large
+        transformer that is gigabytes per step. The objects live while someone holds a ref.
 
         The full state dict holds parameters only: buffers are not trained, the replicas loaded them from the same
         model files in their own dtype, and this copy's are cast to the compute dtype (see ``precision``).
 
         ``ema=True``: the EMA weights instead of the trained ones (validation samples with them); an error when
-        ``actor.ema.enable`` is off. Every rank takes part in gathering the shards; rank 0 returns the full
-        tensors, the others None.
+        ``actor.ema.enable`` is off. Every rank takes part in gathering the shards; rank 0 puts the full tensors
+        and returns the refs, the others None.
         """
         if ema and self.ema is None:
-            raise ValueError("get_rollout_weights(ema=True) but actor_rollout_ref.actor.ema.enable is false")
+            raise ValueError("put_rollout_weights(ema=True) but actor_rollout_ref.actor.ema.enable is false")
         lora = self.lora_config is not None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
         with self.ema.swapped_in() if ema else nullcontext():
@@ -394,11 +436,13 @@ class DiffusionActorWorker(Worker):
         if lora:
             from peft.utils import get_peft_model_state_dict
 
-            return {
+            weights = {
                 "lora_state_dict": get_peft_model_state_dict(self.model, state_dict=state),
                 "lora_config": dict(self.lora_config),
             }
-        return {"state_dict": {k: v for k, v in state.items() if k not in self.buffer_names}}
+        else:
+            weights = {"state_dict": {k: v for k, v in state.items() if k not in self.buffer_names}}
+        return {key: ray.put(value) for key, value in weights.items()}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def state_dict(self) -> dict[str, Any] | None:

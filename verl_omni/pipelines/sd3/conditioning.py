@@ -6,48 +6,47 @@ vllm-omni's); chunking, the host-side per-text encodings and the CFG combination
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from verl_omni.pipelines.flow_match_sde import TIMESTEP_SCALE
+from verl_omni.protocol import Conditioning
 from verl_omni.utils.batch_invariant import map_chunks
 
-SD3Encoding = tuple[torch.Tensor, torch.Tensor]
-"""One text's conditioning: ``(prompt_embeds (L, D), pooled_prompt_embeds (P,))``, float32 on the host."""
+CONDITIONING_FIELDS = ("prompt_embeds", "pooled_prompt_embeds")
+"""SD3's conditioning of one text: ``prompt_embeds (L, D)`` (CLIP and T5 joint sequence) and
+``pooled_prompt_embeds (P,)``, float32 on the host; the CFG negative is a bundle of the same fields."""
 
-EncodeFn = Callable[[list[str]], SD3Encoding]
+EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 """A backend's text encoders on a list of texts: batched ``(embeds (B, L, D), pooled (B, P))``."""
 
 
 @torch.no_grad()
-def encode_texts(encode: EncodeFn, texts: list[str], chunk_size: int | None) -> list[SD3Encoding]:
-    """Run ``encode`` once over ``texts``; per-text float32 encodings on the host.
+def encode_texts(encode: EncodeFn, texts: list[str], chunk_size: int | None) -> list[Conditioning]:
+    """Run ``encode`` once over ``texts``; per-text float32 conditioning bundles on the host.
 
     Host memory keeps a large prompt cache off the GPU (an SD3.5 entry is about 5.5 MB in float32); a batch
     moves its few rows to the device. Batch-invariant: chunks of ``chunk_size`` texts, padded with empty prompts.
     """
     embeds, pooled = map_chunks(encode, [texts], chunk_size, fill="")
     embeds, pooled = embeds.float().cpu(), pooled.float().cpu()
-    return [(embeds[i].clone(), pooled[i].clone()) for i in range(len(texts))]
+    return [
+        dict(zip(CONDITIONING_FIELDS, (embeds[i].clone(), pooled[i].clone()), strict=True)) for i in range(len(texts))
+    ]
 
 
-def stack_encodings(encodings: Sequence[SD3Encoding], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-text encodings as the batched ``(prompt_embeds, pooled_prompt_embeds)`` on ``device``."""
-    return (
-        torch.stack([e[0] for e in encodings]).to(device),
-        torch.stack([e[1] for e in encodings]).to(device),
-    )
+def stack_encodings(encodings: Sequence[Conditioning], device: torch.device) -> Conditioning:
+    """Per-text bundles as one batched bundle on ``device``."""
+    return {name: torch.stack([e[name] for e in encodings]).to(device) for name in CONDITIONING_FIELDS}
 
 
 def predict_velocity(
     transformer: torch.nn.Module,
     latents: torch.Tensor,
     sigmas: float | torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    conditioning: Mapping[str, torch.Tensor],
+    negative_conditioning: Mapping[str, torch.Tensor] | None = None,
     guidance_scale: float = 1.0,
     detach_uncond: bool = False,
     dtype: torch.dtype | None = None,
@@ -70,15 +69,14 @@ def predict_velocity(
     dtype = dtype or next(transformer.parameters()).dtype
     x = latents.to(dtype)
     do_cfg = guidance_scale > 1.0
+    enc, pooled = (conditioning[name] for name in CONDITIONING_FIELDS)
     if do_cfg:
-        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_prompt_embeds and pooled ones")
+        if negative_conditioning is None:
+            raise ValueError(f"guidance_scale={guidance_scale} > 1 needs the negative conditioning")
         x = torch.cat([x, x])
         timestep = torch.cat([timestep, timestep])
-        enc = torch.cat([negative_prompt_embeds, prompt_embeds])
-        pooled = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
-    else:
-        enc, pooled = prompt_embeds, pooled_prompt_embeds
+        enc = torch.cat([negative_conditioning["prompt_embeds"], enc])
+        pooled = torch.cat([negative_conditioning["pooled_prompt_embeds"], pooled])
     out = transformer(
         hidden_states=x,
         timestep=timestep,

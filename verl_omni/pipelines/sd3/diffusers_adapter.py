@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from verl_omni.pipelines.flow_match_sde import SDETrajectory
-from verl_omni.pipelines.sd3.conditioning import SD3Encoding, encode_texts, stack_encodings
+from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
 from verl_omni.pipelines.sd3.sampling import decode_latents, images_to_uint8, sample_flow_match_sde, scheduler_sigmas
+from verl_omni.protocol import Conditioning
 
 
 class SD3DiffusersAdapter:
@@ -28,8 +29,8 @@ class SD3DiffusersAdapter:
         self.max_sequence_length = max_sequence_length
         self.device = device
 
-    def encode(self, texts: list[str], chunk_size: int | None) -> list[SD3Encoding]:
-        """Per-text host encodings of ``texts`` (one text-encoder pass per chunk)."""
+    def encode(self, texts: list[str], chunk_size: int | None) -> list[Conditioning]:
+        """Per-text host conditioning bundles of ``texts`` (one text-encoder pass per chunk)."""
 
         def encode_chunk(chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -52,17 +53,14 @@ class SD3DiffusersAdapter:
 
     def sample(
         self,
-        encodings: Sequence[SD3Encoding],
-        negative_encodings: Sequence[SD3Encoding] | None,
+        encodings: Sequence[Conditioning],
+        negative_encodings: Sequence[Conditioning] | None,
         generators: Sequence[torch.Generator],
         params: Any,
         chunk_size: int | None,
     ) -> SDETrajectory:
         """FlowGRPO-sample one batch with resolved sampling ``params`` (equal for the whole batch)."""
-        prompt_embeds, pooled = stack_encodings(encodings, self.device)
-        neg_embeds = neg_pooled = None
-        if negative_encodings is not None:
-            neg_embeds, neg_pooled = stack_encodings(negative_encodings, self.device)
+        negatives = None if negative_encodings is None else stack_encodings(negative_encodings, self.device)
         latent_shape = (
             self.spec.latent_channels,
             params.height // self.spec.vae_scale_factor,
@@ -71,12 +69,10 @@ class SD3DiffusersAdapter:
         return sample_flow_match_sde(
             self.pipe.transformer,
             self.sigmas(params.num_inference_steps, params.height, params.width),
-            prompt_embeds,
-            pooled,
+            stack_encodings(encodings, self.device),
+            negatives,
             generators,
             latent_shape,
-            negative_prompt_embeds=neg_embeds,
-            negative_pooled_prompt_embeds=neg_pooled,
             guidance_scale=params.guidance_scale,
             noise_level=params.noise_level,
             sde_window=params.sde_window,

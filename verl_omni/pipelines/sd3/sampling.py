@@ -5,13 +5,13 @@ log-prob recompute and VAE decoding; every backend and the trainer call these, n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
 
 from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step_with_logprob
-from verl_omni.pipelines.sd3.conditioning import predict_velocity
+from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS, predict_velocity
+from verl_omni.protocol import Conditioning
 from verl_omni.utils.batch_invariant import map_chunks
 
 
@@ -42,24 +42,30 @@ def scheduler_sigmas(
 def sample_flow_match_sde(
     transformer: torch.nn.Module,
     sigmas: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
+    conditioning: Conditioning,
+    negative_conditioning: Conditioning | None,
     generators: Sequence[torch.Generator],
     latent_shape: Sequence[int],
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
 ) -> SDETrajectory:
     """FlowGRPO sampling of an SD3 transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory`
-    with SD3's (guided) velocity; see there for the arguments. ``latent_shape`` is (C, h, w)."""
-    velocity = partial(predict_velocity, transformer, guidance_scale=guidance_scale)
+    with SD3's (guided) velocity; see there for the arguments. ``conditioning`` (and the CFG negative) are batched
+    bundles of :data:`~verl_omni.pipelines.sd3.conditioning.CONDITIONING_FIELDS`; ``latent_shape`` is (C, h, w)."""
+    names = list(CONDITIONING_FIELDS)
+    negative = [None] * len(names) if negative_conditioning is None else [negative_conditioning[k] for k in names]
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
+        pos, neg = dict(zip(names, tensors[: len(names)], strict=True)), tensors[len(names) :]
+        neg_bundle = None if neg[0] is None else dict(zip(names, neg, strict=True))
+        return predict_velocity(transformer, x, sigma, pos, neg_bundle, guidance_scale)
+
     return sample_sde_trajectory(
         velocity,
         sigmas,
-        [prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds],
+        [*(conditioning[k] for k in names), *negative],
         generators,
         latent_shape,
         noise_level=noise_level,
@@ -89,10 +95,8 @@ def compute_log_prob(
     next_latents: torch.Tensor,
     sigmas: torch.Tensor,
     sigmas_next: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    conditioning: Conditioning,
+    negative_conditioning: Conditioning | None = None,
     guidance_scale: float = 1.0,
     noise_level: float = 0.7,
     detach_uncond: bool = True,
@@ -106,8 +110,8 @@ def compute_log_prob(
     Args:
         latents, next_latents: (B, C, h, w) stored ``x_s`` and ``x_next``.
         sigmas, sigmas_next: (B,) their noise levels.
-        prompt_embeds (B, L, D), pooled_prompt_embeds (B, P): the conditioning the sample used; the
-            negative ones are required when ``guidance_scale > 1`` (use the sampler's guidance scale).
+        conditioning: the batched bundle the samples used; ``negative_conditioning`` is required when
+            ``guidance_scale > 1`` (use the sampler's guidance scale).
         noise_level: the sampler's ``noise_level``.
         detach_uncond: with CFG, back-propagate through the conditional branch only (the reference's choice;
             ``actor_rollout_ref.actor.cfg_detach_uncond``).
@@ -121,10 +125,8 @@ def compute_log_prob(
         transformer,
         latents,
         sigmas,
-        prompt_embeds,
-        pooled_prompt_embeds,
-        negative_prompt_embeds,
-        negative_pooled_prompt_embeds,
+        conditioning,
+        negative_conditioning,
         guidance_scale,
         detach_uncond=detach_uncond,
         dtype=dtype,

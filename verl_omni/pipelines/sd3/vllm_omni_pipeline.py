@@ -4,7 +4,7 @@ vllm-omni's stock SD3 pipeline records no trajectory. This subclass keeps everyt
 loaders, its SD3 transformer, text encoders and VAE, weight loading) and replaces only ``forward`` with the
 project's shared SD3 conditioning and sampling, so both backends run the same math. The server loads it with
 ``custom_pipeline_args={"pipeline_class": "verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline"}``;
-the wire format is :mod:`verl_omni.workers.rollout.vllm_omni_protocol`.
+the wire format is :mod:`verl_omni.pipelines.vllm_omni_protocol`.
 
 Imported only inside vllm-omni's worker processes (it imports vllm-omni at module level). Not yet run on a GPU.
 """
@@ -21,7 +21,7 @@ from vllm_omni.platforms import current_omni_platform
 
 from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
 from verl_omni.pipelines.sd3.sampling import decode_latents, sample_flow_match_sde, scheduler_sigmas
-from verl_omni.workers.rollout.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory
+from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory
 
 _DEFAULT_MAX_SEQUENCE_LENGTH = 256
 
@@ -76,8 +76,6 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
         negatives = None
         if do_cfg:
             negatives = encode_texts(encode, [_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
-        prompt_embeds, pooled = stack_encodings(encodings, self.device)
-        neg_embeds, neg_pooled = stack_encodings(negatives, self.device) if negatives else (None, None)
         seeds = [req.sampling_params_list[i].seed for i in rows]
         generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
         sigmas = scheduler_sigmas(
@@ -91,12 +89,10 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
         traj = sample_flow_match_sde(
             self.transformer,
             sigmas,
-            prompt_embeds,
-            pooled,
+            stack_encodings(encodings, self.device),
+            stack_encodings(negatives, self.device) if negatives else None,
             generators,
             latent_shape,
-            negative_prompt_embeds=neg_embeds,
-            negative_pooled_prompt_embeds=neg_pooled,
             guidance_scale=sp.guidance_scale,
             noise_level=args.noise_level,
             sde_window=args.sde_window,
@@ -105,13 +101,8 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
         images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
         outputs = []
         for j in range(len(rows)):
-            conditioning = {
-                "prompt_embeds": encodings[j][0],
-                "pooled_prompt_embeds": encodings[j][1],
-                "negative_prompt_embeds": negatives[j][0] if negatives else None,
-                "negative_pooled_prompt_embeds": negatives[j][1] if negatives else None,
-            }
-            outputs.append(OmniDiffusionOutput(output=images[j : j + 1], **pack_trajectory(traj, j, conditioning)))
+            trajectory = pack_trajectory(traj, j, encodings[j], negatives[j] if negatives else None)
+            outputs.append(OmniDiffusionOutput(output=images[j : j + 1], **trajectory))
         return outputs
 
     def _load_diffusion_lora_adapter(self, lora_request: Any, lora_path: str, dtype: torch.dtype) -> Any:

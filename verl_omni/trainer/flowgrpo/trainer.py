@@ -9,47 +9,33 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from verl.protocol import DataProto
 from verl.utils.tracking import Tracking
 
+from verl_omni.protocol import CONDITIONING, TRAIN_KEYS, compact
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, nonzero_advantage_rows
 from verl_omni.trainer.flowgrpo.preemption import GracefulStop
 from verl_omni.trainer.flowgrpo.rollout_batch import rollout_rows
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.utils.heartbeat import Heartbeat
+from verl_omni.utils.payload_bytes import held_bytes
 from verl_omni.utils.visualize import save_image_grid, save_reward_curve
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+
+if TYPE_CHECKING:
+    from verl_omni.utils.startup import StartupClock
+from verl_omni.workers.rollout.replica_pool import RolloutReplicaPool
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-# Errors that mean a rollout replica's actor is gone (not that a request was bad).
-_REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
-
-# Tensors the policy update needs; everything else in the rollout batch stays on the driver.
-# Per-step tensors (second dim = recorded denoising steps) are cut to the trained steps first.
-_PER_STEP_KEYS = ("latents", "next_latents", "sigmas", "sigmas_next", "old_log_probs")
-_TRAIN_KEYS = (
-    "latents",
-    "next_latents",
-    "sigmas",
-    "sigmas_next",
-    "old_log_probs",
-    "advantages",
-    "prompt_embeds",
-    "pooled_prompt_embeds",
-    "negative_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-)
 
 # The validation grid shows the first rows only: the same ones at every validation, and a bounded PNG on a large
 # test set (64 tiles of 512 px are about 4k x 4k pixels).
@@ -68,10 +54,15 @@ class FlowGRPOTrainer:
         batcher: yields each step's prompts (``PromptBatch``), a pure function of the step.
         agent_loop_manager: ``OmniAgentLoopManager``: returns images, trajectories, rewards, routing metrics.
         actor_wg: ``RayWorkerGroup`` of ``DiffusionActorWorker``.
-        replicas: the rollout replicas (``server_manager.get_replicas()``) that receive new weights.
+        replicas: the rollout replicas (``server_manager.get_replicas()``) that receive new weights; a replica
+            whose server dies is replaced (``RolloutReplicaPool``).
         run_dir: where samples, curves, metrics and checkpoints go.
         validation: the fixed validation rows (``ValidationBatches``: ``batches()`` and ``n``); None = never
             validate. When to validate comes from ``trainer.test_freq`` and ``trainer.val_before_train``.
+
+    ``startup``: the launcher's :class:`~verl_omni.utils.startup.StartupClock`, if any: its breakdown is printed
+    and logged (``timing_s/startup/*``) with this process's first step.
+        load_balancer: the clients' balancer actor, where a replacement replica is registered.
     """
 
     def __init__(
@@ -84,12 +75,13 @@ class FlowGRPOTrainer:
         run_dir: str | os.PathLike,
         tracker_factory: Callable[[], Tracking] | None = None,
         validation: Any = None,
+        load_balancer: Any = None,
     ):
         self.config = config
         self.batcher = batcher
         self.agent_loop_manager = agent_loop_manager
         self.actor_wg = actor_wg
-        self.replicas = replicas
+        self.rollout_replicas = RolloutReplicaPool(replicas, load_balancer)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.sample_dir = self.run_dir / "samples"
@@ -109,13 +101,14 @@ class FlowGRPOTrainer:
         self._warned_off_policy = False
         # a line every progress_interval_s while a phase runs: the step line alone can be minutes apart on CPU
         self.heartbeat = Heartbeat(float(config.trainer.get("progress_interval_s", 60) or 0), write=tqdm.write)
-        self.replicas_lost = 0
+        self.weight_sync_driver_bytes = 0
         self.stopped: str | None = None  # why the run stopped before its last step (a stop signal), if it did
         self.version = 0
         self.start_step = 0
         self.history: list[dict[str, float]] = []
         self.val_history: list[dict[str, float]] = []
         self._tracker_factory = tracker_factory or self._default_tracker
+        self.startup: StartupClock | None = None
 
     # ---------------------------------------------------------------- helpers
     def _default_tracker(self) -> Tracking:
@@ -186,36 +179,23 @@ class FlowGRPOTrainer:
         save_checkpoint(self.ckpt_dir, step, state, keep_last=keep)
 
     def _sync_weights(self, ema: bool = False) -> float:
-        """Push the current policy (or its EMA, for validation) to every rollout replica.
+        """Push the current policy (or its EMA, for validation) to every rollout replica, replacing dead ones.
 
         The trained weights are tagged with ``self.version``, the EMA weights with :meth:`_ema_version` so an
-        EMA sample can never pass for an on-policy one.
+        EMA sample can never pass for an on-policy one. The actor puts the weights into Ray's object store and the
+        driver only hands the refs on: ``weight_sync_driver_bytes`` counts what the driver itself held (0).
         """
         start = time.perf_counter()
-        weights = self.actor_wg.get_rollout_weights(ema=ema)
-        weights = weights[0] if isinstance(weights, list) else weights
-        # One object-store copy shared by all replicas; top-level ObjectRef kwargs arrive resolved.
-        refs = {key: ray.put(value) for key, value in weights.items()}
-        version = self._ema_version() if ema else self.version
-        pending = [
-            (replica, server.update_weights.remote(**refs, version=version))
-            for replica in self.replicas
-            for server in replica.servers
-        ]
-        lost = []
-        for replica, future in pending:
-            try:
-                ray.get(future)
-            except _REPLICA_GONE as err:  # the client's failover already routes around it; stop syncing it
-                logger.warning("rollout replica %s is gone (%s); training continues without it", replica, err)
-                if all(replica is not gone for gone in lost):
-                    lost.append(replica)
-        if lost:
-            self.replicas = [r for r in self.replicas if all(r is not gone for gone in lost)]
-            self.replicas_lost += len(lost)
-            if not self.replicas:
-                raise RuntimeError("every rollout replica is gone: nothing left to sample with")
+        refs = self.actor_wg.put_rollout_weights(ema=ema)
+        refs = refs[0] if isinstance(refs, list) else refs
+        self.weight_sync_driver_bytes = held_bytes(refs)
+        self.rollout_replicas.push(refs, self._ema_version() if ema else self.version)
         return time.perf_counter() - start
+
+    @property
+    def replicas(self) -> list[Any]:
+        """The rollout replicas serving now (a dead one's replacement included)."""
+        return self.rollout_replicas.live
 
     def _make_batch(self, rows: Any, validate: bool = False) -> DataProto:
         """The rollout request for ``rows`` (a ``PromptBatch``), whose ``step`` and ``base_seed`` seed its rows."""
@@ -289,10 +269,11 @@ class FlowGRPOTrainer:
         """The steps, each saved when ``save_freq`` says so or when a stop signal came during it."""
         for step in bar:
             # validation of the policy after `step` updates: the one this step's rollout samples from
+            startup = self._startup_metrics() if step == self.start_step else {}
             val_metrics = self._validate(step) if self.validates_at(step) else {}
             metrics = self._train_step(step, algo)
             self.history.append({"step": step, **metrics})
-            tracker.log(data={**metrics, **val_metrics}, step=step)
+            tracker.log(data={**metrics, **val_metrics, **startup}, step=step)
             tqdm.write(self._console_line(step, metrics, val_metrics))
             self._warn_off_policy(step, metrics)
             done = step + 1
@@ -306,6 +287,14 @@ class FlowGRPOTrainer:
             val_metrics = self._validate(self.total_steps)
             tracker.log(data=val_metrics, step=self.total_steps)
             tqdm.write(f"validation after step {self.total_steps}: val {val_metrics['val/reward/mean']:.3f}")
+
+    def _startup_metrics(self) -> dict[str, float]:
+        """The start-up breakdown up to now (this process's first step): printed once and logged with the step."""
+        if self.startup is None:
+            return {}
+        first_step_at = self.startup.now()
+        tqdm.write(self.startup.line(first_step_at))
+        return self.startup.metrics(first_step_at)
 
     def _resume_hint(self) -> str:
         found = find_latest_checkpoint(self.ckpt_dir)
@@ -357,7 +346,8 @@ class FlowGRPOTrainer:
             "advantages/kept_fraction": kept_fraction,
             "actor/trained_steps": float(self.trained_steps),
             "rollout/model_version": float(self.version - 1),
-            "rollout/replicas_lost": float(self.replicas_lost),
+            **self.rollout_replicas.metrics(),
+            "weight_sync/driver_bytes": float(self.weight_sync_driver_bytes),
             **_reward_term_means(out, "reward"),
             **{f"reward/{k}": float(v) for k, v in group_reward_stats(rewards, uids).items()},
             **actor_metrics,
@@ -377,19 +367,20 @@ class FlowGRPOTrainer:
         every training rank must run the same number of passes, so the first dropped rows (advantage exactly 0,
         no policy-gradient signal) top the count up to the next multiple of the ranks. None when no row is left.
         """
-        present = set(out.batch.keys())
-        batch = out.select(batch_keys=[k for k in _TRAIN_KEYS if k in present])
-        for key in _PER_STEP_KEYS:
-            batch.batch[key] = batch.batch[key][:, : self.trained_steps].contiguous()
+        batch = out.select(batch_keys=list(TRAIN_KEYS), meta_info_keys=[CONDITIONING])
+        k = self.trained_steps  # step t moves latents[:, t] to latents[:, t + 1]
+        batch.batch["log_probs"] = batch.batch["log_probs"][:, :k].contiguous()
+        for key in ("latents", "sigmas"):
+            batch.batch[key] = batch.batch[key][:, : k + 1].contiguous()
         if not self.drop_zero_advantage:
-            return batch, 1.0
+            return compact(batch), 1.0
         keep = nonzero_advantage_rows(rewards, uids)
         kept = int(keep.sum())
         if kept == 0:
             return None, 0.0
         top_up = (~keep).nonzero().flatten()[: -kept % int(self.actor_wg.world_size)]
         keep[top_up] = True
-        return batch.select_idxs(keep), kept / len(keep)
+        return compact(batch.select_idxs(keep)), kept / len(keep)
 
     def _console_line(self, step: int, metrics: dict[str, float], val_metrics: dict[str, float]) -> str:
         """One short line per step; every metric is in the tracker (jsonl, tensorboard).
@@ -466,7 +457,7 @@ class FlowGRPOTrainer:
         shown = min(len(reward), _VAL_GRID_MAX_IMAGES)
         captions = [f"{p[:40]} | r={float(r):.2f}" for p, r in zip(prompts[:shown], reward[:shown], strict=True)]
         save_image_grid(
-            out.batch["images"][:shown],
+            out.batch["image"][:shown],
             self.sample_dir / f"val_step_{step:05d}.png",
             captions=captions,
             ncols=n if n > 1 else None,
@@ -478,7 +469,7 @@ class FlowGRPOTrainer:
 
     def _save_samples(self, step: int, out: DataProto) -> None:
         n = int(self.config.actor_rollout_ref.rollout.n)
-        images = out.batch["images"]
+        images = out.batch["image"]
         rewards = out.batch["rewards"]
         prompts = list(out.non_tensor_batch["prompt"])
         # one row per prompt group: its n samples side by side

@@ -12,35 +12,24 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from verl_omni.pipelines.registry import load_adapter
+from verl_omni.protocol import Conditioning, Request, Sample, SampleGroup
 from verl_omni.utils.batch_invariant import mkl_is_strict, onednn
 from verl_omni.utils.containers import plain
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
 from verl_omni.workers.rollout.prompt_cache import PromptEmbeddingCache
 from verl_omni.workers.rollout.prompt_text import prompt_text
-from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 LORA_ADAPTER_NAME = "verl_omni_rollout"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineRequest:
-    """One admitted request: its caller id, prompt text and resolved sampling parameters."""
-
-    request_id: str
-    prompt: str
-    params: DiffusionSamplingParams
 
 
 def resolve_torch_dtype(dtype: str, device: str, rollout_dtype: str | None = None) -> torch.dtype:
@@ -116,13 +105,13 @@ class DiffusersEngine:
         """The prompt as text: a string as is, token ids decoded with the pipeline's (first) tokenizer."""
         return prompt_text(prompt_ids, self.pipe.tokenizer)
 
-    def _encode_texts(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _encode_texts(self, texts: list[str]) -> list[Conditioning]:
         """The adapter's per-text host encodings of ``texts``; counted for the server's stats."""
         encodings = self.adapter.encode(texts, self.chunk_size)
         self.texts_encoded += len(texts)
         return encodings
 
-    def _encodings(self, texts: list[str]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
+    def _encodings(self, texts: list[str]) -> tuple[list[Conditioning], list[bool]]:
         """Encodings of ``texts`` (with repeats), each distinct text encoded at most once; and per-text cache hits.
 
         Without a cache (size 0) every occurrence is encoded, as a server without the cache would.
@@ -131,7 +120,7 @@ class DiffusersEngine:
             for text in texts:
                 self.cache.get(text)  # counts the miss; a disabled cache stores nothing
             return self._encode_texts(texts), [False] * len(texts)
-        found: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        found: dict[str, Conditioning | None] = {}
         hits: list[bool] = []
         for text in texts:
             if text in found:  # encoded (or found) for an earlier request of this batch
@@ -151,15 +140,17 @@ class DiffusersEngine:
     # ----- sampling ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run_batch(self, requests: Sequence[EngineRequest]) -> list[DiffusionOutput]:
-        """Denoise ``requests`` (equal ``batch_key``) in one fused run; one :class:`DiffusionOutput` each.
+    def run_batch(self, requests: Sequence[Request]) -> SampleGroup:
+        """Denoise ``requests`` (equal ``batch_key``) in one fused run: one :class:`Sample` each, in order, and the
+        conditioning of each distinct text once (keyed by the text; none for an ODE-only batch, which records no
+        step to recompute).
 
-        ``extra_fields`` get ``request_id``, ``batch_size``, ``cache_hit``, ``global_steps``, ``seed``,
-        ``sde_step_indices`` (schedule index of each recorded step) and ``encode_s``; the server adds
-        ``server_id``, ``queue_s`` and ``generate_s``.
+        ``extra_fields`` get ``batch_size``, ``cache_hit``, ``global_steps``, ``seed``, ``sde_step_indices``
+        (schedule index of each recorded step) and ``encode_s``; the server adds ``server_id``, ``queue_s`` and
+        ``generate_s``.
         """
         if not requests:
-            return []
+            return SampleGroup(samples=[])
         params = requests[0].params
         if any(r.params.batch_key != params.batch_key for r in requests):
             raise ValueError("run_batch got requests with different batch keys; the server must not fuse them")
@@ -178,32 +169,25 @@ class DiffusersEngine:
             traj = self.adapter.sample(encodings[:n], negatives, generators, params, self.chunk_size)
         images = self.adapter.decode(traj.final_latents, self.chunk_size)
 
-        outputs = []
         cpu = torch.device("cpu")
-        sig, sig_next, tsteps = (traj.sigmas.to(cpu), traj.sigmas_next.to(cpu), traj.timesteps.to(cpu))
+        sigmas = traj.sigmas.to(cpu)
         step_indices = traj.step_indices.tolist()  # which schedule steps the T recorded transitions are
-        # The conditioning only serves to recompute recorded steps: an ODE (validation) sample ships without it.
         recorded = bool(step_indices)
+        conditioning = dict(zip(texts, encodings, strict=True)) if recorded else {}
+        samples = []
         for i, req in enumerate(requests):
             cache_hit = hits[i] and (not params.do_cfg or hits[n + i])
-            neg = encodings[n + i] if params.do_cfg and recorded else None
-            cond = encodings[i] if recorded else (None, None)
-            outputs.append(
-                DiffusionOutput(
+            samples.append(
+                Sample(
+                    request_id=req.request_id,
                     image=images[i].clone(),
                     latents=traj.latents[i].to(cpu).clone(),
-                    next_latents=traj.next_latents[i].to(cpu).clone(),
-                    sigmas=sig.clone(),
-                    sigmas_next=sig_next.clone(),
-                    timesteps=tsteps.clone(),
+                    sigmas=sigmas.clone(),
                     log_probs=traj.log_probs[i].to(cpu).clone(),
-                    prompt_embeds=None if cond[0] is None else cond[0].clone(),
-                    pooled_prompt_embeds=None if cond[1] is None else cond[1].clone(),
-                    negative_prompt_embeds=None if neg is None else neg[0].clone(),
-                    negative_pooled_prompt_embeds=None if neg is None else neg[1].clone(),
+                    conditioning=req.prompt if recorded else None,
+                    negative_conditioning=req.params.negative_prompt if recorded and params.do_cfg else None,
                     model_version=version,
                     extra_fields={
-                        "request_id": req.request_id,
                         "batch_size": n,
                         "cache_hit": bool(cache_hit),
                         "global_steps": version,
@@ -213,7 +197,7 @@ class DiffusersEngine:
                     },
                 )
             )
-        return outputs
+        return SampleGroup(samples=samples, conditioning=conditioning)
 
     # ----- weights and memory --------------------------------------------------------------------
 
@@ -228,10 +212,6 @@ class DiffusersEngine:
 
         Batches that start after this call report the new version. ``version=None`` increments it.
         """
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ValueError(f"version={version!r} must be an integer or None")
-        if state_dict is None and lora_state_dict is None and lora_config is None and version is None:
-            raise ValueError("update_weights needs state_dict, lora_state_dict (+ lora_config) or version")
         self._ensure_awake()
         if state_dict is not None:
             self._load_full_state_dict(state_dict)

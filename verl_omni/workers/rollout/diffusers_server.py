@@ -30,12 +30,10 @@ from typing import Any
 
 import torch
 
+from verl_omni.protocol import Request, SampleGroup
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest, resolve_torch_dtype
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
-from verl_omni.workers.rollout.request_checks import check_text_to_image_args
-from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
-from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
+from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, resolve_torch_dtype
+from verl_omni.workers.rollout.server_base import RolloutServerBase
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -43,7 +41,7 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 @dataclass
 class _Pending:
-    request: EngineRequest
+    request: Request
     future: asyncio.Future
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -52,7 +50,7 @@ class _Pending:
         return self.request.params.batch_key
 
 
-class DiffusersRolloutServer(DiffusionServerNoOps):
+class DiffusersRolloutServer(RolloutServerBase):
     """Serves ``generate`` requests of one replica with request-level batching and a prompt cache.
 
     Args:
@@ -62,6 +60,8 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
         device: ``cpu`` or ``cuda`` (inside a Ray actor with one GPU, ``cuda`` is that GPU).
         rollout_dtype: the rollout's ``dtype`` (used on GPU when ``diffusion.dtype`` is ``auto``).
     """
+
+    BACKEND = "diffusers"
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
             torch.set_num_threads(self.config.cpu_threads)
         dtype = resolve_torch_dtype(self.config.dtype, device, rollout_dtype)
         self.engine = DiffusersEngine(model_path, self.config, device=device, dtype=dtype)
+        self.spec = self.engine.spec
         threads = self.config.cpu_threads if device == "cpu" else None
         self._executor = ThreadPoolExecutor(
             max_workers=1,
@@ -91,55 +92,18 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
         self._paused = False
         self._reject = False
         self._batch_sizes: Counter[int] = Counter()
-        self._served = 0
-        self._failed = 0
-        self._calls = 0
+        self._init_counters()
 
     # ----- generation ----------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_ids: Any,
-        sampling_params: dict[str, Any] | None = None,
-        image_data: Any = None,
-        video_data: Any = None,
-        **kwargs: Any,
-    ) -> DiffusionOutput:
-        """Generate one image for ``prompt_ids`` (prompt text or token ids); see ``sampling_params.SAMPLING_FIELDS``.
+    def _prompt_text(self, prompt_ids: Any) -> str:
+        return self.engine.prompt_text(prompt_ids)
 
-        Raises ``ValueError`` (before queuing) for unknown kwargs or sampling fields and invalid values.
+    async def _generate(self, requests: list[Request]) -> SampleGroup:
+        """Queue ``requests`` for the batching loop (all in one step, so they arrive together) and await them.
+
+        They fuse with each other and with other pending requests, within ``max_num_seqs``.
         """
-        request = self._prepare(request_id, prompt_ids, sampling_params, image_data, video_data, **kwargs)
-        (output,) = await self._submit([request])
-        return output
-
-    async def generate_group(self, requests: list[dict[str, Any]]) -> list[DiffusionOutput]:
-        """Generate several images in one call: each entry holds :meth:`generate`'s arguments.
-
-        For a GRPO group routed to this replica as a whole, so it costs one call instead of one per copy.
-        The requests join the same queue as :meth:`generate`'s, so they fuse with each other and with
-        other pending requests, within ``max_num_seqs``. Outputs come back in the order of ``requests``.
-        Every request is validated before any is queued: one bad request fails the call, nothing runs.
-        """
-        prepared = [self._prepare(**request) for request in requests]
-        return await self._submit(prepared) if prepared else []
-
-    def _prepare(
-        self,
-        request_id: str,
-        prompt_ids: Any,
-        sampling_params: dict[str, Any] | None = None,
-        image_data: Any = None,
-        video_data: Any = None,
-        **kwargs: Any,
-    ) -> EngineRequest:
-        check_text_to_image_args(request_id, image_data, video_data, kwargs, backend="diffusers")
-        params = resolve_sampling_params(sampling_params, self.config, self.engine.spec)
-        return EngineRequest(str(request_id), self.engine.prompt_text(prompt_ids), params)
-
-    async def _submit(self, requests: list[EngineRequest]) -> list[DiffusionOutput]:
-        """Queue ``requests`` for the batching loop (all in one step, so they arrive together) and await them."""
         if self._reject:
             raise RuntimeError(
                 f"request {requests[0].request_id!r} rejected: generation is aborted on {self.server_id}"
@@ -148,13 +112,12 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
         loop = asyncio.get_running_loop()
         pending = [_Pending(request, loop.create_future()) for request in requests]
         self._pending.extend(pending)
-        self._calls += 1
         self._wakeup.set()
         results = await asyncio.gather(*(p.future for p in pending), return_exceptions=True)
         for result in results:  # every future is awaited, so no failure goes unretrieved
             if isinstance(result, BaseException):
                 raise result
-        return results
+        return SampleGroup.gather(results)
 
     def _ensure_loop(self) -> None:
         if self._wakeup is None:
@@ -203,10 +166,9 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
             start = time.perf_counter()
             self._running = loop.run_in_executor(self._executor, self.engine.run_batch, [p.request for p in batch])
             try:
-                outputs = await asyncio.shield(self._running)
+                group = await asyncio.shield(self._running)
             except Exception as err:  # a failed batch fails its requests, never the loop
                 logger.exception("diffusers batch of %d failed on %s", len(batch), self.server_id)
-                self._failed += len(batch)
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(err)
@@ -215,11 +177,12 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
                 self._running = None
             generate_s = time.perf_counter() - start
             self._batch_sizes[len(batch)] += 1
-            self._served += len(batch)
-            for p, out in zip(batch, outputs, strict=True):
-                out.extra_fields.update(server_id=self.server_id, queue_s=start - p.arrival, generate_s=generate_s)
+            for p, sample in zip(batch, group.samples, strict=True):
+                sample.extra_fields.update(server_id=self.server_id, queue_s=start - p.arrival, generate_s=generate_s)
                 if not p.future.done():
-                    p.future.set_result(out)
+                    keys = (sample.conditioning, sample.negative_conditioning)
+                    used = {k: group.conditioning[k] for k in keys if k is not None}
+                    p.future.set_result(SampleGroup(samples=[sample], conditioning=used))
 
     async def _in_engine(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` in the engine thread, ordered with batches (never concurrently with one)."""
@@ -239,6 +202,7 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
 
         Takes effect between batches: requests in a running batch keep the old version.
         """
+        self.check_update(state_dict, lora_state_dict, lora_config, version)
         return await self._in_engine(
             self.engine.update_weights,
             state_dict=state_dict,
@@ -309,12 +273,9 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
         """Batches formed, mean/max batch size, prompt-cache hits and misses, requests served, calls received."""
         batches = sum(self._batch_sizes.values())
         return {
-            "server_id": self.server_id,
-            "requests_served": self._served,
-            "generate_calls": self._calls,
-            "requests_failed": self._failed,
+            **self._counters(),
             "batches": batches,
-            "mean_batch_size": (self._served / batches) if batches else 0.0,
+            "mean_batch_size": sum(k * v for k, v in self._batch_sizes.items()) / batches if batches else 0.0,
             "max_batch_size": max(self._batch_sizes, default=0),
             "batch_size_histogram": dict(sorted(self._batch_sizes.items())),
             "prompt_cache": self.engine.cache.stats(),
@@ -323,8 +284,6 @@ class DiffusersRolloutServer(DiffusionServerNoOps):
             "paused": self._paused,
             "model_version": self.engine.version,
             "device": str(self.engine.device),
-            "batch_invariant": self.engine.batch_invariant,
             "chunk_size": self.engine.chunk_size,
             "max_num_seqs": self.config.max_num_seqs,
-            "admission_window_ms": self.config.admission_window_ms,
         }

@@ -10,6 +10,7 @@ A FlowGRPO group of ``n`` copies costs two balancer calls instead of ``2 n``. Th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ import ray
 from verl.utils.ray_utils import auto_await
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
+from verl_omni.protocol import Sample, SampleGroup
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.backends import register_rollout_backends
@@ -95,19 +97,20 @@ class OmniLLMServerClient(LLMServerClient):
         self.owner = owner
         return await self._load_balancer.release_owner.remote(owner) if restarted else 0
 
-    async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> Any:
+    async def generate(self, request_id: str, *, routing_key: str | None = None, **kwargs: Any) -> SampleGroup:
         """One request: a group of one (``kwargs`` are the server's ``generate`` arguments)."""
-        (output,) = await self.generate_group([{"request_id": request_id, **kwargs}], routing_key=routing_key)
-        return output
+        return await self.generate_group([{"request_id": request_id, **kwargs}], routing_key=routing_key)
 
-    async def generate_group(self, requests: list[dict[str, Any]], *, routing_key: str | None = None) -> list[Any]:
+    async def generate_group(self, requests: list[dict[str, Any]], *, routing_key: str | None = None) -> SampleGroup:
         """Generate the copies of one group: one acquire, one server call per replica used, one release.
 
         Each entry holds the server's ``generate`` arguments (``request_id``, ``prompt_ids``,
-        ``sampling_params``); outputs come back in the same order. ``routing_key`` goes to the balancer
-        only. Copies on a replica that died are placed again (on the replicas left) after it is removed.
+        ``sampling_params``); the samples come back in the same order, with the conditioning of the replicas
+        used merged. ``routing_key`` goes to the balancer only. Copies on a replica that died are placed again
+        (on the replicas left) after it is removed.
         """
-        outputs: list[Any] = [None] * len(requests)
+        parts: list[SampleGroup] = []
+        where: list[tuple[int, int] | None] = [None] * len(requests)  # (part, sample) of each request
         pending = list(range(len(requests)))
         failures = 0
         while pending:
@@ -130,8 +133,10 @@ class OmniLLMServerClient(LLMServerClient):
                 elif isinstance(result, BaseException):
                     raise result
                 else:
-                    for j, output in zip(copies, result, strict=True):
-                        outputs[pending[j]] = self._finish(output, resent=failures > 0)
+                    for s, (j, sample) in enumerate(zip(copies, result.samples, strict=True)):
+                        self._finish(sample, resent=failures > 0)
+                        where[pending[j]] = (len(parts), s)
+                    parts.append(result)
             if gone:
                 failures += len(gone)
                 if failures > self.max_replica_failures:
@@ -142,7 +147,7 @@ class OmniLLMServerClient(LLMServerClient):
                 logger.warning("replica(s) %s gone; removing them and resending %d copies", gone, len(retry))
                 await self._load_balancer.remove_servers.remote(gone)
             pending = retry
-        return outputs
+        return SampleGroup.gather(parts, where)
 
     async def _acquire(self, request_ids: list[str], routing_key: str | None) -> tuple[str, list]:
         """One ``acquire_group`` under a new lease, kept as outstanding until :meth:`_release`.
@@ -203,13 +208,12 @@ class OmniLLMServerClient(LLMServerClient):
         return {**request, "request_id": self._vllm_request_id(str(request["request_id"]))}
 
     @staticmethod
-    def _finish(output: Any, resent: bool) -> Any:
+    def _finish(sample: Sample, resent: bool) -> None:
         """verl's per-output bookkeeping, plus whether the copy was resent after a replica loss."""
-        global_steps = output.extra_fields.get("global_steps")
-        output.extra_fields.setdefault("min_global_steps", global_steps)
-        output.extra_fields.setdefault("max_global_steps", global_steps)
-        output.extra_fields["resent"] = resent
-        return output
+        global_steps = sample.extra_fields.get("global_steps")
+        sample.extra_fields.setdefault("min_global_steps", global_steps)
+        sample.extra_fields.setdefault("max_global_steps", global_steps)
+        sample.extra_fields["resent"] = resent
 
     def _vllm_request_id(self, request_id: str) -> str:
         """Forward the caller's id so server logs and traces match the agent loop's request."""
@@ -224,10 +228,18 @@ class OmniLLMServerManager(LLMServerManager):
     agent-loop workers).
     """
 
-    def __init__(self, config: Any, *args: Any, load_balancer_cls: type | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        config: Any,
+        *args: Any,
+        routing: RolloutServerRoutingConfig | None = None,
+        load_balancer_cls: type | None = None,
+        **kwargs: Any,
+    ):
         rollout_config = config.actor_rollout_ref.rollout
         ensure_omni_rollout_target(rollout_config)
-        self.routing_config = RolloutServerRoutingConfig.from_config(rollout_config.get("server_routing"))
+        # the section the driver parsed (the recipe passes it); read from the config only without one
+        self.routing_config = routing or RolloutServerRoutingConfig.from_config(rollout_config.get("server_routing"))
         load_balancer_cls = load_balancer_cls or OmniRequestLoadBalancer
         if not callable(getattr(load_balancer_cls, "acquire_group", None)):
             raise TypeError(
@@ -265,7 +277,7 @@ class OmniLLMServerManager(LLMServerManager):
         For comparing policies on one set of warm replicas (benchmarks, tests) without relaunching
         them. Clients handed out before keep the old balancer: call :meth:`get_client` again.
         """
-        self.routing_config = RolloutServerRoutingConfig.from_config({**self.routing_config.as_dict(), **overrides})
+        self.routing_config = dataclasses.replace(self.routing_config, **overrides)  # checked like the YAML
         await self._init_global_load_balancer()
 
     def get_client(self, client_cls: type[LLMServerClient] | None = None, **kwargs: Any) -> LLMServerClient:

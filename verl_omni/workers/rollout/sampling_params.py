@@ -10,55 +10,14 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from verl_omni.pipelines.flow_match_sde import resolve_sde_window
+from verl_omni.protocol import SAMPLING_FIELDS, SamplingParams
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
 
-# Field -> what it means; defaults come from DiffusionRolloutConfig (seed: a fresh random seed).
-SAMPLING_FIELDS: dict[str, str] = {
-    "seed": "int in [0, 2**63): seeds the request's own generator; same seed, same image alone or batched",
-    "num_inference_steps": "int >= 1",
-    "guidance_scale": "float >= 0; classifier-free guidance runs when > 1",
-    "negative_prompt": "str: the CFG negative prompt",
-    "noise_level": "float >= 0: SDE noise level (paper 0.7); 0 = ODE sampling, nothing recorded",
-    "sde_window": "[start, end) step indices sampled as (recorded) SDE steps, or null for all steps",
-    "height": "int pixels, a multiple of vae_scale_factor * patch_size",
-    "width": "int pixels, a multiple of vae_scale_factor * patch_size",
-}
 _MAX_SEED = 2**63
-
-
-@dataclass(frozen=True)
-class DiffusionSamplingParams:
-    """Resolved, validated sampling parameters of one request."""
-
-    seed: int
-    num_inference_steps: int
-    guidance_scale: float
-    negative_prompt: str
-    noise_level: float
-    sde_window: tuple[int, int]
-    height: int
-    width: int
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one denoising run (same shapes, schedule and math)."""
-        return (
-            self.height,
-            self.width,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.noise_level,
-            self.sde_window,
-        )
 
 
 def _number(name: str, value: Any, minimum: float) -> float:
@@ -71,7 +30,7 @@ def resolve_sampling_params(
     sampling_params: Mapping[str, Any] | None,
     defaults: DiffusionRolloutConfig,
     spec: DiffusersModelSpec,
-) -> DiffusionSamplingParams:
+) -> SamplingParams:
     """Merge a request's ``sampling_params`` over the replica defaults and validate the result."""
     given = dict(sampling_params or {})
     unknown = sorted(set(given) - set(SAMPLING_FIELDS))
@@ -112,7 +71,7 @@ def resolve_sampling_params(
     height = spec.default_height if height is None else spec.check_image_size("sampling_params.height", height)
     width = spec.default_width if width is None else spec.check_image_size("sampling_params.width", width)
 
-    return DiffusionSamplingParams(
+    return SamplingParams(
         seed=int(seed),
         num_inference_steps=int(steps),
         guidance_scale=guidance,

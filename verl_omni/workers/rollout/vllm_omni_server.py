@@ -5,8 +5,8 @@ The same interface as :class:`~verl_omni.workers.rollout.diffusers_server.Diffus
 ``ready``/``get_stats``), in front of vllm-omni's ``AsyncOmni`` running verl-omni's custom pipeline for the
 checkpoint's model family (:mod:`verl_omni.pipelines.registry`). vllm-omni schedules and batches the requests;
 this server validates them with the diffusers backend's rules, builds vllm-omni requests, orders weight updates
-between requests and translates every ``OmniRequestOutput`` to a :class:`DiffusionOutput`
-(:mod:`~verl_omni.workers.rollout.vllm_omni_protocol`).
+between requests and translates every ``OmniRequestOutput`` to a :class:`~verl_omni.protocol.Sample`
+(:mod:`~verl_omni.pipelines.vllm_omni_protocol`).
 
 vllm and vllm-omni are imported only when the server starts its engine (:mod:`.vllm_omni_engine`). It runs on CUDA
 GPUs and, through vLLM's CPU build and verl-omni's CPU platform for vllm-omni (:mod:`.vllm_omni_cpu_platform`), on
@@ -31,23 +31,21 @@ import torch
 
 from verl_omni.pipelines.registry import adapter_path
 from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
-from verl_omni.utils.containers import plain
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_engine import resolve_torch_dtype
-from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
-from verl_omni.workers.rollout.prompt_text import prompt_text
-from verl_omni.workers.rollout.request_checks import check_text_to_image_args
-from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams, resolve_sampling_params
-from verl_omni.workers.rollout.server_noops import DiffusionServerNoOps
-from verl_omni.workers.rollout.vllm_omni_protocol import (
+from verl_omni.pipelines.vllm_omni_protocol import (
     LOAD_WEIGHTS_METHOD,
     WORKER_EXTENSION,
     check_rpc_results,
     engine_prompt,
     sampling_kwargs,
-    to_diffusion_output,
+    to_sample,
 )
+from verl_omni.protocol import Request, SampleGroup, SamplingParams
+from verl_omni.utils.containers import plain
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.rollout.diffusers_engine import resolve_torch_dtype
+from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.prompt_text import prompt_text
+from verl_omni.workers.rollout.server_base import RolloutServerBase
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -145,7 +143,7 @@ def _exit_with_parent(engine: Any, server_id: str, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name=f"{server_id}-parent-watch", daemon=True).start()
 
 
-class VllmOmniRolloutServer(DiffusionServerNoOps):
+class VllmOmniRolloutServer(RolloutServerBase):
     """Serves ``generate`` requests of one replica through vllm-omni.
 
     Args:
@@ -158,6 +156,8 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         rollout_dtype: the rollout's ``dtype`` (used on GPU when ``diffusion.dtype`` is ``auto``).
         engine_factory: ``(model_path, engine_kwargs) -> VllmOmniApi``; default starts ``AsyncOmni``.
     """
+
+    BACKEND = BACKEND
 
     def __init__(
         self,
@@ -208,56 +208,17 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         self._reject = False
         self._updating = False
         self._inflight: dict[str, str] = {}  # engine request id -> caller's request id
-        self._served = 0
-        self._failed = 0
-        self._calls = 0
+        self._init_counters()
 
     # ----- generation ----------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_ids: Any,
-        sampling_params: dict[str, Any] | None = None,
-        image_data: Any = None,
-        video_data: Any = None,
-        **kwargs: Any,
-    ) -> DiffusionOutput:
-        """Generate one image for ``prompt_ids`` (prompt text or token ids); see ``sampling_params.SAMPLING_FIELDS``.
-
-        Raises ``ValueError`` (before anything reaches the engine) for unknown kwargs or sampling fields and
-        invalid values.
-        """
-        self._calls += 1
-        request = self._prepare(request_id, prompt_ids, sampling_params, image_data, video_data, **kwargs)
-        return await self._run(*request)
-
-    async def generate_group(self, requests: list[dict[str, Any]]) -> list[DiffusionOutput]:
-        """Generate several images in one call (each entry holds :meth:`generate`'s arguments), in order.
-
-        Every request is validated before any is sent: one bad request fails the call and nothing runs. The
-        requests reach vllm-omni together, so its scheduler can batch them.
-        """
-        self._calls += 1
-        prepared = [self._prepare(**request) for request in requests]
-        results = await asyncio.gather(*(self._run(*r) for r in prepared), return_exceptions=True)
+    async def _generate(self, requests: list[Request]) -> SampleGroup:
+        """Send the requests to vllm-omni together (so its scheduler can batch them); one group back, in order."""
+        results = await asyncio.gather(*(self._run(r) for r in requests), return_exceptions=True)
         for result in results:  # every task is awaited, so no failure goes unretrieved
             if isinstance(result, BaseException):
                 raise result
-        return list(results)
-
-    def _prepare(
-        self,
-        request_id: str,
-        prompt_ids: Any,
-        sampling_params: dict[str, Any] | None = None,
-        image_data: Any = None,
-        video_data: Any = None,
-        **kwargs: Any,
-    ) -> tuple[str, str, DiffusionSamplingParams]:
-        check_text_to_image_args(request_id, image_data, video_data, kwargs, backend="vllm_omni")
-        params = resolve_sampling_params(sampling_params, self.config, self.spec)
-        return str(request_id), self._prompt_text(prompt_ids), params
+        return SampleGroup.gather(results)
 
     def _prompt_text(self, prompt_ids: Any) -> str:
         if isinstance(prompt_ids, str):
@@ -268,7 +229,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             self._tokenizer = AutoTokenizer.from_pretrained(self.spec.path, subfolder="tokenizer")
         return prompt_text(prompt_ids, self._tokenizer)
 
-    def schedule(self, params: DiffusionSamplingParams) -> torch.Tensor:
+    def schedule(self, params: SamplingParams) -> torch.Tensor:
         """The request's full schedule (N + 1 sigmas), computed as the custom pipeline computes it."""
         key = (params.num_inference_steps, params.height, params.width)
         if key not in self._sigmas:
@@ -277,8 +238,8 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
             )
         return self._sigmas[key]
 
-    def build_request(self, text: str, params: DiffusionSamplingParams) -> tuple[dict[str, str], Any]:
-        """The vllm-omni prompt and ``OmniDiffusionSamplingParams`` of one request, with the current LoRA adapter."""
+    def build_request(self, text: str, params: SamplingParams) -> tuple[dict[str, str], Any]:
+        """The vllm-omni prompt and ``OmniSamplingParams`` of one request, with the current LoRA adapter."""
         kwargs = sampling_kwargs(params, self.max_sequence_length, self.chunk_size)
         if self._lora_request is not None:
             kwargs["lora_request"] = self._lora_request
@@ -301,33 +262,28 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
                 self._inflight.pop(engine_id, None)
                 self._cond.notify_all()
 
-    async def _run(self, request_id: str, text: str, params: DiffusionSamplingParams) -> DiffusionOutput:
+    async def _run(self, request: Request) -> SampleGroup:
+        request_id, text, params = request.request_id, request.prompt, request.params
         arrival = time.perf_counter()
-        try:
-            async with self._admitted(request_id) as engine_id:
-                self._ensure_awake()
-                version = self.version
-                prompt, sampling_params = self.build_request(text, params)
-                start = time.perf_counter()
-                final = None
-                async for output in self.engine.generate(prompt, sampling_params, request_id=engine_id):
-                    final = output
-                generate_s = time.perf_counter() - start
-            if final is None:
-                raise RuntimeError(f"vllm-omni request {request_id!r} returned no output")
-            extra = {
-                "request_id": request_id,
-                "server_id": self.server_id,
-                "global_steps": version,
-                "queue_s": start - arrival,
-                "generate_s": generate_s,
-            }
-            output = to_diffusion_output(final, params, self.schedule(params), version, extra)
-        except Exception:
-            self._failed += 1
-            raise
-        self._served += 1
-        return output
+        async with self._admitted(request_id) as engine_id:
+            self._ensure_awake()
+            version = self.version
+            prompt, sampling_params = self.build_request(text, params)
+            start = time.perf_counter()
+            final = None
+            async for output in self.engine.generate(prompt, sampling_params, request_id=engine_id):
+                final = output
+            generate_s = time.perf_counter() - start
+        if final is None:
+            raise RuntimeError(f"vllm-omni request {request_id!r} returned no output")
+        extra = {
+            "server_id": self.server_id,
+            "global_steps": version,
+            "queue_s": start - arrival,
+            "generate_s": generate_s,
+        }
+        sample, conditioning = to_sample(final, request_id, text, params, self.schedule(params), version, extra)
+        return SampleGroup(samples=[sample], conditioning=conditioning)
 
     # ----- weights, memory and control (verl's RolloutReplica calls these on every server) ----------
 
@@ -358,10 +314,7 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
         Requests admitted before the call keep the old weights; later ones wait and get the new. A LoRA update
         adds the new adapter, points later requests at it, then removes the old one. ``version=None`` increments.
         """
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ValueError(f"version={version!r} must be an integer or None")
-        if state_dict is None and lora_state_dict is None and lora_config is None and version is None:
-            raise ValueError("update_weights needs state_dict, lora_state_dict (+ lora_config) or version")
+        self.check_update(state_dict, lora_state_dict, lora_config, version)
         if lora_state_dict is None and lora_config is not None:
             raise ValueError(
                 "lora_config without lora_state_dict: the vllm_omni backend loads a LoRA adapter with its weights"
@@ -486,18 +439,12 @@ class VllmOmniRolloutServer(DiffusionServerNoOps):
     async def get_stats(self) -> dict[str, Any]:
         """Requests served and failed, calls received, in flight, pause state, version and LoRA adapter."""
         return {
-            "server_id": self.server_id,
-            "backend": BACKEND,
-            "requests_served": self._served,
-            "generate_calls": self._calls,
-            "requests_failed": self._failed,
+            **self._counters(),
             "in_flight": len(self._inflight),
             "paused": self._paused,
             "sleeping": self.sleeping,
             "model_version": self.version,
             "lora_adapter_id": None if self._lora_request is None else self._lora_request.lora_int_id,
             "device": self.device,
-            "batch_invariant": self.config.batch_invariant,
             "chunk_size": self.chunk_size,
-            "admission_window_ms": self.config.admission_window_ms,
         }

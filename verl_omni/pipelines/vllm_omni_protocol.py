@@ -1,6 +1,6 @@
 """The wire format between the ``vllm_omni`` rollout server and verl-omni's custom vllm-omni pipelines.
 
-vllm-omni's ``OmniDiffusionSamplingParams`` has no field for FlowGRPO's knobs and its ``OmniRequestOutput`` has
+vllm-omni's ``OmniSamplingParams`` has no field for FlowGRPO's knobs and its ``OmniRequestOutput`` has
 three trajectory fields; this module says what goes where, on both sides, so the server and the pipeline (which
 runs inside vllm-omni's worker processes) cannot drift apart. Pure functions of plain values: tested on CPU.
 
@@ -10,7 +10,8 @@ Request: the usual fields (steps, guidance, size, seed, ``lora_request``) plus `
 Response, per request: ``images[0]`` the image; ``trajectory_log_probs`` (T,) float32; ``trajectory_timesteps``
 (T,) the transformer's timestep input of each recorded step; ``trajectory_latents`` a dict of tensors:
 ``latents`` (T + 1, C, h, w), ``x_s`` before each recorded step then ``x_next`` of the last one (the recorded
-steps are consecutive), and the conditioning of :data:`CONDITIONING_KEYS` (absent when T == 0 or without CFG).
+steps are consecutive), and the model's conditioning bundle under ``conditioning.<field>`` and the CFG
+negative's under ``negative_conditioning.<field>`` (absent when T == 0, the negative without CFG).
 Sigmas are not sent: the server recomputes the schedule with the same shared function and checks the timesteps.
 """
 
@@ -24,19 +25,13 @@ import numpy as np
 import torch
 
 from verl_omni.pipelines.flow_match_sde import TIMESTEP_SCALE, SDETrajectory
-from verl_omni.workers.rollout.diffusion_output import DiffusionOutput
-from verl_omni.workers.rollout.sampling_params import DiffusionSamplingParams
+from verl_omni.protocol import Conditioning, Sample, SamplingParams
 
 EXTRA_ARGS_KEY = "verl_omni_flowgrpo"
 # The worker extension (imports vllm-omni, so named here by path) and its full-weight RPC.
 WORKER_EXTENSION = "verl_omni.workers.rollout.vllm_omni_worker_extension.VerlOmniWorkerExtension"
 LOAD_WEIGHTS_METHOD = "verl_omni_load_transformer_weights"
-CONDITIONING_KEYS = (
-    "prompt_embeds",
-    "pooled_prompt_embeds",
-    "negative_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-)
+_POSITIVE, _NEGATIVE = "conditioning.", "negative_conditioning."
 
 
 @dataclass(frozen=True)
@@ -83,8 +78,8 @@ def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:
     return list(results) if isinstance(results, list) else [results]
 
 
-def sampling_kwargs(params: DiffusionSamplingParams, max_sequence_length: int, chunk_size: int | None) -> dict:
-    """Keyword arguments of vllm-omni's ``OmniDiffusionSamplingParams`` for one resolved request."""
+def sampling_kwargs(params: SamplingParams, max_sequence_length: int, chunk_size: int | None) -> dict:
+    """Keyword arguments of vllm-omni's ``OmniSamplingParams`` for one resolved request."""
     return {
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
@@ -104,33 +99,28 @@ def sampling_kwargs(params: DiffusionSamplingParams, max_sequence_length: int, c
     }
 
 
-def engine_prompt(text: str, params: DiffusionSamplingParams) -> dict[str, str]:
+def engine_prompt(text: str, params: SamplingParams) -> dict[str, str]:
     """The prompt as vllm-omni takes it: text and the CFG negative."""
     return {"prompt": text, "negative_prompt": params.negative_prompt}
 
 
 def pack_trajectory(
-    traj: SDETrajectory, row: int, conditioning: Mapping[str, torch.Tensor | None]
+    traj: SDETrajectory, row: int, conditioning: Conditioning, negative: Conditioning | None
 ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
-    """Pipeline side: row ``row`` of a batch's trajectory as vllm-omni ``DiffusionOutput`` trajectory fields.
-
-    ``conditioning`` maps :data:`CONDITIONING_KEYS` to this row's tensors (None where there is none).
-    """
-    latents = traj.latents[row]
-    if latents.shape[0]:
-        latents = torch.cat([latents, traj.next_latents[row, -1:]])
-    recorded = bool(traj.log_probs.shape[1])
-    payload: dict[str, torch.Tensor] = {"latents": latents.float()}
-    if recorded:
-        payload.update({k: v.float() for k, v in conditioning.items() if v is not None})
+    """Pipeline side: row ``row`` of a batch's trajectory, with its conditioning bundles, as vllm-omni
+    ``DiffusionOutput`` trajectory fields."""
+    payload: dict[str, torch.Tensor] = {"latents": traj.latents[row].float()}
+    if traj.log_probs.shape[1]:
+        payload.update({_POSITIVE + k: v.float() for k, v in conditioning.items()})
+        payload.update({_NEGATIVE + k: v.float() for k, v in (negative or {}).items()})
     return {
         "trajectory_latents": payload,
-        "trajectory_timesteps": traj.timesteps.float(),
+        "trajectory_timesteps": (traj.sigmas[:-1] * TIMESTEP_SCALE).float(),
         "trajectory_log_probs": traj.log_probs[row].float(),
     }
 
 
-def recorded_window(params: DiffusionSamplingParams) -> tuple[int, int]:
+def recorded_window(params: SamplingParams) -> tuple[int, int]:
     """The step indices ``[start, end)`` a request records: its SDE window, or none when ``noise_level == 0``."""
     return (0, 0) if params.noise_level == 0 else params.sde_window
 
@@ -150,20 +140,22 @@ def image_tensor(image: Any) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def to_diffusion_output(
+def to_sample(
     output: Any,
-    params: DiffusionSamplingParams,
+    request_id: str,
+    text: str,
+    params: SamplingParams,
     sigmas: torch.Tensor,
     model_version: int,
     extra_fields: dict[str, Any],
-) -> DiffusionOutput:
-    """Server side: one vllm-omni ``OmniRequestOutput`` as the project's :class:`DiffusionOutput`.
+) -> tuple[Sample, dict[str, Conditioning]]:
+    """Server side: one vllm-omni ``OmniRequestOutput`` as a :class:`Sample` and its conditioning bundles, keyed by
+    text (the prompt ``text`` and the negative prompt).
 
     ``sigmas`` is the request's full schedule (N + 1 values, from the same shared function the pipeline used).
     Raises ``RuntimeError`` naming the request for an aborted or malformed output (e.g. a stock pipeline that
     records no trajectory).
     """
-    request_id = extra_fields.get("request_id")
     images = list(getattr(output, "images", None) or [])
     if not images:
         why = getattr(output, "error", None) or "no image (aborted, or the engine failed)"
@@ -193,26 +185,36 @@ def to_diffusion_output(
             f"vllm-omni request {request_id!r} recorded {log_probs.shape[0]} log-probs and {latents.shape[0]} "
             f"latents; its SDE window {[start, end]} needs {steps} and {expected_latents}"
         )
-    step_sigmas = sigmas[start:end].float()
-    if not torch.allclose(timesteps, step_sigmas * TIMESTEP_SCALE, rtol=1e-6, atol=1e-4):
+    step_sigmas = sigmas[start : end + 1].float() if steps else sigmas[:0].float()
+    if not torch.allclose(timesteps, step_sigmas[:-1] * TIMESTEP_SCALE, rtol=1e-6, atol=1e-4):
         raise RuntimeError(
             f"vllm-omni request {request_id!r} ran timesteps {timesteps.tolist()}, not the schedule's "
-            f"{(step_sigmas * TIMESTEP_SCALE).tolist()}: the engine's scheduler differs from the checkpoint's"
+            f"{(step_sigmas[:-1] * TIMESTEP_SCALE).tolist()}: the engine's scheduler differs from the checkpoint's"
         )
-    conditioning = {key: payload.get(key) for key in CONDITIONING_KEYS} if steps else {}
-    if steps and (conditioning["prompt_embeds"] is None or conditioning["pooled_prompt_embeds"] is None):
-        raise RuntimeError(f"vllm-omni request {request_id!r} recorded steps but not the prompt conditioning")
-    if steps and params.do_cfg and conditioning["negative_prompt_embeds"] is None:
-        raise RuntimeError(f"vllm-omni request {request_id!r} sampled with CFG but returned no negative conditioning")
-    return DiffusionOutput(
+    bundles: dict[str, Conditioning] = {}
+    keys: dict[str, str | None] = {"conditioning": None, "negative_conditioning": None}
+    if steps:
+        for prefix, field, key in ((_POSITIVE, "conditioning", text), (_NEGATIVE, "negative_conditioning", None)):
+            bundle = {
+                k[len(prefix) :]: torch.as_tensor(v).float().cpu() for k, v in payload.items() if k.startswith(prefix)
+            }
+            if bundle:
+                keys[field] = text if key is not None else params.negative_prompt
+                bundles[keys[field]] = bundle
+        if keys["conditioning"] is None:
+            raise RuntimeError(f"vllm-omni request {request_id!r} recorded steps but not the prompt conditioning")
+        if params.do_cfg and keys["negative_conditioning"] is None:
+            raise RuntimeError(
+                f"vllm-omni request {request_id!r} sampled with CFG but returned no negative conditioning"
+            )
+    sample = Sample(
+        request_id=request_id,
         image=image,
-        latents=latents[:-1] if steps else latents,
-        next_latents=latents[1:] if steps else latents.clone(),
+        latents=latents,
         sigmas=step_sigmas.clone(),
-        sigmas_next=sigmas[start + 1 : end + 1].float().clone(),
-        timesteps=step_sigmas * TIMESTEP_SCALE,
         log_probs=log_probs,
-        **{k: None if v is None else torch.as_tensor(v).float().cpu() for k, v in conditioning.items()},
         model_version=model_version,
         extra_fields={**extra_fields, "seed": params.seed, "sde_step_indices": list(range(start, end))},
+        **keys,
     )
+    return sample, bundles
