@@ -50,3 +50,13 @@ def test_interval_zero_writes_nothing_and_errors_pass_through():
         raise KeyError("the phase's own error")
     with pytest.raises(ValueError, match="interval_s=-1"):
         Heartbeat(-1)
+
+
+@pytest.mark.parametrize("interval_s", [0, 60])
+def test_the_running_phase_is_readable_while_it_runs(interval_s):
+    beat = Heartbeat(interval_s, write=lambda line: None)
+    assert beat.current is None
+    with pytest.raises(KeyError), beat.phase("step 3: weight sync"):
+        assert beat.current == "step 3: weight sync"
+        raise KeyError("ends the phase")
+    assert beat.current is None

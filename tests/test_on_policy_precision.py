@@ -11,11 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from recipes.flowgrpo.config_compose import compose_recipe
+from recipes.flowgrpo.schema import parse_recipe_config
 from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, truncated_is_weights
 from verl_omni.trainer.flowgrpo.old_log_prob import recompute_old_log_probs, rollout_gap_metrics
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.config.precision import check_old_log_prob_options, precision_warning
+from verl_omni.workers.config.precision import precision_warning
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 
 
@@ -85,17 +87,29 @@ def _cfg(**actor):
 
 
 @pytest.mark.parametrize(
-    ("actor", "trainer", "match"),
+    ("overrides", "match"),
     [
-        ({"recompute_old_log_prob": "yes"}, {}, r"actor_rollout_ref\.actor\.recompute_old_log_prob='yes'"),
-        ({"recompute_old_log_prob": True, "rollout_is_threshold": 0}, {}, r"rollout_is_threshold=0 must be"),
-        ({"rollout_is_threshold": 2.0}, {}, r"set actor_rollout_ref\.actor\.recompute_old_log_prob=true"),
-        ({}, {"warn_clip_frac_first": 1.5}, r"trainer\.warn_clip_frac_first=1\.5 must be a share in \[0, 1\]"),
+        (
+            ["actor_rollout_ref.actor.recompute_old_log_prob=yes"],
+            r"actor_rollout_ref\.actor\.recompute_old_log_prob='yes'",
+        ),
+        (
+            ["actor_rollout_ref.actor.recompute_old_log_prob=true", "actor_rollout_ref.actor.rollout_is_threshold=0"],
+            r"rollout_is_threshold=0 must be",
+        ),
+        (
+            ["actor_rollout_ref.actor.rollout_is_threshold=2.0"],
+            r"set actor_rollout_ref\.actor\.recompute_old_log_prob=true",
+        ),
+        (
+            ["trainer.warn_clip_frac_first=1.5"],
+            r"trainer\.warn_clip_frac_first=1\.5 is outside the valid range \[0, 1\]",
+        ),
     ],
 )
-def test_bad_old_log_prob_options_name_key_value_and_fix(actor, trainer, match):
+def test_bad_old_log_prob_options_name_key_value_and_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
-        check_old_log_prob_options(OmegaConf.create(actor), OmegaConf.create(trainer))
+        parse_recipe_config(compose_recipe(*overrides))
 
 
 def test_precision_warning_names_both_keys_and_the_option_that_fixes_it():

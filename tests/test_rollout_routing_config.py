@@ -20,7 +20,7 @@ def test_defaults():
     assert cfg.routing_key_field == "uid"
     assert cfg.max_imbalance is None
     assert cfg.cache_size == 10000
-    assert cfg.max_imbalance_ratio == 1.0 and not cfg.soft_affinity
+    assert cfg.max_imbalance_ratio == 1.0
 
 
 def test_valid_policies_listed():
@@ -58,7 +58,7 @@ def test_bad_max_imbalance_ratio(bad):
 def test_zero_max_imbalance_is_allowed():
     """0 = divert as soon as the pinned replica is above the least loaded (and above the ratio)."""
     cfg = RolloutServerRoutingConfig(policy="prompt_uid_affinity", max_imbalance=0, max_imbalance_ratio=1.5)
-    assert cfg.soft_affinity and cfg.max_imbalance == 0
+    assert cfg.max_imbalance == 0
 
 
 @pytest.mark.parametrize("bad", ["", "  ", None])
@@ -164,7 +164,7 @@ def test_the_recipe_composes_the_one_server_routing_yaml():
 
 @pytest.mark.parametrize("bad", ["yes", 1, 0, None])
 def test_bad_speed_aware(bad):
-    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.speed_aware=.* true or false"):
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.speed_aware=.* valid choices: true, false"):
         RolloutServerRoutingConfig.from_config({"speed_aware": bad})
 
 

@@ -109,7 +109,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         cluster = cluster or local_cluster_shape(ray_init)  # the one node a local Ray will have
         # before a local Ray or any model; a request the nodes cannot hold fails here, not as a pending actor
         model = cfg.actor_rollout_ref.model.get("path") or _built_tiny_model()
-        prompts = validate_recipe_config(cfg, overrides=overrides, cluster=cluster, image_size_model=model)
+        checked = validate_recipe_config(cfg, overrides=overrides, cluster=cluster, image_size_model=model)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -142,7 +142,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     # start-up waits on Ray placement: a progress line with Ray's free resources says whether it is one
     startup = Heartbeat(float(cfg.trainer.get("progress_interval_s", 60) or 0)).phase
     with startup("start-up: launching the rollout replicas", ray_free_resources):
-        server_manager = OmniLLMServerManager.create(cfg)
+        server_manager = OmniLLMServerManager.create(cfg, routing=checked.config.rollout.server_routing)
     client = server_manager.get_client()
     with startup("start-up: launching the agent-loop workers", ray_free_resources):
         agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
@@ -166,7 +166,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     )
 
     batcher = PromptBatcher(
-        prompts.train,
+        checked.train,
         batch_size=int(cfg.data.train_batch_size),
         n=int(cfg.actor_rollout_ref.rollout.n),
         seed=int(cfg.trainer.seed),
@@ -180,7 +180,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         replicas=server_manager.get_replicas(),
         run_dir=run_dir,
         validation=ValidationBatches(
-            prompts.val,
+            checked.val,
             n=int(cfg.actor_rollout_ref.rollout.val_kwargs.n),
             batch_size=cfg.data.get("val_batch_size"),
             seed=int(cfg.trainer.seed),

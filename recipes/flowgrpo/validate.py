@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 import re
 import sys
@@ -30,82 +29,23 @@ from recipes.flowgrpo.data import (
     VAL_FILES_KEY,
     load_prompts,
 )
-from verl_omni.agent_loop.sampling import sampling_params
-from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
+from recipes.flowgrpo.schema import RecipeConfig, parse_recipe_config
 from verl_omni.trainer.flowgrpo.rollout_batch import ROLLOUT_ROW_FIELDS
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
-from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
-from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
-from verl_omni.workers.config.ema import validate_ema_options
-from verl_omni.workers.config.precision import check_old_log_prob_options, precision_warning
-from verl_omni.workers.config.rollout_routing import ROUTING_CONFIG_PREFIX, RolloutServerRoutingConfig
+from verl_omni.workers.config.actor_fsdp import ACTOR_PREFIX, ActorFSDPConfig, check_training_split
+from verl_omni.workers.config.precision import precision_warning
+from verl_omni.workers.config.rollout_routing import ROUTING_CONFIG_PREFIX
 
 
-def _positive_int(cfg: DictConfig, dotted: str) -> int:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if node is not None else None
-    if isinstance(node, bool) or not isinstance(node, int) or node < 1:
-        raise ValueError(f"{dotted}={node!r} must be a positive integer")
-    return node
-
-
-class RecipePrompts(NamedTuple):
-    """The prompts the recipe config names: ``data.train_files`` and ``data.val_files``."""
+class CheckedRecipe(NamedTuple):
+    """A checked recipe config: its typed sections and the prompts it names (``data.train_files``, ``val_files``)."""
 
     train: list[str]
     val: list[str]
+    config: RecipeConfig
+    fsdp: ActorFSDPConfig
 
 
-def _validation_options(cfg: DictConfig) -> None:
-    """verl's validation keys: ``trainer.test_freq``, ``trainer.val_before_train``, ``data.val_batch_size`` and
-    ``actor_rollout_ref.rollout.val_kwargs.n``; ``diffusion_val`` overrides must make a valid sampling config."""
-    _frequency(cfg, "trainer.test_freq", "validate")
-    before = cfg.trainer.get("val_before_train")
-    if not isinstance(before, bool):
-        raise ValueError(f"trainer.val_before_train={before!r} is not valid; valid choices: true, false")
-    val_batch = cfg.data.get("val_batch_size")
-    if val_batch is not None and (isinstance(val_batch, bool) or not isinstance(val_batch, int) or val_batch < 1):
-        raise ValueError(
-            f"data.val_batch_size={val_batch!r} must be a positive integer (prompts per validation batch) or null "
-            "(all validation prompts in one batch)"
-        )
-    _positive_int(cfg, "actor_rollout_ref.rollout.val_kwargs.n")
-
-    rollout = cfg.actor_rollout_ref.rollout
-    merged = OmegaConf.to_container(rollout.get("diffusion") or OmegaConf.create({}), resolve=True)
-    merged.update(sampling_params(rollout, validate=True))  # rejects keys that are not sampling parameters
-    try:
-        DiffusionRolloutConfig.from_config(merged)
-    except ValueError as err:  # `diffusion` itself is valid (checked first): the bad value is a diffusion_val one
-        raise ValueError(
-            str(err).replace(DIFFUSION_CONFIG_PREFIX, "actor_rollout_ref.rollout.diffusion_val", 1)
-        ) from None
-
-
-def _flowgrpo_options(cfg: DictConfig, diffusion: DiffusionRolloutConfig) -> None:
-    """The FlowGRPO knobs beyond verl's: KL form, trained steps, CFG gradient, EMA, zero-advantage filtering."""
-    actor = cfg.actor_rollout_ref.actor
-    prefix = "actor_rollout_ref.actor"
-    kl_form = actor.get("kl_form", "reference")
-    if kl_form not in KL_FORMS:
-        raise ValueError(f"{prefix}.kl_form={kl_form!r} is not valid; valid choices: {', '.join(KL_FORMS)}")
-    trained_step_count(diffusion.num_inference_steps, diffusion.sde_window, actor.get("timestep_fraction", 1.0))
-    for key, section in (("cfg_detach_uncond", actor), ("use_kl_loss", actor)):
-        if not isinstance(section.get(key, False), bool):
-            raise ValueError(f"{prefix}.{key}={section.get(key)!r} is not valid; valid choices: true, false")
-    drop = cfg.algorithm.get("drop_zero_advantage", True)
-    if not isinstance(drop, bool):
-        raise ValueError(f"algorithm.drop_zero_advantage={drop!r} is not valid; valid choices: true, false")
-    beta = actor.get("kl_loss_coef", 0.0)
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < float("inf"):
-        raise ValueError(f"{prefix}.kl_loss_coef={beta!r} must be a finite number >= 0 (the KL coefficient beta)")
-    ema = actor.get("ema") or {}
-    validate_ema_options(ema.get("enable", False), ema.get("decay", 0.9), ema.get("update_every", 8))
-    check_old_log_prob_options(actor, cfg.trainer)
-
-
-_RESUME_MODES = ("auto", "disable", "resume_path")
 # Sections whose keys are free-form (a reward's options, Ray's init arguments): `+` may add keys there.
 _OPEN_SECTIONS = (
     "reward.kwargs.",
@@ -114,121 +54,6 @@ _OPEN_SECTIONS = (
     "hydra.",
     "actor_rollout_ref.rollout.diffusion_val.",
 )
-
-
-def _number(cfg: DictConfig, dotted: str, low: float, *, strict: bool, nullable: bool = False) -> None:
-    """``dotted`` must be a finite number ``> low`` (``strict``) or ``>= low``; null too when ``nullable``."""
-    node: Any = OmegaConf.select(cfg, dotted)
-    if node is None and nullable:
-        return
-    ok = not isinstance(node, bool) and isinstance(node, int | float) and math.isfinite(node)
-    if not ok or node < low or (strict and node == low):
-        bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise ValueError(f"{dotted}={node!r} must be a finite number {bound}{' or null' if nullable else ''}")
-
-
-def _frequency(cfg: DictConfig, dotted: str, what: str, nullable: bool = False) -> None:
-    """A ``trainer.*_freq``: every N steps (N > 0) or never (0, -1); any other negative is a typo, not "never"."""
-    value: Any = OmegaConf.select(cfg, dotted)
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-        raise ValueError(
-            f"{dotted}={value!r} is not valid; valid choices: a positive integer ({what} every N steps and after "
-            f"the last one), 0 or -1{', null' if nullable else ''} (never)"
-        )
-
-
-# verl's tracking backends (verl.utils.tracking.Tracking.supported_backend): listed here because importing verl
-# takes seconds (torch, Ray); tests/test_recipe_configs.py keeps the two lists equal.
-TRACKING_BACKENDS = (
-    "wandb",
-    "mlflow",
-    "swanlab",
-    "vemlp_wandb",
-    "tensorboard",
-    "console",
-    "clearml",
-    "trackio",
-    "file",
-    "rl_insight",
-)
-
-
-def _logger_names(cfg: DictConfig) -> None:
-    """``trainer.logger`` names verl trackers only: verl's own check asserts after Ray and the models started."""
-    loggers = cfg.trainer.get("logger")
-    names = [loggers] if isinstance(loggers, str) else list(loggers or [])
-    unknown = [name for name in names if name not in TRACKING_BACKENDS]
-    if unknown:
-        raise ValueError(
-            f"trainer.logger={names} has {', '.join(repr(n) for n in unknown)}, not a verl tracker; valid choices: "
-            f"{', '.join(TRACKING_BACKENDS)}"
-        )
-
-
-def _model_options(cfg: DictConfig) -> None:
-    """``actor_rollout_ref.model.lora_rank``: 0 trains every weight, > 0 a LoRA adapter; a negative rank would
-    silently train every weight."""
-    rank = cfg.actor_rollout_ref.model.get("lora_rank", 0)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-        raise ValueError(
-            f"actor_rollout_ref.model.lora_rank={rank!r} is not valid; valid choices: 0 (full fine-tuning) or a "
-            "positive integer (the LoRA rank)"
-        )
-
-
-def _micro_batch_fits(cfg: DictConfig) -> None:
-    """A micro-batch larger than the whole mini-batch is a mistake the actor would hide (it cuts the micro-batch
-    to the rows it has). A rank's share below the micro-batch is not refused: it follows from the rank count."""
-    actor = cfg.actor_rollout_ref.actor
-    mini, micro = int(actor.ppo_mini_batch_size), int(actor.ppo_micro_batch_size_per_gpu)
-    if micro > mini:
-        raise ValueError(
-            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} is larger than "
-            f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}; valid: an integer in [1, {mini}]"
-        )
-
-
-def _ray_init_options(cfg: DictConfig) -> None:
-    """Ray's CPU and GPU counts, checked as the keys the user set (not as the cluster they would make)."""
-    _number(cfg, "ray_kwargs.ray_init.num_cpus", 0, strict=True, nullable=True)
-    _number(cfg, "ray_kwargs.ray_init.num_gpus", 0, strict=False, nullable=True)
-
-
-def _training_options(cfg: DictConfig) -> None:
-    """Numbers and enums of the training loop that would otherwise fail late (or silently do nothing)."""
-    _number(cfg, "actor_rollout_ref.actor.optim.lr", 0, strict=True)
-    _number(cfg, "actor_rollout_ref.actor.optim.weight_decay", 0, strict=False)
-    _number(cfg, "actor_rollout_ref.actor.clip_ratio", 0, strict=True)
-    _number(cfg, "actor_rollout_ref.actor.grad_clip", 0, strict=True)
-    _number(cfg, "algorithm.adv_clip_max", 0, strict=True, nullable=True)
-    _number(cfg, "trainer.progress_interval_s", 0, strict=False, nullable=True)  # 0 or null: no progress lines
-    _number(cfg, "trainer.preempt_grace_s", 0, strict=True)  # how long a stop signal waits for the step in flight
-    _positive_int(cfg, "actor_rollout_ref.actor.ppo_epochs")  # 0 epochs would train nothing and exit 0
-    if not isinstance(cfg.algorithm.get("global_std", False), bool):
-        raise ValueError(f"algorithm.global_std={cfg.algorithm.global_std!r} is not valid; valid choices: true, false")
-    trainer = cfg.trainer
-    keep = trainer.get("max_actor_ckpt_to_keep")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"trainer.max_actor_ckpt_to_keep={keep!r} must be a positive integer or null (keep all)")
-    mode = trainer.get("resume_mode", "auto")
-    if mode not in _RESUME_MODES:
-        raise ValueError(f"trainer.resume_mode={mode!r} is not valid; valid choices: {', '.join(_RESUME_MODES)}")
-    if mode == "resume_path":
-        path = trainer.get("resume_from_path")
-        if not path or not Path(path).expanduser().is_dir():
-            raise ValueError(
-                f"trainer.resume_from_path={path!r} is not a checkpoint directory (needed by resume_mode=resume_path)"
-            )
-    _frequency(cfg, "trainer.save_freq", "save a checkpoint", nullable=True)
-    _frequency(cfg, "trainer.sample_freq", "save sample grids", nullable=True)
-    seed = trainer.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"trainer.seed={seed!r} must be an integer")
-    _positive_int(cfg, "trainer.sample_scale")  # pixels per image pixel in the sample grids
-    _logger_names(cfg)
-    _check_writable("trainer.default_local_dir", str(trainer.default_local_dir))
 
 
 def _check_writable(key: str, directory: str) -> None:
@@ -408,26 +233,24 @@ def validate_recipe_config(
     overrides: list[str] | None = None,
     cluster: ClusterShape | None = None,
     image_size_model: str | None = None,
-) -> RecipePrompts:
-    """Check the config; returns the training and validation prompts. ``available_gpus`` defaults to this
-    machine's (or ``cluster``'s); ``overrides`` (the command line's) are checked for keys added with ``+``;
-    ``cluster`` (the Ray nodes the run will use) adds the per-node placement checks, so an impossible request
-    fails here instead of hanging on placement. ``image_size_model`` (the model directory the run will load) has
-    its JSON configs checked against the image sizes before anything loads torch; None leaves that check to
-    :func:`validate_model_options`."""
+) -> CheckedRecipe:
+    """Check the config: its keys once against the schema (:mod:`recipes.flowgrpo.schema`), then what spans
+    sections, the cluster and the filesystem. Returns the typed sections and the training and validation prompts.
+
+    ``available_gpus`` defaults to this machine's (or ``cluster``'s); ``overrides`` (the command line's) are checked
+    for keys added with ``+``; ``cluster`` (the Ray nodes the run will use) adds the per-node placement checks, so
+    an impossible request fails here instead of hanging on placement. ``image_size_model`` (the model directory the
+    run will load) has its JSON configs checked against the image sizes before anything loads torch; None leaves
+    that check to :func:`validate_model_options`."""
     if available_gpus is None and cluster is not None:
         available_gpus = int(cluster.gpus)
     check_added_keys(cfg, list(overrides or []))
-    _model_options(cfg)
-    _ray_init_options(cfg)
-    prompt_key = cfg.data.get("prompt_key", "prompt")
-    train_files = cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE)
-    prompts = load_prompts(train_files, prompt_field=prompt_key, key=TRAIN_FILES_KEY)
-    val_files = cfg.data.get("val_files") or str(DEFAULT_VAL_PROMPTS_FILE)
-    val_prompts = load_prompts(val_files, prompt_field=prompt_key, key=VAL_FILES_KEY)
-
-    rollout = cfg.actor_rollout_ref.rollout
-    routing = RolloutServerRoutingConfig.from_config(rollout.get("server_routing"))
+    recipe, fsdp = parse_recipe_config(cfg)
+    rollout, actor, trainer = recipe.rollout, recipe.actor, recipe.trainer
+    prompt_key = recipe.data.prompt_key
+    prompts = load_prompts(cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE), prompt_key, TRAIN_FILES_KEY)
+    val_prompts = load_prompts(cfg.data.get("val_files") or str(DEFAULT_VAL_PROMPTS_FILE), prompt_key, VAL_FILES_KEY)
+    routing, diffusion = rollout.server_routing, rollout.diffusion
     if routing.routing_key_field not in ROLLOUT_ROW_FIELDS:
         raise ValueError(
             f"{ROUTING_CONFIG_PREFIX}.routing_key_field={routing.routing_key_field!r} is not a field of the "
@@ -437,31 +260,17 @@ def validate_recipe_config(
     if top is not None and top.get("policy") is not None and top.policy != routing.policy:
         # the long form was given explicitly: it wins, but say so
         print(f"server_routing.policy={top.policy!r} is overridden by actor_rollout_ref.rollout.server_routing")
-    diffusion = DiffusionRolloutConfig.from_config(rollout.get("diffusion"))
-    if diffusion.noise_level == 0:
+    if trainer.resume_mode == "resume_path" and not (
+        trainer.resume_from_path and Path(trainer.resume_from_path).expanduser().is_dir()
+    ):
         raise ValueError(
-            f"{DIFFUSION_CONFIG_PREFIX}.noise_level=0 makes every training step an ODE step, so nothing is recorded "
-            "to train on; FlowGRPO needs noise_level > 0 (paper: 0.7). Use diffusion_val.noise_level=0 for validation"
+            f"trainer.resume_from_path={trainer.resume_from_path!r} is not a checkpoint directory (needed by "
+            "resume_mode=resume_path)"
         )
-    _validation_options(cfg)
-
-    _training_options(cfg)
-
-    n = rollout.get("n")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(
-            f"actor_rollout_ref.rollout.n={n!r}: GRPO normalises rewards within a prompt's group, so it needs at "
-            "least 2 samples per prompt"
-        )
-    batch = _positive_int(cfg, "data.train_batch_size")
-    _positive_int(cfg, "trainer.total_training_steps")
-    _positive_int(cfg, "trainer.nnodes")
+    _check_writable("trainer.default_local_dir", str(cfg.trainer.default_local_dir))
     cpu_ranks_per_node(cfg.trainer)  # checked whether or not training uses GPUs
-    _positive_int(cfg, "actor_rollout_ref.actor.ppo_mini_batch_size")
-    _positive_int(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")
-    _positive_int(cfg, "actor_rollout_ref.rollout.agent.num_workers")  # any count: rows split at group bounds
 
-    model_path = cfg.actor_rollout_ref.model.get("path")
+    model_path = recipe.actor_rollout_ref.model.path
     if model_path is not None and not (Path(model_path).expanduser() / "model_index.json").is_file():
         raise ValueError(
             f"actor_rollout_ref.model.path={model_path!r} is not a diffusers pipeline directory "
@@ -475,13 +284,16 @@ def validate_recipe_config(
         validate_image_sizes(cfg, image_size_model)
     validate_rollout_backend(cfg, available_gpus)
 
-    ActorFSDPConfig.from_actor_config(cfg.actor_rollout_ref.actor)
     train_on_gpu = int(cfg.trainer.n_gpus_per_node) > 0  # without GPUs this is refused below
     train_ranks = sum(training_ranks_per_node(cfg.trainer, train_on_gpu))
-    check_training_split(
-        batch * n, int(cfg.actor_rollout_ref.actor.ppo_mini_batch_size), train_ranks, on_gpu=train_on_gpu
-    )
-    _micro_batch_fits(cfg)
+    batch = recipe.data.train_batch_size
+    check_training_split(batch * rollout.n, actor.ppo_mini_batch_size, train_ranks, on_gpu=train_on_gpu)
+    mini, micro = actor.ppo_mini_batch_size, actor.ppo_micro_batch_size_per_gpu
+    if micro > mini:  # the actor would hide it (it cuts the micro-batch to the rows it has)
+        raise ValueError(
+            f"{ACTOR_PREFIX}.ppo_micro_batch_size_per_gpu={micro} is larger than {ACTOR_PREFIX}.ppo_mini_batch_size="
+            f"{mini}; valid: an integer in [1, {mini}]"
+        )
 
     from verl_omni.rewards.registry import reward_factory  # the reward's own module may load torch:
     from verl_omni.rewards.weighted import reward_specs  # after the checks that need nothing
@@ -498,7 +310,8 @@ def validate_recipe_config(
                     check_prompts(rows)
                 except ValueError as err:
                     raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
-    _flowgrpo_options(cfg, diffusion)  # loads torch (the SDE window rule): after the torch-free checks
+    # loads torch (the SDE window rule): after the torch-free checks
+    trained_step_count(diffusion.num_inference_steps, diffusion.sde_window, actor.timestep_fraction)
     replicas = num_rollout_replicas(cfg)
     if replicas < 1:
         raise ValueError(
@@ -508,12 +321,12 @@ def validate_recipe_config(
     if cluster is not None:
         check_cluster_resources(cfg, cluster, replicas, diffusion)
     if available_gpus is None:
-        available_gpus = local_gpu_count() * int(cfg.trainer.nnodes)
+        available_gpus = local_gpu_count() * trainer.nnodes
     warning = precision_warning(cfg, diffusion, gpus_available=available_gpus > 0)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    train_gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
-    ray_cpus = float(cfg.get("ray_kwargs", {}).get("ray_init", {}).get("num_cpus") or 0)
+    train_gpus = int(cfg.trainer.n_gpus_per_node) * trainer.nnodes
+    ray_cpus = recipe.ray_kwargs.ray_init.num_cpus or 0
     if available_gpus == 0:
         if train_gpus:
             raise ValueError(f"trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} but no GPU is available")
@@ -531,4 +344,4 @@ def validate_recipe_config(
                 f"{replicas} rollout replicas x {diffusion.num_gpus_per_replica} GPU + trainer.n_gpus_per_node x "
                 f"nnodes = {rollout_gpus + train_gpus:g} GPUs, but {available_gpus} are available"
             )
-    return RecipePrompts(train=prompts, val=val_prompts)
+    return CheckedRecipe(train=prompts, val=val_prompts, config=recipe, fsdp=fsdp)

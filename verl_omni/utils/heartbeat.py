@@ -24,10 +24,20 @@ class Heartbeat:
             raise ValueError(f"interval_s={interval_s!r} must be >= 0 (0 = no progress lines)")
         self.interval_s = float(interval_s)
         self.write = write
+        self.current: str | None = None  # the phase running now (read by tools that act at a phase: make chaos)
 
     @contextmanager
     def phase(self, what: str, detail: Callable[[], str] | None = None) -> Iterator[None]:
         """Run the block; while it runs longer than the interval, say so (with ``detail()`` when given)."""
+        self.current = what
+        try:
+            with self._beats(what, detail):
+                yield
+        finally:
+            self.current = None
+
+    @contextmanager
+    def _beats(self, what: str, detail: Callable[[], str] | None) -> Iterator[None]:
         if self.interval_s == 0:
             yield
             return

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 
 import torch
 
-from verl_omni.workers.config.ema import validate_ema_options
+from verl_omni.workers.config.ema import EMAConfig
 
 
 class EMAWeights:
     """EMA copies of ``params`` (same placement: a DTensor shard stays a shard)."""
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], decay: float, update_every: int):
-        validate_ema_options(True, decay, update_every)
+        EMAConfig(enable=True, decay=decay, update_every=update_every)  # refuses a decay or period out of range
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.shadow = [p.detach().clone() for p in self.params]

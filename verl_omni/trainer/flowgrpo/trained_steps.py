@@ -14,13 +14,11 @@ TIMESTEP_FRACTION_KEY = "actor_rollout_ref.actor.timestep_fraction"
 
 
 def trained_step_count(num_inference_steps: int, sde_window: Sequence[int] | None, timestep_fraction: float) -> int:
-    """How many of the recorded steps (a prefix) are trained; raises ``ValueError`` naming the key if none."""
+    """How many of the recorded steps (a prefix) are trained; raises ``ValueError`` naming the key if none.
+
+    ``timestep_fraction`` is a number in (0, 1], as the recipe's schema declares it."""
     from verl_omni.pipelines.flow_match_sde import resolve_sde_window
 
-    if isinstance(timestep_fraction, bool) or not isinstance(timestep_fraction, int | float):
-        raise ValueError(f"{TIMESTEP_FRACTION_KEY}={timestep_fraction!r} must be a number in (0, 1]")
-    if not 0 < timestep_fraction <= 1:
-        raise ValueError(f"{TIMESTEP_FRACTION_KEY}={timestep_fraction!r} is outside the valid range (0, 1]")
     start, end = resolve_sde_window(num_inference_steps, None if sde_window is None else list(sde_window))
     last = min(end, int(num_inference_steps * timestep_fraction))
     if last <= start:

@@ -6,19 +6,21 @@ Key names follow verl's actor config (``strategy``, ``fsdp_config.mixed_precisio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
+
+from verl_omni.workers.config.schema import Section, option, section
 
 ACTOR_PREFIX = "actor_rollout_ref.actor"
-VALID_ACTOR_STRATEGIES = ("fsdp2",)
 # fp16 would need a gradient scaler; FlowGRPO trains in bf16 or fp32.
-VALID_FSDP_DTYPES = ("float32", "bfloat16")
+FSDPDtype = Literal["float32", "bfloat16"]
+_DTYPE_WHY = "is not a valid dtype; valid choices: {choices}"
 
 
-@dataclass(frozen=True)
-class ActorFSDPConfig:
+@section(ACTOR_PREFIX)
+class ActorFSDPConfig(Section):
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) settings of the training ranks.
 
     With one rank the transformer is not wrapped at all; with several, parameters, gradients and
@@ -36,37 +38,23 @@ class ActorFSDPConfig:
     """
 
     _target_: str = "verl_omni.workers.config.actor_fsdp.ActorFSDPConfig"
+    # Where each field sits in the ``actor`` section (verl's key names).
+    KEYS: ClassVar[dict[str, str]] = {
+        "param_dtype": "fsdp_config.mixed_precision.param_dtype",
+        "reduce_dtype": "fsdp_config.mixed_precision.reduce_dtype",
+        "reshard_after_forward": "fsdp_config.reshard_after_forward",
+        "wrap_modules": "fsdp_config.wrap_policy.transformer_layer_cls_to_wrap",
+    }
 
-    strategy: str = "fsdp2"
-    param_dtype: str = "float32"
-    reduce_dtype: str = "float32"
+    strategy: Literal["fsdp2"] = option(
+        "fsdp2", why="is not supported for diffusion training; valid choices: {choices}"
+    )
+    param_dtype: FSDPDtype = option("float32", why=_DTYPE_WHY)
+    reduce_dtype: FSDPDtype = option("float32", why=_DTYPE_WHY)
     reshard_after_forward: bool = True
-    wrap_modules: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.strategy not in VALID_ACTOR_STRATEGIES:
-            raise ValueError(
-                f"{ACTOR_PREFIX}.strategy={self.strategy!r} is not supported for diffusion training; "
-                f"valid choices: {', '.join(VALID_ACTOR_STRATEGIES)}"
-            )
-        for key in ("param_dtype", "reduce_dtype"):
-            value = getattr(self, key)
-            if value not in VALID_FSDP_DTYPES:
-                raise ValueError(
-                    f"{ACTOR_PREFIX}.fsdp_config.mixed_precision.{key}={value!r} is not a valid dtype; "
-                    f"valid choices: {', '.join(VALID_FSDP_DTYPES)}"
-                )
-        if not isinstance(self.reshard_after_forward, bool):
-            raise ValueError(
-                f"{ACTOR_PREFIX}.fsdp_config.reshard_after_forward={self.reshard_after_forward!r} must be true or false"
-            )
-        if self.wrap_modules is not None and (
-            not isinstance(self.wrap_modules, list) or not all(isinstance(m, str) and m for m in self.wrap_modules)
-        ):
-            raise ValueError(
-                f"{ACTOR_PREFIX}.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap={self.wrap_modules!r} "
-                "must be a list of module class names or null"
-            )
+    wrap_modules: list[Annotated[str, Field(min_length=1)]] | None = option(
+        None, why="must be a list of module class names or null"
+    )
 
     @classmethod
     def from_actor_config(cls, actor: Any) -> ActorFSDPConfig:

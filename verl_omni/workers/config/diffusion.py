@@ -2,23 +2,24 @@
 
 verl's ``RolloutConfig`` is written for LLM engines; everything a diffusion replica needs beyond it
 (sampling defaults, request batching, prompt cache, CPU/GPU placement) lives here. Every key is
-optional; a missing section means these defaults. A plain frozen dataclass (no verl import), so the
-recipe checks it before verl, torch or Ray load.
+optional; a missing section means these defaults. A checked section (:mod:`verl_omni.workers.config.schema`;
+no verl import), so the recipe checks it before verl, torch or Ray load.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import fields
+from typing import Literal
+
+from verl_omni.workers.config.schema import ConfigError, Section, option, section
 
 DIFFUSION_CONFIG_PREFIX = "actor_rollout_ref.rollout.diffusion"
-VALID_DEVICES = ("auto", "cpu", "cuda")
-VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-@dataclass(frozen=True)
-class DiffusionRolloutConfig:
+@section(DIFFUSION_CONFIG_PREFIX)
+class DiffusionRolloutConfig(Section):
     """Defaults and resources of the ``diffusers`` rollout replicas.
 
     Sampling defaults (a request's ``sampling_params`` override them per request):
@@ -65,105 +66,45 @@ class DiffusionRolloutConfig:
 
     _target_: str = "verl_omni.workers.config.diffusion.DiffusionRolloutConfig"
 
-    num_inference_steps: int = 10
-    guidance_scale: float = 4.5
-    negative_prompt: str = ""
-    noise_level: float = 0.7
-    sde_window: list[int] | None = None
-    height: int | None = None
-    width: int | None = None
-    max_sequence_length: int | None = None
+    num_inference_steps: int = option(10, ge=1, sampling=True)
+    guidance_scale: float = option(4.5, ge=0, sampling=True)
+    negative_prompt: str = option("", sampling=True)
+    noise_level: float = option(0.7, ge=0, sampling=True)
+    sde_window: list[int] | None = option(None, sampling=True, why="must be [start, end) step indices or null")
+    height: int | None = option(None, ge=1, sampling=True)
+    width: int | None = option(None, ge=1, sampling=True)
+    max_sequence_length: int | None = option(None, ge=1, le=512, note="SD3's T5 limit is 512")
 
-    admission_window_ms: float = 10.0
-    max_num_seqs: int = 16
-    prompt_cache_size: int = 256
+    admission_window_ms: float = option(10.0, ge=0, note="milliseconds")
+    max_num_seqs: int = option(16, ge=1)
+    prompt_cache_size: int = option(256, ge=0, note="0 disables the cache")
 
-    device: str = "auto"
-    dtype: str = "auto"
-    num_gpus_per_replica: float = 1.0
-    ray_num_cpus: float = 0.5
-    cpu_threads: int = 1
+    device: Device = option("auto", why="is not a valid device; valid choices: {choices}")
+    dtype: Dtype = option("auto", why="is not a valid dtype; valid choices: {choices}")
+    num_gpus_per_replica: float = option(1.0, gt=0)
+    ray_num_cpus: float = option(0.5, ge=0)
+    cpu_threads: int = option(1, ge=1)
     batch_invariant: bool = True
     chunk_size: int = 8
 
     def __post_init__(self) -> None:
-        validate_diffusion_config(self, prefix=DIFFUSION_CONFIG_PREFIX)
+        """The rules between fields. Checks that need the model (image size against the VAE, SDE window against
+        the schedule) are done when the replica reads the model, still before any actor starts."""
+        if self.sde_window is not None:
+            from verl_omni.pipelines.flow_match_sde import resolve_sde_window
+
+            try:
+                resolve_sde_window(self.num_inference_steps, list(self.sde_window))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(str(err)) from None
+        if not 1 <= self.chunk_size <= self.max_num_seqs:
+            raise ConfigError(
+                f"chunk_size={self.chunk_size!r} must be an integer in [1, max_num_seqs={self.max_num_seqs}]"
+            )
 
     @classmethod
-    def from_config(cls, section: Any | None, prefix: str = DIFFUSION_CONFIG_PREFIX) -> DiffusionRolloutConfig:
-        """Build from an OmegaConf/dict section (or return an instance as is); unknown keys are rejected."""
-        if section is None:
-            return cls()
-        if isinstance(section, cls):
-            return section
-        from omegaconf import DictConfig, OmegaConf
-
-        data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-        data.pop("_target_", None)
-        known = {f.name for f in fields(cls)} - {"_target_"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} in {prefix}; valid keys: {sorted(known)}")
-        if data.get("sde_window") is not None:
-            data["sde_window"] = list(data["sde_window"])
-        return cls(**data)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_diffusion_config(cfg: DiffusionRolloutConfig, prefix: str = DIFFUSION_CONFIG_PREFIX) -> None:
-    """Raise ``ValueError`` naming the key and the bad value.
-
-    Checks that need the model (image size against the VAE, SDE window against the schedule) are
-    done when the replica reads the model, still before any actor starts.
-    """
-
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"{prefix}.{key}={getattr(cfg, key)!r} {why}")
-
-    if not _is_int(cfg.num_inference_steps) or cfg.num_inference_steps < 1:
-        raise bad("num_inference_steps", "must be an integer >= 1")
-    for key in ("guidance_scale", "noise_level"):
-        if not _is_number(getattr(cfg, key)) or getattr(cfg, key) < 0:
-            raise bad(key, "must be a finite number >= 0")
-    if not isinstance(cfg.negative_prompt, str):
-        raise bad("negative_prompt", "must be a string")
-    if cfg.sde_window is not None:
-        from verl_omni.pipelines.flow_match_sde import resolve_sde_window
-
-        try:
-            resolve_sde_window(cfg.num_inference_steps, list(cfg.sde_window))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{prefix}.{err}") from None
-    for key in ("height", "width", "max_sequence_length"):
-        value = getattr(cfg, key)
-        if value is not None and (not _is_int(value) or value < 1):
-            raise bad(key, "must be a positive integer or null")
-    if cfg.max_sequence_length is not None and cfg.max_sequence_length > 512:
-        raise bad("max_sequence_length", "must be <= 512 (SD3's T5 limit)")
-    if not _is_number(cfg.admission_window_ms) or cfg.admission_window_ms < 0:
-        raise bad("admission_window_ms", "must be a finite number of milliseconds >= 0")
-    if not _is_int(cfg.max_num_seqs) or cfg.max_num_seqs < 1:
-        raise bad("max_num_seqs", "must be an integer >= 1")
-    if not _is_int(cfg.prompt_cache_size) or cfg.prompt_cache_size < 0:
-        raise bad("prompt_cache_size", "must be an integer >= 0 (0 disables the cache)")
-    if cfg.device not in VALID_DEVICES:
-        raise bad("device", f"is not a valid device; valid choices: {', '.join(VALID_DEVICES)}")
-    if cfg.dtype not in VALID_DTYPES:
-        raise bad("dtype", f"is not a valid dtype; valid choices: {', '.join(VALID_DTYPES)}")
-    if not _is_number(cfg.num_gpus_per_replica) or cfg.num_gpus_per_replica <= 0:
-        raise bad("num_gpus_per_replica", "must be a number > 0")
-    if not _is_number(cfg.ray_num_cpus) or cfg.ray_num_cpus < 0:
-        raise bad("ray_num_cpus", "must be a number >= 0")
-    if not _is_int(cfg.cpu_threads) or cfg.cpu_threads < 1:
-        raise bad("cpu_threads", "must be an integer >= 1")
-    if not isinstance(cfg.batch_invariant, bool):
-        raise bad("batch_invariant", "must be true or false")
-    if not _is_int(cfg.chunk_size) or not 1 <= cfg.chunk_size <= cfg.max_num_seqs:
-        raise bad("chunk_size", f"must be an integer in [1, max_num_seqs={cfg.max_num_seqs}]")
+    def sampling_keys(cls) -> tuple[str, ...]:
+        """The fields that are per-request sampling parameters (a request's ``sampling_params`` override them)."""
+        return tuple(
+            f.name for f in fields(cls) if (cls.__pydantic_fields__[f.name].json_schema_extra or {}).get("sampling")
+        )

@@ -1,4 +1,4 @@
-"""Start-up checks of the old-log-prob options and of the rollout's and the trainer's compute precision.
+"""Start-up check of the rollout's and the trainer's compute precision.
 
 Torch-free (read before Ray and any model). FlowGRPO's first inner step is on-policy only if the old log-probs are
 the trainer's own function of the stored transitions: either the rollout computes exactly what the trainer does
@@ -8,7 +8,6 @@ the trainer's own function of the stored transitions: either the rollout compute
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from verl_omni.workers.config.diffusion import DIFFUSION_CONFIG_PREFIX, DiffusionRolloutConfig
@@ -17,38 +16,6 @@ ACTOR = "actor_rollout_ref.actor"
 PARAM_DTYPE_KEY = f"{ACTOR}.fsdp_config.mixed_precision.param_dtype"
 RECOMPUTE_KEY = f"{ACTOR}.recompute_old_log_prob"
 IS_THRESHOLD_KEY = f"{ACTOR}.rollout_is_threshold"
-WARN_CLIP_KEY = "trainer.warn_clip_frac_first"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_old_log_prob_options(actor: Any, trainer: Any) -> None:
-    """``recompute_old_log_prob`` (bool), ``rollout_is_threshold`` (null or > 0, only with recompute) and
-    ``trainer.warn_clip_frac_first`` (a share in [0, 1]); raises ``ValueError`` naming the key, value and fix."""
-    recompute = actor.get("recompute_old_log_prob", False)
-    if not isinstance(recompute, bool):
-        raise ValueError(f"{RECOMPUTE_KEY}={recompute!r} is not valid; valid choices: true, false")
-    threshold = actor.get("rollout_is_threshold")
-    if threshold is not None:
-        if not _is_number(threshold) or threshold <= 0:
-            raise ValueError(
-                f"{IS_THRESHOLD_KEY}={threshold!r} must be a finite number > 0 (the cap C of the truncated importance "
-                "weights min(p_old / p_rollout, C); verl's default is 2.0) or null (no correction)"
-            )
-        if not recompute:
-            raise ValueError(
-                f"{IS_THRESHOLD_KEY}={threshold!r} corrects between the rollout's and the trainer's recomputed "
-                f"log-probs, but {RECOMPUTE_KEY}=false (no recompute, every weight would be 1); set "
-                f"{RECOMPUTE_KEY}=true or {IS_THRESHOLD_KEY}=null"
-            )
-    warn = trainer.get("warn_clip_frac_first", 0.05)
-    if not _is_number(warn) or not 0 <= warn <= 1:
-        raise ValueError(
-            f"{WARN_CLIP_KEY}={warn!r} must be a share in [0, 1] (warn when the first inner step clips more of its "
-            "rows than this)"
-        )
 
 
 def rollout_compute_dtype(diffusion: DiffusionRolloutConfig, rollout_dtype: Any, on_gpu: bool) -> str:

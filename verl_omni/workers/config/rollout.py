@@ -33,14 +33,9 @@ class OmniRolloutConfig(RolloutConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.server_routing, RolloutServerRoutingConfig):
-            routing = RolloutServerRoutingConfig.from_config(
-                self.server_routing, prefix="actor_rollout_ref.rollout.server_routing"
-            )
-            object.__setattr__(self, "server_routing", routing)
-        if not isinstance(self.diffusion, DiffusionRolloutConfig):
-            diffusion = DiffusionRolloutConfig.from_config(self.diffusion, prefix="actor_rollout_ref.rollout.diffusion")
-            object.__setattr__(self, "diffusion", diffusion)
+        # verl builds this class from the YAML section: the overlay's sections arrive as dicts, checked here
+        object.__setattr__(self, "server_routing", RolloutServerRoutingConfig.from_config(self.server_routing))
+        object.__setattr__(self, "diffusion", DiffusionRolloutConfig.from_config(self.diffusion))
 
 
 def ensure_omni_rollout_target(rollout_config: Any) -> None:

@@ -1,30 +1,27 @@
 """Schema of the ``server_routing`` config section: which rollout replica serves a request.
 
-A plain frozen dataclass (no verl import), so the recipe can check it before verl, torch or Ray load.
-``OmniLLMServerManager`` reads it once from the config and hands the instance to the balancer and to
-every client; nothing downstream reads the raw section again.
+A checked section (:mod:`verl_omni.workers.config.schema`; no verl import), so the recipe can check it before
+verl, torch or Ray load. The driver reads it once; ``OmniLLMServerManager`` hands the instance to the balancer
+and to every client, and nothing downstream reads the raw section again.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
-VALID_ROLLOUT_SERVER_ROUTING_POLICIES: tuple[str, ...] = (
-    "prompt_uid_affinity",
-    "least_inflight",
-    "prompt_hash_sharding",
-    "round_robin",
-)
+from verl_omni.workers.config.schema import Section, option, section
+
+RoutingPolicy = Literal["prompt_uid_affinity", "least_inflight", "prompt_hash_sharding", "round_robin"]
+VALID_ROLLOUT_SERVER_ROUTING_POLICIES: tuple[str, ...] = RoutingPolicy.__args__
 
 DEFAULT_ROUTING_KEY_FIELD = "uid"
 DEFAULT_ROUTING_CACHE_SIZE = 10000
 ROUTING_CONFIG_PREFIX = "actor_rollout_ref.rollout.server_routing"
 
 
-@dataclass(frozen=True)
-class RolloutServerRoutingConfig:
+@section(ROUTING_CONFIG_PREFIX)
+class RolloutServerRoutingConfig(Section):
     """Routing policy for the rollout load balancer.
 
     Attributes:
@@ -46,80 +43,19 @@ class RolloutServerRoutingConfig:
     """
 
     _target_: str = "verl_omni.workers.config.rollout_routing.RolloutServerRoutingConfig"
-    policy: str = "least_inflight"
-    routing_key_field: str = DEFAULT_ROUTING_KEY_FIELD
-    max_imbalance: int | None = None
-    max_imbalance_ratio: float = 1.0
+    policy: RoutingPolicy = option("least_inflight", why="is not a valid routing policy; valid choices: {choices}")
+    routing_key_field: str = option(
+        DEFAULT_ROUTING_KEY_FIELD,
+        pattern=r"\S",
+        why=f"must be a non-empty string naming a per-sample field (default: {DEFAULT_ROUTING_KEY_FIELD!r})",
+    )
+    max_imbalance: int | None = option(None, ge=0, note="requests in flight; null keeps strict affinity")
+    max_imbalance_ratio: float = option(1.0, ge=1, note="default: 1.0")
     speed_aware: bool = False
-    cache_size: int = DEFAULT_ROUTING_CACHE_SIZE
-
-    def __post_init__(self) -> None:
-        _validate(self.as_dict(), prefix="server_routing")
-
-    @property
-    def soft_affinity(self) -> bool:
-        """Whether ``prompt_uid_affinity`` may divert a group from its pinned replica."""
-        return self.policy == "prompt_uid_affinity" and self.max_imbalance is not None
+    cache_size: int = option(DEFAULT_ROUTING_CACHE_SIZE, ge=1, note=f"default: {DEFAULT_ROUTING_CACHE_SIZE}")
 
     def as_dict(self) -> dict[str, Any]:
         """The options without ``_target_`` (for ``replace``-style overrides and logs)."""
         values = asdict(self)
         values.pop("_target_")
         return values
-
-    @classmethod
-    def from_config(cls, section: Any | None, prefix: str = ROUTING_CONFIG_PREFIX) -> RolloutServerRoutingConfig:
-        """Build from an OmegaConf/dict section (or an instance); a missing section or key means the default.
-
-        Errors name ``prefix.<key>``, the value and what is valid; an unknown key is refused with the
-        valid ones, so a typo (``polcy=...``) never silently keeps the default.
-        """
-        if isinstance(section, cls):
-            return section
-        if section is None:
-            return cls()
-        from omegaconf import DictConfig, OmegaConf
-
-        data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-        data.pop("_target_", None)
-        known = [f.name for f in fields(cls) if f.name != "_target_"]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} in {prefix}; valid keys: {known}")
-        _validate({**cls().as_dict(), **data}, prefix=prefix)
-        return cls(**data)
-
-
-def _validate(values: dict[str, Any], prefix: str) -> None:
-    """Raise ``ValueError`` naming ``prefix.<key>``, the bad value and what is allowed."""
-    policy = values["policy"]
-    if policy not in VALID_ROLLOUT_SERVER_ROUTING_POLICIES:
-        raise ValueError(
-            f"{prefix}.policy={policy!r} is not a valid routing policy; "
-            f"valid choices: {', '.join(VALID_ROLLOUT_SERVER_ROUTING_POLICIES)}"
-        )
-    field = values["routing_key_field"]
-    if not isinstance(field, str) or not field.strip():
-        raise ValueError(
-            f"{prefix}.routing_key_field={field!r} must be a non-empty string naming a per-sample "
-            f"field (default: {DEFAULT_ROUTING_KEY_FIELD!r})"
-        )
-    bound = values["max_imbalance"]
-    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 0):
-        raise ValueError(
-            f"{prefix}.max_imbalance={bound!r} must be a non-negative integer (requests in flight), "
-            "or null for strict affinity"
-        )
-    ratio = values["max_imbalance_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio) or ratio < 1:
-        raise ValueError(f"{prefix}.max_imbalance_ratio={ratio!r} must be a finite number >= 1 (default: 1.0)")
-    speed = values["speed_aware"]
-    if not isinstance(speed, bool):
-        raise ValueError(
-            f"{prefix}.speed_aware={speed!r} must be true or false (shared default false, diffusion default true)"
-        )
-    size = values["cache_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(
-            f"{prefix}.cache_size={size!r} must be a positive integer (default: {DEFAULT_ROUTING_CACHE_SIZE})"
-        )

@@ -46,9 +46,6 @@ class DiffusersRolloutReplica(RolloutReplica):
         name_suffix: str = "",
     ) -> None:
         ensure_omni_rollout_target(config)  # a stock RolloutConfig target would reject the diffusion section
-        # Validated here first so a bad value surfaces as a ValueError naming the key, not wrapped by Hydra.
-        section = config.get("diffusion") if hasattr(config, "get") else getattr(config, "diffusion", None)
-        self.diffusion_config = DiffusionRolloutConfig.from_config(section)
         super().__init__(
             replica_rank=replica_rank,
             config=config,
@@ -58,6 +55,7 @@ class DiffusersRolloutReplica(RolloutReplica):
             is_teacher_model=is_teacher_model,
             name_suffix=name_suffix,
         )
+        self.diffusion_config: DiffusionRolloutConfig = self.config.diffusion  # parsed once, by OmniRolloutConfig
         model_path = _model_path(model_config, self.backend)
         self.model_spec = DiffusersModelSpec.from_path(model_path, backend=self.backend)
         for key in ("height", "width"):
