@@ -219,7 +219,9 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
     cfg = compose_recipe(TINY, ["actor_rollout_ref.rollout.server_routing.speed_aware=false"])
     assert cfg.actor_rollout_ref.rollout.server_routing.speed_aware is False
     validate_recipe_config(cfg, available_gpus=0)
-    with pytest.raises(ValueError, match=r"server_routing\.speed_aware='maybe' is not valid; valid choices: true, false"):
+    with pytest.raises(
+        ValueError, match=r"server_routing\.speed_aware='maybe' is not valid; valid choices: true, false"
+    ):
         validate_recipe_config(
             compose_recipe(TINY, ["actor_rollout_ref.rollout.server_routing.speed_aware=maybe"]), available_gpus=0
         )

@@ -164,7 +164,9 @@ def test_the_recipe_composes_the_one_server_routing_yaml():
 
 @pytest.mark.parametrize("bad", ["yes", 1, 0, None])
 def test_bad_speed_aware(bad):
-    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.speed_aware=.* valid choices: true, false"):
+    with pytest.raises(
+        ValueError, match=r"actor_rollout_ref\.rollout\.server_routing\.speed_aware=.* valid choices: true, false"
+    ):
         RolloutServerRoutingConfig.from_config({"speed_aware": bad})
 
 
