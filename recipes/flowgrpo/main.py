@@ -178,6 +178,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         agent_loop_manager=agent_loop_manager,
         actor_wg=actor_wg,
         replicas=server_manager.get_replicas(),
+        load_balancer=server_manager.global_load_balancer,
         run_dir=run_dir,
         validation=ValidationBatches(
             checked.val,

@@ -75,6 +75,14 @@ def _kill(*groups: tuple[RayWorkerGroup, RayResourcePool]) -> None:
             ray.util.remove_placement_group(pg)
 
 
+def _rollout_weights(group: RayWorkerGroup, ema: bool = False) -> list[dict | None]:
+    """Each rank's rollout weights, fetched from the object refs rank 0 put (the other ranks put none)."""
+    return [
+        None if refs is None else {key: ray.get(ref) for key, ref in refs.items()}
+        for refs in group.put_rollout_weights(ema=ema)
+    ]
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -110,16 +118,16 @@ def test_fsdp_two_ranks_shard_and_match_one_rank(ray_local, tiny_model_path):
             assert rank_metrics["actor/grad_norm"] == pytest.approx(reference["actor/grad_norm"], rel=1e-4)
             assert rank_metrics["actor/param_norm"] == pytest.approx(reference["actor/param_norm"], rel=1e-6)
 
-        weights = two.get_rollout_weights()
-        assert weights[1] is None  # only rank 0 ships weights to the replicas
-        (single_weights,) = one.get_rollout_weights()
+        weights = _rollout_weights(two)
+        assert weights[1] is None  # only rank 0 puts weights for the replicas
+        (single_weights,) = _rollout_weights(one)
         assert _max_diff(weights[0]["state_dict"], single_weights["state_dict"]) < 1e-4  # lr 1e-3, one Adam step
 
         # A checkpoint holds full tensors: the 2-rank state loads into 1 rank and gives its exact weights.
         state = two.state_dict()
         assert state[1] is None
         one.load_state_dict(state[0])
-        (restored,) = one.get_rollout_weights()
+        (restored,) = _rollout_weights(one)
         assert _max_diff(weights[0]["state_dict"], restored["state_dict"]) == 0.0
     finally:
         _kill((two, two_pool), (one, one_pool))
@@ -144,7 +152,7 @@ def test_fsdp_lora_with_kl_is_on_policy_and_ships_the_adapter(ray_local, tiny_mo
             assert rank_metrics["actor/ratio_max_abs_dev"] < 1e-4  # to rounding, as above
             assert rank_metrics["actor/kl"] >= 0.0
         assert metrics[0]["actor/param_norm"] == metrics[1]["actor/param_norm"]
-        weights = group.get_rollout_weights()
+        weights = _rollout_weights(group)
         adapter = weights[0]["lora_state_dict"]
         assert adapter and all("lora_" in key for key in adapter)
         assert weights[0]["lora_config"]["r"] == 4
@@ -182,26 +190,26 @@ def test_one_rank_honours_bf16_and_keeps_ema_weights(ray_local, tiny_model_path)
         assert layout["strategy"] == "fsdp2" and layout["param_dtype"] == "bfloat16"  # FSDP2 applies it on one rank
         fp32.init_model()
         batch = _batch(tiny_model_path)
-        (before,) = group.get_rollout_weights()
+        (before,) = _rollout_weights(group)
         (low,) = group.update_policy(batch)
         (full,) = fp32.update_policy(batch)
         # the old log-probs were computed in float32: bf16 compute moves the ratio far more than fp32 rounding does
         assert low["actor/approx_kl"] > 100 * max(full["actor/approx_kl"], 1e-14)
 
-        (live,) = group.get_rollout_weights()
-        (ema,) = group.get_rollout_weights(ema=True)
+        (live,) = _rollout_weights(group)
+        (ema,) = _rollout_weights(group, ema=True)
         # one update at optimizer step 1: decay min(0.9, 2 / 11), so ema = p0 + (1 - 2/11) (p1 - p0)
         for key, p1 in live["state_dict"].items():
             p0 = before["state_dict"][key]
             torch.testing.assert_close(ema["state_dict"][key], p0 + (1 - 2 / 11) * (p1 - p0), rtol=1e-5, atol=1e-6)
         assert _max_diff(live["state_dict"], ema["state_dict"]) > 0
-        (after,) = group.get_rollout_weights()
+        (after,) = _rollout_weights(group)
         assert _max_diff(live["state_dict"], after["state_dict"]) == 0.0  # the trained weights came back
 
         # both weights are in the checkpoint state and restore exactly
         (state,) = group.state_dict()
         fp32.load_state_dict(state)
-        (restored_ema,) = fp32.get_rollout_weights(ema=True)
+        (restored_ema,) = _rollout_weights(fp32, ema=True)
         assert _max_diff(ema["state_dict"], restored_ema["state_dict"]) == 0.0
     finally:
         _kill((group, pool), (fp32, fp32_pool))

@@ -1,6 +1,6 @@
 """The FlowGRPO recipe end to end with ``actor_rollout_ref.rollout.name=vllm_omni`` on CPU: two real vllm-omni
 replicas behind ``prompt_uid_affinity`` routing, a LoRA adapter synced to them every step, and one replica killed
-with SIGKILL mid-run. The run is a subprocess with its own local Ray, as a user runs it."""
+with SIGKILL mid-run and replaced. The run is a subprocess with its own local Ray, as a user runs it."""
 
 from __future__ import annotations
 
@@ -86,6 +86,9 @@ def test_vllm_omni_replicas_train_lora_and_survive_a_killed_replica(tmp_path_fac
     # No sample lost: every step trained on both full groups, before and after the kill.
     assert all(m["reward/num_groups"] == 2 and m["reward/group_size_min"] == 4 for m in steps)
     assert steps[-1]["rollout/replicas_lost"] == 1
+    # the lost replica was replaced (a new vllm-omni engine, given the adapter before serving): both slots serve
+    assert steps[-1]["rollout/replicas_replaced"] == 1 and steps[-1]["rollout/replicas_live"] == 2
+    assert all(m["weight_sync/driver_bytes"] == 0 for m in steps)
     assert steps[-1]["rollout/model_version"] == STEPS - 1  # the LoRA adapter reached the survivor every step
     assert all(m["rollout_routing/colocation"] == 1.0 for m in steps)  # each group on one replica
     deviations = [m["actor/ratio_max_abs_dev"] for m in steps]

@@ -96,26 +96,42 @@ class DiffusersRolloutReplica(RolloutReplica):
             return {}
         return cpu_process_env(self.diffusion_config.cpu_threads, self.diffusion_config.batch_invariant)
 
-    async def launch_servers(self) -> None:
-        """Start the server actor, wait until its model is loaded, and expose it to ``LLMServerManager``."""
+    def server_resources(self) -> dict[str, float]:
+        """The Ray resources one server actor of this replica asks for (``CPU``, ``GPU``)."""
+        return {"CPU": float(self.diffusion_config.ray_num_cpus), "GPU": self.placement()[1]}
+
+    def start_server(self) -> Any:
+        """Create this replica's server actor and return its handle without waiting for the model to load; also
+        how a replacement for a dead server starts (``RolloutReplicaPool``)."""
         device, num_gpus = self.placement()
         cfg = self.diffusion_config
-        server_cls = ray.remote(self.server_class)
-        handle = server_cls.options(
-            num_cpus=cfg.ray_num_cpus,
-            num_gpus=num_gpus,
-            max_concurrency=self.max_concurrency,
-            runtime_env={"env_vars": self.server_env(device)},
-        ).remote(
-            model_path=self.model_spec.path,
-            config={f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
-            server_id=self._server_address,
-            device=device,
-            rollout_dtype=getattr(self.config, "dtype", None),
+        return (
+            ray.remote(self.server_class)
+            .options(
+                num_cpus=cfg.ray_num_cpus,
+                num_gpus=num_gpus,
+                max_concurrency=self.max_concurrency,
+                runtime_env={"env_vars": self.server_env(device)},
+            )
+            .remote(
+                model_path=self.model_spec.path,
+                config={f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                server_id=self._server_address,
+                device=device,
+                rollout_dtype=getattr(self.config, "dtype", None),
+            )
         )
-        await handle.ready.remote()
+
+    def serve_with(self, handle: Any) -> None:
+        """Make ``handle`` (a started, loaded server actor) the one this replica exposes."""
         self._server_handle = handle
         self.servers = [handle]
+
+    async def launch_servers(self) -> None:
+        """Start the server actor, wait until its model is loaded, and expose it to ``LLMServerManager``."""
+        handle = self.start_server()
+        await handle.ready.remote()
+        self.serve_with(handle)
 
 
 def _model_path(model_config: Any, backend: str) -> str:
