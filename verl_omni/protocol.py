@@ -3,7 +3,7 @@
 A replica answers a group of requests with a :class:`SampleGroup`: one :class:`Sample` per request, whose field
 names are the batch keys the trainer reads, and the group's model conditioning once per distinct text (the
 copies of a GRPO group share one prompt, and usually one negative prompt), each sample naming its entries by key.
-The agent-loop worker stacks samples into a ``DataProto`` (:func:`to_data_proto`): per-sample tensors in the
+The agent-loop worker stacks samples into a ``DataProto`` (:func:`stack_samples`): per-sample tensors in the
 batch, the conditioning table in ``meta_info[CONDITIONING]`` with a row index per sample; a training rank gets
 its own rows and the entries they use (:func:`shard`), and expands them only when a step needs them.
 
@@ -248,12 +248,14 @@ def compact(data: Any) -> Any:
 
 
 def shard(data: Any, world_size: int) -> list[Any]:
-    """``world_size`` shards of a training batch: rank ``r`` gets rows ``r, r + W, ...`` and only the
-    conditioning entries they use. Equal row counts per rank are the caller's to ensure (the trainer tops up)."""
+    """``world_size`` shards of a training batch: rank ``r`` gets the ``r``-th contiguous block of rows and only the
+    conditioning entries they use. A rollout batch holds a group's copies side by side, so a block needs few
+    entries. Equal row counts per rank are the caller's to ensure (the trainer tops up)."""
     n = len(data)
     if n % world_size:
         raise ValueError(f"a training batch of {n} rows cannot be split evenly over {world_size} ranks")
-    return [compact(data.select_idxs(np.arange(rank, n, world_size))) for rank in range(world_size)]
+    size = n // world_size
+    return [compact(data.select_idxs(np.arange(r * size, (r + 1) * size))) for r in range(world_size)]
 
 
 def expand(table: Sequence[Conditioning], index: torch.Tensor) -> Conditioning | None:

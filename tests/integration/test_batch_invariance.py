@@ -30,9 +30,10 @@ CHUNK = 4
 
 
 def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[str, int]]]) -> list[list[Any]]:
-    """One engine; each run is one fused batch of (prompt, seed) requests. Returns the DiffusionOutputs."""
+    """One engine; each run is one fused batch of (prompt, seed) requests. Returns each run's SampleGroup."""
+    from verl_omni.protocol import Request
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-    from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest
+    from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
     cfg = DiffusionRolloutConfig.from_config(config)
@@ -41,7 +42,7 @@ def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[
     outputs = []
     for run in runs:
         requests = [
-            EngineRequest(f"r{i}", prompt, resolve_sampling_params({"seed": seed}, cfg, engine.spec))
+            Request(f"r{i}", prompt, resolve_sampling_params({"seed": seed}, cfg, engine.spec))
             for i, (prompt, seed) in enumerate(run)
         ]
         outputs.append(engine.run_batch(requests))
@@ -67,33 +68,28 @@ def test_one_sample_alone_in_a_full_batch_and_in_a_ragged_batch_has_the_same_bit
     ]
     results = _remote_engine_runs(tiny_model_path, runs)
     found = [
-        next(o for o, request in zip(outs, run, strict=True) if request == target)
-        for outs, run in zip(results, runs, strict=True)
+        next((o, group.conditioning) for o, request in zip(group.samples, run, strict=True) if request == target)
+        for group, run in zip(results, runs, strict=True)
     ]
-    assert [o.extra_fields["batch_size"] for o in found] == [1, 4, 3, 6]
-    alone = found[0]
+    assert [o.extra_fields["batch_size"] for o, _ in found] == [1, 4, 3, 6]
+    alone, alone_table = found[0]
     assert alone.log_probs.shape == (4,) and alone.image.dtype == torch.uint8
-    for other in found[1:]:
-        for field in ("image", "latents", "next_latents", "log_probs", "prompt_embeds", "negative_prompt_embeds"):
+    for other, table in found[1:]:
+        for field in ("image", "latents", "sigmas", "log_probs"):
             assert torch.equal(getattr(other, field), getattr(alone, field)), (other.extra_fields["batch_size"], field)
+        for key in (other.conditioning, other.negative_conditioning):  # the prompt's and the CFG negative's
+            for name, tensor in table[key].items():
+                assert torch.equal(tensor, alone_table[key][name]), (other.extra_fields["batch_size"], key, name)
 
 
-def _train_batch(outputs: list[Any]) -> DataProto:
-    """The trainer's update batch from rollout outputs, as the agent loop and trainer assemble it."""
-    fields = {
-        "latents": "latents",
-        "next_latents": "next_latents",
-        "sigmas": "sigmas",
-        "sigmas_next": "sigmas_next",
-        "old_log_probs": "log_probs",
-        "prompt_embeds": "prompt_embeds",
-        "pooled_prompt_embeds": "pooled_prompt_embeds",
-        "negative_prompt_embeds": "negative_prompt_embeds",
-        "negative_pooled_prompt_embeds": "negative_pooled_prompt_embeds",
-    }
-    tensors = {key: torch.stack([getattr(o, name) for o in outputs]) for key, name in fields.items()}
-    tensors["advantages"] = torch.linspace(-1.0, 1.0, len(outputs))
-    return DataProto.from_dict(tensors=tensors)
+def _train_batch(groups: list[Any]) -> DataProto:
+    """The trainer's update batch from rollout groups, as the agent loop and trainer assemble it."""
+    from verl_omni.protocol import CONDITIONING, TRAIN_KEYS, stack_samples
+
+    samples = [s for g in groups for s in g.samples]
+    tensors, table = stack_samples(samples, [g.conditioning for g in groups for _ in g.samples])
+    tensors["advantages"] = torch.linspace(-1.0, 1.0, len(samples))
+    return DataProto.from_dict(tensors={k: tensors[k] for k in TRAIN_KEYS}, meta_info={CONDITIONING: table})
 
 
 def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_model_path):
@@ -103,7 +99,7 @@ def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_m
     The replica runs 3 threads and the trainer 1 (measured: 3 threads change the transformer's bits); the
     actor recomputes with the replicas' count."""
     runs = [[(f"prompt {i % 2}", i) for i in range(6)], [("prompt 1", 6), ("prompt 0", 7)]]
-    outputs = [o for run in _remote_engine_runs(tiny_model_path, runs, cpu_threads=3) for o in run]
+    groups = _remote_engine_runs(tiny_model_path, runs, cpu_threads=3)
     cfg = compose_recipe(
         f"actor_rollout_ref.model.path={tiny_model_path}",
         *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
@@ -125,7 +121,7 @@ def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_m
     )
     try:
         group.init_model()
-        (metrics,) = group.update_policy(_train_batch(outputs))
+        (metrics,) = group.update_policy(_train_batch(groups))
     finally:
         for worker in group.workers:
             ray.kill(worker)

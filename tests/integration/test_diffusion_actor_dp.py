@@ -13,27 +13,42 @@ from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, Ra
 
 from recipes.flowgrpo.config_compose import compose_recipe
 from verl_omni.pipelines.sd3.sampling import compute_log_prob
+from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand
 from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env, load_transformer
 
 pytestmark = pytest.mark.integration
 
 
 def _batch(model_path: str, n: int = 8, steps: int = 2) -> DataProto:
-    """Random stored transitions with on-policy old log-probs (recomputed by the initial transformer)."""
+    """Random stored transitions with on-policy old log-probs (recomputed by the initial transformer); the copies of
+    a prompt (2 each) share one conditioning entry, as a rollout batch holds them."""
     transformer = load_transformer(model_path)
     cfg = transformer.config
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(n, steps, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
-    next_latents = latents + 0.1 * torch.randn(latents.shape, generator=gen)
-    sigmas = torch.tensor([0.9, 0.6]).repeat(n, 1)
-    sigmas_next = torch.tensor([0.6, 0.3]).repeat(n, 1)
-    embeds = torch.randn(n, 8, cfg.joint_attention_dim, generator=gen)
-    pooled = torch.randn(n, cfg.pooled_projection_dim, generator=gen)
+    start = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    chain = [start]
+    for _ in range(steps):
+        chain.append(chain[-1] + 0.1 * torch.randn(start.shape, generator=gen))
+    latents = torch.stack(chain, dim=1)  # (n, steps + 1, ...): step t moves latents[:, t] to latents[:, t + 1]
+    sigmas = torch.tensor([0.9, 0.6, 0.3]).repeat(n, 1)
+    table = [
+        {
+            "prompt_embeds": torch.randn(8, cfg.joint_attention_dim, generator=gen),
+            "pooled_prompt_embeds": torch.randn(cfg.pooled_projection_dim, generator=gen),
+        }
+        for _ in range(n // 2)
+    ]
+    index = torch.arange(n) // 2
     with torch.no_grad():
         old = torch.stack(
             [
                 compute_log_prob(
-                    transformer, latents[:, t], next_latents[:, t], sigmas[:, t], sigmas_next[:, t], embeds, pooled
+                    transformer,
+                    latents[:, t],
+                    latents[:, t + 1],
+                    sigmas[:, t],
+                    sigmas[:, t + 1],
+                    expand(table, index),
                 )[0]
                 for t in range(steps)
             ],
@@ -43,14 +58,13 @@ def _batch(model_path: str, n: int = 8, steps: int = 2) -> DataProto:
     return DataProto.from_dict(
         tensors={
             "latents": latents,
-            "next_latents": next_latents,
             "sigmas": sigmas,
-            "sigmas_next": sigmas_next,
-            "old_log_probs": old,
+            "log_probs": old,
             "advantages": advantages,
-            "prompt_embeds": embeds,
-            "pooled_prompt_embeds": pooled,
-        }
+            CONDITIONING_INDEX: index,
+            NEGATIVE_CONDITIONING_INDEX: torch.full((n,), -1),
+        },
+        meta_info={CONDITIONING: table},
     )
 
 

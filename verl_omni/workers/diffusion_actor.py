@@ -2,8 +2,8 @@
 
 A verl single-controller ``Worker`` so it runs in a ``RayWorkerGroup`` like verl's actors: one
 CPU process here, one process per GPU otherwise. With several ranks the transformer is sharded
-with FSDP2 (``fully_shard``, through verl's ``apply_fsdp2``), each rank takes a strided shard of
-the batch, and gradients are averaged by FSDP's reduce-scatter (data parallel).
+with FSDP2 (``fully_shard``, through verl's ``apply_fsdp2``), each rank receives only its block of the
+batch (and the conditioning entries it uses), and gradients are averaged by FSDP's reduce-scatter (data parallel).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.ema import EMAWeights
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
+from verl_omni.workers.rollout.backends import pipeline_class
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
-    """Load a diffusers pipeline's ``transformer`` with ``from_pretrained``, whatever its class; and the pipeline
-    class (``model_index.json``'s ``_class_name``), which names the model family."""
+def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a diffusers pipeline's ``transformer`` with ``from_pretrained``, whatever its class."""
     index_file = Path(model_path) / "model_index.json"
     if not index_file.is_file():
         raise ValueError(
@@ -59,12 +59,12 @@ def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> tup
 
     library, class_name = index["transformer"]
     cls = getattr(diffusers, class_name)
-    return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype), index.get("_class_name")
+    return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype)
 
 
 def dispatch_rank_shards(worker_group: Any, data: DataProto, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-    """verl dispatch: rank ``r`` receives rows ``r, r + W, ...`` of the training batch and only the conditioning
-    entries those rows use (:func:`~verl_omni.protocol.shard`), not the whole batch."""
+    """verl dispatch: rank ``r`` receives its block of the training batch's rows and only the conditioning entries
+    those rows use (:func:`~verl_omni.protocol.shard`), not the whole batch."""
     shards = shard(data, worker_group.world_size)
     return (shards, *([a] * worker_group.world_size for a in args)), {
         k: [v] * worker_group.world_size for k, v in kwargs.items()
@@ -120,9 +120,9 @@ class DiffusionActorWorker(Worker):
         # Same seed on every rank: LoRA initialisation is identical, so sharding needs no broadcast.
         torch.manual_seed(int(cfg.trainer.seed))
 
-        self.model, pipeline_class = load_transformer(model_cfg.path)
+        self.model = load_transformer(model_cfg.path)
         # the model family's log-prob of stored transitions: the same velocity and SDE step its rollout samples with
-        self.compute_log_prob = load_trainer_binding(pipeline_class)
+        self.compute_log_prob = load_trainer_binding(pipeline_class(model_cfg.path))
         # The rollout's bf16 copy (from_pretrained) has bf16 buffers too; FSDP2 casts only parameters.
         self.compute_dtype = torch_dtype(self.fsdp.param_dtype)
         cast_floating_buffers(self.model, self.compute_dtype)
