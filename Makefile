@@ -57,7 +57,7 @@ test-vllm-omni: $(VO_STAMP)
 
 # Apply patches/series to a temporary copy of the installed verl and import it (never site-packages).
 patches-check: $(STAMP)
-	$(PY) -m verl_omni.patches check
+	$(PY) patches/check.py
 
 # Does the vllm-omni extra resolve with the pinned verl and torch (Linux x86-64)? Resolves only: installs nothing.
 # Not part of `make test`: on a fresh pip cache it downloads several GB of wheels to read their metadata.
