@@ -64,7 +64,8 @@ def tiny_shapes() -> Shapes:
     from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
-    config = DiffusionRolloutConfig.from_config({"num_inference_steps": 8, "guidance_scale": 1.0, "height": 64, "width": 64})
+    demo = {"num_inference_steps": 8, "guidance_scale": 1.0, "height": 64, "width": 64}
+    config = DiffusionRolloutConfig.from_config(demo)
     engine = DiffusersEngine(str(ensure_tiny_sd3(tempfile.mkdtemp(prefix="data_plane_bench_"))), config)
     group = engine.run_batch([Request("r", "a red cube", resolve_sampling_params({"seed": 0}, config, engine.spec))])
     sample = group.samples[0]

@@ -23,38 +23,38 @@ CHUNK = 4
 TRAINED_STEPS = 9  # int(10 x timestep_fraction 0.99): the sigma -> 0 step is sampled, not trained
 
 
-def _rollout(model: str, samples: int) -> list[Any]:
+def _rollout(model: str, samples: int) -> Any:
     """``samples`` bf16 samples of two prompts from one engine (run inside a Ray task with the replica's env)."""
     import torch
 
+    from verl_omni.protocol import Request
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-    from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest
+    from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
     cfg = DiffusionRolloutConfig.from_config({**SAMPLING, "chunk_size": CHUNK, "dtype": "bfloat16"})
     torch.set_num_threads(cfg.cpu_threads)
     engine = DiffusersEngine(model, cfg, dtype=torch.bfloat16)
     requests = [
-        EngineRequest(
-            f"r{i}", f"a {'red' if i % 2 else 'blue'} cube", resolve_sampling_params({"seed": i}, cfg, engine.spec)
-        )
+        Request(f"r{i}", f"a {'red' if i % 2 else 'blue'} cube", resolve_sampling_params({"seed": i}, cfg, engine.spec))
         for i in range(samples)
     ]
     return engine.run_batch(requests)
 
 
-def _train_batch(outputs: list[Any]) -> Any:
-    """The update batch the trainer builds from rollout outputs (trained steps only, spread advantages)."""
+def _train_batch(group: Any) -> Any:
+    """The update batch the trainer builds from a rollout group (trained steps only, spread advantages)."""
     import torch
     from verl.protocol import DataProto
 
-    per_step = {"latents": "latents", "next_latents": "next_latents", "sigmas": "sigmas", "sigmas_next": "sigmas_next"}
-    per_step["old_log_probs"] = "log_probs"
-    tensors = {k: torch.stack([getattr(o, f) for o in outputs])[:, :TRAINED_STEPS] for k, f in per_step.items()}
-    for key in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"):
-        tensors[key] = torch.stack([getattr(o, key) for o in outputs])
-    tensors["advantages"] = torch.linspace(-1.0, 1.0, len(outputs))
-    return DataProto.from_dict(tensors=tensors)
+    from verl_omni.protocol import CONDITIONING, TRAIN_KEYS, stack_samples
+
+    tensors, table = stack_samples(group.samples, [group.conditioning] * len(group.samples))
+    tensors["log_probs"] = tensors["log_probs"][:, :TRAINED_STEPS]
+    for key in ("latents", "sigmas"):  # step t moves latents[:, t] to latents[:, t + 1]
+        tensors[key] = tensors[key][:, : TRAINED_STEPS + 1]
+    tensors["advantages"] = torch.linspace(-1.0, 1.0, len(group.samples))
+    return DataProto.from_dict(tensors={k: tensors[k] for k in TRAIN_KEYS}, meta_info={CONDITIONING: table})
 
 
 def _actor_group(model: str, samples: int, recompute: bool, name: str) -> Any:

@@ -55,10 +55,11 @@ from recipes.flowgrpo.data import prompt_uid
 from verl_omni.agent_loop import OmniAgentLoopManager
 from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob, standard_normal
 from verl_omni.pipelines.sd3.conditioning import predict_velocity
+from verl_omni.protocol import Request
 from verl_omni.utils.arrays import object_column
 from verl_omni.utils.batch_invariant import map_chunks, onednn
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, EngineRequest
+from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
 from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
@@ -367,7 +368,9 @@ def _cost_mix(model_path: str, cfg: DiffusionRolloutConfig, batch_sizes: list[in
                 )  # fmt: skip
 
             def chunk_step(x: torch.Tensor, e: Any, p: Any, ne: Any, npo: Any, z: torch.Tensor) -> torch.Tensor:
-                v = predict_velocity(engine.transformer, x, sigmas[0], e, p, ne, npo, params.guidance_scale)
+                cond = {"prompt_embeds": e, "pooled_prompt_embeds": p}
+                negative = None if ne is None else {"prompt_embeds": ne, "pooled_prompt_embeds": npo}
+                v = predict_velocity(engine.transformer, x, sigmas[0], cond, negative, params.guidance_scale)
                 return sde_step_with_logprob(v, x, sigmas[0], sigmas[1], params.noise_level, noise=z).log_prob
 
             def step(x: torch.Tensor = x, e: Any = embeds, p: Any = pooled, n: Any = neg, g: Any = gens) -> None:
@@ -377,7 +380,7 @@ def _cost_mix(model_path: str, cfg: DiffusionRolloutConfig, batch_sizes: list[in
 
             def generate(b: int = b) -> None:  # b copies of one new prompt: one group, as affinity batches it
                 prompt = f"cost mix prompt {next(counter)}"
-                engine.run_batch([EngineRequest(f"r{i}", prompt, params) for i in range(b)])
+                engine.run_batch([Request(f"r{i}", prompt, params) for i in range(b)])
 
             seconds["text_encode"][b] = timed(encode)
             seconds["denoise_step"][b] = timed(step)

@@ -100,9 +100,19 @@ class _Ranks:
 def _rollout(n: int, steps: int = 3):
     from verl.protocol import DataProto
 
-    keys = ("latents", "next_latents", "sigmas", "sigmas_next", "old_log_probs")
-    per_step = {k: torch.arange(n * steps, dtype=torch.float32).view(n, steps) for k in keys}
-    return DataProto.from_dict(tensors={**per_step, "advantages": torch.zeros(n)})
+    from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX
+
+    # latents and sigmas hold steps + 1 values (before each step, then after the last); log_probs one per step
+    chain = {k: torch.arange(n * (steps + 1), dtype=torch.float32).view(n, steps + 1) for k in ("latents", "sigmas")}
+    tensors = {
+        **chain,
+        "log_probs": torch.arange(n * steps, dtype=torch.float32).view(n, steps),
+        "advantages": torch.zeros(n),
+        CONDITIONING_INDEX: torch.arange(n) // 3,  # a group of 3 copies shares its prompt's entry
+        NEGATIVE_CONDITIONING_INDEX: torch.full((n,), -1),
+    }
+    table = [{"embeds": torch.full((2,), float(i))} for i in range((n + 2) // 3)]
+    return DataProto.from_dict(tensors=tensors, meta_info={CONDITIONING: table})
 
 
 @pytest.mark.parametrize(
@@ -120,9 +130,15 @@ def test_training_batch_keeps_nonzero_advantages_and_tops_up_to_the_ranks(world_
     batch, kept_fraction = trainer._training_batch(_rollout(9), rewards, uids)
     assert kept_fraction == pytest.approx(4 / 9)  # the share with a nonzero advantage, before any top-up
     assert len(batch) % world_size == 0
-    # the rows kept, read back from the per-step tensor (row i starts at i * steps), cut to the trained steps
-    assert (batch.batch["sigmas"][:, 0] / 3).long().tolist() == expected_rows
-    assert batch.batch["sigmas"].shape[1] == 2
+    # the rows kept, read back from the per-step tensor (row i starts at i * (steps + 1)), cut to the trained steps
+    assert (batch.batch["sigmas"][:, 0] / 4).long().tolist() == expected_rows
+    assert batch.batch["sigmas"].shape[1] == 3 and batch.batch["log_probs"].shape[1] == 2
+    # only the conditioning entries the kept rows use travel on, re-indexed
+    table = batch.meta_info["conditioning"]
+    kept_groups = sorted({r // 3 for r in expected_rows})
+    assert [int(e["embeds"][0]) for e in table] == kept_groups
+    for row, index in zip(expected_rows, batch.batch["conditioning_index"].tolist(), strict=True):
+        assert int(table[index]["embeds"][0]) == row // 3
 
 
 def test_training_batch_is_none_when_every_advantage_is_zero() -> None:

@@ -55,7 +55,7 @@ def _batch(step: int = 0, prompts: int = PROMPTS) -> DataProto:
 
 def _by_request(out: DataProto) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     ids = out.non_tensor_batch["request_id"]
-    return {rid: (out.batch["images"][i], out.batch["old_log_probs"][i]) for i, rid in enumerate(ids)}
+    return {rid: (out.batch["image"][i], out.batch["log_probs"][i]) for i, rid in enumerate(ids)}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_uid_reaches_balancer_affinity_colocates_groups(two_replicas, tiny_model
     served = out.non_tensor_batch["rollout_server"]
     for uid in set(out.non_tensor_batch["uid"]):
         assert len({s for s, u in zip(served, out.non_tensor_batch["uid"], strict=True) if u == uid}) == 1
-    assert out.batch["images"].dtype == torch.uint8 and out.batch["images"].shape[0] == PROMPTS * N
+    assert out.batch["image"].dtype == torch.uint8 and out.batch["image"].shape[0] == PROMPTS * N
     assert out.batch["rewards"].shape == (PROMPTS * N,)
 
     two_replicas.set_routing(policy="least_inflight")
@@ -130,7 +130,7 @@ def test_replica_removed_mid_run_loses_no_sample(two_replicas, tiny_model_path):
     ray.get(balancer.remove_servers.remote([servers[1]]))  # while the burst is in flight
     thread.join(timeout=300)
     out = result["out"]
-    assert out.batch["images"].shape[0] == PROMPTS * N  # every sample completed
+    assert out.batch["image"].shape[0] == PROMPTS * N  # every sample completed
     assert set(out.non_tensor_batch["rollout_server"]) <= set(servers)  # and says which replica served it
     after = loops.generate_sequences(_batch(step=6))
     assert set(after.non_tensor_batch["rollout_server"]) == {servers[0]}
@@ -200,7 +200,7 @@ def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_rep
     survivor = doomed.get_replicas()[0].server_address
     assert ray.get(balancer.get_all_servers.remote()) == [survivor]
     assert list(out.non_tensor_batch["request_id"]) == list(reference.non_tensor_batch["request_id"])
-    for key in ("images", "old_log_probs", "rewards"):  # every sample, and none changed by the resend
+    for key in ("image", "log_probs", "rewards"):  # every sample, and none changed by the resend
         assert torch.equal(out.batch[key], reference.batch[key]), key
     assert out.meta_info["metrics"]["rollout_routing/requests_resent"] > 0
     _shutdown(loops)
@@ -232,7 +232,7 @@ def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replic
     ray.kill(balancer, no_restart=False)  # the process dies; Ray restarts it from its creation arguments
     thread.join(timeout=300)
     out = result["out"]
-    for key in ("images", "old_log_probs", "rewards"):  # every sample, identical to the healthy run
+    for key in ("image", "log_probs", "rewards"):  # every sample, identical to the healthy run
         assert torch.equal(out.batch[key], reference.batch[key]), key
     status = ray.get(balancer.get_status.remote())  # the same handle reaches the restarted balancer
     assert sorted(status["registered_handles"]) == sorted(r.server_address for r in two_replicas.get_replicas())
@@ -245,7 +245,7 @@ def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replic
             break
         time.sleep(0.01)
     assert (status["total_inflight"], status["leases"]) == (0, 0), status["servers"]
-    assert loops.generate_sequences(_batch(step=12)).batch["images"].shape[0] == PROMPTS * N
+    assert loops.generate_sequences(_batch(step=12)).batch["image"].shape[0] == PROMPTS * N
     _shutdown(loops)
 
 
@@ -264,7 +264,7 @@ def test_agent_loop_worker_killed_mid_rollout_reruns_its_share_and_frees_its_loa
     thread.join(timeout=300)
     out = result["out"]
     assert list(out.non_tensor_batch["request_id"]) == list(reference.non_tensor_batch["request_id"])
-    for key in ("images", "old_log_probs", "rewards"):  # the killed worker's chunk was re-run: same samples
+    for key in ("image", "log_probs", "rewards"):  # the killed worker's chunk was re-run: same samples
         assert torch.equal(out.batch[key], reference.batch[key]), key
     for _ in range(200):  # the restarted worker freed what its lost run held; releases are fire-and-forget
         if ray.get(balancer.get_total_inflight.remote()) == 0:

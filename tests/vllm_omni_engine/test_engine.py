@@ -53,21 +53,34 @@ def request(i: int, seed: int, prompt: str = PROMPT) -> dict:
     return {"request_id": f"req-{i}", "prompt_ids": prompt, "sampling_params": {"seed": seed}}
 
 
-def recompute(transformer: torch.nn.Module, out, guidance_scale: float = 4.5) -> torch.Tensor:
+async def one(server, *args, **kwargs):
+    """``generate``'s one sample and its group's conditioning table (the server answers with a group of one)."""
+    group = await server.generate(*args, **kwargs)
+    assert len(group.samples) == 1
+    return group.samples[0], group.conditioning
+
+
+def recompute(transformer: torch.nn.Module, out, table, guidance_scale: float = 4.5) -> torch.Tensor:
     """The trainer's log-probs of one output's recorded transitions, in the actor's batch-invariant chunks."""
     steps = out.log_probs.shape[0]
+    names = ("prompt_embeds", "pooled_prompt_embeds")
 
-    def rows(x):
-        return None if x is None else x.unsqueeze(0).expand(steps, *x.shape).contiguous()
+    def rows(key):
+        entry = table.get(key) if key is not None else None
+        return [None] * 2 if entry is None else [entry[n].unsqueeze(0).expand(steps, *entry[n].shape) for n in names]
 
-    def call(*args):
-        return compute_log_prob(transformer, *args, guidance_scale=guidance_scale, noise_level=0.7)[0]
+    def call(latents, next_latents, sigmas, sigmas_next, pe, pp, npe, npp):
+        negative = None if npe is None else dict(zip(names, (npe, npp), strict=True))
+        cond = dict(zip(names, (pe, pp), strict=True))
+        log_prob = compute_log_prob(
+            transformer, latents, next_latents, sigmas, sigmas_next, cond, negative, guidance_scale, 0.7
+        )
+        return log_prob[0]
 
-    inputs = [out.latents, out.next_latents, out.sigmas, out.sigmas_next]
-    inputs += [rows(out.prompt_embeds), rows(out.pooled_prompt_embeds)]
-    inputs += [rows(out.negative_prompt_embeds), rows(out.negative_pooled_prompt_embeds)]
+    inputs = [out.latents[:-1], out.latents[1:], out.sigmas[:-1], out.sigmas[1:]]
+    inputs += rows(out.conditioning) + rows(out.negative_conditioning)
     with torch.no_grad():
-        return map_chunks(call, inputs, CONFIG["chunk_size"])
+        return map_chunks(call, [x if x is None else x.contiguous() for x in inputs], CONFIG["chunk_size"])
 
 
 def random_lora(transformer: torch.nn.Module, seed: int) -> dict:
@@ -92,47 +105,51 @@ async def test_the_cpu_platform_serves_the_custom_pipeline(server):
 
 
 async def test_same_seed_same_image_and_a_group_keeps_order(server):
-    first = await server.generate("a", PROMPT, {"seed": 7})
-    again = await server.generate("b", PROMPT, {"seed": 7})
-    other = await server.generate("c", PROMPT, {"seed": 8})
+    first, _ = await one(server, "a", PROMPT, {"seed": 7})
+    again, _ = await one(server, "b", PROMPT, {"seed": 7})
+    other, _ = await one(server, "c", PROMPT, {"seed": 8})
     assert first.image.shape == (3, 64, 64) and first.image.dtype == torch.uint8
     assert torch.equal(first.image, again.image) and torch.equal(first.log_probs, again.log_probs)
     assert not torch.equal(first.image, other.image)
-    group = await server.generate_group([request(i, seed) for i, seed in enumerate([8, 7, 9, 10])])
-    assert [o.extra_fields["request_id"] for o in group] == ["req-0", "req-1", "req-2", "req-3"]
+    returned = await server.generate_group([request(i, seed) for i, seed in enumerate([8, 7, 9, 10])])
+    group = returned.samples
+    assert [o.request_id for o in group] == ["req-0", "req-1", "req-2", "req-3"]
+    assert list(returned.conditioning) == [PROMPT, ""]  # the prompt and the CFG negative, once for the group
     assert [o.extra_fields["seed"] for o in group] == [8, 7, 9, 10]
     # Batch-invariant chunks: a sample is the same whether it ran alone or in a group.
     assert torch.equal(group[1].image, first.image) and torch.equal(group[0].latents, other.latents)
 
 
 async def test_every_trajectory_field_is_filled_and_recomputes_with_the_trainer(server, tiny_sd3):
-    outs = await server.generate_group([request(i, 100 + i) for i in range(4)])
+    group = await server.generate_group([request(i, 100 + i) for i in range(4)])
     transformer = load_transformer(str(tiny_sd3)).eval()
     worst = 0.0
-    for out in outs:
+    for out in group.samples:
         steps = out.log_probs.shape[0]
-        assert steps == 4 and out.latents.shape == out.next_latents.shape and out.latents.shape[::2] == (steps, 8)
-        assert torch.equal(out.latents[1:], out.next_latents[:-1])  # consecutive SDE steps
-        assert torch.equal(out.sigmas[1:], out.sigmas_next[:-1]) and torch.allclose(out.timesteps, out.sigmas * 1000)
-        assert out.negative_prompt_embeds is not None and out.negative_pooled_prompt_embeds is not None
+        # x and sigma before each of the 4 consecutive SDE steps, then after the last
+        assert steps == 4 and out.latents.shape[::2] == (steps + 1, 8) and out.sigmas.shape == (steps + 1,)
+        assert out.negative_conditioning == "" and set(group.conditioning[""]) == {
+            "prompt_embeds",
+            "pooled_prompt_embeds",
+        }
         assert out.extra_fields["sde_step_indices"] == [0, 1, 2, 3] and out.model_version == 0
-        worst = max(worst, (recompute(transformer, out) - out.log_probs).abs().max().item())
+        worst = max(worst, (recompute(transformer, out, group.conditioning) - out.log_probs).abs().max().item())
     print(f"max |trainer log-prob - vllm-omni log-prob| over 16 steps: {worst:.3g}")
     assert worst <= RECOMPUTE_ATOL
 
 
 async def test_lora_sync_samples_the_policy_the_adapter_defines(server, tiny_sd3):
-    base = await server.generate("base", PROMPT, {"seed": 3})
+    base, _ = await one(server, "base", PROMPT, {"seed": 3})
     transformer = load_transformer(str(tiny_sd3)).eval()
     lora_config = random_lora(transformer, seed=0)
     lora = get_peft_model_state_dict(transformer)
     assert await server.update_weights(lora_state_dict=lora, lora_config=lora_config, version=5) == 5
-    tuned = await server.generate("tuned", PROMPT, {"seed": 3})
+    tuned, tuned_table = await one(server, "tuned", PROMPT, {"seed": 3})
     assert tuned.model_version == 5 and not torch.equal(tuned.image, base.image)
     # The trainer's peft model with the adapter computes the engine's log-probs; the base model does not.
-    gap = (recompute(transformer, tuned) - tuned.log_probs).abs().max().item()
+    gap = (recompute(transformer, tuned, tuned_table) - tuned.log_probs).abs().max().item()
     transformer.disable_adapters()
-    base_gap = (recompute(transformer, tuned) - tuned.log_probs).abs().max().item()
+    base_gap = (recompute(transformer, tuned, tuned_table) - tuned.log_probs).abs().max().item()
     print(f"LoRA: max log-prob gap {gap:.3g} with the adapter, {base_gap:.3g} without")
     assert gap <= RECOMPUTE_ATOL < base_gap
 
@@ -140,7 +157,7 @@ async def test_lora_sync_samples_the_policy_the_adapter_defines(server, tiny_sd3
     reference = DiffusersRolloutServer(str(tiny_sd3), CONFIG, server_id="diffusers-0", device="cpu")
     try:
         await reference.update_weights(lora_state_dict=lora, lora_config=lora_config, version=5)
-        same = await reference.generate("ref", PROMPT, {"seed": 3})
+        same, _ = await one(reference, "ref", PROMPT, {"seed": 3})
     finally:
         await reference.close()
     image_gap = (same.image.int() - tuned.image.int()).abs().max().item()
@@ -150,7 +167,7 @@ async def test_lora_sync_samples_the_policy_the_adapter_defines(server, tiny_sd3
     # A second update replaces the adapter (vllm-omni keeps one): back to the base policy with a zero adapter.
     zero = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in lora.items()}
     assert await server.update_weights(lora_state_dict=zero, lora_config=lora_config) == 6
-    again = await server.generate("zero", PROMPT, {"seed": 3})
+    again, _ = await one(server, "zero", PROMPT, {"seed": 3})
     assert (again.log_probs - base.log_probs).abs().max().item() <= RECOMPUTE_ATOL
     assert (await server.get_stats())["lora_adapter_id"] == 2
 
@@ -163,7 +180,7 @@ async def test_cpu_refuses_full_weights_and_logs_that_sleep_is_off(server, caplo
     assert "sleep mode is off on CPU" in caplog.text
     assert (await server.get_stats())["sleeping"] is False
     await server.wake_up()
-    assert (await server.generate("awake", PROMPT, {"seed": 1})).image.shape == (3, 64, 64)
+    assert (await one(server, "awake", PROMPT, {"seed": 1}))[0].image.shape == (3, 64, 64)
 
 
 async def test_a_failed_worker_call_raises_naming_the_replica_and_the_call(server):
@@ -192,7 +209,7 @@ async def test_abort_pauses_admission_rejects_and_resumes(server):
     done, _ = await asyncio.wait([waiting], timeout=1.0)
     assert not done and (await server.get_stats())["paused"] is True  # held while paused, on any machine
     await server.resume_generation()
-    assert (await waiting).extra_fields["request_id"] == "paused"
+    assert (await waiting).samples[0].request_id == "paused"
 
     # An in-flight request (many steps) is aborted in the engine; its caller gets an error, nothing hangs.
     long = asyncio.ensure_future(server.generate("long", PROMPT, {"seed": 2, "num_inference_steps": 400}))
@@ -204,13 +221,13 @@ async def test_abort_pauses_admission_rejects_and_resumes(server):
     with pytest.raises(RuntimeError, match="rejected"):
         await server.generate("rejected", PROMPT, {"seed": 2})
     await server.resume_generation()
-    assert (await server.generate("after", PROMPT, {"seed": 2})).image.shape == (3, 64, 64)
+    assert (await one(server, "after", PROMPT, {"seed": 2}))[0].image.shape == (3, 64, 64)
 
 
 async def test_ode_sampling_records_nothing(server):
-    out = await server.generate("ode", PROMPT, {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0})
+    out, table = await one(server, "ode", PROMPT, {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0})
     assert out.latents.shape[0] == 0 and out.log_probs.shape == (0,) and out.sigmas.shape == (0,)
-    assert out.prompt_embeds is None and out.image.shape == (3, 64, 64)
+    assert out.conditioning is None and table == {} and out.image.shape == (3, 64, 64)
 
 
 async def test_an_update_waits_for_the_request_in_flight_and_later_requests_wait_for_it(server):
@@ -221,8 +238,8 @@ async def test_an_update_waits_for_the_request_in_flight_and_later_requests_wait
     update = asyncio.ensure_future(server.update_weights(version=version + 10))
     await asyncio.sleep(0)  # the update holds admission from here on
     later = asyncio.ensure_future(server.generate("later", PROMPT, {"seed": 5}))
-    assert (await first).model_version == version  # weights change between requests, never during one
-    assert await update == version + 10 and (await later).model_version == version + 10
+    assert (await first).samples[0].model_version == version  # weights change between requests, never during one
+    assert await update == version + 10 and (await later).samples[0].model_version == version + 10
 
 
 def test_the_worker_extension_loads_transformer_weights_and_reports_what_it_skipped():
