@@ -26,7 +26,6 @@ from PIL import Image
 
 from verl_omni.pipelines.flow_match_sde import sample_sde_trajectory
 from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
-from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
 from verl_omni.pipelines.vllm_omni_protocol import (
     EXTRA_ARGS_KEY,
     LOAD_WEIGHTS_METHOD,
@@ -35,6 +34,7 @@ from verl_omni.pipelines.vllm_omni_protocol import (
     check_rpc_results,
     pack_trajectory,
 )
+from verl_omni.workers.rollout.backends import missing_vllm_omni_modules
 from verl_omni.workers.rollout.vllm_omni_server import (
     VllmOmniRolloutServer,
     engine_kwargs,
