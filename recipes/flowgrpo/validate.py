@@ -30,7 +30,6 @@ from recipes.flowgrpo.data import (
     load_prompts,
 )
 from recipes.flowgrpo.schema import RecipeConfig, parse_recipe_config
-from verl_omni.trainer.flowgrpo.rollout_batch import ROLLOUT_ROW_FIELDS
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ACTOR_PREFIX, ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.precision import precision_warning
@@ -251,6 +250,8 @@ def validate_recipe_config(
     prompts = load_prompts(cfg.data.get("train_files") or str(DEFAULT_PROMPTS_FILE), prompt_key, TRAIN_FILES_KEY)
     val_prompts = load_prompts(cfg.data.get("val_files") or str(DEFAULT_VAL_PROMPTS_FILE), prompt_key, VAL_FILES_KEY)
     routing, diffusion = rollout.server_routing, rollout.diffusion
+    from verl_omni.trainer.flowgrpo.rollout_batch import ROLLOUT_ROW_FIELDS  # numpy: off the schema errors' path
+
     if routing.routing_key_field not in ROLLOUT_ROW_FIELDS:
         raise ValueError(
             f"{ROUTING_CONFIG_PREFIX}.routing_key_field={routing.routing_key_field!r} is not a field of the "
