@@ -142,7 +142,8 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     # start-up waits on Ray placement: a progress line with Ray's free resources says whether it is one
     startup = Heartbeat(float(cfg.trainer.get("progress_interval_s", 60) or 0)).phase
     with startup("start-up: launching the rollout replicas", ray_free_resources):
-        server_manager = OmniLLMServerManager.create(cfg, routing=checked.config.rollout.server_routing)
+        rollout = checked.config.rollout
+        server_manager = OmniLLMServerManager.create(cfg, routing=rollout.server_routing, diffusion=rollout.diffusion)
     client = server_manager.get_client()
     with startup("start-up: launching the agent-loop workers", ray_free_resources):
         agent_loop_manager = OmniAgentLoopManager.create(cfg, client)

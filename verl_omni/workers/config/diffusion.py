@@ -14,6 +14,7 @@ from typing import Literal
 from verl_omni.workers.config.schema import ConfigError, Section, option, section
 
 DIFFUSION_CONFIG_PREFIX = "actor_rollout_ref.rollout.diffusion"
+_CHUNK_RANGE = "must be an integer in [1, max_num_seqs={max_num_seqs}]"
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -85,7 +86,7 @@ class DiffusionRolloutConfig(Section):
     ray_num_cpus: float = option(0.5, ge=0)
     cpu_threads: int = option(1, ge=1)
     batch_invariant: bool = True
-    chunk_size: int = 8
+    chunk_size: int = option(8, why=_CHUNK_RANGE)  # the range depends on max_num_seqs: checked in __post_init__
 
     def __post_init__(self) -> None:
         """The rules between fields. Checks that need the model (image size against the VAE, SDE window against
@@ -98,9 +99,7 @@ class DiffusionRolloutConfig(Section):
             except (TypeError, ValueError) as err:
                 raise ConfigError(str(err)) from None
         if not 1 <= self.chunk_size <= self.max_num_seqs:
-            raise ConfigError(
-                f"chunk_size={self.chunk_size!r} must be an integer in [1, max_num_seqs={self.max_num_seqs}]"
-            )
+            raise ConfigError(f"chunk_size={self.chunk_size!r} {_CHUNK_RANGE.format(max_num_seqs=self.max_num_seqs)}")
 
     @classmethod
     def sampling_keys(cls) -> tuple[str, ...]:

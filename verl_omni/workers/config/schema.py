@@ -42,8 +42,8 @@ class ConfigError(ValueError):
 
 def option(default: Any, *, why: str | None = None, note: str | None = None, sampling: bool = False, **rules: Any):
     """A field with its rules (pydantic's ``ge``, ``gt``, ``le``, ``lt``, ``pattern``...) and its message: ``why``
-    replaces the text derived from the type and rules (``{choices}`` is filled in), ``note`` is added in
-    parentheses. ``sampling`` marks a per-request sampling parameter."""
+    replaces the text derived from the type and rules (``{choices}`` and ``{<other field>}`` are filled in),
+    ``note`` is added in parentheses. ``sampling`` marks a per-request sampling parameter."""
     extra = {k: v for k, v in (("why", why), ("sampling", sampling)) if v}
     return Field(default, description=note, json_schema_extra=extra or None, **rules)
 
@@ -127,7 +127,8 @@ def _config_error(cls: type, err: ValidationError, given: dict[str, Any]) -> Con
     key = str(first["loc"][0])  # a list item's error is reported as its list's
     info = cls.__pydantic_fields__[key]
     shown = getattr(cls, "KEYS", {}).get(key, key)
-    return ConfigError(f"{shown}={given.get(key)!r}{_spaced(describe(info))}", cls.PREFIX)
+    values = {name: given.get(name, field.default) for name, field in cls.__pydantic_fields__.items()}
+    return ConfigError(f"{shown}={given.get(key)!r}{_spaced(describe(info, values))}", cls.PREFIX)
 
 
 def _spaced(why: str) -> str:
@@ -145,8 +146,8 @@ def _args(annotation: Any) -> tuple[Any, ...]:
     return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
 
 
-def describe(info: FieldInfo | None) -> str:
-    """What a field accepts, in words, from its declaration."""
+def describe(info: FieldInfo | None, values: dict[str, Any] | None = None) -> str:
+    """What a field accepts, in words, from its declaration; a ``why`` may name the section's other ``values``."""
     if info is None:
         return "is not valid"
     annotation = info.annotation
@@ -155,7 +156,7 @@ def describe(info: FieldInfo | None) -> str:
     choices = ", ".join(str(c) for c in get_args(base)) if get_origin(base) is Literal else ""
     why = (info.json_schema_extra or {}).get("why") if isinstance(info.json_schema_extra, dict) else None
     if why:
-        return why.format(choices=choices)
+        return why.format(choices=choices, **(values or {}))
     if choices:
         text = f"is not valid; valid choices: {choices}{', null' if nullable else ''}"
         return f"{text} ({info.description})" if info.description else text

@@ -22,6 +22,7 @@ from verl.utils.ray_utils import auto_await
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
 from verl_omni.protocol import Sample, SampleGroup
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.backends import register_rollout_backends
@@ -233,13 +234,17 @@ class OmniLLMServerManager(LLMServerManager):
         config: Any,
         *args: Any,
         routing: RolloutServerRoutingConfig | None = None,
+        diffusion: DiffusionRolloutConfig | None = None,
         load_balancer_cls: type | None = None,
         **kwargs: Any,
     ):
         rollout_config = config.actor_rollout_ref.rollout
         ensure_omni_rollout_target(rollout_config)
-        # the section the driver parsed (the recipe passes it); read from the config only without one
+        # The sections the driver parsed (the recipe passes them); without them they are read here, on the driver,
+        # so a bad value is named before any replica starts (a replica reads what verl's conversion parsed).
         self.routing_config = routing or RolloutServerRoutingConfig.from_config(rollout_config.get("server_routing"))
+        if diffusion is None:
+            DiffusionRolloutConfig.from_config(rollout_config.get("diffusion"))
         load_balancer_cls = load_balancer_cls or OmniRequestLoadBalancer
         if not callable(getattr(load_balancer_cls, "acquire_group", None)):
             raise TypeError(
