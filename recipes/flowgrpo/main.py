@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -32,6 +34,7 @@ from recipes.flowgrpo.validate import (
 )
 from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
+from verl_omni.utils.startup import StartupClock
 
 if TYPE_CHECKING:
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
@@ -114,16 +117,17 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         raise ConfigError(str(err)) from err
 
     import ray
-    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+    import verl.single_controller.ray  # noqa: F401  (loaded here: the training ranks start from a thread)
 
     from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
     from verl_omni.agent_loop import OmniAgentLoopManager
     from verl_omni.models.tiny_pretrain import ensure_pretrained_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
     from verl_omni.utils.heartbeat import Heartbeat, ray_free_resources
-    from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
+    from verl_omni.workers.diffusion_actor import DiffusionActorWorker  # noqa: F401  (as verl above)
     from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
+    clock = StartupClock()  # phases from the process's start, logged with the first step
     if cfg.actor_rollout_ref.model.get("path") is None:
         with open_dict(cfg):
             cfg.actor_rollout_ref.model.path = str(ensure_pretrained_tiny_sd3(TINY_MODEL_CACHE))
@@ -137,29 +141,26 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
 
     if not ray.is_initialized():
         # not joining a cluster: start our own, even when another Ray (a `ray start` or a test) runs on this machine
-        ray.init(**({} if _joins_cluster(cfg) else {"address": "local"}), **ray_init)
+        with clock.phase("ray"):
+            ray.init(**({} if _joins_cluster(cfg) else {"address": "local"}), **ray_init)
 
     # start-up waits on Ray placement: a progress line with Ray's free resources says whether it is one
     startup = Heartbeat(float(cfg.trainer.get("progress_interval_s", 60) or 0)).phase
-    with startup("start-up: launching the rollout replicas", ray_free_resources):
+    # One node: nothing to place, so the training ranks load beside the replicas (the thread only calls Ray: every
+    # module is loaded by now, as concurrent imports of transformers' lazy modules fail). Several nodes: the
+    # replicas are placed first, then the training ranks, where the nodes' sizes steer them (see
+    # docs/advanced_features/multinode.md).
+    beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-training-ranks")
+    training = beside.submit(_start_training_ranks, cfg, startup, clock) if len(cluster.nodes) == 1 else None
+    with startup("start-up: launching the rollout replicas", ray_free_resources), clock.phase("replicas"):
         rollout = checked.config.rollout
         server_manager = OmniLLMServerManager.create(cfg, routing=rollout.server_routing, diffusion=rollout.diffusion)
     client = server_manager.get_client()
-    with startup("start-up: launching the agent-loop workers", ray_free_resources):
+    with startup("start-up: launching the agent-loop workers", ray_free_resources), clock.phase("agent_loop_workers"):
         agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
 
-    use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
-    world = training_ranks_per_node(cfg.trainer, use_gpu)  # one placement group per entry, each on one node
-    pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
-    with startup("start-up: placing the training ranks and loading the model", ray_free_resources):
-        actor_wg = RayWorkerGroup(  # waits for the training placement group
-            resource_pool=pool,
-            ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
-            name_prefix="flowgrpo_actor",
-            device_name="cuda" if use_gpu else "cpu",
-            worker_env=actor_worker_env(cfg, use_gpu),
-        )
-        layout = actor_wg.init_model()[0]
+    actor_wg, layout = (training or beside.submit(_start_training_ranks, cfg, startup, clock)).result()
+    beside.shutdown()
     print(
         f"Actor: {layout['strategy']} over {layout['world_size']} rank(s) on {layout['device']}, "
         f"{layout['trainable_params'] / 1e6:.2f}M trainable parameters, {layout['local_trainable_params'] / 1e6:.2f}M "
@@ -173,7 +174,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         seed=int(cfg.trainer.seed),
         shuffle=bool(cfg.data.get("shuffle", True)),
     )
-    return FlowGRPOTrainer(
+    trainer = FlowGRPOTrainer(
         cfg,
         batcher=batcher,
         agent_loop_manager=agent_loop_manager,
@@ -188,6 +189,33 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
             seed=int(cfg.trainer.seed),
         ),
     )
+    trainer.startup = clock
+    return trainer
+
+
+def _start_training_ranks(cfg: DictConfig, startup: Callable[..., Any], clock: StartupClock) -> tuple[Any, dict]:
+    """Place the training ranks (verl's ``RayResourcePool``, one placement group per node) and load the model in
+    them; returns the worker group and rank 0's layout."""
+    import ray
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+    from verl_omni.utils.heartbeat import ray_free_resources
+    from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
+
+    use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
+    world = training_ranks_per_node(cfg.trainer, use_gpu)  # one placement group per entry, each on one node
+    pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
+    what = "start-up: placing the training ranks and loading the model"
+    with startup(what, ray_free_resources), clock.phase("training_ranks"):
+        actor_wg = RayWorkerGroup(  # waits for the training placement group
+            resource_pool=pool,
+            ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
+            name_prefix="flowgrpo_actor",
+            device_name="cuda" if use_gpu else "cpu",
+            worker_env=actor_worker_env(cfg, use_gpu),
+        )
+        layout = actor_wg.init_model()[0]
+    return actor_wg, layout
 
 
 register_config_resolvers()  # before Hydra composes: the search path names ${verl_config_dir:}

@@ -18,7 +18,6 @@ from omegaconf.errors import InterpolationResolutionError
 from recipes.flowgrpo.cluster_resources import (
     ClusterShape,
     check_cluster_resources,
-    cpu_ranks_per_node,
     local_gpu_count,
     training_ranks_per_node,
 )
@@ -205,20 +204,6 @@ def _transformer_module_names(model_path: str) -> list[str]:
     return [name for name, _ in model.named_modules()]
 
 
-def validate_rollout_backend(cfg: DictConfig, available_gpus: int | None) -> None:
-    """``actor_rollout_ref.rollout.name`` names a backend that is installed, has its GPUs and serves the model."""
-    from verl_omni.workers.rollout.backends import check_rollout_backend
-
-    model = cfg.actor_rollout_ref.model
-    lora_rank = model.get("lora_rank", 0)
-    check_rollout_backend(
-        cfg.actor_rollout_ref.rollout.get("name"),
-        model.get("path"),
-        available_gpus,
-        lora_rank=lora_rank if isinstance(lora_rank, int) and not isinstance(lora_rank, bool) else None,
-    )
-
-
 def num_rollout_replicas(cfg: DictConfig) -> int:
     """Replica count as verl's LLMServerManager computes it in standalone mode."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -269,7 +254,6 @@ def validate_recipe_config(
             "resume_mode=resume_path)"
         )
     _check_writable("trainer.default_local_dir", str(cfg.trainer.default_local_dir))
-    cpu_ranks_per_node(cfg.trainer)  # checked whether or not training uses GPUs
 
     model_path = recipe.actor_rollout_ref.model.path
     if model_path is not None and not (Path(model_path).expanduser() / "model_index.json").is_file():
@@ -283,7 +267,11 @@ def validate_recipe_config(
             raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' to train")
     if image_size_model is not None:  # before the checks below load torch
         validate_image_sizes(cfg, image_size_model)
-    validate_rollout_backend(cfg, available_gpus)
+    # the backend named is installed, has its GPUs and serves the model
+    from verl_omni.workers.rollout.backends import check_rollout_backend
+
+    model = recipe.actor_rollout_ref.model
+    check_rollout_backend(cfg.actor_rollout_ref.rollout.get("name"), model.path, available_gpus, model.lora_rank)
 
     train_on_gpu = int(cfg.trainer.n_gpus_per_node) > 0  # without GPUs this is refused below
     train_ranks = sum(training_ranks_per_node(cfg.trainer, train_on_gpu))
