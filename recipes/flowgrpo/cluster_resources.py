@@ -83,14 +83,8 @@ CPU_RANKS_KEY = "trainer.cpu_ranks_per_node"
 
 
 def cpu_ranks_per_node(trainer: Any) -> int:
-    """``trainer.cpu_ranks_per_node``, checked here so a bad value fails at startup, naming the key."""
-    value = trainer.get("cpu_ranks_per_node", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{CPU_RANKS_KEY}={value!r} is not valid; valid values: a positive integer (CPU training processes "
-            "per node, used when trainer.n_gpus_per_node is 0)"
-        )
-    return value
+    """``trainer.cpu_ranks_per_node`` (a positive integer, as the recipe's schema declares it)."""
+    return int(trainer.get("cpu_ranks_per_node", 1))
 
 
 def training_ranks_per_node(trainer: Any, use_gpu: bool) -> list[int]:

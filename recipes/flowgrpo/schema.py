@@ -58,6 +58,13 @@ class DataOptions(Section):
 class TrainerOptions(Section):
     total_training_steps: int = option(..., ge=1)
     nnodes: int = option(1, ge=1)
+    n_gpus_per_node: int = option(0, ge=0, note="training GPUs per node; 0 trains on CPU")
+    cpu_ranks_per_node: int = option(
+        1,
+        ge=1,
+        why="is not valid; valid values: a positive integer (CPU training processes per node, used when "
+        "trainer.n_gpus_per_node is 0)",
+    )
     seed: int | None = None
     test_freq: int = option(..., ge=-1, why=_frequency("validate"))
     val_before_train: bool = option(...)
