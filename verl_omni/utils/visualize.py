@@ -1,5 +1,5 @@
-"""PNG visualisations drawn with Pillow alone (no plotting dependency): sample grids and the reward curve
-(training reward per step, optionally with the validation reward)."""
+"""PNG visualisations: sample grids (Pillow) and the reward curve (matplotlib; training reward per step,
+optionally with the validation reward)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
-_AXIS = (90, 90, 90)
-_GRID = (225, 225, 225)
-_LINE = (31, 119, 180)
-_BAND = (31, 119, 180, 60)
-_VAL_LINE = (214, 39, 40)
+_LINE = "#1f77b4"  # matplotlib's first two default colours: train, then val
+_VAL_LINE = "#d62728"
+_GRID_GREY = "#e1e1e1"
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -106,25 +104,6 @@ def save_image_grid(
     return out
 
 
-def _nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
-    """Round tick values (1, 2 or 5 times a power of ten) covering ``[low, high]``."""
-    span = high - low
-    raw = span / max(target, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(low / step - 1e-9) * step
-    ticks = []
-    value = first
-    while value <= high + 1e-9 * step:
-        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
-        value += step
-    return ticks
-
-
-def _format_tick(value: float) -> str:
-    return f"{value:.4g}"
-
-
 def save_reward_curve(
     steps: Sequence[float],
     rewards_mean: Sequence[float],
@@ -134,7 +113,8 @@ def save_reward_curve(
     title: str = "reward mean per step",
     val_points: Sequence[tuple[float, float]] = (),
 ) -> Path:
-    """Plot the mean reward per step, with a +-std band when ``rewards_std`` is given, as a ``size`` PNG.
+    """Plot the mean reward per step, with a +-std band when ``rewards_std`` is given, as a ``size`` PNG
+    (matplotlib, off-screen: no display, no pyplot state shared between threads).
 
     ``val_points`` (step, validation reward mean) are drawn as a second, red line with a legend, on the same
     axes: the validation reward is the same reward on fixed prompts and seeds, so the two curves compare.
@@ -154,66 +134,24 @@ def save_reward_curve(
     if width < 200 or height < 150:
         raise ValueError(f"size must be at least (200, 150), got {size}")
 
-    lows = means if stds is None else [m - s for m, s in zip(means, stds, strict=True)]
-    highs = means if stds is None else [m + s for m, s in zip(means, stds, strict=True)]
-    y_low, y_high = min(lows + val_means), max(highs + val_means)
-    margin = (y_high - y_low) * 0.05 or max(abs(y_high) * 0.05, 1e-3)
-    y_low, y_high = y_low - margin, y_high + margin
-    x_low, x_high = min(steps + val_steps), max(steps + val_steps)
-    if x_high == x_low:
-        x_low, x_high = x_low - 1, x_high + 1
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    font = _font()
-    line_h = _line_height(font)
-    left, right, top, bottom = 64, width - 16, 12 + 2 * line_h, height - 2 * line_h - 12
-
-    def px(x: float) -> float:
-        return left + (x - x_low) / (x_high - x_low) * (right - left)
-
-    def py(y: float) -> float:
-        return bottom - (y - y_low) / (y_high - y_low) * (bottom - top)
-
-    canvas = Image.new("RGBA", size, _BACKGROUND + (255,))
-    draw = ImageDraw.Draw(canvas)
-    for tick in _nice_ticks(y_low, y_high, target=6):
-        y = py(tick)
-        draw.line([(left, y), (right, y)], fill=_GRID)
-        label = _format_tick(tick)
-        draw.text((left - 6 - font.getlength(label), y - line_h / 2), label, fill=_TEXT, font=font)
-    for tick in _nice_ticks(x_low, x_high, target=8):
-        x = px(tick)
-        draw.line([(x, bottom), (x, bottom + 4)], fill=_AXIS)
-        label = _format_tick(tick)
-        draw.text((x - font.getlength(label) / 2, bottom + 6), label, fill=_TEXT, font=font)
-
+    dpi = 100
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     if stds is not None:
-        band = Image.new("RGBA", size, (0, 0, 0, 0))
-        upper = [(px(x), py(y)) for x, y in zip(steps, highs, strict=True)]
-        lower = [(px(x), py(y)) for x, y in zip(steps, lows, strict=True)]
-        ImageDraw.Draw(band).polygon(upper + lower[::-1], fill=_BAND)
-        canvas = Image.alpha_composite(canvas, band)
-        draw = ImageDraw.Draw(canvas)
-    series = [(steps, means, _LINE, "train")]
+        lows = [m - s for m, s in zip(means, stds, strict=True)]
+        highs = [m + s for m, s in zip(means, stds, strict=True)]
+        axes.fill_between(steps, lows, highs, color=_LINE, alpha=0.25, linewidth=0)
+    axes.plot(steps, means, color=_LINE, marker="o", markersize=3, linewidth=2, label="train")
     if val_points:
-        series.append((val_steps, val_means, _VAL_LINE, "val"))
-    for xs, ys, color, _ in series:
-        points = [(px(x), py(y)) for x, y in zip(xs, ys, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for x, y in points:
-            draw.ellipse([(x - 2, y - 2), (x + 2, y + 2)], fill=color)
-    if val_points:
-        legend_y = top + 4
-        for _, _, color, label in series:
-            x = right - 8 - font.getlength(label)
-            draw.line([(x - 18, legend_y + line_h / 2), (x - 4, legend_y + line_h / 2)], fill=color, width=2)
-            draw.text((x, legend_y), label, fill=_TEXT, font=font)
-            legend_y += line_h
-
-    draw.rectangle([(left, top), (right, bottom)], outline=_AXIS)
-    draw.text(((left + right - font.getlength(title)) / 2, 6), title, fill=_TEXT, font=font)
-    draw.text(((left + right - font.getlength("step")) / 2, height - line_h - 6), "step", fill=_TEXT, font=font)
+        axes.plot(val_steps, val_means, color=_VAL_LINE, marker="o", markersize=3, linewidth=2, label="val")
+        axes.legend(loc="upper right", fontsize="small")
+    axes.set(title=title, xlabel="step")
+    axes.grid(True, color=_GRID_GREY, linewidth=0.8)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.convert("RGB").save(out, format="PNG")
+    figure.savefig(out, format="png", dpi=dpi)
     return out
