@@ -11,7 +11,7 @@ VO_VENV ?= .venv-vllm-omni
 VO_PY := $(VO_VENV)/bin/python
 VO_STAMP := $(VO_VENV)/.installed
 
-.PHONY: install demo test test-vllm-omni install-vllm-omni patches-check check-extras lint bench clean
+.PHONY: install demo test test-vllm-omni install-vllm-omni patches-check check-extras lint bench chaos clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,9 +65,11 @@ check-extras: $(PY)
 	set -o pipefail; $(PIP) install --dry-run --ignore-installed -e ".[vllm-omni]" \
 		| grep '^Would install' | tr ' ' '\n' | grep -E '^(verl|vllm|vllm-omni|torch|transformers|diffusers)-[0-9]'
 
-# SIGKILL a replica, the balancer and an agent-loop worker during a 12-step run; it must finish.
+# Short runs in which a replica, the balancer, an agent-loop worker or a replica during weight sync is SIGKILLed at
+# steps and times drawn from each seed; each run must finish with full groups and the undisturbed run's rewards.
+CHAOS_SEEDS ?= 0 1 2
 chaos: $(STAMP)
-	$(PY) -m recipes.flowgrpo.chaos
+	$(PY) -m recipes.flowgrpo.chaos --seeds $(CHAOS_SEEDS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.routing_bench

@@ -13,9 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+from process_tree import actor_pids, descends_from
 from recipe_runs import NO_VALIDATION, SMALL_RUN
-
-from recipes.flowgrpo.chaos import _descends_from, actor_pids
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 5
@@ -41,7 +40,7 @@ def _steps(metrics: Path) -> list[dict]:
 def _engine_processes(servers: list[int]) -> list[int]:
     """The server actors and every process under them (vllm-omni's stage and worker processes)."""
     under = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    return servers + [pid for pid in under if any(_descends_from(pid, s) for s in servers)]
+    return servers + [pid for pid in under if any(descends_from(pid, s) for s in servers)]
 
 
 def _alive(pid: int) -> bool:
