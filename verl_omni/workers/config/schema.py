@@ -40,7 +40,9 @@ class ConfigError(ValueError):
         return ConfigError(".".join(filter(None, [key, self.relative])), self.prefix, self.unknown)
 
 
-def option(default: Any, *, why: str | None = None, note: str | None = None, sampling: bool = False, **rules: Any):
+def option(
+    default: Any, *, why: str | None = None, note: str | None = None, sampling: bool = False, **rules: Any
+) -> Any:
     """A field with its rules (pydantic's ``ge``, ``gt``, ``le``, ``lt``, ``pattern``...) and its message: ``why``
     replaces the text derived from the type and rules (``{choices}`` and ``{<other field>}`` are filled in),
     ``note`` is added in parentheses. ``sampling`` marks a per-request sampling parameter."""
@@ -146,10 +148,8 @@ def _args(annotation: Any) -> tuple[Any, ...]:
     return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
 
 
-def describe(info: FieldInfo | None, values: dict[str, Any] | None = None) -> str:
+def describe(info: FieldInfo, values: dict[str, Any] | None = None) -> str:
     """What a field accepts, in words, from its declaration; a ``why`` may name the section's other ``values``."""
-    if info is None:
-        return "is not valid"
     annotation = info.annotation
     nullable = type(None) in _args(annotation)
     base = next((a for a in _args(annotation) if a is not type(None)), annotation)
