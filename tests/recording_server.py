@@ -26,6 +26,14 @@ class Output:
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Group:
+    """What the client reads of a ``generate_group`` answer (``verl_omni.protocol.SampleGroup``'s two fields)."""
+
+    samples: list[Output]
+    conditioning: dict[str, Any] = field(default_factory=dict)
+
+
 @ray.remote(num_cpus=0)
 class RecordingServer:
     """Accepts exactly the kwargs verl's client sends to a server; an unexpected kwarg raises.
@@ -55,8 +63,8 @@ class RecordingServer:
     async def generate_group(self, requests):
         self.calls.append({"group": [r["request_id"] for r in requests]})
         if self.gated:  # every copy held at once
-            return list(await asyncio.gather(*(self.generate(**r) for r in requests)))
-        return [await self.generate(**r) for r in requests]
+            return Group(list(await asyncio.gather(*(self.generate(**r) for r in requests))))
+        return Group([await self.generate(**r) for r in requests])
 
     def get_calls(self):
         return self.calls

@@ -67,7 +67,8 @@ async def test_routing_key_reaches_balancer_not_server_and_request_id_is_forward
     client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
 
     async def one(uid: str, copy: int):
-        return await client.generate(f"{uid}-req-{copy}", prompt_ids=[copy], sampling_params={}, routing_key=uid)
+        group = await client.generate(f"{uid}-req-{copy}", prompt_ids=[copy], sampling_params={}, routing_key=uid)
+        return group.samples[0]
 
     outs = await asyncio.gather(*[one(f"g{g}", c) for g in range(4) for c in range(4)])
     by_group: dict[str, set] = {}
@@ -137,9 +138,10 @@ async def test_manager_builds_balancer_with_configured_policy(ray_local, policy)
     client = manager.get_client()
     assert isinstance(client, OmniLLMServerClient)
 
-    outs = await asyncio.gather(
+    groups = await asyncio.gather(
         *[client.generate(f"r{i}", prompt_ids=[i], sampling_params={}, routing_key="g0") for i in range(6)]
     )
+    outs = [g.samples[0] for g in groups]
     servers = [o.extra_fields["server"] for o in outs]
     if policy == "prompt_uid_affinity":
         assert len(set(servers)) == 1  # one group, one replica
@@ -168,9 +170,10 @@ async def test_dead_replica_is_removed_and_requests_fail_over(ray_local):
     lb = _balancer({"alive": alive, "dead": dead}, policy="prompt_hash_sharding")
     client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
     ray.kill(dead)
-    outs = await asyncio.gather(
+    groups = await asyncio.gather(
         *[client.generate(f"r{i}", prompt_ids=[i], sampling_params={}, routing_key=f"g{i}") for i in range(12)]
     )
+    outs = [g.samples[0] for g in groups]
     assert {o.extra_fields["server"] for o in outs} == {"alive"}  # every sample completed
     assert sorted(o.extra_fields["request_id"] for o in outs) == sorted(f"r{i}" for i in range(12))
     assert await lb.get_all_servers.remote() == ["alive"]
@@ -229,7 +232,8 @@ async def test_group_is_one_acquire_one_server_call_one_release(ray_local):
     lb = _balancer(servers, policy="prompt_uid_affinity")
     client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
     groups = await asyncio.gather(*[client.generate_group(_group(f"g{g}", 4), routing_key=f"g{g}") for g in range(3)])
-    for g, outs in enumerate(groups):
+    for g, group in enumerate(groups):
+        outs = group.samples
         assert [o.extra_fields["request_id"] for o in outs] == [f"g{g}-req-{c}" for c in range(4)]  # in order
         assert len({o.extra_fields["server"] for o in outs}) == 1
         assert all(o.extra_fields["min_global_steps"] is None for o in outs)  # as verl's generate sets it
@@ -239,7 +243,7 @@ async def test_group_is_one_acquire_one_server_call_one_release(ray_local):
     assert (status["acquire_calls"], status["release_calls"]) == (3, 3)  # per group, not per copy
     assert status["acquires"] == status["releases"] == 12 and sum(status["served"].values()) == 12
     assert sorted(status["served"].values()) == [4, 8]  # whole groups; the third went to the less loaded
-    assert await client.generate_group([], routing_key="g") == []
+    assert (await client.generate_group([], routing_key="g")).samples == []
 
 
 async def test_group_holds_its_full_weight_while_in_flight(ray_local):
@@ -265,7 +269,8 @@ async def test_group_on_a_dead_replica_is_resent_whole(ray_local):
     ray.kill(dead)
     groups = await asyncio.gather(*[client.generate_group(_group(f"g{g}", 3), routing_key=f"g{g}") for g in range(4)])
     resent = 0
-    for g, outs in enumerate(groups):  # every sample of every group, in order, from the survivor
+    for g, group in enumerate(groups):  # every sample of every group, in order, from the survivor
+        outs = group.samples
         assert [o.extra_fields["request_id"] for o in outs] == [f"g{g}-req-{c}" for c in range(3)]
         assert {o.extra_fields["server"] for o in outs} == {"alive"}
         resent += sum(o.extra_fields["resent"] for o in outs)
@@ -289,7 +294,7 @@ async def test_a_split_group_is_one_acquire_one_call_per_replica_one_release(ray
     servers = {f"s{i}": RecordingServer.remote(f"s{i}") for i in range(2)}
     lb = _balancer(servers, policy=policy)
     client = OmniLLMServerClient(config=_client_config(), load_balancer_handle=lb)
-    outs = await client.generate_group(_group("g", 6), routing_key="g")
+    outs = (await client.generate_group(_group("g", 6), routing_key="g")).samples
     assert [o.extra_fields["request_id"] for o in outs] == [f"g-req-{c}" for c in range(6)]
     assert sorted(o.extra_fields["server"] for o in outs) == ["s0"] * 3 + ["s1"] * 3
     calls = [ray.get(s.get_calls.remote()) for s in servers.values()]

@@ -140,14 +140,17 @@ class SampleGroup(BaseModel):
             order = [(g, s) for g, group in enumerate(groups) for s in range(len(group.samples))]
         samples = []
         for g, s in order:
-            sample = groups[g].samples[s]
-            names = renamed[g]
-            update = {
-                "conditioning": names.get(sample.conditioning, sample.conditioning),
-                "negative_conditioning": names.get(sample.negative_conditioning, sample.negative_conditioning),
-            }
-            samples.append(sample.model_copy(update=update))
-        return cls(samples=samples, conditioning=table.by_key())
+            sample, names = groups[g].samples[s], renamed[g]
+            if names:  # a copy only where a key changed
+                sample = sample.model_copy(
+                    update={
+                        "conditioning": names.get(sample.conditioning, sample.conditioning),
+                        "negative_conditioning": names.get(sample.negative_conditioning, sample.negative_conditioning),
+                    }
+                )
+            samples.append(sample)
+        # the parts were validated when they were built: not again, tensor by tensor
+        return cls.model_construct(samples=samples, conditioning=table.by_key())
 
 
 class ConditioningTable:

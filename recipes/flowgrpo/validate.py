@@ -180,9 +180,9 @@ def validate_model_options(cfg: DictConfig, model_path: str) -> None:
 def validate_image_sizes(cfg: DictConfig, model_path: str) -> None:
     """Heights and widths the model's VAE and transformer take, read from its JSON configs (no torch, no weights),
     so this check answers as fast as the others."""
-    from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+    from verl_omni.workers.rollout.model_spec import ModelSpec
 
-    spec = DiffusersModelSpec.from_path(model_path)
+    spec = ModelSpec.from_path(model_path)
     rollout = cfg.actor_rollout_ref.rollout
     for section in ("diffusion", "diffusion_val"):
         for key in ("height", "width"):

@@ -103,8 +103,8 @@ async def test_balancer_killed_mid_burst_recovers_counts_and_pins(ray_local):
 
     for server in servers.values():
         await server.finish_all.remote()
-    outs = await asyncio.gather(*first, *second, *groups)
-    for key, one, two in zip(KEYS, outs[: len(KEYS)], outs[len(KEYS) : 2 * len(KEYS)], strict=True):
+    outs = [g.samples for g in await asyncio.gather(*first, *second, *groups)]
+    for key, (one,), (two,) in zip(KEYS, outs[: len(KEYS)], outs[len(KEYS) : 2 * len(KEYS)], strict=True):
         assert one.extra_fields["server"] == two.extra_fields["server"], f"{key}: copies split by the restart"
     for group in outs[2 * len(KEYS) :]:
         assert len({o.extra_fields["server"] for o in group}) == 1

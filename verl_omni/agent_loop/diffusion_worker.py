@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import warnings
 from typing import Any
 
 import hydra
@@ -22,6 +21,7 @@ from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.protocol import CONDITIONING, stack_samples
 from verl_omni.rewards.weighted import WeightedReward
 from verl_omni.utils.arrays import object_column
+from verl_omni.utils.ray_actor import restarted_actor
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,10 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         if self._adopted:
             return
         self._adopted = True
-        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        restarted = restarted_actor()
+        if restarted is None:
             return  # not a Ray actor (tests): no name to hold requests under
-        context = ray.get_runtime_context()
-        with warnings.catch_warnings():  # Ray's own property reads a deprecated attribute of itself
-            warnings.simplefilter("ignore", DeprecationWarning)
-            restarted = context.was_current_actor_reconstructed
-        freed = await self.llm_client.adopt(context.get_actor_name(), restarted)
+        freed = await self.llm_client.adopt(ray.get_runtime_context().get_actor_name(), restarted)
         if freed:
             logger.warning("agent-loop worker restarted: released %d requests its lost run held", freed)
 

@@ -19,7 +19,7 @@ class SD3DiffusersAdapter:
 
     Args:
         pipe: the loaded pipeline (on ``device``).
-        spec: the checkpoint's :class:`~verl_omni.workers.rollout.diffusers_model_spec.DiffusersModelSpec`.
+        spec: the checkpoint's :class:`~verl_omni.workers.rollout.model_spec.ModelSpec`.
         max_sequence_length: T5 tokens of the text conditioning.
     """
 

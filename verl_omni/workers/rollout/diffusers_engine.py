@@ -21,7 +21,7 @@ from verl_omni.protocol import Conditioning, Request, Sample, SampleGroup
 from verl_omni.utils.batch_invariant import mkl_is_strict, onednn
 from verl_omni.utils.containers import plain
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.model_spec import ModelSpec
 from verl_omni.workers.rollout.prompt_cache import PromptEmbeddingCache
 from verl_omni.workers.rollout.prompt_text import prompt_text
 
@@ -64,7 +64,7 @@ class DiffusersEngine:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
 
-        self.spec = DiffusersModelSpec.from_path(model_path, backend="diffusers")
+        self.spec = ModelSpec.from_path(model_path, backend="diffusers")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype

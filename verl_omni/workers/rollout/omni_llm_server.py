@@ -22,6 +22,7 @@ from verl.utils.ray_utils import auto_await
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
 from verl_omni.protocol import Sample, SampleGroup
+from verl_omni.utils.ray_actor import ACTOR_GONE
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.config.rollout import ensure_omni_rollout_target
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
@@ -36,9 +37,6 @@ register_rollout_backends()  # the manager below looks replicas up by rollout.na
 # Restarts of the balancer and agent-loop worker actors (bounded: a process that dies on start-up every time
 # must end the run, not loop).
 ACTOR_RESTARTS = 3
-
-# Errors that mean the replica itself is gone (not that the request was bad).
-_REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
 
 class OmniLLMServerClient(LLMServerClient):
@@ -128,7 +126,7 @@ class OmniLLMServerClient(LLMServerClient):
                 self._release(lease, placement)
             gone, retry = [], []
             for (server_id, _, copies), result in zip(placement, results, strict=True):
-                if isinstance(result, _REPLICA_GONE):
+                if isinstance(result, ACTOR_GONE):
                     gone.append(server_id)
                     retry += [pending[j] for j in copies]
                 elif isinstance(result, BaseException):
@@ -144,7 +142,7 @@ class OmniLLMServerClient(LLMServerClient):
                     raise RuntimeError(
                         f"group {routing_key or requests[0]['request_id']!r} met {failures} dead replicas "
                         f"(max_replica_failures={self.max_replica_failures}); last: {gone}"
-                    ) from next(r for r in results if isinstance(r, _REPLICA_GONE))
+                    ) from next(r for r in results if isinstance(r, ACTOR_GONE))
                 logger.warning("replica(s) %s gone; removing them and resending %d copies", gone, len(retry))
                 await self._load_balancer.remove_servers.remote(gone)
             pending = retry

@@ -17,10 +17,9 @@ from typing import Any
 
 import ray
 
-logger = logging.getLogger(__name__)
+from verl_omni.utils.ray_actor import ACTOR_GONE
 
-# Errors that mean a replica's server actor is gone (not that a request was bad).
-REPLICA_GONE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+logger = logging.getLogger(__name__)
 
 
 class RolloutReplicaPool:
@@ -76,7 +75,7 @@ class RolloutReplicaPool:
         for replica, future in pending:
             try:
                 ray.get(future)
-            except REPLICA_GONE as err:  # the client's failover already routes around it
+            except ACTOR_GONE as err:  # the client's failover already routes around it
                 logger.warning("rollout replica %s is gone (%s)", _address(replica), err)
                 if all(replica is not v for v in self.vacant):
                     self.vacant.append(replica)

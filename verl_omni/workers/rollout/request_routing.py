@@ -17,7 +17,6 @@ import random
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -386,16 +385,14 @@ class OmniRequestLoadBalancer:
         since; each would cost the first group placed on it a resend. So a restarted balancer asks every replica
         actor for Ray's built-in ``__ray_ready__`` and removes those Ray reports dead (a busy replica that does
         not answer within ``RESTART_PROBE_TIMEOUT_S`` is kept)."""
-        ray = sys.modules.get("ray")  # a Ray actor has imported Ray; in-process (simulator, tests) nothing to do
-        if ray is None or not ray.is_initialized():
+        if "ray" not in sys.modules:  # in-process (simulator, tests): Ray never loaded, nothing to recover
             return []
-        context = ray.get_runtime_context()
-        if context.get_actor_id() is None:
+        import ray
+
+        from verl_omni.utils.ray_actor import restarted_actor
+
+        if not restarted_actor():  # not an actor, or its first life
             return []
-        with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id` (Ray 2.5x)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            if not context.was_current_actor_reconstructed:
-                return []
         probes = {sid: h.__ray_ready__.remote() for sid, h in self._servers.items() if hasattr(h, "__ray_ready__")}
         ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=RESTART_PROBE_TIMEOUT_S)
         answered = set(ready)

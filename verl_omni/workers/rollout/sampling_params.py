@@ -15,7 +15,7 @@ from typing import Any
 from verl_omni.pipelines.flow_match_sde import resolve_sde_window
 from verl_omni.protocol import SAMPLING_FIELDS, SamplingParams
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.model_spec import ModelSpec
 
 _MAX_SEED = 2**63
 
@@ -29,7 +29,7 @@ def _number(name: str, value: Any, minimum: float) -> float:
 def resolve_sampling_params(
     sampling_params: Mapping[str, Any] | None,
     defaults: DiffusionRolloutConfig,
-    spec: DiffusersModelSpec,
+    spec: ModelSpec,
 ) -> SamplingParams:
     """Merge a request's ``sampling_params`` over the replica defaults and validate the result."""
     given = dict(sampling_params or {})

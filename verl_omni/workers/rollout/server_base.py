@@ -14,7 +14,7 @@ import torch
 
 from verl_omni.protocol import Request, SampleGroup
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.model_spec import ModelSpec
 from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
 
 
@@ -29,7 +29,7 @@ class RolloutServerBase:
     BACKEND = ""
     config: DiffusionRolloutConfig
     server_id: str
-    spec: DiffusersModelSpec
+    spec: ModelSpec
 
     def _init_counters(self) -> None:
         self._served = 0

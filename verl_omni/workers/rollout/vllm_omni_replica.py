@@ -8,11 +8,11 @@ resources otherwise, where the server runs vllm-omni on vLLM's CPU build).
 
 from __future__ import annotations
 
-from verl_omni.workers.rollout.diffusers_replica import DiffusersRolloutReplica
+from verl_omni.workers.rollout.replica_base import DiffusionRolloutReplica
 from verl_omni.workers.rollout.vllm_omni_server import BACKEND, VllmOmniRolloutServer
 
 
-class VllmOmniRolloutReplica(DiffusersRolloutReplica):
+class VllmOmniRolloutReplica(DiffusionRolloutReplica):
     """One vllm-omni rollout server (a Ray actor holding ``AsyncOmni``) per replica."""
 
     backend = BACKEND

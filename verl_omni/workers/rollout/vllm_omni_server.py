@@ -43,7 +43,7 @@ from verl_omni.protocol import Request, SampleGroup, SamplingParams
 from verl_omni.utils.containers import plain
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_engine import resolve_torch_dtype
-from verl_omni.workers.rollout.diffusers_model_spec import DiffusersModelSpec
+from verl_omni.workers.rollout.model_spec import ModelSpec
 from verl_omni.workers.rollout.prompt_text import prompt_text
 from verl_omni.workers.rollout.server_base import RolloutServerBase
 
@@ -173,7 +173,7 @@ class VllmOmniRolloutServer(RolloutServerBase):
         self.device = device
         self.config = DiffusionRolloutConfig.from_config(config)
         self.server_id = server_id
-        self.spec = DiffusersModelSpec.from_path(model_path, backend=BACKEND)
+        self.spec = ModelSpec.from_path(model_path, backend=BACKEND)
         self.max_sequence_length = self.config.max_sequence_length or self.spec.default_max_sequence_length()
         self.chunk_size = self.config.chunk_size if self.config.batch_invariant else None
         # One rule for both backends: ``auto`` is float32 on CPU (as the trainer computes there), the rollout's

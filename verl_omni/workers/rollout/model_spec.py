@@ -20,7 +20,7 @@ _SD3_T5_DEFAULT_MAX_SEQUENCE_LENGTH = 256
 
 
 @dataclass(frozen=True)
-class DiffusersModelSpec:
+class ModelSpec:
     """Static facts of a diffusers pipeline directory that bound valid requests."""
 
     path: str
@@ -69,7 +69,7 @@ class DiffusersModelSpec:
     @classmethod
     def from_path(
         cls, path: str | os.PathLike, key: str = "actor_rollout_ref.model.path", backend: str = "diffusers"
-    ) -> DiffusersModelSpec:
+    ) -> ModelSpec:
         """Read and validate a local diffusers pipeline directory that ``backend`` can serve; ``ValueError``
         naming ``key`` otherwise."""
         root = Path(os.path.expanduser(str(path))).resolve()  # actors may run in another working directory
