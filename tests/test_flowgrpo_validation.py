@@ -29,7 +29,7 @@ class FakeRollout:
         seeds = [row_seed(meta["seed"], meta["global_steps"], int(r)) for r in rows]
         return DataProto.from_dict(
             tensors={
-                "images": torch.zeros(len(batch), 3, 4, 4, dtype=torch.uint8),
+                "image": torch.zeros(len(batch), 3, 4, 4, dtype=torch.uint8),
                 "rewards": torch.tensor([s % 1000 / 100 for s in seeds]),
                 "model_version": torch.full((len(batch),), self.version),
             },

@@ -4,7 +4,6 @@ and is raised before Ray or any model starts."""
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import sys
@@ -196,8 +195,9 @@ def _transformer_module_names(model_path: str) -> list[str]:
     import diffusers
     import torch
 
-    index = json.loads((Path(model_path) / "model_index.json").read_text())
-    cls = getattr(diffusers, index["transformer"][1])
+    from verl_omni.workers.rollout.model_spec import read_model_index
+
+    cls = getattr(diffusers, read_model_index(model_path)["transformer"][1])
     config = cls.load_config(str(Path(model_path) / "transformer"))
     with torch.device("meta"):
         model = cls.from_config(config)
@@ -262,8 +262,9 @@ def validate_recipe_config(
             "(no model_index.json); use null for the built-in tiny model"
         )
     if model_path is not None:
-        index = json.loads((Path(model_path).expanduser() / "model_index.json").read_text())
-        if "transformer" not in index:
+        from verl_omni.workers.rollout.model_spec import read_model_index
+
+        if "transformer" not in read_model_index(model_path):
             raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' to train")
     if image_size_model is not None:  # before the checks below load torch
         validate_image_sizes(cfg, image_size_model)

@@ -9,10 +9,8 @@ batch (and the conditioning entries it uses), and gradients are averaged by FSDP
 from __future__ import annotations
 
 import copy
-import json
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,18 +39,14 @@ from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.ema import EMAWeights
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 from verl_omni.workers.rollout.backends import pipeline_class
+from verl_omni.workers.rollout.model_spec import read_model_index
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a diffusers pipeline's ``transformer`` with ``from_pretrained``, whatever its class."""
-    index_file = Path(model_path) / "model_index.json"
-    if not index_file.is_file():
-        raise ValueError(
-            f"actor_rollout_ref.model.path={model_path!r} is not a diffusers pipeline directory (no model_index.json)"
-        )
-    index = json.loads(index_file.read_text())
+    index = read_model_index(model_path)
     if "transformer" not in index:
         raise ValueError(f"actor_rollout_ref.model.path={model_path!r} has no 'transformer' component to train")
     import diffusers

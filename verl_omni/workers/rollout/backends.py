@@ -7,11 +7,10 @@ the key, the value and what to do, instead of inside a replica actor minutes lat
 from __future__ import annotations
 
 import importlib.util
-import json
 from importlib import metadata
-from pathlib import Path
 
 from verl_omni.pipelines.registry import adapter_path, check_backend_name
+from verl_omni.workers.rollout.model_spec import read_model_index
 
 BACKEND_KEY = "actor_rollout_ref.rollout.name"
 LORA_KEY = "actor_rollout_ref.model.lora_rank"
@@ -80,10 +79,9 @@ def check_rollout_backend(
 def pipeline_class(model_path: str) -> str | None:
     """``_class_name`` of a checkpoint's ``model_index.json`` (None when unreadable: other checks name that)."""
     try:
-        index = json.loads((Path(model_path).expanduser() / "model_index.json").read_text())
-    except (OSError, ValueError):
+        return read_model_index(model_path).get("_class_name")
+    except ValueError:
         return None
-    return index.get("_class_name") if isinstance(index, dict) else None
 
 
 def _load_diffusers_replica() -> type:

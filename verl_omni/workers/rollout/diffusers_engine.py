@@ -20,6 +20,7 @@ from verl_omni.pipelines.registry import load_adapter
 from verl_omni.protocol import Conditioning, Request, Sample, SampleGroup
 from verl_omni.utils.batch_invariant import mkl_is_strict, onednn
 from verl_omni.utils.containers import plain
+from verl_omni.utils.peft_names import without_peft_prefix
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.model_spec import ModelSpec
 from verl_omni.workers.rollout.prompt_cache import PromptEmbeddingCache
@@ -265,9 +266,8 @@ class DiffusersEngine:
             return
         if self._lora_config is None:
             raise ValueError("lora_state_dict given but no LoRA adapter is loaded: pass lora_config with it")
-        prefix = "base_model.model."
-        cleaned = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in lora_state_dict.items()}
-        result = set_peft_model_state_dict(self.transformer, cleaned, adapter_name=LORA_ADAPTER_NAME)
+        names = without_peft_prefix(lora_state_dict)
+        result = set_peft_model_state_dict(self.transformer, names, adapter_name=LORA_ADAPTER_NAME)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
             raise ValueError(f"lora_state_dict has key(s) the adapter does not: {unexpected[:5]}")

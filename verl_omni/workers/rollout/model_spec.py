@@ -75,13 +75,7 @@ class ModelSpec:
         root = Path(os.path.expanduser(str(path))).resolve()  # actors may run in another working directory
         if not root.is_dir():
             raise ValueError(f"{key}={str(path)!r} is not a directory: the {backend} backend needs a local pipeline")
-        index_file = root / "model_index.json"
-        if not index_file.is_file():
-            raise ValueError(
-                f"{key}={str(path)!r} is not a diffusers pipeline (no model_index.json); "
-                "build the tiny CPU model with `python -m verl_omni.models.tiny_sd3 --out DIR`"
-            )
-        index = _read_json(index_file, key, path)
+        index = read_model_index(root, key)
         pipeline_class = index.get("_class_name")
         adapter_path(pipeline_class, backend, key=f"{key}={str(path)!r}")  # raises for a model it has no pipeline for
         missing = [c for c in _REQUIRED_COMPONENTS if not _component_present(index, root, c)]
@@ -118,6 +112,21 @@ class ModelSpec:
 def _component_present(index: dict[str, Any], root: Path, name: str) -> bool:
     entry = index.get(name)
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and (root / name).is_dir()
+
+
+def read_model_index(path: str | os.PathLike, key: str = "actor_rollout_ref.model.path") -> dict[str, Any]:
+    """A diffusers pipeline directory's ``model_index.json`` (its pipeline class and components); ``ValueError``
+    naming ``key`` when there is none or it cannot be read. Every reader of a checkpoint's index goes through here."""
+    index_file = Path(os.path.expanduser(str(path))) / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(
+            f"{key}={str(path)!r} is not a diffusers pipeline (no model_index.json); "
+            "build the tiny CPU model with `python -m verl_omni.models.tiny_sd3 --out DIR`"
+        )
+    index = _read_json(index_file, key, path)
+    if not isinstance(index, dict):
+        raise ValueError(f"{key}={str(path)!r}: model_index.json is not a JSON object")
+    return index
 
 
 def _read_json(file: Path, key: str, path: Any) -> dict[str, Any]:

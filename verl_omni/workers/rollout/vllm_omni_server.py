@@ -41,6 +41,7 @@ from verl_omni.pipelines.vllm_omni_protocol import (
 )
 from verl_omni.protocol import Request, SampleGroup, SamplingParams
 from verl_omni.utils.containers import plain
+from verl_omni.utils.peft_names import with_peft_prefix
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_engine import resolve_torch_dtype
 from verl_omni.workers.rollout.model_spec import ModelSpec
@@ -52,7 +53,6 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 BACKEND = "vllm_omni"
 SLEEP_LEVEL = 1  # offload weights to host memory and keep them (level 2 would discard them)
-_PEFT_PREFIX = "base_model.model."
 EngineFactory = Callable[[str, dict[str, Any]], Any]
 DEVICES = ("cuda", "cpu")
 CPU_FULL_WEIGHTS = (
@@ -73,11 +73,6 @@ def engine_kwargs(pipeline_class: str, dtype: str, config: DiffusionRolloutConfi
         "request_batch_max_wait_ms": float(config.admission_window_ms),
         "max_num_seqs": int(config.max_num_seqs),  # vllm-omni's default, 1, runs every request alone
     }
-
-
-def peft_tensor_names(lora_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoRA tensors named as peft saves them (``base_model.model.<module>.lora_A.weight``), which vLLM parses."""
-    return {(k if k.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + k): v for k, v in lora_state_dict.items()}
 
 
 def unit_scaled_lora(
@@ -344,7 +339,7 @@ class VllmOmniRolloutServer(RolloutServerBase):
             lora_int_id=self._lora_ids,
             lora_path=self._lora_dir,
             peft_config=peft_config,
-            lora_tensors=peft_tensor_names(tensors),
+            lora_tensors=with_peft_prefix(tensors),
         )
         await self._rpc("add_lora", request)
         loaded = await self.engine.list_loras()
