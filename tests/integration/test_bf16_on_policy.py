@@ -5,6 +5,9 @@ Before any update the trainer must reproduce the rollout's log-probs: the first 
 config's clip range (1e-4) is at most 1% and its ratio deviation is reported. Bit equality (deviation 0.0) is
 asserted because batch-invariant mode fixes every call's shape on both sides. A second run samples in float32 and
 trains in bf16 with the old log-probs recomputed by the actor: on-policy by construction, the gap logged.
+
+The first run is also the recipe's LoRA path end to end: the adapter with KL to the adapter-disabled base and CFG,
+synced to the replicas and checkpointed alone.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ from pathlib import Path
 import pytest
 from recipe_runs import SD35_ON_CPU as SD35_CPU_BASE
 
+from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-# The issue's CPU stand-in for the GPU recipe: only placement, size and batch shrink.
+# The issue's CPU stand-in for the GPU recipe: only placement, size and batch shrink (one agent-loop worker, not
+# the config's four: each is a process importing verl).
 SD35_ON_CPU = [
     *SD35_CPU_BASE,
+    "actor_rollout_ref.rollout.agent.num_workers=1",
     "data.train_batch_size=2",
     "actor_rollout_ref.rollout.n=4",
     "actor_rollout_ref.actor.ppo_mini_batch_size=8",
@@ -57,7 +64,8 @@ def _run(model_path: str, run_dir: Path, *overrides: str) -> tuple[list[dict], s
 
 def test_bf16_rollout_and_bf16_training_agree_at_the_sd35_settings(tiny_model_path, tmp_path):
     # 2 steps: the second samples with a trained (nonzero) adapter, which both sides must cast alike too
-    rows, output = _run(tiny_model_path, tmp_path / "bf16", "trainer.total_training_steps=2")
+    run_dir = tmp_path / "bf16"
+    rows, output = _run(tiny_model_path, run_dir, "trainer.total_training_steps=2", "trainer.save_freq=2")
     assert len(rows) == 2
     for data in rows:
         assert data["actor/clip_frac_first"] <= 0.01
@@ -65,7 +73,11 @@ def test_bf16_rollout_and_bf16_training_agree_at_the_sd35_settings(tiny_model_pa
         assert data["actor/log_ratio_abs_mean"] == 0.0
     # neither the start-up precision warning nor the off-policy first-step warning
     assert "recompute_old_log_prob" not in output and "the first inner step clipped" not in output
-    assert rows[1]["rollout/model_version"] == 1.0
+    assert rows[1]["rollout/model_version"] == 1.0  # the replicas served step 2 with the updated adapter
+    assert rows[1]["actor/kl"] > 0.0  # the adapter moved the policy away from the base
+    step, path = find_latest_checkpoint(run_dir / "checkpoints")
+    trainable = load_checkpoint(path, weights_only=False)["actor"]["trainable"]
+    assert step == 2 and trainable and all("lora" in name for name in trainable)  # only the adapter is saved
 
 
 def test_fp32_rollout_with_bf16_training_is_on_policy_when_the_actor_recomputes(tiny_model_path, tmp_path):

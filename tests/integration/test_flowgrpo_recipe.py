@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from recipe_runs import NO_VALIDATION, SMALL_RUN
+from recipe_runs import NO_VALIDATION, SMALL_RUN, TWO_AGENT_WORKERS
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -52,16 +52,16 @@ def cache(verl_omni_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, cache) -> Path:
-    """2 steps with a checkpoint after each and the default validation (before training and after the last
-    step); the tiny model comes from the cache (model.path=null)."""
+    """2 steps with a checkpoint after each, the default validation (before training and after the last step) and
+    the default's two agent-loop workers; the tiny model comes from the cache (model.path=null)."""
     run_dir = tmp_path_factory.mktemp("run")
-    _main(run_dir, cache, "trainer.total_training_steps=2", "trainer.save_freq=1")
+    _main(run_dir, cache, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, cache) -> Path:
-    """3 steps straight through, without validation or checkpoints."""
+    """3 steps straight through, without validation or checkpoints, on one agent-loop worker."""
     run_dir = tmp_path_factory.mktemp("plain")
     _main(run_dir, cache, "trainer.total_training_steps=3", "trainer.save_freq=-1", *NO_VALIDATION)
     return run_dir
@@ -83,6 +83,12 @@ def test_two_steps_train_end_to_end(two_step_run, cache):
         slow, fast = data["rollout_routing/seconds_per_request_max"], data["rollout_routing/seconds_per_request_min"]
         assert slow >= fast > 0 and data["rollout_routing/replica_slowdown_max"] == slow / fast
         assert data["rollout/model_version"] == row["step"]
+    # the start-up breakdown goes with the process's first step only
+    startup = {k for r in rows for k in r["data"] if k.startswith("timing_s/startup/")}
+    assert startup == {
+        f"timing_s/startup/{p}" for p in ("ray", "replicas", "agent_loop_workers", "training_ranks", "total")
+    }
+    assert startup <= set(rows[0]["data"]) and rows[0]["data"]["timing_s/startup/total"] > 0
     samples = sorted(p.name for p in (two_step_run / "samples").glob("*.png"))
     assert samples == ["step_00001.png", "step_00002.png", "val_step_00000.png", "val_step_00002.png"]
     assert (two_step_run / "reward_curve.png").stat().st_size > 0
@@ -94,7 +100,8 @@ def test_two_steps_train_end_to_end(two_step_run, cache):
 
 def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_run):
     """val/* at step 0 (before training) and 2 (after the last step), from 8 shipped prompts x 1 ODE sample; the
-    training metrics equal those of a run without validation, bit for bit."""
+    training metrics equal those of a run without validation (and with one agent-loop worker, not two), bit for
+    bit."""
     rows = _metrics(two_step_run / "metrics.jsonl")
     before, after = rows[0]["data"], rows[2]["data"]
     assert "val/reward/mean" not in rows[1]["data"]
@@ -215,29 +222,3 @@ def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(cache, tmp
     step, path = find_latest_checkpoint(run_dir / "checkpoints")
     state = load_checkpoint(path, weights_only=False)
     assert state["trainer"]["step"] == step >= 1
-
-
-def test_lora_with_kl_and_cfg_is_on_policy_and_syncs_the_adapter(cache, tmp_path):
-    """The real-checkpoint path on the tiny model: LoRA adapter, KL to the adapter-disabled base, CFG."""
-    run_dir = tmp_path / "lora"
-    _main(
-        run_dir,
-        cache,
-        "trainer.total_training_steps=2",
-        "trainer.save_freq=2",
-        "actor_rollout_ref.model.lora_rank=4",
-        "actor_rollout_ref.actor.use_kl_loss=true",
-        "actor_rollout_ref.actor.kl_loss_coef=0.04",
-        "actor_rollout_ref.actor.optim.lr=1e-3",
-        "actor_rollout_ref.rollout.diffusion.guidance_scale=3.0",
-    )
-    rows = [r["data"] for r in _metrics(run_dir / "metrics.jsonl") if "reward/mean" in r["data"]]
-    assert len(rows) == 2  # the training steps (validation after the last one logs a line of its own)
-    for data in rows:
-        # CFG in sampling and recomputation agree, and so does the [negative; positive] row layout: bit for bit
-        assert data["actor/ratio_max_abs_dev"] == 0.0
-    assert rows[1]["rollout/model_version"] == 1.0  # the replicas served step 2 with the updated adapter
-    assert rows[1]["actor/kl"] > 0.0  # the adapter moved the policy away from the base
-    step, path = find_latest_checkpoint(run_dir / "checkpoints")
-    trainable = load_checkpoint(path, weights_only=False)["actor"]["trainable"]
-    assert trainable and all("lora" in name for name in trainable)  # only the adapter is trained and saved
