@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from recipe_runs import NO_VALIDATION, SMALL_RUN, TWO_AGENT_WORKERS
 
+from recipes.flowgrpo.chaos import actor_pids
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -25,8 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 # Small and fast: 2 prompts x 4 samples, 4 denoising steps at 32x32, no tensorboard.
 FAST = [*SMALL_RUN, "trainer.sample_freq=1"]
 # Metrics of the policy update and its rollout: a pure function of the seed on CPU (timings and replica batch
-# sizes are not).
+# sizes are not; nor are the counts of replicas lost and replaced, which plain_run's kills change).
 TRAINING_PREFIXES = ("reward/", "actor/", "advantages/", "rollout/")
+REPLICA_FAULT_METRICS = ("rollout/replicas_live", "rollout/replicas_lost", "rollout/replicas_replaced")
+# plain_run: its steps, and the two (drawn from a seed) during which a rollout replica is SIGKILLed; the last step
+# always follows the replacements, so the run ends on every replica slot serving.
+PLAIN_STEPS = 5
+KILL_STEPS = sorted(random.Random(29).sample(range(1, PLAIN_STEPS - 1), 2))
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -61,9 +69,32 @@ def two_step_run(tmp_path_factory, cache) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, cache) -> Path:
-    """3 steps straight through, without validation or checkpoints, on one agent-loop worker."""
+    """PLAIN_STEPS steps straight through, without validation or checkpoints, on one agent-loop worker, losing a
+    rollout replica (SIGKILL, as the OOM killer would) once KILL_STEPS[i] steps are logged, at a seeded moment within
+    the next second (a tiny step is about that long, so in its rollout, update or weight sync, or the next step's):
+    the replica's requests are resent and it is replaced. The other tests compare this run with undisturbed runs."""
     run_dir = tmp_path_factory.mktemp("plain")
-    _main(run_dir, cache, "trainer.total_training_steps=3", "trainer.save_freq=-1", *NO_VALIDATION)
+    overrides = (f"trainer.total_training_steps={PLAIN_STEPS}", "trainer.save_freq=-1", *NO_VALIDATION)
+    proc = _run_until_a_step(run_dir, cache, *overrides)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # a full pipe would block it
+    reader.start()
+    rng = random.Random(PLAIN_STEPS)
+    try:
+        for step in KILL_STEPS:
+            while len(_metrics(run_dir / "metrics.jsonl")) < step:  # steps before `step` logged: it has begun
+                assert proc.poll() is None, "".join(output)[-3000:]
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 1.0))
+            victims = actor_pids("DiffusersRolloutServer")
+            assert len(victims) == 2, victims  # the replacement of an earlier kill is up
+            os.kill(rng.choice(victims), signal.SIGKILL)
+        proc.wait(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(output)[-5000:]
     return run_dir
 
 
@@ -111,9 +142,10 @@ def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_
     assert before["val/reward/mean"] != after["val/reward/mean"]  # two updates changed the policy's samples
 
     plain = _metrics(plain_run / "metrics.jsonl")
-    assert [r["step"] for r in plain] == [0, 1, 2] and not list((plain_run / "samples").glob("val_*.png"))
+    assert [r["step"] for r in plain] == list(range(PLAIN_STEPS))
+    assert not list((plain_run / "samples").glob("val_*.png"))
     for with_val, without in zip(rows[:2], plain[:2], strict=True):
-        keys = {k for k in without["data"] if k.startswith(TRAINING_PREFIXES)}
+        keys = {k for k in without["data"] if k.startswith(TRAINING_PREFIXES)} - set(REPLICA_FAULT_METRICS)
         assert len(keys) > 10
         assert {k: with_val["data"][k] for k in keys} == {k: without["data"][k] for k in keys}
 
@@ -140,22 +172,46 @@ def test_gpu_smoke_checker_accepts_a_real_two_step_run(two_step_run, tmp_path):
     assert proc.returncode == 0 and "processes seen on the GPU: 2" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_lost_replicas_are_replaced_and_no_sample_is_lost(plain_run, two_step_run):
+    """plain_run lost a replica in each of KILL_STEPS; every step still trained on full groups, on-policy, and each
+    lost replica's slot serves again from the step it was lost in (its replacement got that step's weights). Its
+    rewards equal the undisturbed runs' (the tests above and below); throughput is reported, not asserted."""
+    rows = [r["data"] for r in _metrics(plain_run / "metrics.jsonl")]
+    assert len(rows) == PLAIN_STEPS
+    for step, data in enumerate(rows):
+        assert data["reward/num_groups"] == 2 and data["reward/group_size_min"] == 4, step  # no sample lost
+        assert data["actor/ratio_max_abs_dev"] == 0.0 and data["rollout/model_version"] == step
+        assert data["weight_sync/driver_bytes"] == 0.0  # the weights went from the actor to the replicas
+    # a kill lands in its step's rollout, update or weight sync: noticed at that step's weight sync at the latest
+    final = rows[-1]
+    assert (final["rollout/replicas_lost"], final["rollout/replicas_replaced"]) == (2, 2)
+    assert all(data["rollout/replicas_live"] == 2 for data in rows)  # each slot refilled before the step's log
+    undisturbed = [r["data"] for r in _metrics(two_step_run / "metrics.jsonl")[:2]]
+    for key in ("timing_s/rollout", "timing_s/weight_sync"):  # a replacement's start-up is in its weight sync
+        print(
+            f"{key} per step, replicas killed after steps {KILL_STEPS}: {[round(d[key], 2) for d in rows]}; "
+            f"undisturbed run: {[round(d[key], 2) for d in undisturbed]}"
+        )
+
+
 def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cache):
     # test_freq=2: the resumed run validates the checkpoint's policy before step 2, then after the last step
     first_run = _metrics(two_step_run / "metrics.jsonl")
-    _main(two_step_run, cache, "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.test_freq=2")
+    _main(
+        two_step_run, cache, f"trainer.total_training_steps={PLAIN_STEPS}", "trainer.save_freq=1", "trainer.test_freq=2"
+    )
     # one metrics file: the steps logged before the checkpoint, then the resumed ones; the first launch's
     # final validation at step 2 is replaced by the resumed run's step 2, never duplicated
     rows = _metrics(two_step_run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[:2] == first_run[:2]
-    resumed = rows[2:]
+    assert [r["step"] for r in rows] == list(range(PLAIN_STEPS + 1)) and rows[:2] == first_run[:2]
+    resumed = rows[2:PLAIN_STEPS]
 
     straight = _metrics(plain_run / "metrics.jsonl")
-    # same prompts, seeds and weights: the resumed step is the uninterrupted run's step, bit for bit (in
+    # same prompts, seeds and weights: the resumed steps are the uninterrupted run's steps, bit for bit (in
     # batch-invariant mode a sample does not depend on what the admission window fused it with, so machine load
-    # cannot change it)
+    # cannot change it), and so are the steps plain_run sampled on replacement replicas
     for key in ("reward/mean", "reward/std", "actor/pg_loss", "actor/grad_norm"):
-        assert resumed[0]["data"][key] == straight[2]["data"][key], key
+        assert [r["data"][key] for r in resumed] == [r["data"][key] for r in straight[2:]], key
     # fixed validation seeds: the same policy (after 2 steps) validated in another process scores the same
     assert resumed[0]["data"]["val/reward/mean"] == first_run[2]["data"]["val/reward/mean"]
 
@@ -194,9 +250,9 @@ def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, ca
     _main(run_dir, cache, *overrides)
     rows = [r["data"] for r in _metrics(run_dir / "metrics.jsonl") if "reward/mean" in r["data"]]
     straight = [r["data"] for r in _metrics(plain_run / "metrics.jsonl") if "reward/mean" in r["data"]]
-    assert len(rows) == len(straight) == 3
+    assert len(rows) == 3 and len(straight) == PLAIN_STEPS
     for key in ("reward/mean", "reward/std", "actor/pg_loss", "actor/grad_norm"):
-        assert [r[key] for r in rows] == [r[key] for r in straight], key
+        assert [r[key] for r in rows] == [r[key] for r in straight[:3]], key
 
 
 def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(cache, tmp_path):
