@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import threading
 from dataclasses import asdict
 
 import pytest
 
-from recipes.flowgrpo.chaos import RESULT_FILE, TARGETS, Fault, check_run, draw_faults
+from recipes.flowgrpo.chaos import RESULT_FILE, TARGETS, Fault, Watcher, check_run, draw_faults
 
 
 def test_a_seed_draws_the_same_faults_every_time_and_seeds_differ():
@@ -87,3 +90,61 @@ def test_each_broken_invariant_is_reported(tmp_path, metrics, faults, steps, exp
 def test_a_watcher_error_is_reported(tmp_path):
     run = _write_run(tmp_path, REFERENCE, [DELIVERED], 3, errors=["watcher: RuntimeError: checkpoint unreadable"])
     assert check_run(run, REFERENCE, 3) == ["watcher: RuntimeError: checkpoint unreadable"]
+
+
+class _Trainer:
+    """What the watcher reads of the trainer (its phase, history, checkpoints, save_freq): a double, so the watcher
+    is tested without a recipe run. Each step's phase lasts until the process the watcher was to kill in it is dead."""
+
+    def __init__(self, tmp_path):
+        from omegaconf import OmegaConf
+
+        from verl_omni.utils.heartbeat import Heartbeat
+
+        self.heartbeat = Heartbeat(0)
+        self.history: list[dict] = []
+        self.ckpt_dir = tmp_path / "checkpoints"
+        self.config = OmegaConf.create({"trainer": {"save_freq": 2}})
+
+    def fit(self, steps: int, victims: dict[tuple[int, str], subprocess.Popen]) -> None:
+        from verl_omni.utils.checkpoint import save_checkpoint
+
+        for step in range(steps):
+            for phase in ("rollout of 8 samples", "weight sync"):
+                with self.heartbeat.phase(f"step {step + 1}: {phase}"):
+                    victim = victims.get((step, phase.split(" of ")[0]))
+                    if victim is not None:
+                        victim.wait(timeout=120)
+            self.history.append({"step": step})
+            if (step + 1) % 2 == 0:
+                save_checkpoint(self.ckpt_dir, step + 1, {"actor": {"w": 1}, "trainer": {"step": step + 1}})
+
+
+def test_the_watcher_kills_in_consecutive_steps_and_checks_each_checkpoint(tmp_path):
+    """Faults in steps 2, 3 and 4 (the last in weight sync): each killed in its phase, each checkpoint loaded."""
+    faults = [Fault("worker", 1, 0.0), Fault("balancer", 2, 0.0), Fault("replica_in_sync", 3, 0.0)]
+    victims = {
+        (f.step, "weight sync" if f.target == "replica_in_sync" else "rollout"): subprocess.Popen(["sleep", "120"])
+        for f in faults
+    }
+    trainer = _Trainer(tmp_path)
+
+    class LocalWatcher(Watcher):
+        def _victim(self, fault):
+            key = (fault.step, "weight sync" if fault.target == "replica_in_sync" else "rollout")
+            return fault.target, victims[key].pid
+
+    watcher = LocalWatcher(trainer, faults)
+    thread = threading.Thread(target=watcher.run)
+    thread.start()
+    trainer.fit(6, victims)
+    watcher.stop.set()
+    thread.join()
+    assert watcher.errors == []
+    assert [v.returncode for v in victims.values()] == [-signal.SIGKILL] * 3
+    assert [f.phase for f in faults] == [
+        "step 2: rollout of 8 samples",
+        "step 3: rollout of 8 samples",
+        "step 4: weight sync",
+    ]
+    assert [f.checkpoint for f in faults] == ["global_step_2", "global_step_2", "global_step_4"]

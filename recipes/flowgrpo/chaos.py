@@ -20,8 +20,8 @@ Every seed's run must (exit 1 otherwise, with what failed):
 - have no short group: each step the reference's number of groups, each of its full size;
 - log every step's training reward equal to the undisturbed run's (a resent copy keeps its seed, a re-run chunk
   its rows, so the samples are the same);
-- leave the newest complete checkpoint loadable after every fault (checked once the step after it is logged,
-  so a checkpoint written at the end of the fault's step is complete).
+- leave the newest complete checkpoint loadable after every fault (checked once the fault's step is logged and
+  the checkpoint due at its end written).
 
 Kills by process id, so the actors must run on this machine (a local Ray, as the default recipe starts).
 """
@@ -102,8 +102,9 @@ class Watcher:
             for fault in self.faults:
                 if not self._deliver(fault):
                     return
-                # one more step: the checkpoint written at the end of the fault's step (if any) is complete
-                if not self._wait(lambda f=fault: len(self.trainer.history) > f.step + 1):
+                # the fault's step is logged and the checkpoint due at its end (if any) written: the next fault
+                # may come in the very next step, so no later than that
+                if not self._wait(lambda f=fault: self._saved_after(f.step)):
                     return
                 fault.checkpoint = self._check_checkpoint()
         except Exception as err:  # reported by the run's checks, never a silent end of the thread
@@ -115,6 +116,18 @@ class Watcher:
             if self.stop.wait(poll_s):
                 return bool(condition())
         return True
+
+    def _saved_after(self, step: int) -> bool:
+        """Whether ``step`` is logged and the checkpoint ``trainer.save_freq`` asks for by its end is complete."""
+        from verl_omni.utils.checkpoint import find_latest_checkpoint
+
+        done = step + 1
+        if len(self.trainer.history) < done:
+            return False
+        freq = int(self.trainer.config.trainer.get("save_freq", -1) or -1)
+        due = done // freq * freq if freq > 0 else 0
+        found = find_latest_checkpoint(self.trainer.ckpt_dir)
+        return due == 0 or (found is not None and found[0] >= due)
 
     def _deliver(self, fault: Fault) -> bool:
         phase = "weight sync" if fault.target == "replica_in_sync" else "rollout"
