@@ -20,6 +20,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -241,14 +242,15 @@ class RecordingBalancer(OmniRequestLoadBalancer):
         self.trace.releases.append(server_id)
         super().release_server(server_id, request_id)
 
-    def acquire_group(self, request_ids: list[str], routing_key: str | None = None, owner: str | None = None) -> list:
-        """The overlay's one-call path: recorded per copy, as verl's per-request calls are."""
+    def acquire_group(self, request_ids: list[str], routing_key: str | None = None, **kwargs: Any) -> list:
+        """The overlay's one-call path: recorded per copy, as verl's per-request calls are (``kwargs``: the
+        owner, lease and incarnation the client adds)."""
         self.trace.acquires.extend((request_id, routing_key) for request_id in request_ids)
-        return super().acquire_group(request_ids, routing_key=routing_key, owner=owner)
+        return super().acquire_group(request_ids, routing_key=routing_key, **kwargs)
 
-    def release_group(self, placement: list, owner: str | None = None) -> None:
+    def release_group(self, placement: list, **kwargs: Any) -> str:
         self.trace.releases.extend(server_id for server_id, count in placement for _ in range(count))
-        super().release_group(placement, owner=owner)
+        return super().release_group(placement, **kwargs)
 
 
 class RecordingServer:
@@ -263,7 +265,8 @@ class RecordingServer:
         return TokenOutput(token_ids=[0], extra_fields={})
 
     async def generate_group(self, requests):  # the overlay's call: one per replica used by a group
-        return [await self.generate(**request) for request in requests]
+        """The samples in request order, no conditioning (what the client reads of a ``SampleGroup``)."""
+        return SimpleNamespace(samples=[await self.generate(**request) for request in requests], conditioning={})
 
 
 async def _drive(client_cls: type, n_groups: int = 3, n_copies: int = 3) -> Trace:
