@@ -51,56 +51,50 @@ class DiffusionSingleTurnAgentLoop(AgentLoopBase):
         self.client = client
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> DiffusionAgentLoopOutput:
-        """Generate one sample (a group of one); ``kwargs`` are the row's non-tensor fields (``prompt``, ...)."""
+        """verl's per-sample entry: one sample (a group of one); ``kwargs`` are the row's non-tensor fields."""
         field = self.client.routing.routing_key_field
-        (result,) = await self.run_group([(sampling_params, kwargs)], routing_key=routing_key_of(kwargs, field))
+        if field not in kwargs:
+            raise missing_routing_key_field(field, kwargs)
+        request = {
+            "request_id": str(kwargs["request_id"]),
+            "prompt_ids": prompt_of(kwargs.get("prompt")),
+            "sampling_params": sampling_params,
+        }
+        key = kwargs[field]
+        (result,) = await self.run_group([request], routing_key=None if key is None else str(key))
         return result
 
     async def run_group(
-        self, samples: list[tuple[dict[str, Any], dict[str, Any]]], routing_key: str | None
+        self, requests: list[dict[str, Any]], routing_key: str | None
     ) -> list[DiffusionAgentLoopOutput]:
-        """Generate the samples of one routing key with one client call (``generate_group``), in order.
+        """Generate the requests of one routing key with one client call (``generate_group``), in order.
 
-        ``samples`` holds ``(sampling_params, row fields)`` as :meth:`run` takes them. With a reward, the group
-        is scored in one call, in a thread, as soon as its images are back: other groups keep sampling meanwhile.
+        ``requests`` are as the server takes them (``request_id``, ``prompt_ids`` text, ``sampling_params``).
+        With a reward, the group is scored in one call, in a thread, as soon as its images are back: other groups
+        keep sampling meanwhile.
         """
-        requests = [_prompt_and_id(kwargs) for _, kwargs in samples]
-        group = await self.client.generate_group(
-            [
-                {"request_id": request_id, "prompt_ids": prompt, "sampling_params": params}
-                for (params, _), (prompt, request_id) in zip(samples, requests, strict=True)
-            ],
-            routing_key=routing_key,
-        )
+        group = await self.client.generate_group(requests, routing_key=routing_key)
         back = time.perf_counter()
         results = [
             DiffusionAgentLoopOutput(
-                request_id=request_id,
+                request_id=request["request_id"],
                 routing_key=routing_key,
                 sample=sample,
                 conditioning=group.conditioning,
                 sampled_at=back,
             )
-            for (_, request_id), sample in zip(requests, group.samples, strict=True)
+            for request, sample in zip(requests, group.samples, strict=True)
         ]
         if self.reward_fn is not None:
-            await score_group(self.reward_fn, results, [prompt for prompt, _ in requests])
+            await score_group(self.reward_fn, results, [r["prompt_ids"] for r in requests])
         return results
 
 
-def routing_key_of(row: dict[str, Any], field: str) -> str | None:
-    """The row's routing key: the value of ``field`` as a string (None when the value is None)."""
-    if field not in row:
-        raise missing_routing_key_field(field, row)
-    value = row[field]
-    return None if value is None else str(value)
-
-
-def _prompt_and_id(row: dict[str, Any]) -> tuple[str, str]:
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(prompt).__name__}: {prompt!r}")
-    return prompt, str(row["request_id"])
+def prompt_of(value: Any) -> str:
+    """A row's ``prompt`` field, which must be the prompt text."""
+    if not isinstance(value, str):
+        raise ValueError(f"sample field 'prompt' must be the prompt text, got {type(value).__name__}: {value!r}")
+    return value
 
 
 def missing_routing_key_field(field: str, fields: Any) -> ValueError:

@@ -15,7 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigWrap, _agent_loop_registry
 from verl.protocol import DataProto
 
-from verl_omni.agent_loop.diffusion_agent_loop import DIFFUSION_AGENT_NAME, DiffusionAgentLoopOutput, routing_key_of
+from verl_omni.agent_loop.diffusion_agent_loop import (
+    DIFFUSION_AGENT_NAME,
+    DiffusionAgentLoopOutput,
+    missing_routing_key_field,
+    prompt_of,
+)
 from verl_omni.agent_loop.group_reward import reward_exposed_s, score_group
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.protocol import CONDITIONING, stack_samples
@@ -91,15 +96,26 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
 
         start = time.perf_counter()
         shared_params = sampling_params(self.rollout_config, validate=validate)  # the replica applies the defaults
-        samples = []
+        field = self.llm_client.routing.routing_key_field
+        if n and field not in non_tensor:
+            raise missing_routing_key_field(field, non_tensor)
+        groups: dict[tuple[str, Any], list[int]] = {}  # (agent loop, routing key) -> rows
+        requests = []  # per row, as the server takes it: the one shape a request has
         for i in range(n):
-            kwargs = {k: v[i] for k, v in non_tensor.items() if k not in ("agent_name", "priority")}
-            kwargs.setdefault("request_id", f"step{global_step}-row{int(row_index[i])}")
-            params = {**shared_params, "seed": row_seed(base_seed, global_step, int(row_index[i]))}
-            samples.append((str(agent_names[i]), params, kwargs))
-        results = await self._run_groups(samples)
+            row = int(row_index[i])
+            request_id = non_tensor["request_id"][i] if "request_id" in non_tensor else f"step{global_step}-row{row}"
+            requests.append(
+                {
+                    "request_id": str(request_id),
+                    "prompt_ids": prompt_of(non_tensor["prompt"][i]),
+                    "sampling_params": {**shared_params, "seed": row_seed(base_seed, global_step, row)},
+                }
+            )
+            key = non_tensor[field][i]
+            groups.setdefault((str(agent_names[i]), ("row", i) if key is None else str(key)), []).append(i)
+        results = await self._run_groups(requests, groups)
         if self.reward_fn is not None and not self.reward_overlap:
-            await self._score_in_line(results, [kwargs["prompt"] for _, _, kwargs in samples])
+            await self._score_in_line(results, [r["prompt_ids"] for r in requests])
         exposed = reward_exposed_s(results, time.perf_counter()) if self.reward_fn is not None else None
         elapsed = time.perf_counter() - start
         out = self._collate(results, non_tensor, meta, elapsed)
@@ -114,32 +130,26 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         for rows in groups.values():
             await score_group(self.reward_fn, [results[i] for i in rows], [prompts[i] for i in rows])
 
-    async def _run_groups(self, samples: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[Any]:
+    async def _run_groups(
+        self, requests: list[dict[str, Any]], groups: dict[tuple[str, Any], list[int]]
+    ) -> list[DiffusionAgentLoopOutput]:
         """One task per (agent loop, routing key): the client sends each group's rows in one call.
 
         Results land back in row order; a row whose key is None is a group of its own.
         """
-        field = self.llm_client.routing.routing_key_field
-        groups: dict[tuple[str, Any], list[int]] = {}
-        for i, (name, _, kwargs) in enumerate(samples):
-            key = routing_key_of(kwargs, field)
-            groups.setdefault((name, ("row", i) if key is None else key), []).append(i)
         outputs = await asyncio.gather(
             *(
-                self._run_group(name, [samples[i][1:] for i in rows], None if isinstance(key, tuple) else key)
+                self._agent_loop(name).run_group(
+                    [requests[i] for i in rows], routing_key=None if isinstance(key, tuple) else key
+                )
                 for (name, key), rows in groups.items()
             )
         )
-        results: list[Any] = [None] * len(samples)
+        results: list[Any] = [None] * len(requests)
         for rows, group_results in zip(groups.values(), outputs, strict=True):
             for i, result in zip(rows, group_results, strict=True):
                 results[i] = result
         return results
-
-    async def _run_group(
-        self, agent_name: str, samples: list[tuple[dict[str, Any], dict[str, Any]]], routing_key: str | None
-    ) -> list[DiffusionAgentLoopOutput]:
-        return await self._agent_loop(agent_name).run_group(samples, routing_key=routing_key)
 
     def _agent_loop(self, agent_name: str) -> Any:
         if agent_name not in _agent_loop_registry:
