@@ -13,7 +13,6 @@ validated in the constructor, before any actor starts.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import ray
@@ -115,7 +114,7 @@ class DiffusionRolloutReplica(RolloutReplica):
             )
             .remote(
                 model_path=self.model_spec.path,
-                config={f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                config=cfg,  # the parsed section itself: the server does not parse it again
                 server_id=self._server_address,
                 device=device,
                 rollout_dtype=getattr(self.config, "dtype", None),
