@@ -158,6 +158,8 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     client = server_manager.get_client()
     with startup("start-up: launching the agent-loop workers", ray_free_resources), clock.phase("agent_loop_workers"):
         agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
+        # up before the first step (their imports take seconds): start-up counts them, not the first rollout
+        ray.get([worker.__ray_ready__.remote() for worker in agent_loop_manager.agent_loop_workers])
 
     actor_wg, layout = (training or beside.submit(_start_training_ranks, cfg, startup, clock)).result()
     beside.shutdown()
