@@ -38,6 +38,11 @@ MODEL_PIPELINES: dict[str, ModelPipelines] = {
         diffusers="verl_omni.pipelines.sd3.diffusers_adapter.SD3DiffusersAdapter",
         vllm_omni="verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline",
     ),
+    # vllm-omni 0.28 has a FLUX pipeline (vllm_omni/diffusion/models/flux); no FlowGRPO subclass of it yet
+    "FluxPipeline": ModelPipelines(
+        trainer="verl_omni.pipelines.flux.sampling.compute_log_prob",
+        diffusers="verl_omni.pipelines.flux.diffusers_adapter.FluxDiffusersAdapter",
+    ),
 }
 
 

@@ -159,14 +159,16 @@ class DiffusersEngine:
         version = self.version
         t0 = time.perf_counter()
         texts = [r.prompt for r in requests]
-        if params.do_cfg:
+        # a guidance-distilled family (FLUX.1-dev) takes guidance_scale as an input: no negative prompt
+        do_cfg = params.do_cfg and self.adapter.true_cfg
+        if do_cfg:
             texts += [r.params.negative_prompt for r in requests]
         encodings, hits = self._encodings(texts)
         encode_s = time.perf_counter() - t0
         n = len(requests)
         generators = [torch.Generator(device=self.device).manual_seed(r.params.seed) for r in requests]
         with onednn(enabled=self.use_onednn):
-            negatives = encodings[n:] if params.do_cfg else None
+            negatives = encodings[n:] if do_cfg else None
             traj = self.adapter.sample(encodings[:n], negatives, generators, params, self.chunk_size)
         images = self.adapter.decode(traj.final_latents, self.chunk_size)
 
@@ -177,7 +179,7 @@ class DiffusersEngine:
         conditioning = dict(zip(texts, encodings, strict=True)) if recorded else {}
         samples = []
         for i, req in enumerate(requests):
-            cache_hit = hits[i] and (not params.do_cfg or hits[n + i])
+            cache_hit = hits[i] and (not do_cfg or hits[n + i])
             samples.append(
                 Sample(
                     request_id=req.request_id,
@@ -186,7 +188,7 @@ class DiffusersEngine:
                     sigmas=sigmas.clone(),
                     log_probs=traj.log_probs[i].to(cpu).clone(),
                     conditioning=req.prompt if recorded else None,
-                    negative_conditioning=req.params.negative_prompt if recorded and params.do_cfg else None,
+                    negative_conditioning=req.params.negative_prompt if recorded and do_cfg else None,
                     model_version=version,
                     extra_fields={
                         "batch_size": n,

@@ -85,13 +85,18 @@ class ModelSpec:
         vae = _read_json(root / "vae" / "config.json", key, path)
         transformer = _read_json(root / "transformer" / "config.json", key, path)
         vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-        patch_size = int(transformer.get("patch_size", 2))
+        latent_channels = int(vae.get("latent_channels", transformer.get("in_channels", 16)))
+        # a transformer reading 2x2 patches of the VAE latents as channels (FLUX) packs them: 4x the channels
+        packing = 2 if int(transformer.get("in_channels", latent_channels)) == 4 * latent_channels else 1
+        patch_size = int(transformer.get("patch_size", 2)) * packing
         sample_size = int(transformer.get("sample_size", 128))
         pos_max = transformer.get("pos_embed_max_size")
-        has_t5 = _component_present(index, root, "text_encoder_3")
+        # the T5 encoder: SD3's third text encoder, FLUX's second
+        t5 = next((n for n in ("3", "2") if "T5" in str(index.get(f"text_encoder_{n}", ""))), "3")
+        has_t5 = _component_present(index, root, f"text_encoder_{t5}")
         t5_max = None
-        if _component_present(index, root, "tokenizer_3"):
-            tok_cfg_file = root / "tokenizer_3" / "tokenizer_config.json"
+        if _component_present(index, root, f"tokenizer_{t5}"):
+            tok_cfg_file = root / f"tokenizer_{t5}" / "tokenizer_config.json"
             if tok_cfg_file.is_file():
                 raw = _read_json(tok_cfg_file, key, path).get("model_max_length")
                 t5_max = int(raw) if isinstance(raw, int | float) and raw < 1e9 else None
@@ -100,7 +105,7 @@ class ModelSpec:
             pipeline_class=pipeline_class,
             vae_scale_factor=vae_scale_factor,
             patch_size=patch_size,
-            latent_channels=int(transformer.get("in_channels", vae.get("latent_channels", 16))),
+            latent_channels=latent_channels,
             default_height=sample_size * vae_scale_factor,
             default_width=sample_size * vae_scale_factor,
             max_latent_size=None if pos_max is None else int(pos_max) * patch_size,
