@@ -446,14 +446,14 @@ def _bad_model_dir(tmp_path, class_name):
     [
         ("missing", r"actor_rollout_ref\.model\.path='.*nope' is not a directory"),
         ("not_diffusers", r"is not a diffusers pipeline \(no model_index\.json\)"),
-        ("flux", r"holds a 'FluxPipeline' pipeline"),
+        ("qwen_image", r"holds a 'QwenImagePipeline' pipeline"),
     ],
 )
 def test_bad_model_path_is_rejected_before_replicas_start(tmp_path, path_kind, match):
     path = {
         "missing": str(tmp_path / "nope"),
         "not_diffusers": str(tmp_path),
-        "flux": _bad_model_dir(tmp_path, "FluxPipeline"),
+        "qwen_image": _bad_model_dir(tmp_path, "QwenImagePipeline"),
     }[path_kind]
     with pytest.raises(ValueError, match=match):
         OmniLLMServerManager.create(_trainer_config(path))
