@@ -28,6 +28,7 @@ from recipes.flowgrpo.data import (
     load_prompts,
 )
 from recipes.flowgrpo.schema import RecipeConfig, parse_recipe_config
+from verl_omni.pipelines.registry import check_negative_prompt
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ACTOR_PREFIX, ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.precision import precision_warning
@@ -188,6 +189,8 @@ def validate_image_sizes(cfg: DictConfig, model_path: str) -> None:
             value = OmegaConf.select(rollout, f"{section}.{key}")
             if value is not None:
                 spec.check_image_size(f"actor_rollout_ref.rollout.{section}.{key}", value)
+        key = f"actor_rollout_ref.rollout.{section}.negative_prompt"
+        check_negative_prompt(spec.pipeline_class, key, OmegaConf.select(cfg, key) or "")
 
 
 def _transformer_module_names(model_path: str) -> list[str]:
@@ -202,6 +205,27 @@ def _transformer_module_names(model_path: str) -> list[str]:
     with torch.device("meta"):
         model = cls.from_config(config)
     return [name for name, _ in model.named_modules()]
+
+
+def _check_rollout_mode(recipe: Any) -> None:
+    """``one_step_off`` trains each step on samples drawn one policy version back; refuse what would go further."""
+    if recipe.trainer.rollout_mode != "one_step_off":
+        return
+    actor, trainer = recipe.actor, recipe.trainer
+    if actor.ppo_epochs > 1:
+        raise ValueError(
+            f"trainer.rollout_mode='one_step_off' with actor_rollout_ref.actor.ppo_epochs={actor.ppo_epochs}: the "
+            "samples are already one version old at the first pass, and each further epoch trains on them again; "
+            "valid choices: ppo_epochs=1, or trainer.rollout_mode=sync"
+        )
+    validates = trainer.test_freq > 0 or trainer.val_before_train
+    if actor.ema.enable and validates:
+        raise ValueError(
+            "trainer.rollout_mode='one_step_off' with actor_rollout_ref.actor.ema.enable=true and validation on: "
+            "validating swaps the EMA weights into the replicas while the next step's rollout would be sampling; "
+            "valid choices: trainer.rollout_mode=sync, ema.enable=false, or trainer.test_freq=-1 with "
+            "trainer.val_before_train=false"
+        )
 
 
 def num_rollout_replicas(cfg: DictConfig) -> int:
@@ -254,6 +278,7 @@ def validate_recipe_config(
             "resume_mode=resume_path)"
         )
     _check_writable("trainer.default_local_dir", str(cfg.trainer.default_local_dir))
+    _check_rollout_mode(recipe)
 
     model_path = recipe.actor_rollout_ref.model.path
     if model_path is not None and not (Path(model_path).expanduser() / "model_index.json").is_file():

@@ -25,11 +25,15 @@ class ModelPipelines:
         diffusers: class wrapping a loaded ``diffusers`` pipeline for the diffusers engine.
         vllm_omni: vllm-omni custom pipeline class (``custom_pipeline_args["pipeline_class"]``); imported only
             inside vllm-omni's workers.
+        true_cfg: ``guidance_scale > 1`` runs classifier-free guidance with a negative prompt; False for a
+            guidance-distilled family (FLUX.1-dev), whose transformer takes the scale as an input and which has
+            no negative prompt to encode, record or accept.
     """
 
     trainer: str
     diffusers: str | None = None
     vllm_omni: str | None = None
+    true_cfg: bool = True
 
 
 MODEL_PIPELINES: dict[str, ModelPipelines] = {
@@ -42,6 +46,7 @@ MODEL_PIPELINES: dict[str, ModelPipelines] = {
     "FluxPipeline": ModelPipelines(
         trainer="verl_omni.pipelines.flux.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.flux.diffusers_adapter.FluxDiffusersAdapter",
+        true_cfg=False,
     ),
 }
 
@@ -81,6 +86,17 @@ def load_trainer_binding(pipeline_class: str | None, key: str = "actor_rollout_r
         )
     module, _, name = entry.trainer.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def check_negative_prompt(pipeline_class: str, key: str, negative_prompt: str) -> None:
+    """``ValueError`` naming ``key`` when a negative prompt is asked of a family without classifier-free guidance
+    (it would be silently ignored)."""
+    entry = MODEL_PIPELINES.get(pipeline_class)
+    if negative_prompt and entry is not None and not entry.true_cfg:
+        raise ValueError(
+            f"{key}={negative_prompt!r}: a {pipeline_class} checkpoint is guidance-distilled (guidance_scale is its "
+            "embedded guidance; it runs no classifier-free guidance to use a negative prompt); valid choices: ''"
+        )
 
 
 def check_backend_name(backend: object) -> None:

@@ -24,9 +24,6 @@ class FluxDiffusersAdapter:
         max_sequence_length: T5 tokens of the text conditioning.
     """
 
-    true_cfg = False
-    """``guidance_scale`` is FLUX.1-dev's embedded guidance: no negative prompt is encoded or recorded."""
-
     def __init__(self, pipe: Any, spec: Any, max_sequence_length: int, device: torch.device):
         self.pipe = pipe
         self.spec = spec

@@ -23,9 +23,6 @@ class SD3DiffusersAdapter:
         max_sequence_length: T5 tokens of the text conditioning.
     """
 
-    true_cfg = True
-    """``guidance_scale > 1`` runs classifier-free guidance with the request's negative prompt."""
-
     def __init__(self, pipe: Any, spec: Any, max_sequence_length: int, device: torch.device):
         self.pipe = pipe
         self.spec = spec

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.registry import load_adapter
+from verl_omni.pipelines.registry import MODEL_PIPELINES, load_adapter
 from verl_omni.protocol import Conditioning, Request, Sample, SampleGroup
 from verl_omni.utils.batch_invariant import mkl_is_strict, onednn
 from verl_omni.utils.containers import plain
@@ -160,7 +160,7 @@ class DiffusersEngine:
         t0 = time.perf_counter()
         texts = [r.prompt for r in requests]
         # a guidance-distilled family (FLUX.1-dev) takes guidance_scale as an input: no negative prompt
-        do_cfg = params.do_cfg and self.adapter.true_cfg
+        do_cfg = params.do_cfg and MODEL_PIPELINES[self.spec.pipeline_class].true_cfg
         if do_cfg:
             texts += [r.params.negative_prompt for r in requests]
         encodings, hits = self._encodings(texts)

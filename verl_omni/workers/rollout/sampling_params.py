@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from verl_omni.pipelines.flow_match_sde import resolve_sde_window
+from verl_omni.pipelines.registry import check_negative_prompt
 from verl_omni.protocol import SAMPLING_FIELDS, SamplingParams
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.model_spec import ModelSpec
@@ -59,6 +60,7 @@ def resolve_sampling_params(
         negative = ""
     if not isinstance(negative, str):
         raise ValueError(f"sampling_params.negative_prompt={negative!r} must be a string")
+    check_negative_prompt(spec.pipeline_class, "sampling_params.negative_prompt", negative)
 
     window = given.get("sde_window", defaults.sde_window)
     try:
