@@ -285,6 +285,19 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
             ["trainer.resume_mode=bogus"],
             r"trainer\.resume_mode='bogus' is not valid; valid choices: auto, disable, resume",
         ),
+        (
+            ["trainer.rollout_mode=async"],
+            r"trainer\.rollout_mode='async' is not valid; valid choices: sync, one_step_off",
+        ),
+        (
+            ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.ppo_epochs=2"],
+            r"trainer\.rollout_mode='one_step_off' with actor_rollout_ref\.actor\.ppo_epochs=2: .*valid choices: "
+            r"ppo_epochs=1, or trainer\.rollout_mode=sync",
+        ),
+        (
+            ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.ema.enable=true"],
+            r"trainer\.rollout_mode='one_step_off' with actor_rollout_ref\.actor\.ema\.enable=true and validation on",
+        ),
         (["trainer.resume_mode=resume_path"], r"trainer\.resume_from_path=None is not a checkpoint directory"),
         (
             ["trainer.default_local_dir=/proc/verl_omni_run"],
@@ -379,6 +392,9 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
         "zero-epochs",
         "keep-zero-checkpoints",
         "bogus-resume-mode",
+        "unknown-rollout-mode",
+        "one-step-off-several-epochs",
+        "one-step-off-ema-validation",
         "resume-path-without-path",
         "unwritable-output",
         "plus-added-typo",

@@ -77,6 +77,7 @@ class TrainerOptions(Section):
     progress_interval_s: float | None = option(60.0, ge=0, note="0 or null: no progress lines")
     preempt_grace_s: float = option(..., gt=0, note="how long a stop signal waits for the step in flight")
     resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
+    rollout_mode: Literal["sync", "one_step_off"] = "sync"
     resume_from_path: str | None = None
     max_actor_ckpt_to_keep: int | None = option(None, ge=1)
     logger: list[str] | str | None = None

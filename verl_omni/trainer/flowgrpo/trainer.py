@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,10 @@ class FlowGRPOTrainer:
         # a line every progress_interval_s while a phase runs: the step line alone can be minutes apart on CPU
         self.heartbeat = Heartbeat(float(config.trainer.get("progress_interval_s", 60) or 0), write=tqdm.write)
         self.weight_sync_driver_bytes = 0
+        # one_step_off: the next step's rollout, sampled in this thread while the current step trains
+        self.one_step_off = config.trainer.get("rollout_mode", "sync") == "one_step_off"
+        self._rollout_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+        self._next_rollout: tuple[DataProto, int, float] | None = None
         self.stopped: str | None = None  # why the run stopped before its last step (a stop signal), if it did
         self.version = 0
         self.start_step = 0
@@ -301,15 +306,29 @@ class FlowGRPOTrainer:
         newest = f"the newest checkpoint is {found[1]}" if found else "no checkpoint was written yet"
         return f"{newest}; run the same command to resume"
 
-    def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+    def _rollout(self, step: int) -> tuple[DataProto, int, float]:
+        """Step ``step``'s rollout with the weights the replicas hold now: the batch, their version, the seconds."""
+        start, version = time.perf_counter(), self.version
         request = self._make_batch(self.batcher.batch(step))
         with self.heartbeat.phase(f"step {step + 1}: rollout of {len(request)} samples"):
             out = self.agent_loop_manager.generate_sequences(request)
-        timings["timing_s/rollout"] = time.perf_counter() - t0
+        return out, version, time.perf_counter() - start
 
-        self._check_on_policy(out, f"step {step}")
+    def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
+        """One step. ``sync``: sample with the current policy, train, push the weights. ``one_step_off``: train on
+        the samples drawn during the previous step (one version behind) while the next step's rollout samples with
+        the weights the replicas hold; the new weights go out once that rollout is back."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if self._next_rollout is not None:
+            out, sampled_with, timings["timing_s/rollout"] = self._next_rollout
+            self._next_rollout = None
+        else:  # sync mode, or the first step of one_step_off
+            out, sampled_with, timings["timing_s/rollout"] = self._rollout(step)
+        self._check_on_policy(out, f"step {step}", sampled_with)
+        ahead = None
+        if self.one_step_off and step + 1 < self.total_steps:
+            ahead = self._rollout_thread.submit(self._rollout, step + 1)
         rewards = out.batch["rewards"].float()
         uids = list(out.non_tensor_batch["uid"])
         advantages = compute_group_advantages(
@@ -332,6 +351,10 @@ class FlowGRPOTrainer:
                 actor_metrics = self.actor_wg.update_policy(train_batch)
             actor_metrics = _mean_dicts(actor_metrics if isinstance(actor_metrics, list) else [actor_metrics])
         timings["timing_s/update"] = time.perf_counter() - t1
+        if ahead is not None:  # the weights change only once the rollout sampling with them is back
+            t2 = time.perf_counter()
+            self._next_rollout = ahead.result()
+            timings["timing_s/rollout_wait"] = time.perf_counter() - t2
         self.version += 1
         with self.heartbeat.phase(f"step {step + 1}: weight sync"):
             timings["timing_s/weight_sync"] = self._sync_weights()
@@ -345,7 +368,8 @@ class FlowGRPOTrainer:
             "advantages/abs_mean": float(advantages.abs().mean()),
             "advantages/kept_fraction": kept_fraction,
             "actor/trained_steps": float(self.trained_steps),
-            "rollout/model_version": float(self.version - 1),
+            "rollout/model_version": float(sampled_with),
+            "rollout/staleness": float(self.version - 1 - sampled_with),  # versions behind the policy it trained
             **self.rollout_replicas.metrics(),
             "weight_sync/driver_bytes": float(self.weight_sync_driver_bytes),
             **_reward_term_means(out, "reward"),
