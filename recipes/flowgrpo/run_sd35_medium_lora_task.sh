@@ -17,20 +17,8 @@
 # Outputs go to outputs/verl_omni_flowgrpo/sd35_medium_lora_<task>/ under the repo; rerunning resumes.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-hydra_str() {
-  printf "'%s'" "${1//\'/\\\'}"
-}
-
-abspath() {
-  if [[ -d "$1" ]]; then (cd "$1" && pwd); else echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; fi
-}
+# shellcheck source=recipes/flowgrpo/script_helpers.sh
+source "$(dirname "${BASH_SOURCE[0]}")/script_helpers.sh"
 
 TASK="${1:-}"
 case "$TASK" in

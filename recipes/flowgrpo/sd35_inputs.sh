@@ -3,22 +3,8 @@
 # inputs both scripts take from the environment and collects them as Hydra overrides in SD35_OVERRIDES.
 # die() and PYTHON are left defined for the calling script.
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Hydra parses override values: quote them so paths with spaces, commas or '=' survive.
-hydra_str() {
-  printf "'%s'" "${1//\'/\\\'}"
-}
-
-# The script changes to the repo root, so relative paths are made absolute first.
-abspath() {
-  if [[ -d "$1" ]]; then (cd "$1" && pwd); else echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; fi
-}
+# shellcheck source=recipes/flowgrpo/script_helpers.sh
+source "$(dirname "${BASH_SOURCE[0]}")/script_helpers.sh"
 
 [[ -n "${MODEL_PATH:-}" ]] ||
   die "set MODEL_PATH to a diffusers SD3/SD3.5 pipeline directory (e.g. a local copy of stabilityai/stable-diffusion-3.5-medium)"
