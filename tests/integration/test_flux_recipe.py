@@ -18,7 +18,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_steps_on_tiny_flux_train_on_policy(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank):
+    """Full fine-tuning and LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in FLUX's blocks)."""
     model = ensure_tiny_flux(tmp_path / "models")
     run_dir = tmp_path / "run"
     cmd = [
@@ -28,6 +30,7 @@ def test_two_steps_on_tiny_flux_train_on_policy(tmp_path):
         f"actor_rollout_ref.model.path={model}",
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
+        f"actor_rollout_ref.model.lora_rank={lora_rank}",
         "actor_rollout_ref.rollout.diffusion.guidance_scale=3.5",
         *SMALL_RUN,
         *NO_VALIDATION,
@@ -43,4 +46,5 @@ def test_two_steps_on_tiny_flux_train_on_policy(tmp_path):
         assert row["actor/ratio_max_abs_dev"] == 0.0
         assert row["rollout_routing/colocation"] == 1.0 and row["rollout_routing/replicas_used"] == 2.0
         assert row["actor/grad_norm"] > 0
-    assert steps[1]["rollout/model_version"] == 1.0  # the second step sampled with the updated weights
+    # the second step sampled with the updated weights (synced to both replicas) and still trains on policy
+    assert steps[1]["rollout/model_version"] == 1.0
