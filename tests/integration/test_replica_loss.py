@@ -11,9 +11,11 @@ whose class cannot start a server again (bare Ray actors with the servers' ``upd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import ray
@@ -42,6 +44,15 @@ class _Server:
         return self.versions
 
 
+def _kill(actor: Any) -> None:
+    """SIGKILL ``actor`` and return once it is gone: ``ray.kill`` returns first, and a call sent meanwhile (the next
+    weight push) could still be served."""
+    ray.kill(actor)
+    with contextlib.suppress(ray.exceptions.RayActorError):
+        while True:
+            ray.get(actor.__ray_ready__.remote())
+
+
 class _ActorGroup:
     world_size = 1
 
@@ -58,7 +69,7 @@ def test_dead_replica_that_cannot_restart_is_dropped_from_weight_sync(ray_local,
     )
     trainer._sync_weights()
     assert trainer.weight_sync_driver_bytes == 0  # the driver passed a ref on
-    ray.kill(servers[1])
+    _kill(servers[1])
     trainer.version = 1
     trainer._sync_weights()  # does not raise
     assert trainer.replicas == [replicas[0], replicas[2]]
@@ -72,7 +83,7 @@ def test_dead_replica_that_cannot_restart_is_dropped_from_weight_sync(ray_local,
     assert ray.get(servers[0].seen.remote()) == [0, 1, 2] == ray.get(servers[2].seen.remote())
 
     for server in (servers[0], servers[2]):
-        ray.kill(server)
+        _kill(server)
     with pytest.raises(RuntimeError, match="every rollout replica is gone"):
         trainer._sync_weights()
 
@@ -112,7 +123,7 @@ def test_dead_replica_is_replaced_with_the_current_weights_then_a_failing_start_
 
     victim = replicas[1]
     dead = victim.server_handle
-    ray.kill(dead)
+    _kill(dead)
     pool.push(weights, version=1)
     assert pool.metrics() == {
         "rollout/replicas_live": 2.0,
@@ -135,7 +146,7 @@ def test_dead_replica_is_replaced_with_the_current_weights_then_a_failing_start_
     for weights_file in (model_copy / "transformer").glob("*.safetensors"):
         weights_file.unlink()  # a new file: the live replica's memory map of the old one stays valid
         weights_file.write_bytes(b"not safetensors")
-    ray.kill(victim.server_handle)
+    _kill(victim.server_handle)
     with pytest.raises(RuntimeError, match=r"diffusers-replica-1: its replacement failed to start 3 times in a row"):
         pool.push(weights, version=2)
     assert pool.replaced == 1 and pool.lost == 2
