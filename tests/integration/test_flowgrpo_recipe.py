@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from process_tree import actor_pids
 from recipe_runs import NO_VALIDATION, SMALL_RUN, TWO_AGENT_WORKERS
 
-from recipes.flowgrpo.chaos import actor_pids
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.integration
