@@ -26,7 +26,7 @@ from verl_omni.models.tiny_sd3 import (
     _tiny_t5_encoder,
     _tiny_t5_tokenizer,
     _tiny_tokenizer,
-    read_stamp,
+    ensure_built,
     save_pipeline_atomically,
     stamp_for,
 )
@@ -130,9 +130,7 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 def ensure_tiny_flux(cache_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Return ``cache_dir/tiny-flux-seed{seed}``, building it only if it is missing or stale."""
     out = Path(cache_dir).expanduser().resolve() / f"tiny-flux-seed{seed}"
-    if read_stamp(out) == stamp_for(seed, family=_FAMILY):
-        return out
-    return build_tiny_flux(out, seed=seed)
+    return ensure_built(out, stamp_for(seed, family=_FAMILY), lambda path: build_tiny_flux(path, seed=seed))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,7 @@ from verl_omni.models.tiny_sd3 import (
     T5_MAX_LENGTH,
     TINY_SD3_HEIGHT,
     build_tiny_sd3_pipeline,
-    read_stamp,
+    ensure_built,
     save_pipeline_atomically,
     stamp_for,
 )
@@ -174,9 +174,11 @@ def ensure_pretrained_tiny_sd3(
     """Return ``cache_dir/tiny-sd3-color-seed{seed}``, pretraining it only if it is missing or stale."""
     opts = options or PretrainOptions()
     out = Path(cache_dir).expanduser().resolve() / f"tiny-sd3-color-seed{seed}"
-    if read_stamp(out) == _stamp(seed, opts):
-        return out
-    return build_pretrained_tiny_sd3(out, seed=seed, options=opts, progress=progress)
+    return ensure_built(
+        out,
+        _stamp(seed, opts),
+        lambda path: build_pretrained_tiny_sd3(path, seed=seed, options=opts, progress=progress),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

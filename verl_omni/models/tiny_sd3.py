@@ -27,7 +27,7 @@ import os
 import shutil
 import string
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -262,12 +262,15 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return save_pipeline_atomically(build_tiny_sd3_pipeline(seed), out_dir, stamp_for(seed))
 
 
+def ensure_built(out: Path, stamp: dict, build: Callable[[Path], Path]) -> Path:
+    """``out`` if it holds a build stamped ``stamp``; else ``build(out)`` (missing or stale: another seed, recipe)."""
+    return out if read_stamp(out) == stamp else build(out)
+
+
 def ensure_tiny_sd3(cache_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Return ``cache_dir/tiny-sd3-seed{seed}``, building it only if it is missing or stale."""
     out = Path(cache_dir).expanduser().resolve() / f"tiny-sd3-seed{seed}"
-    if read_stamp(out) == stamp_for(seed):
-        return out
-    return build_tiny_sd3(out, seed=seed)
+    return ensure_built(out, stamp_for(seed), lambda path: build_tiny_sd3(path, seed=seed))
 
 
 def main(argv: list[str] | None = None) -> None:

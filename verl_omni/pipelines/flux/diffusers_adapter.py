@@ -56,11 +56,7 @@ class FluxDiffusersAdapter:
         """FlowGRPO-sample one batch with resolved sampling ``params``; ``negative_encodings`` must be None."""
         if negative_encodings is not None:
             raise ValueError("FLUX.1 is guidance-distilled: it samples without a negative prompt")
-        latent_shape = (
-            self.spec.latent_channels,
-            params.height // self.spec.vae_scale_factor,
-            params.width // self.spec.vae_scale_factor,
-        )
+        latent_shape = self.spec.latent_shape(params.height, params.width)
         return sample_flow_match_sde(
             self.pipe.transformer,
             self.sigmas(params.num_inference_steps, params.height, params.width),

@@ -61,11 +61,7 @@ class SD3DiffusersAdapter:
     ) -> SDETrajectory:
         """FlowGRPO-sample one batch with resolved sampling ``params`` (equal for the whole batch)."""
         negatives = None if negative_encodings is None else stack_encodings(negative_encodings, self.device)
-        latent_shape = (
-            self.spec.latent_channels,
-            params.height // self.spec.vae_scale_factor,
-            params.width // self.spec.vae_scale_factor,
-        )
+        latent_shape = self.spec.latent_shape(params.height, params.width)
         return sample_flow_match_sde(
             self.pipe.transformer,
             self.sigmas(params.num_inference_steps, params.height, params.width),

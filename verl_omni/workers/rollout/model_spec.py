@@ -34,6 +34,10 @@ class ModelSpec:
     has_t5: bool
     t5_max_length: int | None
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One sample's (unpacked) latents ``(C, h, w)`` for an image of ``height`` x ``width`` pixels."""
+        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this (VAE downsampling times transformer patch)."""
