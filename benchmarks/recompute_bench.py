@@ -58,11 +58,10 @@ def _train_batch(group: Any) -> Any:
 
 
 def _actor_group(model: str, samples: int, recompute: bool, name: str) -> Any:
-    import ray
-    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+    from verl.single_controller.ray import RayResourcePool
 
-    from recipes.flowgrpo.config_compose import compose_recipe
-    from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
+    from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
+    from verl_omni.workers.diffusion_actor import actor_worker_group
 
     cfg = compose_recipe(
         f"actor_rollout_ref.model.path={model}",
@@ -76,13 +75,7 @@ def _actor_group(model: str, samples: int, recompute: bool, name: str) -> Any:
         config_name="flowgrpo_sd35_medium_lora",
     )
     pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix=name)
-    group = RayWorkerGroup(
-        resource_pool=pool,
-        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
-        name_prefix=name,
-        device_name="cpu",
-        worker_env=actor_worker_env(cfg, use_gpu=False),
-    )
+    group = actor_worker_group(cfg, diffusion_section(cfg), pool, name)
     group.init_model()
     return group
 

@@ -170,7 +170,13 @@ def test_step_line_reports_an_off_policy_first_step(tmp_path, capsys):
         }
     )
     trainer = FlowGRPOTrainer(
-        config, batcher=None, agent_loop_manager=None, actor_wg=None, replicas=[], run_dir=tmp_path
+        config,
+        batcher=None,
+        agent_loop_manager=None,
+        actor_wg=None,
+        replicas=[],
+        run_dir=tmp_path,
+        diffusion=DiffusionRolloutConfig(),
     )
     metrics = {
         "reward/mean": 0.5,

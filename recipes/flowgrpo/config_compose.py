@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from verl_omni.utils.config_paths import register_config_resolvers
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 RECIPE_CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
@@ -17,3 +18,9 @@ def compose_recipe(*overrides: str, config_name: str = "flowgrpo_tiny") -> DictC
     register_config_resolvers()
     with initialize_config_dir(config_dir=str(RECIPE_CONFIG_DIR), version_base=None):
         return compose(config_name, overrides=list(overrides))
+
+
+def diffusion_section(cfg: DictConfig) -> DiffusionRolloutConfig:
+    """The composed config's ``actor_rollout_ref.rollout.diffusion``, typed as the recipe's driver hands it to the
+    training ranks and the trainer."""
+    return DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.get("diffusion"))

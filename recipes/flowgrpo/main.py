@@ -38,6 +38,7 @@ from verl_omni.utils.startup import StartupClock
 
 if TYPE_CHECKING:
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
+    from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 DEFAULT_CONFIG_NAME = "flowgrpo_tiny"
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
@@ -150,10 +151,14 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     # module is loaded by now, as concurrent imports of transformers' lazy modules fail). Several nodes: the
     # replicas are placed first, then the training ranks, where the nodes' sizes steer them (see
     # docs/advanced_features/multinode.md).
+    rollout = checked.config.rollout  # the typed sections every actor receives, parsed once
     beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-training-ranks")
-    training = beside.submit(_start_training_ranks, cfg, startup, clock) if len(cluster.nodes) == 1 else None
+    training = (
+        beside.submit(_start_training_ranks, cfg, rollout.diffusion, startup, clock)
+        if len(cluster.nodes) == 1
+        else None
+    )
     with startup("start-up: launching the rollout replicas", ray_free_resources), clock.phase("replicas"):
-        rollout = checked.config.rollout
         server_manager = OmniLLMServerManager.create(cfg, routing=rollout.server_routing, diffusion=rollout.diffusion)
     client = server_manager.get_client()
     with startup("start-up: launching the agent-loop workers", ray_free_resources), clock.phase("agent_loop_workers"):
@@ -161,7 +166,9 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         # up before the first step (their imports take seconds): start-up counts them, not the first rollout
         ray.get([worker.__ray_ready__.remote() for worker in agent_loop_manager.agent_loop_workers])
 
-    actor_wg, layout = (training or beside.submit(_start_training_ranks, cfg, startup, clock)).result()
+    actor_wg, layout = (
+        training or beside.submit(_start_training_ranks, cfg, rollout.diffusion, startup, clock)
+    ).result()
     beside.shutdown()
     print(
         f"Actor: {layout['strategy']} over {layout['world_size']} rank(s) on {layout['device']}, "
@@ -184,6 +191,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         replicas=server_manager.get_replicas(),
         load_balancer=server_manager.global_load_balancer,
         run_dir=run_dir,
+        diffusion=rollout.diffusion,
         validation=ValidationBatches(
             checked.val,
             n=int(cfg.actor_rollout_ref.rollout.val_kwargs.n),
@@ -195,27 +203,23 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     return trainer
 
 
-def _start_training_ranks(cfg: DictConfig, startup: Callable[..., Any], clock: StartupClock) -> tuple[Any, dict]:
+def _start_training_ranks(
+    cfg: DictConfig, diffusion: DiffusionRolloutConfig, startup: Callable[..., Any], clock: StartupClock
+) -> tuple[Any, dict]:
     """Place the training ranks (verl's ``RayResourcePool``, one placement group per node) and load the model in
     them; returns the worker group and rank 0's layout."""
     import ray
-    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+    from verl.single_controller.ray import RayResourcePool
 
     from verl_omni.utils.heartbeat import ray_free_resources
-    from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env
+    from verl_omni.workers.diffusion_actor import actor_worker_group
 
     use_gpu = int(cfg.trainer.n_gpus_per_node) > 0 and int(ray.cluster_resources().get("GPU", 0)) > 0
     world = training_ranks_per_node(cfg.trainer, use_gpu)  # one placement group per entry, each on one node
     pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
     what = "start-up: placing the training ranks and loading the model"
     with startup(what, ray_free_resources), clock.phase("training_ranks"):
-        actor_wg = RayWorkerGroup(  # waits for the training placement group
-            resource_pool=pool,
-            ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
-            name_prefix="flowgrpo_actor",
-            device_name="cuda" if use_gpu else "cpu",
-            worker_env=actor_worker_env(cfg, use_gpu),
-        )
+        actor_wg = actor_worker_group(cfg, diffusion, pool, "flowgrpo_actor", use_gpu)  # waits for the placement group
         layout = actor_wg.init_model()[0]
     return actor_wg, layout
 

@@ -9,12 +9,12 @@ import pytest
 import ray
 import torch
 from verl.protocol import DataProto
-from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.single_controller.ray import RayResourcePool, RayWorkerGroup
 
-from recipes.flowgrpo.config_compose import compose_recipe
+from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
 from verl_omni.pipelines.sd3.sampling import compute_log_prob
 from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand
-from verl_omni.workers.diffusion_actor import DiffusionActorWorker, actor_worker_env, load_transformer
+from verl_omni.workers.diffusion_actor import actor_worker_group, load_transformer
 
 pytestmark = pytest.mark.integration
 
@@ -70,13 +70,7 @@ def _batch(model_path: str, n: int = 8, steps: int = 2) -> DataProto:
 
 def _group(cfg, ranks: int, name: str) -> tuple[RayWorkerGroup, RayResourcePool]:
     pool = RayResourcePool(process_on_nodes=[ranks], use_gpu=False, max_colocate_count=1, name_prefix=name)
-    group = RayWorkerGroup(
-        resource_pool=pool,
-        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=cfg),
-        name_prefix=name,
-        device_name="cpu",
-        worker_env=actor_worker_env(cfg, use_gpu=False),  # as the recipe starts it: the replicas' numerics
-    )
+    group = actor_worker_group(cfg, diffusion_section(cfg), pool, name)
     return group, pool
 
 

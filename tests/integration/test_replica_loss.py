@@ -21,7 +21,7 @@ import pytest
 import ray
 from diffusers import SD3Transformer2DModel
 
-from recipes.flowgrpo.config_compose import compose_recipe
+from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
 from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.diffusers_replica import DiffusersRolloutReplica
@@ -65,7 +65,13 @@ def test_dead_replica_that_cannot_restart_is_dropped_from_weight_sync(ray_local,
     servers = [_Server.remote() for _ in range(3)]
     replicas = [SimpleNamespace(servers=[s]) for s in servers]
     trainer = FlowGRPOTrainer(
-        cfg, batcher=None, agent_loop_manager=None, actor_wg=_ActorGroup(), replicas=replicas, run_dir=tmp_path
+        cfg,
+        batcher=None,
+        agent_loop_manager=None,
+        actor_wg=_ActorGroup(),
+        replicas=replicas,
+        run_dir=tmp_path,
+        diffusion=diffusion_section(cfg),
     )
     trainer._sync_weights()
     assert trainer.weight_sync_driver_bytes == 0  # the driver passed a ref on

@@ -70,21 +70,36 @@ def collect_all(worker_group: Any, output: list[Any]) -> list[Any]:
     return output
 
 
-def actor_worker_env(config: DictConfig, use_gpu: bool) -> dict[str, str]:
-    """``worker_env`` for the actor's ``RayWorkerGroup``: on CPU the replicas' numerics (thread count from
-    ``trainer.cpu_threads``, MKL strict under ``diffusion.batch_invariant``), set before MKL loads."""
-    if use_gpu:
-        return {}
-    diffusion = DiffusionRolloutConfig.from_config(config.actor_rollout_ref.rollout.get("diffusion"))
-    return cpu_process_env(int(config.trainer.get("cpu_threads", 0) or 0), diffusion.batch_invariant)
+def actor_worker_group(
+    config: DictConfig, diffusion: DiffusionRolloutConfig, pool: Any, name_prefix: str, use_gpu: bool = False
+) -> Any:
+    """The training ranks: verl's ``RayWorkerGroup`` of :class:`DiffusionActorWorker` on ``pool`` (waits for its
+    placement group). Each rank gets the config and the driver's parsed ``diffusion`` section; on CPU its
+    environment carries the replicas' numerics (thread count from ``trainer.cpu_threads``, MKL strict under
+    ``diffusion.batch_invariant``), set before MKL loads."""
+    from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
+
+    env = {} if use_gpu else cpu_process_env(int(config.trainer.get("cpu_threads", 0) or 0), diffusion.batch_invariant)
+    return RayWorkerGroup(
+        resource_pool=pool,
+        ray_cls_with_init=RayClassWithInitArgs(
+            cls=ray.remote(DiffusionActorWorker), config=config, diffusion=diffusion
+        ),
+        name_prefix=name_prefix,
+        device_name="cuda" if use_gpu else "cpu",
+        worker_env=env,
+    )
 
 
 class DiffusionActorWorker(Worker):
     """Holds the trainable transformer, its optimizer and (when ``beta > 0``) the reference."""
 
-    def __init__(self, config: DictConfig):
+    def __init__(self, config: DictConfig, diffusion: DiffusionRolloutConfig):
+        """``diffusion``: the rollout's sampling section as the driver parsed it (the recompute must use the
+        sampler's guidance, noise level and chunking)."""
         super().__init__()
         self.config = config
+        self.diffusion = diffusion
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
 
@@ -170,7 +185,7 @@ class DiffusionActorWorker(Worker):
         self.micro_batch_size = int(actor.get("ppo_micro_batch_size_per_gpu") or 1)
         self.mini_batch_size = int(actor.ppo_mini_batch_size)
         # The recomputation must use the sampler's guidance and noise level, or step 0 is off-policy.
-        diffusion = DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.get("diffusion"))
+        diffusion = self.diffusion
         self.guidance_scale = float(diffusion.guidance_scale)
         self.noise_level = float(diffusion.noise_level)
         # Batch-invariant: recompute at the replicas' fixed chunk shape (on CPU also without oneDNN, and with

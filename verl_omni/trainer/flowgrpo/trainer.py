@@ -22,12 +22,15 @@ from verl.utils.tracking import Tracking
 from verl_omni.protocol import CONDITIONING, TRAIN_KEYS, compact
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, nonzero_advantage_rows
 from verl_omni.trainer.flowgrpo.preemption import GracefulStop
-from verl_omni.trainer.flowgrpo.rollout_batch import rollout_rows
+from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS, rollout_rows
+from verl_omni.trainer.flowgrpo.sde_windows import window_metrics, window_schedule
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
+from verl_omni.utils.arrays import object_column
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.utils.heartbeat import Heartbeat
 from verl_omni.utils.payload_bytes import held_bytes
 from verl_omni.utils.visualize import save_image_grid, save_reward_curve
+from verl_omni.workers.config.algorithm import AlgorithmConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 if TYPE_CHECKING:
@@ -58,12 +61,13 @@ class FlowGRPOTrainer:
         replicas: the rollout replicas (``server_manager.get_replicas()``) that receive new weights; a replica
             whose server dies is replaced (``RolloutReplicaPool``).
         run_dir: where samples, curves, metrics and checkpoints go.
+        diffusion: the rollout's sampling section as the driver parsed it (which steps are trained).
         validation: the fixed validation rows (``ValidationBatches``: ``batches()`` and ``n``); None = never
             validate. When to validate comes from ``trainer.test_freq`` and ``trainer.val_before_train``.
+        load_balancer: the clients' balancer actor, where a replacement replica is registered.
 
     ``startup``: the launcher's :class:`~verl_omni.utils.startup.StartupClock`, if any: its breakdown is printed
     and logged (``timing_s/startup/*``) with this process's first step.
-        load_balancer: the clients' balancer actor, where a replacement replica is registered.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class FlowGRPOTrainer:
         actor_wg: Any,
         replicas: list[Any],
         run_dir: str | os.PathLike,
+        diffusion: DiffusionRolloutConfig,
         tracker_factory: Callable[[], Tracking] | None = None,
         validation: Any = None,
         load_balancer: Any = None,
@@ -91,10 +96,19 @@ class FlowGRPOTrainer:
         self.test_freq = int(config.trainer.get("test_freq", -1) or -1)
         self.val_before_train = bool(config.trainer.get("val_before_train", False))
         actor = config.actor_rollout_ref.get("actor") or {}
-        diffusion = DiffusionRolloutConfig.from_config(config.actor_rollout_ref.rollout.get("diffusion"))
         self.trained_steps = trained_step_count(
             diffusion.num_inference_steps, diffusion.sde_window, float(actor.get("timestep_fraction", 1.0))
         )
+        # Flow-GRPO-Fast / MixGRPO: each request's SDE window (all of it is trained); None: the fixed sde_window
+        self.windows = window_schedule(
+            AlgorithmConfig.from_config(config.get("algorithm")),
+            diffusion.num_inference_steps,
+            float(actor.get("timestep_fraction", 1.0)),
+            diffusion.sde_window,
+            diffusion.guidance_scale,
+        )
+        if self.windows is not None:
+            self.trained_steps = self.windows.size
         self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
         self.drop_zero_advantage = bool((config.get("algorithm") or {}).get("drop_zero_advantage", True))
         self.clip_range = float(actor.get("clip_ratio", 0.0) or 0.0)
@@ -206,6 +220,9 @@ class FlowGRPOTrainer:
         """The rollout request for ``rows`` (a ``PromptBatch``), whose ``step`` and ``base_seed`` seed its rows."""
         tag = f"val{self.version}" if validate else f"step{rows.step}"
         non_tensors = rollout_rows(rows, tag)
+        if self.windows is not None and not validate:
+            windows = [self.windows.window(rows.step, uid) for uid in rows.uids]
+            non_tensors[ROW_SAMPLING_PARAMS] = object_column([{"sde_window": list(w)} for w in windows])
         return DataProto.from_dict(
             non_tensors=non_tensors,
             meta_info={"global_steps": rows.step, "seed": rows.base_seed, "validate": validate},
@@ -379,6 +396,8 @@ class FlowGRPOTrainer:
         }
         for key, value in (out.meta_info.get("metrics") or {}).items():
             metrics[key] = float(value)
+        if ROW_SAMPLING_PARAMS in out.non_tensor_batch:
+            metrics.update(window_metrics([p["sde_window"] for p in out.non_tensor_batch[ROW_SAMPLING_PARAMS]]))
         if "reward_s" in out.non_tensor_batch:
             metrics["timing_s/reward_mean_per_sample"] = float(np.mean(out.non_tensor_batch["reward_s"]))
         return metrics
