@@ -16,6 +16,7 @@ from pydantic import Field
 
 from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig
+from verl_omni.workers.config.algorithm import AlgorithmConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.config.ema import EMAConfig
 from verl_omni.workers.config.precision import ACTOR, IS_THRESHOLD_KEY, RECOMPUTE_KEY
@@ -91,13 +92,6 @@ class TrainerOptions(Section):
                 f"logger={names} has {', '.join(repr(n) for n in unknown)}, not a verl tracker; valid choices: "
                 f"{', '.join(TRACKING_BACKENDS)}"
             )
-
-
-@section("algorithm", closed=False)
-class AlgorithmOptions(Section):
-    adv_clip_max: float | None = option(None, gt=0)
-    global_std: bool = False
-    drop_zero_advantage: bool = True
 
 
 @section(f"{ACTOR}.optim", closed=False)
@@ -207,7 +201,7 @@ class RecipeConfig(Section):
 
     data: DataOptions = option(...)
     trainer: TrainerOptions = option(...)
-    algorithm: AlgorithmOptions = Field(default_factory=AlgorithmOptions)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     actor_rollout_ref: ActorRolloutRef = option(...)
     ray_kwargs: RayOptions = Field(default_factory=RayOptions)
 

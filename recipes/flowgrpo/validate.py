@@ -29,6 +29,7 @@ from recipes.flowgrpo.data import (
 )
 from recipes.flowgrpo.schema import RecipeConfig, parse_recipe_config
 from verl_omni.pipelines.registry import check_negative_prompt
+from verl_omni.trainer.flowgrpo.sde_windows import window_schedule
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ACTOR_PREFIX, ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.precision import precision_warning
@@ -327,6 +328,13 @@ def validate_recipe_config(
                     raise ValueError(f"{key}: reward {spec.name!r} cannot score a prompt: {err}") from None
     # loads torch (the SDE window rule): after the torch-free checks
     trained_step_count(diffusion.num_inference_steps, diffusion.sde_window, actor.timestep_fraction)
+    window_schedule(
+        recipe.algorithm,
+        diffusion.num_inference_steps,
+        actor.timestep_fraction,
+        diffusion.sde_window,
+        diffusion.guidance_scale,
+    )
     replicas = num_rollout_replicas(cfg)
     if replicas < 1:
         raise ValueError(

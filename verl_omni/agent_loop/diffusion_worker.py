@@ -25,6 +25,7 @@ from verl_omni.agent_loop.group_reward import reward_exposed_s, score_group
 from verl_omni.agent_loop.sampling import row_seed, sampling_params
 from verl_omni.protocol import CONDITIONING, stack_samples
 from verl_omni.rewards.weighted import WeightedReward
+from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS
 from verl_omni.utils.arrays import object_column
 from verl_omni.utils.ray_actor import restarted_actor
 
@@ -93,6 +94,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         n = len(batch)
         row_index = non_tensor.get("row_index", np.arange(n))
         agent_names = non_tensor.get("agent_name", np.array([DIFFUSION_AGENT_NAME] * n, dtype=object))
+        row_params = non_tensor.get(ROW_SAMPLING_PARAMS)  # per-row sampling parameters (an algorithm's SDE window)
 
         start = time.perf_counter()
         shared_params = sampling_params(self.rollout_config, validate=validate)  # the replica applies the defaults
@@ -108,7 +110,11 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
                 {
                     "request_id": str(request_id),
                     "prompt_ids": prompt_of(non_tensor["prompt"][i]),
-                    "sampling_params": {**shared_params, "seed": row_seed(base_seed, global_step, row)},
+                    "sampling_params": {
+                        **shared_params,
+                        **(row_params[i] if row_params is not None else {}),
+                        "seed": row_seed(base_seed, global_step, row),
+                    },
                 }
             )
             key = non_tensor[field][i]

@@ -11,6 +11,9 @@ from verl_omni.utils.arrays import object_column
 
 # Every row of a rollout request carries these fields; ``routing_key_field`` must name one of them.
 ROLLOUT_ROW_FIELDS: tuple[str, ...] = ("prompt", "uid", "prompt_index", "row_index", "request_id")
+# Optional per-row column: a dict of sampling parameters the row's request sets over the shared ones (e.g. the SDE
+# window an algorithm chose for the row's group).
+ROW_SAMPLING_PARAMS = "sampling_params"
 
 
 def rollout_rows(rows: Any, tag: str) -> dict[str, np.ndarray]:

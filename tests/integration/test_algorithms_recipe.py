@@ -1,0 +1,62 @@
+"""Each algorithm of ``algorithm.name`` through the recipe's real entry point, 2 steps on CPU: the same trainer,
+rollout and routing, on policy at the first inner step (batch-invariant: ``actor/ratio_max_abs_dev`` exactly 0),
+training on the steps its windows say. One run per algorithm (a run is about a minute, mostly start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from recipe_runs import NO_VALIDATION, SMALL_RUN
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(run_dir: Path, cache: Path, *overrides: str) -> list[dict]:
+    """2 steps of the small run with ``overrides``; the per-step metrics."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "recipes.flowgrpo.main",
+        f"trainer.default_local_dir={run_dir}",
+        *SMALL_RUN,
+        *NO_VALIDATION,
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=-1",
+        *overrides,
+    ]
+    env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r.get("data", r) for r in rows if "reward/mean" in r.get("data", r)]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["actor/ratio_max_abs_dev"] == 0.0  # on policy, bit for bit
+        assert row["actor/grad_norm"] > 0
+    return rows
+
+
+def test_flow_grpo_fast_trains_on_a_random_window_per_group(tmp_path, verl_omni_cache):
+    # 4 steps (trained: 3); Fast's default range is the first half, [0, 2): a 1-step window starts at 0 or 1
+    rows = _run(tmp_path / "fast", verl_omni_cache, "algorithm.name=flow_grpo_fast", "algorithm.fast.window_size=1")
+    for row in rows:
+        assert row["actor/trained_steps"] == 1.0 and row["rollout/sde_window_size"] == 1.0
+        shares = {k: v for k, v in row.items() if k.startswith("rollout/sde_window_start/")}
+        assert set(shares) <= {"rollout/sde_window_start/0", "rollout/sde_window_start/1"}
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert all(4 * v == round(4 * v) for v in shares.values())  # whole groups of 4 copies share a window
+
+
+def test_mix_grpo_slides_one_window_over_the_schedule(tmp_path, verl_omni_cache):
+    overrides = ("algorithm.name=mix_grpo", "algorithm.mix.window_size=2", "algorithm.mix.shift_every=1")
+    rows = _run(tmp_path / "mix", verl_omni_cache, *overrides)
+    assert [r["rollout/sde_window_start_mean"] for r in rows] == [0.0, 1.0]
+    assert all(r["rollout/sde_window_start_min"] == r["rollout/sde_window_start_max"] for r in rows)
+    assert all(r["actor/trained_steps"] == 2.0 for r in rows)
