@@ -44,6 +44,7 @@ SAMPLING_FIELDS: dict[str, str] = {
     "sde_window": "[start, end) step indices sampled as (recorded) SDE steps, or null for all steps",
     "height": "int pixels, a multiple of vae_scale_factor * patch_size",
     "width": "int pixels, a multiple of vae_scale_factor * patch_size",
+    "num_frames": "int frames of a video family (k * temporal_scale_factor + 1), or null: the family's default",
 }
 
 
@@ -59,6 +60,7 @@ class SamplingParams:
     sde_window: tuple[int, int]
     height: int
     width: int
+    num_frames: int | None = None  # None: an image
 
     @property
     def do_cfg(self) -> bool:
@@ -74,6 +76,7 @@ class SamplingParams:
             self.guidance_scale,
             self.noise_level,
             self.sde_window,
+            self.num_frames,
         )
 
 
@@ -93,7 +96,8 @@ class Sample(BaseModel):
 
     Attributes:
         request_id: the caller's request id.
-        image: uint8 ``(3, H, W)``.
+        image: uint8 ``(3, H, W)``; a video family's sample is a video, uint8 ``(F, 3, H, W)`` (frames first, as
+            diffusers' video processor returns them), under the same field and batch key.
         latents: float32 ``(T + 1, C, h, w)``: ``x`` before each recorded step, then after the last one (empty
             when ``T == 0``); step ``t`` moves ``latents[t]`` to ``latents[t + 1]``.
         sigmas: float32 ``(T + 1,)``: the noise levels of those latents (empty when ``T == 0``).

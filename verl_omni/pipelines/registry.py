@@ -28,12 +28,18 @@ class ModelPipelines:
         true_cfg: ``guidance_scale > 1`` runs classifier-free guidance with a negative prompt; False for a
             guidance-distilled family (FLUX.1-dev), whose transformer takes the scale as an input and which has
             no negative prompt to encode, record or accept.
+        num_frames: a video family's default frame count (its pipeline's default); None for an image family,
+            which takes no ``num_frames``.
+        default_size: ``(height, width)`` in pixels when the transformer config has no ``sample_size`` to derive
+            it from (the pipeline's default); None: ``sample_size * vae_scale_factor``.
     """
 
     trainer: str
     diffusers: str | None = None
     vllm_omni: str | None = None
     true_cfg: bool = True
+    num_frames: int | None = None
+    default_size: tuple[int, int] | None = None
 
 
 MODEL_PIPELINES: dict[str, ModelPipelines] = {
@@ -47,6 +53,14 @@ MODEL_PIPELINES: dict[str, ModelPipelines] = {
         trainer="verl_omni.pipelines.flux.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.flux.diffusers_adapter.FluxDiffusersAdapter",
         true_cfg=False,
+    ),
+    # Wan 2.1 / 2.2 text-to-video with one transformer. vllm-omni 0.28 serves WanPipeline checkpoints with its
+    # Wan22Pipeline (vllm_omni/diffusion/models/wan2_2); no FlowGRPO subclass of it yet. Defaults: WanPipeline's.
+    "WanPipeline": ModelPipelines(
+        trainer="verl_omni.pipelines.wan.sampling.compute_log_prob",
+        diffusers="verl_omni.pipelines.wan.diffusers_adapter.WanDiffusersAdapter",
+        num_frames=81,
+        default_size=(480, 832),
     ),
 }
 

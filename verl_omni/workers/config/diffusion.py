@@ -31,6 +31,8 @@ class DiffusionRolloutConfig(Section):
         sde_window: ``[start, end)`` step indices sampled as SDE steps (and recorded); null = all.
         height, width: image size in pixels; null = the model's default (transformer sample size times
             the VAE scale factor). Must be multiples of ``vae_scale_factor * patch_size``.
+        num_frames: video families only (Wan): frames per video, ``k * temporal_scale_factor + 1`` (4k + 1 for
+            Wan's causal VAE); null = the family's default (81 for Wan), and null for an image family.
         max_sequence_length: T5 tokens of the text conditioning; null = the T5 tokenizer's
             ``model_max_length`` capped at 256 (SD3's default), or 256 without a T5 tokenizer.
 
@@ -74,6 +76,7 @@ class DiffusionRolloutConfig(Section):
     sde_window: list[int] | None = option(None, sampling=True, why="must be [start, end) step indices or null")
     height: int | None = option(None, ge=1, sampling=True)
     width: int | None = option(None, ge=1, sampling=True)
+    num_frames: int | None = option(None, ge=1, sampling=True, note="video families; null for images")
     max_sequence_length: int | None = option(None, ge=1, le=512, note="SD3's T5 limit is 512")
 
     admission_window_ms: float = option(10.0, ge=0, note="milliseconds")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_omni.pipelines.registry import adapter_path
+from verl_omni.pipelines.registry import MODEL_PIPELINES, adapter_path
 
 _REQUIRED_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 _SD3_T5_DEFAULT_MAX_SEQUENCE_LENGTH = 256
@@ -33,10 +33,40 @@ class ModelSpec:
     max_latent_size: int | None
     has_t5: bool
     t5_max_length: int | None
+    # video families (a causal 3-D VAE): frames per latent frame, and the pipeline's default frame count
+    temporal_scale_factor: int | None = None
+    default_num_frames: int | None = None
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """One sample's (unpacked) latents ``(C, h, w)`` for an image of ``height`` x ``width`` pixels."""
-        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+    @property
+    def is_video(self) -> bool:
+        return self.temporal_scale_factor is not None
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """One sample's (unpacked) latents: ``(C, h, w)`` for an image of ``height`` x ``width`` pixels,
+        ``(C, f, h, w)`` for a video of ``num_frames`` frames (the causal VAE keeps the first frame, compresses the
+        rest)."""
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        if num_frames is None:
+            return (self.latent_channels, h, w)
+        return (self.latent_channels, (num_frames - 1) // self.temporal_scale_factor + 1, h, w)
+
+    def check_num_frames(self, name: str, value: Any) -> int | None:
+        """Return ``value`` if the VAE takes it as ``name`` (a frame count; None for an image family), else raise
+        naming the valid choices: a causal video VAE takes ``k * temporal_scale_factor + 1`` frames."""
+        if not self.is_video:
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r}: a {self.pipeline_class} checkpoint generates images; valid choices: null"
+                )
+            return None
+        t = self.temporal_scale_factor
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (value - 1) % t:
+            examples = ", ".join(str(k * t + 1) for k in range(5))
+            raise ValueError(
+                f"{name}={value!r}: the {self.pipeline_class} VAE compresses time {t}x and keeps the first frame; "
+                f"valid choices: {t}k + 1 frames ({examples}, ...)"
+            )
+        return value
 
     @property
     def size_multiple(self) -> int:
@@ -85,22 +115,34 @@ class ModelSpec:
         missing = [c for c in _REQUIRED_COMPONENTS if not _component_present(index, root, c)]
         if missing:
             raise ValueError(f"{key}={str(path)!r} lacks pipeline component(s) {missing}")
+        if _component_present(index, root, "transformer_2"):
+            raise ValueError(
+                f"{key}={str(path)!r} has a second transformer (transformer_2, e.g. Wan2.2-T2V-A14B's low-noise "
+                "expert) and verl-omni trains one; valid choices: a checkpoint with one transformer "
+                "(Wan2.1-T2V-1.3B/14B, Wan2.2-TI2V-5B)"
+            )
 
         vae = _read_json(root / "vae" / "config.json", key, path)
         transformer = _read_json(root / "transformer" / "config.json", key, path)
-        vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-        latent_channels = int(vae.get("latent_channels", transformer.get("in_channels", 16)))
+        entry = MODEL_PIPELINES[pipeline_class]
+        # a 3-D VAE (Wan) states its factors; a 2-D KL VAE downsamples once per block after the first
+        vae_scale_factor = int(
+            vae.get("scale_factor_spatial") or 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        )
+        latent_channels = int(vae.get("latent_channels", vae.get("z_dim", transformer.get("in_channels", 16))))
         # a transformer reading 2x2 patches of the VAE latents as channels (FLUX) packs them: 4x the channels
         packing = 2 if int(transformer.get("in_channels", latent_channels)) == 4 * latent_channels else 1
-        patch_size = int(transformer.get("patch_size", 2)) * packing
+        patch = transformer.get("patch_size", 2)
+        patch_size = int(patch[-1] if isinstance(patch, list) else patch) * packing  # Wan: (frames, rows, cols)
         sample_size = int(transformer.get("sample_size", 128))
+        default_size = entry.default_size or (sample_size * vae_scale_factor, sample_size * vae_scale_factor)
         pos_max = transformer.get("pos_embed_max_size")
-        # the T5 encoder: SD3's third text encoder, FLUX's second
-        t5 = next((n for n in ("3", "2") if "T5" in str(index.get(f"text_encoder_{n}", ""))), "3")
-        has_t5 = _component_present(index, root, f"text_encoder_{t5}")
+        # the T5 encoder: SD3's third text encoder, FLUX's second, Wan's only one (UMT5)
+        t5 = next((n for n in ("_3", "_2", "") if "T5" in str(index.get(f"text_encoder{n}", ""))), "_3")
+        has_t5 = _component_present(index, root, f"text_encoder{t5}")
         t5_max = None
-        if _component_present(index, root, f"tokenizer_{t5}"):
-            tok_cfg_file = root / f"tokenizer_{t5}" / "tokenizer_config.json"
+        if _component_present(index, root, f"tokenizer{t5}"):
+            tok_cfg_file = root / f"tokenizer{t5}" / "tokenizer_config.json"
             if tok_cfg_file.is_file():
                 raw = _read_json(tok_cfg_file, key, path).get("model_max_length")
                 t5_max = int(raw) if isinstance(raw, int | float) and raw < 1e9 else None
@@ -110,11 +152,13 @@ class ModelSpec:
             vae_scale_factor=vae_scale_factor,
             patch_size=patch_size,
             latent_channels=latent_channels,
-            default_height=sample_size * vae_scale_factor,
-            default_width=sample_size * vae_scale_factor,
+            default_height=default_size[0],
+            default_width=default_size[1],
             max_latent_size=None if pos_max is None else int(pos_max) * patch_size,
             has_t5=has_t5,
             t5_max_length=t5_max,
+            temporal_scale_factor=int(vae.get("scale_factor_temporal") or 4) if entry.num_frames else None,
+            default_num_frames=entry.num_frames,
         )
 
 

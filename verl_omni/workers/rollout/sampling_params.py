@@ -72,6 +72,8 @@ def resolve_sampling_params(
     width = given.get("width", defaults.width)
     height = spec.default_height if height is None else spec.check_image_size("sampling_params.height", height)
     width = spec.default_width if width is None else spec.check_image_size("sampling_params.width", width)
+    frames = given.get("num_frames", defaults.num_frames)
+    frames = spec.default_num_frames if frames is None else spec.check_num_frames("sampling_params.num_frames", frames)
 
     return SamplingParams(
         seed=int(seed),
@@ -82,6 +84,7 @@ def resolve_sampling_params(
         sde_window=(start, end),
         height=int(height),
         width=int(width),
+        num_frames=frames,
     )
 
 
