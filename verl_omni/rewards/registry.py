@@ -1,7 +1,8 @@
 """Name -> reward factory registry, so the recipe picks a reward by config (``reward.name``).
 
 A reward is any callable ``(images, prompts) -> scores`` where ``images`` is a uint8 tensor of shape
-``(B, 3, H, W)``, ``prompts`` a list of ``B`` strings and ``scores`` a float32 tensor of shape ``(B,)``.
+``(B, 3, H, W)``, ``prompts`` a list of ``B`` strings and ``scores`` a float32 tensor of shape ``(B,)``. A video
+family's samples are uint8 videos ``(B, F, 3, H, W)``: they need a video reward (``video_color``).
 The registry stores factories (usually classes) so that options such as a model path reach the reward.
 
 A reward outside the package needs no registration: ``reward.name: my_rewards:brightness`` imports
@@ -32,6 +33,7 @@ BUILTIN_REWARD_MODULES: dict[str, str] = {
     "ocr": "verl_omni.rewards.ocr",
     "pickscore": "verl_omni.rewards.pickscore",
     "remote": "verl_omni.rewards.remote",
+    "video_color": "verl_omni.rewards.video",
 }
 # A term of a weighted reward may be named ``<reward>-<label>`` (e.g. ``remote-geneval``): reward ``<reward>``
 # under its own name, so one reward (two reward services) can appear several times with different options.
