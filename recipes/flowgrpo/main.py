@@ -32,6 +32,7 @@ from recipes.flowgrpo.validate import (
     validate_model_options,
     validate_recipe_config,
 )
+from verl_omni.models.tiny_models import built_tiny_model, ensure_tiny_model
 from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 from verl_omni.utils.startup import StartupClock
@@ -53,11 +54,11 @@ def _joins_cluster(cfg: DictConfig) -> bool:
     return bool(os.environ.get("RAY_ADDRESS") or ray_init.get("address"))
 
 
-def _built_tiny_model() -> str | None:
-    """The built-in tiny model's directory if a previous run built it (``ensure_pretrained_tiny_sd3``'s name for
-    seed 0), so its configs can be checked before the modules that build it load; else None (checked once built)."""
-    path = TINY_MODEL_CACHE / "tiny-sd3-color-seed0"
-    return str(path) if (path / "model_index.json").is_file() else None
+def _built_tiny_model(cfg: DictConfig) -> str | None:
+    """The tiny model's directory (``actor_rollout_ref.model.tiny``) if a previous run built it, so its configs can
+    be checked before the modules that build it load; else None (checked once built)."""
+    path = built_tiny_model(cfg.actor_rollout_ref.model.get("tiny", "sd3"), TINY_MODEL_CACHE)
+    return None if path is None else str(path)
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, float]]:
@@ -112,7 +113,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     try:
         cluster = cluster or local_cluster_shape(ray_init)  # the one node a local Ray will have
         # before a local Ray or any model; a request the nodes cannot hold fails here, not as a pending actor
-        model = cfg.actor_rollout_ref.model.get("path") or _built_tiny_model()
+        model = cfg.actor_rollout_ref.model.get("path") or _built_tiny_model(cfg)
         checked = validate_recipe_config(cfg, overrides=overrides, cluster=cluster, image_size_model=model)
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -122,7 +123,6 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
 
     from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
     from verl_omni.agent_loop import OmniAgentLoopManager
-    from verl_omni.models.tiny_pretrain import ensure_pretrained_tiny_sd3
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
     from verl_omni.utils.heartbeat import Heartbeat, ray_free_resources
     from verl_omni.workers.diffusion_actor import DiffusionActorWorker  # noqa: F401  (as verl above)
@@ -131,7 +131,8 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     clock = StartupClock()  # phases from the process's start, logged with the first step
     if cfg.actor_rollout_ref.model.get("path") is None:
         with open_dict(cfg):
-            cfg.actor_rollout_ref.model.path = str(ensure_pretrained_tiny_sd3(TINY_MODEL_CACHE))
+            model_cfg = cfg.actor_rollout_ref.model
+            model_cfg.path = str(ensure_tiny_model(model_cfg.get("tiny", "sd3"), TINY_MODEL_CACHE))
     try:
         validate_model_options(cfg, cfg.actor_rollout_ref.model.path)  # its configs only, still before Ray
     except ValueError as err:
@@ -158,13 +159,19 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         if len(cluster.nodes) == 1
         else None
     )
-    with startup("start-up: launching the rollout replicas", ray_free_resources), clock.phase("replicas"):
-        server_manager = OmniLLMServerManager.create(cfg, routing=rollout.server_routing, diffusion=rollout.diffusion)
+    # The replicas load their models while the agent-loop workers import (each takes seconds of CPU).
+    launched = clock.now()
+    with startup("start-up: launching the rollout replicas", ray_free_resources):
+        server_manager = OmniLLMServerManager.create(
+            cfg, routing=rollout.server_routing, diffusion=rollout.diffusion, wait_loaded=False
+        )
     client = server_manager.get_client()
     with startup("start-up: launching the agent-loop workers", ray_free_resources), clock.phase("agent_loop_workers"):
         agent_loop_manager = OmniAgentLoopManager.create(cfg, client)
         # up before the first step (their imports take seconds): start-up counts them, not the first rollout
         ray.get([worker.__ray_ready__.remote() for worker in agent_loop_manager.agent_loop_workers])
+    with startup("start-up: loading the rollout replicas", ray_free_resources), clock.phase("replicas", launched):
+        server_manager.wait_loaded()
 
     actor_wg, layout = (
         training or beside.submit(_start_training_ranks, cfg, rollout.diffusion, startup, clock)

@@ -28,9 +28,10 @@ class StartupClock:
         return time.time() - self.process_start
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time the block as phase ``name`` (thread-safe: each phase has its own name)."""
-        start = self.now()
+    def phase(self, name: str, since: float | None = None) -> Iterator[None]:
+        """Time the block as phase ``name`` (thread-safe: each phase has its own name); ``since``: the phase began
+        earlier, at this :meth:`now` (work started before the block that waits for it)."""
+        start = self.now() if since is None else since
         try:
             yield
         finally:

@@ -257,7 +257,7 @@ class DiffusersRolloutServer(RolloutServerBase):
         self._executor.shutdown(wait=True)
 
     async def ready(self) -> dict[str, Any]:
-        """Model loaded; what this server serves (the replica awaits it so load errors surface at launch)."""
+        """Model loaded; what this server serves (the replacement of a dead replica awaits it)."""
         return {
             "server_id": self.server_id,
             "model_path": self.engine.spec.path,

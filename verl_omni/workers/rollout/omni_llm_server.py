@@ -251,6 +251,25 @@ class OmniLLMServerManager(LLMServerManager):
             )
         super().__init__(config, *args, load_balancer_cls=load_balancer_cls, **kwargs)
 
+    @classmethod
+    @auto_await
+    async def create(cls, *args: Any, wait_loaded: bool = True, **kwargs: Any) -> OmniLLMServerManager:
+        """verl's ``create``: the replicas, then the balancer over them. With ``wait_loaded=False`` it returns while
+        the replicas load their models, so the caller can start other actors meanwhile, and calls
+        :meth:`wait_loaded` before it needs them."""
+        instance = cls(*args, **kwargs)
+        await instance._initialize_llm_servers()
+        await instance._init_global_load_balancer()
+        if wait_loaded:
+            await instance.wait_loaded()
+        return instance
+
+    @auto_await
+    async def wait_loaded(self) -> None:
+        """Return once every replica's server actor is constructed (a diffusion server loads its model in its
+        constructor); a server that failed to start raises here."""
+        await asyncio.gather(*(handle.__ray_ready__.remote() for handle in self.server_handles))
+
     async def _init_global_load_balancer(self) -> None:
         cfg = self.routing_config
         if getattr(self.rollout_config, "router_config_path", None):

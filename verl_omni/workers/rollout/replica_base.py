@@ -122,15 +122,15 @@ class DiffusionRolloutReplica(RolloutReplica):
         )
 
     def serve_with(self, handle: Any) -> None:
-        """Make ``handle`` (a started, loaded server actor) the one this replica exposes."""
+        """Make ``handle`` (a started server actor) the one this replica exposes."""
         self._server_handle = handle
         self.servers = [handle]
 
     async def launch_servers(self) -> None:
-        """Start the server actor, wait until its model is loaded, and expose it to ``LLMServerManager``."""
-        handle = self.start_server()
-        await handle.ready.remote()
-        self.serve_with(handle)
+        """Start the server actor and expose it to ``LLMServerManager`` at once: its model loads in the background
+        (a call to it waits for the load), so other actors can start meanwhile;
+        ``OmniLLMServerManager.wait_loaded`` waits for it."""
+        self.serve_with(self.start_server())
 
 
 def _model_path(model_config: Any, backend: str) -> str:

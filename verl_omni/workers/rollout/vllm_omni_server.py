@@ -416,7 +416,7 @@ class VllmOmniRolloutServer(RolloutServerBase):
         self.engine.shutdown()
 
     async def ready(self) -> dict[str, Any]:
-        """Engine started; what this server serves (the replica awaits it so start-up errors surface at launch)."""
+        """Engine started; what this server serves (the replacement of a dead replica awaits it)."""
         return {
             "server_id": self.server_id,
             "backend": BACKEND,
