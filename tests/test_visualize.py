@@ -1,4 +1,4 @@
-"""Sample grids and reward curves are real PNGs of the expected size."""
+"""Sample grids and reward curves are real PNGs of the expected size; video grids are real animated images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from verl_omni.utils.visualize import save_image_grid, save_reward_curve
+from verl_omni.utils.visualize import save_image_grid, save_reward_curve, save_sample_grid, save_video_grid
 
 
 def _images(count: int, height: int = 16, width: int = 24) -> torch.Tensor:
@@ -81,3 +81,25 @@ def test_reward_curve_rejects_bad_input(tmp_path):
         save_reward_curve([1, 2], [1.0], None, tmp_path / "c.png")
     with pytest.raises(ValueError, match="finite"):
         save_reward_curve([1], [float("nan")], None, tmp_path / "c.png")
+
+
+def test_video_grid_is_an_animated_image_whose_frames_are_the_frame_grids(tmp_path):
+    videos = torch.randint(0, 256, (3, 4, 3, 8, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    path = save_sample_grid(videos, tmp_path / "step_00001", ncols=2, pad=2, fps=5)
+    assert path == tmp_path / "step_00001.webp"
+    with Image.open(path) as webp:
+        assert webp.format == "WEBP" and webp.is_animated and webp.n_frames == 4
+        assert webp.size == (2 * (12 + 2) + 2, 2 * (8 + 2) + 2)
+        for f in range(4):  # lossless: frame f is every video's frame f, laid out as the image grid
+            webp.seek(f)
+            got = np.asarray(webp.convert("RGB"))
+            assert webp.info["duration"] == 200
+            np.testing.assert_array_equal(got[2:10, 16:28], videos[1, f].permute(1, 2, 0).numpy())
+    gif = save_video_grid(videos, tmp_path / "v.gif", captions=["a", "b", "c"], scale=2)
+    with Image.open(gif) as anim:
+        assert anim.format == "GIF" and anim.n_frames == 4
+    assert save_sample_grid(videos[:, 0], tmp_path / "img").suffix == ".png"  # 4-D: an image grid
+    with pytest.raises(ValueError, match=r"saved as \.webp or \.gif"):
+        save_video_grid(videos, tmp_path / "v.png")
+    with pytest.raises(ValueError, match=r"\(B, F, 3, H, W\)"):
+        save_video_grid(videos[:, 0], tmp_path / "v.webp")

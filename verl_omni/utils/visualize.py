@@ -1,5 +1,5 @@
-"""PNG visualisations: sample grids (Pillow) and the reward curve (matplotlib; training reward per step,
-optionally with the validation reward)."""
+"""Visualisations: sample grids (Pillow; PNG for images, animated WebP or GIF for videos) and the reward curve
+(matplotlib; training reward per step, optionally with the validation reward)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,63 @@ def save_image_grid(
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a uint8 tensor of shape (B, 3, H, W) with B >= 1, got {desc}")
+    canvas = _grid(images, captions, ncols, pad, scale, caption_lines)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG")
+    return out
+
+
+_ANIMATED_FORMATS = {".webp": "WEBP", ".gif": "GIF"}
+
+
+def save_video_grid(
+    videos: torch.Tensor,
+    path: str | os.PathLike,
+    captions: Sequence[str] | None = None,
+    ncols: int | None = None,
+    pad: int = 2,
+    scale: int = 1,
+    caption_lines: int = 2,
+    fps: float = 8.0,
+) -> Path:
+    """Save uint8 ``(B, F, 3, H, W)`` videos as one animated grid: frame ``f`` is the :func:`save_image_grid` layout
+    of every video's frame ``f``, looping at ``fps``. The format follows the suffix: ``.webp`` (lossless) or
+    ``.gif`` (256 colours)."""
+    if not isinstance(videos, torch.Tensor) or videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[2] != 3:
+        desc = f"{videos.dtype} {tuple(videos.shape)}" if isinstance(videos, torch.Tensor) else type(videos).__name__
+        raise ValueError(f"videos must be a uint8 tensor of shape (B, F, 3, H, W) with B, F >= 1, got {desc}")
+    out = Path(path)
+    fmt = _ANIMATED_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path={str(path)!r}: an animated grid is saved as {' or '.join(_ANIMATED_FORMATS)}")
+    if videos.shape[1] == 0 or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"need at least one frame and fps > 0, got {videos.shape[1]} frames at fps={fps!r}")
+    frames = [_grid(videos[:, f], captions, ncols, pad, scale, caption_lines) for f in range(videos.shape[1])]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    duration = round(1000 / fps)
+    frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:], duration=duration, loop=0, **extra)
+    return out
+
+
+def save_sample_grid(samples: torch.Tensor, stem: str | os.PathLike, **options: object) -> Path:
+    """A batch's samples as one grid at ``stem`` plus the suffix of its kind: images (4-D) as ``.png``, videos (5-D:
+    a video family's ``(B, F, 3, H, W)``) as an animated ``.webp``. ``options`` as :func:`save_image_grid`'s."""
+    if isinstance(samples, torch.Tensor) and samples.ndim == 5:
+        return save_video_grid(samples, Path(f"{stem}.webp"), **options)
+    return save_image_grid(samples, Path(f"{stem}.png"), **options)
+
+
+def _grid(
+    images: torch.Tensor,
+    captions: Sequence[str] | None,
+    ncols: int | None,
+    pad: int,
+    scale: int,
+    caption_lines: int,
+) -> Image.Image:
+    """The captioned grid of uint8 ``(B, 3, H, W)`` images (see :func:`save_image_grid`)."""
     count, _, height, width = images.shape
     if count == 0:
         raise ValueError("images must hold at least one image")
@@ -98,10 +155,7 @@ def save_image_grid(
         if captions is not None:
             for j, line in enumerate(_wrap(str(captions[i]), font, cell_w, caption_lines)):
                 draw.text((x, y + cell_h + 1 + j * line_h), line, fill=_TEXT, font=font)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
-    return out
+    return canvas
 
 
 def save_reward_curve(
