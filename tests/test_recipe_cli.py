@@ -68,6 +68,21 @@ REPO = Path(__file__).resolve().parents[1]
             "config error: ray_kwargs.ray_init.num_cpus=0 must be a finite number > 0 or null",
         ),
         (
+            "algorithm.name=dance_grpo",
+            "config error: algorithm.name='dance_grpo' is not valid; valid choices: flow_grpo, flow_grpo_fast, mix_grpo",
+        ),
+        ("algorithm.fast.window_size=0", "config error: algorithm.fast.window_size=0 must be a positive integer"),
+        (
+            "algorithm.mix.shift=2",
+            "config error: algorithm.mix.shift=2 is an option of algorithm.name='mix_grpo', but "
+            "algorithm.name='flow_grpo' (which takes no algorithm options)",
+        ),
+        (
+            "actor_rollout_ref.rollout.diffusion.sde_type=ddim",
+            "config error: actor_rollout_ref.rollout.diffusion.sde_type='ddim' is not a valid SDE step; valid "
+            "choices: sde, cps",
+        ),
+        (
             "actor_rollout_ref.rollout.diffusion.height=100",
             "config error: actor_rollout_ref.rollout.diffusion.height=100 is not a multiple of 16 (VAE scale factor 8 "
             "x transformer patch size 2)",

@@ -196,7 +196,9 @@ async def test_a_request_becomes_one_vllm_omni_request_with_the_flowgrpo_knobs(m
     assert engine_id.startswith("r1-") and engine_id != "r1"  # unique in the engine, the caller's id reported
     assert (sp.num_inference_steps, sp.guidance_scale, sp.seed, sp.height, sp.width) == (4, 5.0, 7, SIZE, SIZE)
     assert sp.max_sequence_length == 77 and sp.num_outputs_per_prompt == 1 and sp.return_trajectory_latents
-    assert sp.extra_args == {EXTRA_ARGS_KEY: {"noise_level": 0.7, "sde_window": [1, 3], "chunk_size": 2}}
+    assert sp.extra_args == {
+        EXTRA_ARGS_KEY: {"noise_level": 0.7, "sde_window": [1, 3], "chunk_size": 2, "sde_type": "sde"}
+    }
     assert not hasattr(sp, "lora_request")
     kwargs = server.engine.kwargs
     assert kwargs["custom_pipeline_args"] == {

@@ -42,6 +42,7 @@ SAMPLING_FIELDS: dict[str, str] = {
     "negative_prompt": "str: the CFG negative prompt",
     "noise_level": "float >= 0: SDE noise level (paper 0.7); 0 = ODE sampling, nothing recorded",
     "sde_window": "[start, end) step indices sampled as (recorded) SDE steps, or null for all steps",
+    "sde_type": "the stochastic step of the SDE window: sde (FlowGRPO) or cps (coefficients-preserving sampling)",
     "height": "int pixels, a multiple of vae_scale_factor * patch_size",
     "width": "int pixels, a multiple of vae_scale_factor * patch_size",
     "num_frames": "int frames of a video family (k * temporal_scale_factor + 1), or null: the family's default",
@@ -60,6 +61,7 @@ class SamplingParams:
     sde_window: tuple[int, int]
     height: int
     width: int
+    sde_type: str = "sde"
     num_frames: int | None = None  # None: an image
 
     @property
@@ -76,6 +78,7 @@ class SamplingParams:
             self.guidance_scale,
             self.noise_level,
             self.sde_window,
+            self.sde_type,
             self.num_frames,
         )
 

@@ -43,9 +43,16 @@ def _run(run_dir: Path, cache: Path, *overrides: str) -> list[dict]:
     return rows
 
 
-def test_flow_grpo_fast_trains_on_a_random_window_per_group(tmp_path, verl_omni_cache):
-    # 4 steps (trained: 3); Fast's default range is the first half, [0, 2): a 1-step window starts at 0 or 1
-    rows = _run(tmp_path / "fast", verl_omni_cache, "algorithm.name=flow_grpo_fast", "algorithm.fast.window_size=1")
+def test_flow_grpo_fast_with_cps_trains_on_a_random_window_per_group(tmp_path, verl_omni_cache):
+    # 4 steps (trained: 3); Fast's default range is the first half, [0, 2): a 1-step window starts at 0 or 1.
+    # With CPS at noise level 0.8, as the authors' Fast configs: the recompute goes through the same CPS step.
+    overrides = (
+        "algorithm.name=flow_grpo_fast",
+        "algorithm.fast.window_size=1",
+        "actor_rollout_ref.rollout.diffusion.sde_type=cps",
+        "actor_rollout_ref.rollout.diffusion.noise_level=0.8",
+    )
+    rows = _run(tmp_path / "fast", verl_omni_cache, *overrides)
     for row in rows:
         assert row["actor/trained_steps"] == 1.0 and row["rollout/sde_window_size"] == 1.0
         shares = {k: v for k, v in row.items() if k.startswith("rollout/sde_window_start/")}

@@ -1,6 +1,7 @@
 """Flow-matching SDE sampling with per-step log-probabilities (FlowGRPO), shared by every model and backend.
 
-The one SDE step (:func:`sde_step_with_logprob`) and the one sampling loop (:func:`sample_sde_trajectory`)
+One step function per ``sde_type`` (:data:`SDE_STEPS`: FlowGRPO's SDE step :func:`sde_step_with_logprob`, CPS's
+:func:`cps_step_with_logprob`) and the one sampling loop (:func:`sample_sde_trajectory`)
 live here; what is specific to a model (its conditioning, how its transformer is called, CFG) lives in
 ``verl_omni.pipelines.<model>``. Rollout engines sample through the model's binding of the loop; the trainer
 recomputes log-probs of the stored transitions with the model's ``compute_log_prob``, which calls the same
@@ -144,6 +145,68 @@ def sde_step_with_logprob(
     return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std_dev)
 
 
+def cps_std(sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """CPS's transition standard deviation ``s_next * sin(a * pi / 2)``: 0 at the last step (``s_next == 0``)."""
+    return sigma_next * math.sin(noise_level * math.pi / 2.0)
+
+
+def cps_step_with_logprob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> SDEStepOutput:
+    """One coefficients-preserving sampling (CPS, Wang & Yu 2025) step ``x_s -> x_next`` with its log-density.
+
+    The velocity gives the model's data and noise estimates ``x0 = x - s v`` and ``x1 = x + (1 - s) v``; the step
+    re-noises ``x0`` to level ``s_next`` keeping the flow-matching coefficients: ``x_next = (1 - s_next) x0 +
+    s_next cos(a pi/2) x1 + s_next sin(a pi/2) z``, so the noise's total coefficient is ``s_next`` (``cos^2 + sin^2
+    = 1``) at any noise level ``a`` (``noise_level``; the authors' Fast configs: 0.8). ``a == 0`` is the ODE
+    (DDIM) step. The transition is Gaussian with that mean and std ``s_next sin(a pi/2)``; ``log_prob`` is its
+    exact log-density averaged over the non-batch dims (the authors' code keeps only ``-(x_next - mean)^2``, whose
+    log-ratio is ``2 std^2`` times this one's). A step to ``s_next == 0`` is deterministic: ``log_prob`` 0.
+
+    Arguments and returns as :func:`sde_step_with_logprob`.
+    """
+    sample = sample.float()
+    v = model_output.float()
+    s = _per_sample(sigma, sample)
+    s_next = _per_sample(sigma_next, sample)
+    std_dev = cps_std(s_next, noise_level)
+    x0 = sample - s * v
+    x1 = sample + (1.0 - s) * v
+    mean = x0 * (1.0 - s_next) + x1 * (s_next * math.cos(noise_level * math.pi / 2.0))
+
+    if prev_sample is None:
+        if noise is None:
+            noise = standard_normal(sample.shape, generator, sample.device)
+        prev_sample = mean + std_dev * noise.float()
+    prev_sample = prev_sample.float()
+
+    noisy = std_dev > 0
+    safe_std = torch.where(noisy, std_dev, torch.ones_like(std_dev))  # no division by 0 (nor NaN gradients)
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2.0 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI
+    log_prob = torch.where(noisy, log_prob, torch.zeros_like(log_prob))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std_dev)
+
+
+StepFn = Callable[..., SDEStepOutput]
+SDE_STEPS: dict[str, StepFn] = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
+"""``rollout.diffusion.sde_type`` -> its step (one signature): what the sampling loop and every trainer binding call."""
+
+
+def sde_step(sde_type: str) -> StepFn:
+    """The step function of ``sde_type`` (``sde``: FlowGRPO's SDE; ``cps``: coefficients-preserving sampling)."""
+    if sde_type not in SDE_STEPS:
+        raise ValueError(f"sde_type={sde_type!r} is not valid; valid choices: {', '.join(SDE_STEPS)}")
+    return SDE_STEPS[sde_type]
+
+
 def standard_normal(
     shape: torch.Size | Sequence[int],
     generator: torch.Generator | Sequence[torch.Generator] | None,
@@ -193,13 +256,14 @@ def _denoise_step(
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
     noise_level: float,
+    step: StepFn,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One sampling step on a batch: ``(x_next, log_prob)``; an ODE step (log-prob None) when the noise is None."""
     *conditioning, noise = conditioning_and_noise
     v = velocity(x, sigma, *conditioning)
     if noise is None:
         return ode_step(v, x, sigma, sigma_next), None
-    out = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, noise=noise)
+    out = step(v, x, sigma, sigma_next, noise_level, noise=noise)
     return out.prev_sample, out.log_prob
 
 
@@ -213,6 +277,7 @@ def sample_sde_trajectory(
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    sde_type: str = "sde",
 ) -> SDETrajectory:
     """Denoise a batch from pure noise over ``sigmas``, SDE steps inside the window and ODE steps outside.
 
@@ -233,7 +298,9 @@ def sample_sde_trajectory(
         chunk_size: batch-invariant mode: every step (velocity call, SDE step and its log-prob) runs on
             exactly ``chunk_size`` samples, the last chunk padded, as the trainer's recomputation does
             (:mod:`verl_omni.utils.batch_invariant`); None: the whole batch in one call.
+        sde_type: which stochastic step the window uses (:data:`SDE_STEPS`: ``sde`` or ``cps``).
     """
+    transition = sde_step(sde_type)
     num_steps = int(sigmas.numel()) - 1
     if num_steps < 1:
         raise ValueError(f"sigmas must hold num_inference_steps + 1 >= 2 values, got {sigmas.numel()}")
@@ -250,7 +317,9 @@ def sample_sde_trajectory(
         sde = start <= i < end
         # drawn for the whole batch, one generator per sample, then chunked with the rest of the step's inputs
         noise = standard_normal(x.shape, list(generators), device) if sde else None
-        step = partial(_denoise_step, velocity, sigma=sigmas[i], sigma_next=sigmas[i + 1], noise_level=noise_level)
+        step = partial(
+            _denoise_step, velocity, sigma=sigmas[i], sigma_next=sigmas[i + 1], noise_level=noise_level, step=transition
+        )
         x_next, log_prob = map_chunks(step, [x, *conditioning, noise], chunk_size)
         if sde:
             rec_x.append(x)

@@ -5,7 +5,7 @@ three trajectory fields; this module says what goes where, on both sides, so the
 runs inside vllm-omni's worker processes) cannot drift apart. Pure functions of plain values: tested on CPU.
 
 Request: the usual fields (steps, guidance, size, seed, ``lora_request``) plus ``extra_args[EXTRA_ARGS_KEY]`` =
-``{"noise_level", "sde_window", "chunk_size"}``; the prompt is ``{"prompt", "negative_prompt"}``.
+``{"noise_level", "sde_window", "chunk_size", "sde_type"}``; the prompt is ``{"prompt", "negative_prompt"}``.
 
 Response, per request: ``images[0]`` the image; ``trajectory_log_probs`` (T,) float32; ``trajectory_timesteps``
 (T,) the transformer's timestep input of each recorded step; ``trajectory_latents`` a dict of tensors:
@@ -41,6 +41,7 @@ class FlowGRPOArgs:
     noise_level: float
     sde_window: tuple[int, int]
     chunk_size: int | None
+    sde_type: str = "sde"
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> FlowGRPOArgs:
@@ -52,7 +53,7 @@ class FlowGRPOArgs:
                 "vllm_omni rollout server, which sets noise_level and sde_window there"
             )
         start, end = entry["sde_window"]
-        return cls(float(entry["noise_level"]), (int(start), int(end)), entry.get("chunk_size"))
+        return cls(float(entry["noise_level"]), (int(start), int(end)), entry.get("chunk_size"), entry["sde_type"])
 
     @classmethod
     def for_warmup(cls, num_inference_steps: int) -> FlowGRPOArgs:
@@ -94,6 +95,7 @@ def sampling_kwargs(params: SamplingParams, max_sequence_length: int, chunk_size
                 "noise_level": params.noise_level,
                 "sde_window": list(params.sde_window),
                 "chunk_size": chunk_size,
+                "sde_type": params.sde_type,
             }
         },
     }

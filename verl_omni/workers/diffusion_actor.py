@@ -188,6 +188,7 @@ class DiffusionActorWorker(Worker):
         diffusion = self.diffusion
         self.guidance_scale = float(diffusion.guidance_scale)
         self.noise_level = float(diffusion.noise_level)
+        self.sde_type = diffusion.sde_type
         # Batch-invariant: recompute at the replicas' fixed chunk shape (on CPU also without oneDNN, and with
         # MKL strict from the worker's environment), so step 0 reproduces the stored log-probs bit for bit.
         self.chunk_size = diffusion.chunk_size if diffusion.batch_invariant else None
@@ -325,7 +326,7 @@ class DiffusionActorWorker(Worker):
             clip_range=self.clip_range,
             prev_sample_mean=mean,
             ref_prev_sample_mean=ref_mean,
-            kl_std=kl_std(self.kl_form, step_args["sigmas"], step_args["sigmas_next"], self.noise_level),
+            kl_std=kl_std(self.kl_form, step_args["sigmas"], step_args["sigmas_next"], self.noise_level, self.sde_type),
             beta=self.beta,
             is_weights=is_weights,
         )
@@ -357,6 +358,7 @@ class DiffusionActorWorker(Worker):
             "negative_conditioning": bundle(NEGATIVE_CONDITIONING_INDEX) if self.guidance_scale > 1.0 else None,
             "guidance_scale": self.guidance_scale,
             "noise_level": self.noise_level,
+            "sde_type": self.sde_type,
             "detach_uncond": self.cfg_detach_uncond,
             "dtype": self.compute_dtype,
         }

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step_with_logprob
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
 from verl_omni.pipelines.flux.conditioning import predict_velocity
 from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS
 from verl_omni.protocol import Conditioning
@@ -53,6 +53,7 @@ def sample_flow_match_sde(
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    sde_type: str = "sde",
 ) -> SDETrajectory:
     """FlowGRPO sampling of a FLUX transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory`
     with FLUX's velocity (embedded guidance, no negative); ``latent_shape`` is the unpacked (C, h, w), drawn as
@@ -71,6 +72,7 @@ def sample_flow_match_sde(
         noise_level=noise_level,
         sde_window=sde_window,
         chunk_size=chunk_size,
+        sde_type=sde_type,
     )
 
 
@@ -86,6 +88,7 @@ def compute_log_prob(
     noise_level: float = 0.7,
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
+    sde_type: str = "sde",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` (B, C, h, w) under a FLUX ``transformer``.
 
@@ -96,5 +99,5 @@ def compute_log_prob(
     if negative_conditioning is not None:
         raise ValueError("FLUX.1 has no classifier-free guidance negative: negative_conditioning must be None")
     velocity = predict_velocity(transformer, latents, sigmas, conditioning, guidance_scale, dtype=dtype)
-    out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
+    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
     return out.log_prob, out.prev_sample_mean, out.std_dev

@@ -71,6 +71,7 @@ class QwenImageDiffusersAdapter:
             noise_level=params.noise_level,
             sde_window=params.sde_window,
             chunk_size=chunk_size,
+            sde_type=params.sde_type,
         )
 
     def decode(self, latents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step_with_logprob
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
 from verl_omni.pipelines.flux.sampling import scheduler_sigmas
 from verl_omni.pipelines.qwen_image.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
@@ -31,6 +31,7 @@ def sample_flow_match_sde(
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    sde_type: str = "sde",
 ) -> SDETrajectory:
     """FlowGRPO sampling of a Qwen-Image transformer:
     :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory` with Qwen-Image's (true-CFG) velocity.
@@ -54,6 +55,7 @@ def sample_flow_match_sde(
         noise_level=noise_level,
         sde_window=sde_window,
         chunk_size=chunk_size,
+        sde_type=sde_type,
     )
 
 
@@ -84,6 +86,7 @@ def compute_log_prob(
     noise_level: float = 0.7,
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
+    sde_type: str = "sde",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` (B, C, h, w) under a Qwen-Image ``transformer``.
 
@@ -101,5 +104,5 @@ def compute_log_prob(
         detach_uncond=detach_uncond,
         dtype=dtype,
     )
-    out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
+    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
     return out.log_prob, out.prev_sample_mean, out.std_dev

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step_with_logprob
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
 from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
 from verl_omni.utils.batch_invariant import map_chunks
@@ -50,6 +50,7 @@ def sample_flow_match_sde(
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    sde_type: str = "sde",
 ) -> SDETrajectory:
     """FlowGRPO sampling of an SD3 transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory`
     with SD3's (guided) velocity; see there for the arguments. ``conditioning`` (and the CFG negative) are batched
@@ -71,6 +72,7 @@ def sample_flow_match_sde(
         noise_level=noise_level,
         sde_window=sde_window,
         chunk_size=chunk_size,
+        sde_type=sde_type,
     )
 
 
@@ -101,6 +103,7 @@ def compute_log_prob(
     noise_level: float = 0.7,
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
+    sde_type: str = "sde",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` under ``transformer`` (with gradients).
 
@@ -112,7 +115,7 @@ def compute_log_prob(
         sigmas, sigmas_next: (B,) their noise levels.
         conditioning: the batched bundle the samples used; ``negative_conditioning`` is required when
             ``guidance_scale > 1`` (use the sampler's guidance scale).
-        noise_level: the sampler's ``noise_level``.
+        noise_level: the sampler's ``noise_level``; ``sde_type``: its step (``sde`` or ``cps``).
         detach_uncond: with CFG, back-propagate through the conditional branch only (the reference's choice;
             ``actor_rollout_ref.actor.cfg_detach_uncond``).
         dtype: the transformer's compute dtype (the trainer's mixed-precision ``param_dtype``); None: its
@@ -131,5 +134,5 @@ def compute_log_prob(
         detach_uncond=detach_uncond,
         dtype=dtype,
     )
-    out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
+    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
     return out.log_prob, out.prev_sample_mean, out.std_dev

@@ -97,6 +97,7 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
             noise_level=args.noise_level,
             sde_window=args.sde_window,
             chunk_size=args.chunk_size,
+            sde_type=args.sde_type,
         )
         images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
         outputs = []

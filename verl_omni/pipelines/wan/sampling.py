@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step_with_logprob
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
 from verl_omni.pipelines.sd3.sampling import images_to_uint8
 from verl_omni.pipelines.wan.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
@@ -54,6 +54,7 @@ def sample_flow_match_sde(
     noise_level: float = 0.7,
     sde_window: Sequence[int] | None = None,
     chunk_size: int | None = None,
+    sde_type: str = "sde",
 ) -> SDETrajectory:
     """FlowGRPO sampling of a Wan transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory` with
     Wan's (guided) velocity; ``latent_shape`` is the video's ``(C, f, h, w)``, drawn as ``WanPipeline`` draws its
@@ -75,6 +76,7 @@ def sample_flow_match_sde(
         noise_level=noise_level,
         sde_window=sde_window,
         chunk_size=chunk_size,
+        sde_type=sde_type,
     )
 
 
@@ -103,6 +105,7 @@ def compute_log_prob(
     noise_level: float = 0.7,
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
+    sde_type: str = "sde",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored video transitions ``latents -> next_latents`` (B, C, f, h, w) under a Wan ``transformer``.
 
@@ -120,5 +123,5 @@ def compute_log_prob(
         detach_uncond=detach_uncond,
         dtype=dtype,
     )
-    out = sde_step_with_logprob(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
+    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
     return out.log_prob, out.prev_sample_mean, out.std_dev

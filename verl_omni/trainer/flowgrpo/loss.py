@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import sde_std
+from verl_omni.pipelines.flow_match_sde import cps_std, sde_std
 from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
 
 
-def kl_std(form: str, sigmas: torch.Tensor, sigmas_next: torch.Tensor, noise_level: float) -> torch.Tensor:
-    """The per-row ``std`` (B,) the KL term divides by: ``reference`` (no ``dt``) or the ``transition`` std."""
+def kl_std(
+    form: str, sigmas: torch.Tensor, sigmas_next: torch.Tensor, noise_level: float, sde_type: str = "sde"
+) -> torch.Tensor:
+    """The per-row ``std`` (B,) the KL term divides by: ``reference`` (no ``dt``) or the ``transition`` std.
+
+    For CPS (``sde_type='cps'``) both are its transition std ``s_next sin(a pi/2)`` (the authors' code divides by
+    it too): its noise has no separate ``dt`` factor."""
     if form not in KL_FORMS:
         raise ValueError(f"kl_form={form!r} is not valid; valid choices: {', '.join(KL_FORMS)}")
     sigmas, sigmas_next = sigmas.float(), sigmas_next.float()
+    if sde_type == "cps":
+        return cps_std(sigmas_next, noise_level)
     std = sde_std(sigmas, sigmas_next, noise_level)
     return std if form == "reference" else std * torch.sqrt(sigmas - sigmas_next)
 

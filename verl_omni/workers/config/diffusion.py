@@ -17,6 +17,7 @@ DIFFUSION_CONFIG_PREFIX = "actor_rollout_ref.rollout.diffusion"
 _CHUNK_RANGE = "must be an integer in [1, max_num_seqs={max_num_seqs}]"
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+SDEType = Literal["sde", "cps"]  # verl_omni.pipelines.flow_match_sde.SDE_STEPS (torch) holds their steps
 
 
 @section(DIFFUSION_CONFIG_PREFIX)
@@ -29,6 +30,8 @@ class DiffusionRolloutConfig(Section):
         negative_prompt: CFG negative prompt.
         noise_level: SDE noise level ``a`` (paper: 0.7); 0 makes every step an ODE step.
         sde_window: ``[start, end)`` step indices sampled as SDE steps (and recorded); null = all.
+        sde_type: the stochastic step: ``sde`` (FlowGRPO's, the default) or ``cps`` (coefficients-preserving
+            sampling: noise ``s_next sin(a pi/2)``; the authors' Fast configs use ``noise_level`` 0.8 with it).
         height, width: image size in pixels; null = the model's default (transformer sample size times
             the VAE scale factor). Must be multiples of ``vae_scale_factor * patch_size``.
         num_frames: video families only (Wan): frames per video, ``k * temporal_scale_factor + 1`` (4k + 1 for
@@ -74,6 +77,7 @@ class DiffusionRolloutConfig(Section):
     negative_prompt: str = option("", sampling=True)
     noise_level: float = option(0.7, ge=0, sampling=True)
     sde_window: list[int] | None = option(None, sampling=True, why="must be [start, end) step indices or null")
+    sde_type: SDEType = option("sde", sampling=True, why="is not a valid SDE step; valid choices: {choices}")
     height: int | None = option(None, ge=1, sampling=True)
     width: int | None = option(None, ge=1, sampling=True)
     num_frames: int | None = option(None, ge=1, sampling=True, note="video families; null for images")

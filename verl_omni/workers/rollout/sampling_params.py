@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 from verl_omni.pipelines.flow_match_sde import resolve_sde_window
 from verl_omni.pipelines.registry import check_negative_prompt
 from verl_omni.protocol import SAMPLING_FIELDS, SamplingParams
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.config.diffusion import DiffusionRolloutConfig, SDEType
 from verl_omni.workers.rollout.model_spec import ModelSpec
 
 _MAX_SEED = 2**63
@@ -55,6 +55,12 @@ def resolve_sampling_params(
     guidance = _number("guidance_scale", given.get("guidance_scale", defaults.guidance_scale), 0.0)
     noise_level = _number("noise_level", given.get("noise_level", defaults.noise_level), 0.0)
 
+    sde_type = given.get("sde_type", defaults.sde_type)
+    if sde_type not in get_args(SDEType):
+        raise ValueError(
+            f"sampling_params.sde_type={sde_type!r} is not valid; valid choices: {', '.join(get_args(SDEType))}"
+        )
+
     negative = given.get("negative_prompt", defaults.negative_prompt)
     if negative is None:
         negative = ""
@@ -84,6 +90,7 @@ def resolve_sampling_params(
         sde_window=(start, end),
         height=int(height),
         width=int(width),
+        sde_type=sde_type,
         num_frames=frames,
     )
 
