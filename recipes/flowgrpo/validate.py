@@ -190,6 +190,9 @@ def validate_image_sizes(cfg: DictConfig, model_path: str) -> None:
             value = OmegaConf.select(rollout, f"{section}.{key}")
             if value is not None:
                 spec.check_image_size(f"actor_rollout_ref.rollout.{section}.{key}", value)
+        frames = OmegaConf.select(rollout, f"{section}.num_frames")
+        if frames is not None:  # null: the family's default (none for an image family)
+            spec.check_num_frames(f"actor_rollout_ref.rollout.{section}.num_frames", frames)
         key = f"actor_rollout_ref.rollout.{section}.negative_prompt"
         check_negative_prompt(spec.pipeline_class, key, OmegaConf.select(cfg, key) or "")
 

@@ -29,7 +29,7 @@ from verl_omni.utils.arrays import object_column
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.utils.heartbeat import Heartbeat
 from verl_omni.utils.payload_bytes import held_bytes
-from verl_omni.utils.visualize import save_image_grid, save_reward_curve
+from verl_omni.utils.visualize import save_reward_curve, save_sample_grid
 from verl_omni.workers.config.algorithm import AlgorithmConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
@@ -387,6 +387,7 @@ class FlowGRPOTrainer:
             "actor/trained_steps": float(self.trained_steps),
             "rollout/model_version": float(sampled_with),
             "rollout/staleness": float(self.version - 1 - sampled_with),  # versions behind the policy it trained
+            **_video_shape(out.batch["image"]),
             **self.rollout_replicas.metrics(),
             "weight_sync/driver_bytes": float(self.weight_sync_driver_bytes),
             **_reward_term_means(out, "reward"),
@@ -499,9 +500,9 @@ class FlowGRPOTrainer:
             metrics["val/reward/group_std_mean"] = group_reward_stats(reward, uids)["group_std_mean"]
         shown = min(len(reward), _VAL_GRID_MAX_IMAGES)
         captions = [f"{p[:40]} | r={float(r):.2f}" for p, r in zip(prompts[:shown], reward[:shown], strict=True)]
-        save_image_grid(
+        save_sample_grid(
             out.batch["image"][:shown],
-            self.sample_dir / f"val_step_{step:05d}.png",
+            self.sample_dir / f"val_step_{step:05d}",
             captions=captions,
             ncols=n if n > 1 else None,
             scale=int(self.config.trainer.get("sample_scale", 2)),
@@ -517,9 +518,9 @@ class FlowGRPOTrainer:
         prompts = list(out.non_tensor_batch["prompt"])
         # one row per prompt group: its n samples side by side
         captions = [f"{p[:40]} | r={float(r):.2f}" for p, r in zip(prompts, rewards, strict=True)]
-        save_image_grid(
+        save_sample_grid(  # PNG; a video family's (B, F, 3, H, W) as an animated WebP
             images,
-            self.sample_dir / f"step_{step + 1:05d}.png",
+            self.sample_dir / f"step_{step + 1:05d}",
             captions=captions,
             ncols=n,
             scale=int(self.config.trainer.get("sample_scale", 2)),
@@ -555,6 +556,14 @@ def _lines_before_step(path: Path, step: int) -> list[bytes]:
         if isinstance(logged, dict) and isinstance(logged.get("step"), int) and logged["step"] < step:
             kept.append(line + b"\n")
     return kept
+
+
+def _video_shape(samples: torch.Tensor) -> dict[str, float]:
+    """``rollout/video_{frames,height,width}`` of a video family's samples ``(B, F, 3, H, W)``; nothing for images."""
+    if samples.ndim != 5:
+        return {}
+    frames, _, height, width = samples.shape[1:]
+    return {f"rollout/video_{k}": float(v) for k, v in (("frames", frames), ("height", height), ("width", width))}
 
 
 def _reward_term_means(out: DataProto, prefix: str) -> dict[str, float]:

@@ -61,6 +61,8 @@ class DiffusionRolloutReplica(RolloutReplica):
             value = getattr(self.diffusion_config, key)
             if value is not None:
                 self.model_spec.check_image_size(f"{DIFFUSION_CONFIG_PREFIX}.{key}", value)
+        if self.diffusion_config.num_frames is not None:  # null: the family's default (none for images)
+            self.model_spec.check_num_frames(f"{DIFFUSION_CONFIG_PREFIX}.num_frames", self.diffusion_config.num_frames)
         self._server_address = f"{self.address_prefix}-{self.replica_rank}{self.name_suffix}"
 
     def placement(self) -> tuple[str, float]:
