@@ -446,14 +446,14 @@ def _bad_model_dir(tmp_path, class_name):
     [
         ("missing", r"actor_rollout_ref\.model\.path='.*nope' is not a directory"),
         ("not_diffusers", r"is not a diffusers pipeline \(no model_index\.json\)"),
-        ("qwen_image", r"holds a 'QwenImagePipeline' pipeline"),
+        ("sdxl", r"holds a 'StableDiffusionXLPipeline' pipeline"),
     ],
 )
 def test_bad_model_path_is_rejected_before_replicas_start(tmp_path, path_kind, match):
     path = {
         "missing": str(tmp_path / "nope"),
         "not_diffusers": str(tmp_path),
-        "qwen_image": _bad_model_dir(tmp_path, "QwenImagePipeline"),
+        "sdxl": _bad_model_dir(tmp_path, "StableDiffusionXLPipeline"),
     }[path_kind]
     with pytest.raises(ValueError, match=match):
         OmniLLMServerManager.create(_trainer_config(path))

@@ -130,10 +130,11 @@ class ModelSpec:
             vae.get("scale_factor_spatial") or 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         )
         latent_channels = int(vae.get("latent_channels", vae.get("z_dim", transformer.get("in_channels", 16))))
-        # a transformer reading 2x2 patches of the VAE latents as channels (FLUX) packs them: 4x the channels
+        # a transformer reading 2x2 patches of the VAE latents as channels packs them: 4x the channels (FLUX states
+        # patch_size 1 for its packed tokens, Qwen-Image 2: the packing is the patch)
         packing = 2 if int(transformer.get("in_channels", latent_channels)) == 4 * latent_channels else 1
         patch = transformer.get("patch_size", 2)
-        patch_size = int(patch[-1] if isinstance(patch, list) else patch) * packing  # Wan: (frames, rows, cols)
+        patch_size = max(int(patch[-1] if isinstance(patch, list) else patch), packing)  # Wan: (frames, rows, cols)
         sample_size = int(transformer.get("sample_size", 128))
         default_size = entry.default_size or (sample_size * vae_scale_factor, sample_size * vae_scale_factor)
         pos_max = transformer.get("pos_embed_max_size")
