@@ -28,6 +28,7 @@ from recipes.flowgrpo.data import (
     load_prompts,
 )
 from recipes.flowgrpo.schema import RecipeConfig, parse_recipe_config
+from verl_omni.models.tiny_models import check_tiny_model
 from verl_omni.pipelines.registry import check_negative_prompt
 from verl_omni.trainer.flowgrpo.sde_windows import window_schedule
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
@@ -103,8 +104,9 @@ def check_override_keys(overrides: list[str], config_name: str) -> None:
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from recipes.flowgrpo.config_compose import compose_recipe
+    from recipes.flowgrpo.config_compose import RECIPE_CONFIG_DIR, compose_recipe
 
+    check_group_choices(overrides, RECIPE_CONFIG_DIR)
     try:
         compose_recipe(*overrides, config_name=config_name)
         return
@@ -120,6 +122,22 @@ def check_override_keys(overrides: list[str], config_name: str) -> None:
         return
     key, _, value = bad.partition("=")
     raise ValueError(f"{key}={value}: {missing} is not a key of the recipe config{_nearest_key_hint(cfg, missing)}")
+
+
+def check_group_choices(overrides: list[str], config_dir: Path) -> None:
+    """Refuse ``group=option`` (``model=``, ``task=``) naming no config of the recipe's group, listing the valid ones.
+
+    Hydra's own message is several lines and also lists verl's groups of the same name (verl has a ``model`` group),
+    which the recipe cannot run."""
+    for override in overrides:
+        group, sep, option = override.lstrip("+~").partition("=")
+        folder = config_dir / group
+        if not sep or "." in group or "/" in group or not folder.is_dir() or option in ("null", ""):
+            continue
+        choices = sorted(path.stem for path in folder.glob("*.yaml") if not path.stem.endswith("_reset"))
+        if option not in choices:
+            valid = ", ".join(choices)
+            raise ValueError(f"{group}={option}: not a {group} config of the recipe; valid choices: {valid}")
 
 
 _REQUIRED_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)\}")  # no default: the variable must be set
@@ -285,6 +303,8 @@ def validate_recipe_config(
     _check_rollout_mode(recipe)
 
     model_path = recipe.actor_rollout_ref.model.path
+    if model_path is None:
+        check_tiny_model(cfg.actor_rollout_ref.model.get("tiny", "sd3"))
     if model_path is not None and not (Path(model_path).expanduser() / "model_index.json").is_file():
         raise ValueError(
             f"actor_rollout_ref.model.path={model_path!r} is not a diffusers pipeline directory "
