@@ -239,3 +239,74 @@ async def test_diffusers_server_serves_wan_videos_and_syncs_weights(wan_dir, pip
     assert after.samples[0].model_version == 1
     torch.testing.assert_close(after.samples[0].latents, expected.latents[0], rtol=0, atol=1e-5)
     assert not torch.allclose(after.samples[0].latents, samples[0].latents, atol=1e-3)
+
+
+def _compose(*overrides: str):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from recipes.flowgrpo.config_compose import compose_recipe
+
+    GlobalHydra.instance().clear()
+    return compose_recipe(*overrides)
+
+
+def test_model_configs_select_wan_with_valid_frames_sizes_and_the_reference_settings(wan_dir, monkeypatch):
+    """``model=wan_tiny`` runs on CPU; ``model=wan2_1_t2v_1_3b`` validates on one 8-GPU node (the tiny Wan stands in
+    for the checkpoint: only its configs are read) with the reference's video size, steps, CFG, LoRA and beta."""
+    from recipes.flowgrpo.validate import num_rollout_replicas, validate_model_options, validate_recipe_config
+
+    tiny = _compose("model=wan_tiny")
+    assert tiny.actor_rollout_ref.model.tiny == "wan" and tiny.reward.name == "video_color"
+    validate_recipe_config(tiny, available_gpus=0)
+    validate_model_options(tiny, wan_dir)
+    monkeypatch.setenv("MODEL_PATH", wan_dir)
+    cfg = _compose("model=wan2_1_t2v_1_3b")
+    validate_recipe_config(cfg, available_gpus=8)
+    validate_model_options(cfg, wan_dir)  # frames and sizes fit the VAE; the LoRA targets exist in Wan's blocks
+    m, actor, rollout = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    d = rollout.diffusion
+    assert (d.num_frames, d.height, d.width, d.num_inference_steps, d.guidance_scale) == (33, 240, 416, 20, 4.5)
+    assert (m.lora_rank, m.lora_alpha, actor.kl_loss_coef) == (32, 64, 0.004)
+    assert (actor.optim.lr, actor.clip_ratio, actor.ema.enable) == (1e-4, 1e-3, True)
+    assert (rollout.n, rollout.diffusion_val.num_inference_steps, num_rollout_replicas(cfg)) == (4, 50, 4)
+    samples, ranks = cfg.data.train_batch_size * rollout.n, cfg.trainer.n_gpus_per_node
+    assert samples % num_rollout_replicas(cfg) == 0 and samples % rollout.agent.num_workers == 0
+    assert (actor.ppo_mini_batch_size // ranks) % actor.ppo_micro_batch_size_per_gpu == 0
+    assert d.max_num_seqs % d.chunk_size == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["model=wan_tiny", "actor_rollout_ref.rollout.diffusion.num_frames=6"],
+            "config error: actor_rollout_ref.rollout.diffusion.num_frames=6: the WanPipeline VAE compresses time 4x "
+            "and keeps the first frame; valid choices: 4k + 1 frames (1, 5, 9, 13, 17, ...)",
+        ),
+        (
+            ["model=flux_tiny", "actor_rollout_ref.rollout.diffusion.num_frames=5"],
+            "config error: actor_rollout_ref.rollout.diffusion.num_frames=5: a FluxPipeline checkpoint generates "
+            "images; valid choices: null",
+        ),
+    ],
+    ids=["wan_frames", "image_family"],
+)
+def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, args, line):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.flowgrpo.main", *args, f"trainer.default_local_dir={run_dir}"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "VERL_OMNI_CACHE": str(tmp_path / "cache")},  # the tiny model is built first, before Ray
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [e for e in proc.stderr.splitlines() if e.startswith("config error: ")] == [line], proc.stderr[-2000:]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (run_dir / "config.yaml").exists()

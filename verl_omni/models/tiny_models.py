@@ -31,6 +31,7 @@ TINY_MODELS: dict[str, TinyModel] = {
     "sd3": TinyModel("verl_omni.models.tiny_pretrain.ensure_pretrained_tiny_sd3", "tiny-sd3-color-seed0"),
     "flux": TinyModel("verl_omni.models.tiny_flux.ensure_tiny_flux", "tiny-flux-seed0"),
     "qwen_image": TinyModel("verl_omni.models.tiny_qwen_image.ensure_tiny_qwen_image", "tiny-qwen-image-seed0"),
+    "wan": TinyModel("verl_omni.models.tiny_wan.ensure_tiny_wan", "tiny-wan-seed0"),  # text-to-video
 }
 
 
