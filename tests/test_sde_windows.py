@@ -61,7 +61,7 @@ def test_window_metrics_give_the_placement_per_sample():
             {"name": "flow_grpo_fast", "mix": {"shift_every": 5}},
             {},
             "algorithm.mix.shift_every=5 is an option of algorithm.name='mix_grpo', but "
-            "algorithm.name='flow_grpo_fast' (which takes the fast.* keys); valid choices:",
+            "algorithm.name='flow_grpo_fast' (which takes the algorithm.fast.* keys); valid choices:",
         ),
         (
             {"name": "flow_grpo_fast", "fast": {"window_range": [2, 9]}},

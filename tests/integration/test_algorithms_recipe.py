@@ -67,3 +67,11 @@ def test_mix_grpo_slides_one_window_over_the_schedule(tmp_path, verl_omni_cache)
     assert [r["rollout/sde_window_start_mean"] for r in rows] == [0.0, 1.0]
     assert all(r["rollout/sde_window_start_min"] == r["rollout/sde_window_start_max"] for r in rows)
     assert all(r["actor/trained_steps"] == 2.0 for r in rows)
+
+
+def test_grpo_guard_normalises_the_ratio_per_step(tmp_path, verl_omni_cache):
+    rows = _run(tmp_path / "guard", verl_omni_cache, "algorithm.name=grpo_guard")
+    for row in rows:
+        assert row["actor/trained_steps"] == 3.0  # every step but the last (timestep_fraction 0.99 of 4)
+        for t in range(3):  # the plain ratio and the normalised one the loss clips, per trained step
+            assert {f"actor/ratio_mean_step{t}", f"actor/guard_ratio_std_step{t}"} <= row.keys()

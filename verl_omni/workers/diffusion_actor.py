@@ -31,10 +31,17 @@ from verl.single_controller.base.decorator import Dispatch, register
 
 from verl_omni.pipelines.registry import load_trainer_binding
 from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand, shard
-from verl_omni.trainer.flowgrpo.loss import flowgrpo_policy_loss, kl_std, truncated_is_weights
+from verl_omni.trainer.flowgrpo.loss import (
+    flowgrpo_policy_loss,
+    guard_log_prob,
+    kl_std,
+    per_step_ratio_metrics,
+    truncated_is_weights,
+)
 from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
 from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
+from verl_omni.workers.config.algorithm import AlgorithmConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.ema import EMAWeights
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
@@ -189,6 +196,8 @@ class DiffusionActorWorker(Worker):
         self.guidance_scale = float(diffusion.guidance_scale)
         self.noise_level = float(diffusion.noise_level)
         self.sde_type = diffusion.sde_type
+        # GRPO-Guard: the clipped ratio is normalised per step (needs each transition's old mean)
+        self.guard = AlgorithmConfig.from_config(cfg.get("algorithm")).name == "grpo_guard"
         # Batch-invariant: recompute at the replicas' fixed chunk shape (on CPU also without oneDNN, and with
         # MKL strict from the worker's environment), so step 0 reproduces the stored log-probs bit for bit.
         self.chunk_size = diffusion.chunk_size if diffusion.batch_invariant else None
@@ -266,7 +275,10 @@ class DiffusionActorWorker(Worker):
             batch["old_log_probs"], batch["rollout_log_probs"] = old, rollout_log_probs
             out.update(rollout_gap_metrics(old[rows], rollout_log_probs[rows]))
             out["timing_s/old_log_prob"] = time.perf_counter() - start
+        if self.guard:
+            batch["old_means"] = self._old_means(batch, rows, micro)
         totals: dict[str, list[float]] = {}
+        step_ratios: dict[str, list[list[torch.Tensor]]] = {}  # "ratio" / "guard_ratio" -> per trained step
         first_clip: list[float] = []  # clip fraction of the first inner step (before any update), then the rest
         later_clip: list[float] = []
         first_log_ratios: list[torch.Tensor] = []  # every (sample, trained step) row before the first update
@@ -280,8 +292,10 @@ class DiffusionActorWorker(Worker):
                     idx = torch.as_tensor(mini_rows[u_start : u_start + micro])
                     weight = len(idx) / len(mini_rows) / steps
                     for t in range(steps):
-                        loss, metrics, log_ratio = self._loss_at_step(batch, idx, t)
+                        loss, metrics, log_ratio, log_ratios = self._loss_at_step(batch, idx, t)
                         (loss * weight).backward()
+                        for name, value in log_ratios.items():
+                            step_ratios.setdefault(name, [[] for _ in range(steps)])[t].append(value)
                         if on_policy:
                             first_log_ratios.append(log_ratio)
                         (first_clip if on_policy else later_clip).append(metrics["clip_frac"])
@@ -298,6 +312,7 @@ class DiffusionActorWorker(Worker):
         log_ratio = torch.cat(first_log_ratios).double() if first_log_ratios else torch.zeros(1, dtype=torch.float64)
         out["actor/ratio_max_abs_dev"] = float(torch.expm1(log_ratio).abs().max())
         out["actor/log_ratio_abs_mean"] = float(log_ratio.abs().mean())
+        out.update(per_step_ratio_metrics(step_ratios))
         out["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         with torch.no_grad():
             out["actor/param_norm"] = float(_full(torch.nn.utils.get_total_norm(self.trainable)))
@@ -305,16 +320,22 @@ class DiffusionActorWorker(Worker):
 
     def _loss_at_step(
         self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int
-    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """Loss and metrics of rows ``idx`` at trained step ``t``, and their detached ``log_prob - old_log_prob``."""
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics of rows ``idx`` at trained step ``t``, their detached log-ratio as the loss clips it, and
+        the log-ratios to report per step (``ratio``: the plain one; with GRPO-Guard also ``guard_ratio``)."""
         step_args = self._step_args(batch, idx, t)
-        log_prob, mean, _ = self._compute_log_prob(self.model, step_args)
+        log_prob, mean, std_dev = self._compute_log_prob(self.model, step_args)
         ref_mean = None
         if self.beta > 0:
             with torch.no_grad(), self._reference():
                 ref_model = self.ref_model if self.ref_model is not None else self.model
                 _, ref_mean, _ = self._compute_log_prob(ref_model, step_args)
         old_log_prob = batch["old_log_probs"][idx, t].to(self.device)
+        log_ratios = {"ratio": (log_prob - old_log_prob).detach()}
+        if self.guard:
+            old_mean = batch["old_means"][idx, t].to(self.device)
+            log_prob = guard_log_prob(log_prob, old_log_prob, mean, old_mean, std_dev)
+            log_ratios["guard_ratio"] = (log_prob - old_log_prob).detach()
         is_weights = None
         if self.rollout_is_threshold is not None and "rollout_log_probs" in batch:
             rollout_log_prob = batch["rollout_log_probs"][idx, t].to(self.device)
@@ -330,7 +351,20 @@ class DiffusionActorWorker(Worker):
             beta=self.beta,
             is_weights=is_weights,
         )
-        return loss, metrics, (log_prob - old_log_prob).detach()
+        return loss, metrics, (log_prob - old_log_prob).detach(), log_ratios
+
+    @torch.no_grad()
+    def _old_means(self, batch: dict[str, torch.Tensor], rows: np.ndarray, micro: int) -> torch.Tensor:
+        """GRPO-Guard: every stored transition's mean under the weights before this update (those that sampled it,
+        in ``sync`` mode), ``(N, T, *latent)`` on the host; micro-batches as the update's, so bit-exact with it."""
+        steps = batch["old_log_probs"].shape[1]
+        latents = batch["latents"]
+        means = torch.zeros((latents.shape[0], steps, *latents.shape[2:]), dtype=torch.float32)
+        for start in range(0, len(rows), micro):
+            idx = torch.as_tensor(rows[start : start + micro])
+            for t in range(steps):
+                means[idx, t] = self._compute_log_prob(self.model, self._step_args(batch, idx, t))[1].float().cpu()
+        return means
 
     def _policy_log_prob(self, batch: dict[str, torch.Tensor]) -> LogProbFn:
         """``(rows, t) -> log_prob``: the current policy's log-prob of stored transitions, as the update computes it."""

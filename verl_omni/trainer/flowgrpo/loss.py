@@ -145,3 +145,43 @@ def truncated_is_weights(old_log_prob: torch.Tensor, rollout_log_prob: torch.Ten
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
     return torch.exp(old_log_prob.detach() - rollout_log_prob.detach()).clamp(max=threshold)
+
+
+def guard_log_prob(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    prev_sample_mean: torch.Tensor,
+    old_prev_sample_mean: torch.Tensor,
+    std_dev: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's ratio normalisation (Wang et al. 2025), as a log-prob to put in place of ``log_prob``.
+
+    Both policies' transitions are Gaussians of std ``sigma`` (the transition std, ``std_dev``); with ``x_next =
+    mu_old + sigma z`` the log-ratio is ``-mean(z d) / sigma - mean(d^2) / (2 sigma^2)``, ``d = mu_old - mu_theta``:
+    biased below 0 and scaled by ``1 / sigma``, so its mean and spread drift with the noise level and the clip range
+    bites unevenly across steps. The normalised log-ratio ``sigma (log_prob - old) + mean(d^2) / (2 sigma)`` is
+    ``-mean(z d)``: zero-mean, with a spread set by ``|d|`` alone, and its gradient is the per-step reweighting the
+    paper derives. Returns ``old_log_prob + `` that log-ratio, shape ``(B,)``; gradients flow through ``log_prob`` and
+    ``prev_sample_mean``. At equal weights (``mu_theta == mu_old``) it equals ``log_prob``: the ratio is 1.
+    """
+    batch = log_prob.shape[0]
+    sigma = std_dev.detach().reshape(batch, -1)[:, 0].to(log_prob.dtype)
+    noisy = sigma > 0  # a deterministic step (CPS to s_next = 0) has log-prob 0 on both sides: left as it is
+    safe = torch.where(noisy, sigma, torch.ones_like(sigma))
+    mse = (prev_sample_mean - old_prev_sample_mean.detach()).pow(2).reshape(batch, -1).mean(dim=1)
+    guarded = old_log_prob.detach() + safe * (log_prob - old_log_prob.detach()) + mse / (2.0 * safe)
+    return torch.where(noisy, guarded, log_prob)
+
+
+def per_step_ratio_metrics(log_ratios: dict[str, list[list[torch.Tensor]]]) -> dict[str, float]:
+    """Mean and std of each ratio over an update, per trained step ``t`` (the window's ``t``-th step):
+    ``actor/<name>_mean_step<t>``, ``actor/<name>_std_step<t>``. What GRPO-Guard argues from: the plain ratio's mean
+    sits below 1 and its spread changes with the step's noise level; the normalised one should not."""
+    metrics = {}
+    for name, per_step in log_ratios.items():
+        for t, parts in enumerate(per_step):
+            if parts:
+                ratio = torch.exp(torch.cat(parts).double())
+                metrics[f"actor/{name}_mean_step{t}"] = float(ratio.mean())
+                metrics[f"actor/{name}_std_step{t}"] = float(ratio.std(correction=0))
+    return metrics

@@ -17,8 +17,9 @@ from verl_omni.workers.config.schema import ConfigError, Section, option, sectio
 
 ALGORITHM_PREFIX = "algorithm"
 # flow_grpo: every step SDE (or the fixed rollout.diffusion.sde_window); flow_grpo_fast: a random SDE window per
-# prompt group; mix_grpo: one SDE window for the whole batch that slides over the schedule as training advances.
-ALGORITHMS: tuple[str, ...] = ("flow_grpo", "flow_grpo_fast", "mix_grpo")
+# prompt group; mix_grpo: one SDE window for the whole batch that slides over the schedule as training advances;
+# grpo_guard: flow_grpo's sampling with GRPO-Guard's per-step ratio normalisation in the clipped loss.
+ALGORITHMS: tuple[str, ...] = ("flow_grpo", "flow_grpo_fast", "mix_grpo", "grpo_guard")
 _WINDOW_RANGE = "must be [start, end) step indices (two ints) or null"
 # algorithm -> its options subsection
 OPTION_SECTIONS: dict[str, str] = {"flow_grpo_fast": "fast", "mix_grpo": "mix"}
@@ -86,8 +87,21 @@ def check_algorithm_options(config: AlgorithmConfig) -> None:
             continue
         changed = next(k for k in type(default).__pydantic_fields__ if getattr(given, k) != getattr(default, k))
         owner = next(a for a, s in OPTION_SECTIONS.items() if s == name)
-        valid = f"the {own}.* keys" if own else "no algorithm options"
+        valid = f"the {ALGORITHM_PREFIX}.{own}.* keys" if own else "no algorithm options"
         raise ConfigError(
-            f"{name}.{changed}={getattr(given, changed)!r} is an option of {ALGORITHM_PREFIX}.name={owner!r}, but {ALGORITHM_PREFIX}.name={config.name!r} "
-            f"(which takes {valid}); valid choices: set {ALGORITHM_PREFIX}.name={owner!r} or leave {ALGORITHM_PREFIX}.{name}.* at its defaults"
+            f"{name}.{changed}={getattr(given, changed)!r} is an option of {ALGORITHM_PREFIX}.name={owner!r}, but "
+            f"{ALGORITHM_PREFIX}.name={config.name!r} (which takes {valid}); valid choices: set "
+            f"{ALGORITHM_PREFIX}.name={owner!r} or leave {ALGORITHM_PREFIX}.{name}.* at its defaults"
+        )
+
+
+def check_guard_old_policy(name: str, rollout_mode: str, recompute_old_log_prob: bool) -> None:
+    """GRPO-Guard compares each transition's current mean with its mean under the weights the update starts from;
+    with ``trainer.rollout_mode=one_step_off`` those are not the weights that sampled (and whose log-probs the
+    rollout stored) unless the actor recomputes the old log-probs too."""
+    if name == "grpo_guard" and rollout_mode != "sync" and not recompute_old_log_prob:
+        raise ConfigError(
+            f"{ALGORITHM_PREFIX}.name='grpo_guard' with trainer.rollout_mode={rollout_mode!r}: the normalised ratio "
+            "needs the old log-probs and the old means from the same weights; valid choices: trainer.rollout_mode="
+            "sync, or actor_rollout_ref.actor.recompute_old_log_prob=true"
         )
