@@ -158,6 +158,13 @@ def test_an_unknown_model_config_lists_the_valid_ones(tmp_path: Path) -> None:
         )
 
 
+def test_the_model_group_on_a_config_without_it_names_the_configs_with_it(tmp_path: Path) -> None:
+    assert refused(["--config-name", "flowgrpo_sd35_medium_lora", "model=flux_dev"], tmp_path) == (
+        "config error: model=flux_dev: the flowgrpo_sd35_medium_lora config has no model group; configs that have "
+        "one: flowgrpo_tiny (--config-name)"
+    )
+
+
 def test_an_unknown_tiny_model_lists_the_valid_ones(tmp_path: Path) -> None:
     assert list(TINY_MODELS)[:3] == ["sd3", "flux", "qwen_image"]
     valid = ", ".join(TINY_MODELS)

@@ -106,7 +106,7 @@ def check_override_keys(overrides: list[str], config_name: str) -> None:
 
     from recipes.flowgrpo.config_compose import RECIPE_CONFIG_DIR, compose_recipe
 
-    check_group_choices(overrides, RECIPE_CONFIG_DIR)
+    check_group_choices(overrides, RECIPE_CONFIG_DIR, config_name)
     try:
         compose_recipe(*overrides, config_name=config_name)
         return
@@ -124,11 +124,12 @@ def check_override_keys(overrides: list[str], config_name: str) -> None:
     raise ValueError(f"{key}={value}: {missing} is not a key of the recipe config{_nearest_key_hint(cfg, missing)}")
 
 
-def check_group_choices(overrides: list[str], config_dir: Path) -> None:
-    """Refuse ``group=option`` (``model=``, ``task=``) naming no config of the recipe's group, listing the valid ones.
+def check_group_choices(overrides: list[str], config_dir: Path, config_name: str) -> None:
+    """Refuse ``group=option`` (``model=``, ``task=``) naming no config of the recipe's group, listing the valid ones,
+    or given to a primary config without that group, naming the configs that have it.
 
-    Hydra's own message is several lines and also lists verl's groups of the same name (verl has a ``model`` group),
-    which the recipe cannot run."""
+    Hydra's own messages are several lines, and list verl's groups of the same name too (verl has a ``model``
+    group), which the recipe cannot run."""
     for override in overrides:
         group, sep, option = override.lstrip("+~").partition("=")
         folder = config_dir / group
@@ -138,6 +139,18 @@ def check_group_choices(overrides: list[str], config_dir: Path) -> None:
         if option not in choices:
             valid = ", ".join(choices)
             raise ValueError(f"{group}={option}: not a {group} config of the recipe; valid choices: {valid}")
+        having = [p.stem for p in sorted(config_dir.glob("*.yaml")) if group in _default_groups(p)]
+        if config_name not in having:
+            raise ValueError(
+                f"{group}={option}: the {config_name} config has no {group} group; configs that have one: "
+                f"{', '.join(having)} (--config-name)"
+            )
+
+
+def _default_groups(config_file: Path) -> set[str]:
+    """The config groups a primary config's ``defaults`` list names (``- group: option`` entries)."""
+    defaults = OmegaConf.load(config_file).get("defaults") or []
+    return {key for entry in defaults if isinstance(entry, DictConfig) for key in entry}
 
 
 _REQUIRED_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)\}")  # no default: the variable must be set
