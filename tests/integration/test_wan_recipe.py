@@ -1,6 +1,6 @@
-"""The FlowGRPO recipe on the tiny Wan text-to-video model (``WanPipeline``: 5 frames at 32x32, true CFG, the
-``video_color`` reward), through its real entry point on CPU: a subprocess with its own local Ray, two diffusers
-replicas and prompt-affinity routing."""
+"""The FlowGRPO recipe on the tiny Wan text-to-video model (``model=wan_tiny``: a ``WanPipeline``, 5 frames at
+32x32, true CFG, the ``video_color`` reward), through its real entry point on CPU: a subprocess with its own local
+Ray, two diffusers replicas and prompt-affinity routing."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import pytest
 from PIL import Image
 from recipe_runs import NO_VALIDATION, SMALL_RUN
 
-from verl_omni.models.tiny_wan import ensure_tiny_wan
-
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,24 +21,21 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
 def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, lora_rank):
     """Full fine-tuning and LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Wan's attention blocks)."""
-    model = ensure_tiny_wan(tmp_path / "models")
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
         "-m",
         "recipes.flowgrpo.main",
-        f"actor_rollout_ref.model.path={model}",
+        "model=wan_tiny",
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
         "trainer.sample_freq=1",
         f"actor_rollout_ref.model.lora_rank={lora_rank}",
-        "actor_rollout_ref.rollout.diffusion.num_frames=5",
-        "actor_rollout_ref.rollout.diffusion.guidance_scale=4.5",
-        "reward.name=video_color",
         *SMALL_RUN,
         *NO_VALIDATION,
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the tiny Wan is built on first use into this run's cache (a few seconds, before Ray)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "VERL_OMNI_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
