@@ -12,7 +12,8 @@ trained denoising steps). A JSON file with every run's numbers and a PNG of the 
 under ``--out``.
 
 Run: ``python -m benchmarks.algorithms --steps 40 --val-every 10 --seeds 1 2 3`` (one recipe run per algorithm and
-seed: about 2-3 minutes each on 2 cores).
+seed: about 2-3 minutes each on 2 idle cores); trailing ``key=value`` arguments are recipe overrides for every
+algorithm (e.g. ``data.train_batch_size=4`` for half the prompts per step).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ ALGORITHMS: dict[str, list[str]] = {
     "mix_grpo": ["algorithm.name=mix_grpo"],
     "grpo_guard": ["algorithm.name=grpo_guard"],
 }
-BATCH = 64  # the tiny default: 8 prompts x 8 samples
 
 
 def run(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -75,7 +75,7 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [{"step": r.get("step"), **r.get("data", r)} for r in rows]
     train = [r for r in rows if "timing_s/step" in r]
-    kept = [r["advantages/kept_fraction"] * BATCH for r in train]
+    kept = [r["advantages/kept_fraction"] * r["reward/num_groups"] * r["reward/group_size_max"] for r in train]
     pairs = [(r, k) for r, k in zip(train, kept, strict=True) if k]  # a step with every advantage 0 trains nothing
     return {
         "val": {int(r["step"]): r["val/reward/mean"] for r in rows if "val/reward/mean" in r},
