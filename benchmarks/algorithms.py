@@ -72,7 +72,17 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
         *args.overrides,
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_run(run_dir)
+
+
+def read_run(run_dir: Path) -> dict:
+    """A finished run's validation rewards by step and its timings, from its ``metrics.jsonl``."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line being written
+            continue
     rows = [{"step": r.get("step"), **r.get("data", r)} for r in rows]
     train = [r for r in rows if "timing_s/step" in r]
     kept = [r["advantages/kept_fraction"] * r["reward/num_groups"] * r["reward/group_size_max"] for r in train]
@@ -97,26 +107,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS), default=list(ALGORITHMS))
     parser.add_argument("--out", default="outputs/bench_algorithms")
+    parser.add_argument("--report", action="store_true", help="only summarise the runs already under --out")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, for every algorithm")
     args = parser.parse_args(argv)
     results: dict[str, list[dict]] = {name: [] for name in args.algorithms}
     for seed in args.seeds:
         for name in args.algorithms:  # interleaved: load changes hit every algorithm alike
-            results[name].append(run(name, seed, args))
-            print(f"{name:>15} seed {seed}: {json.dumps(results[name][-1])}", flush=True)
+            run_dir = Path(args.out) / f"{name}-seed{seed}"
+            if args.report:
+                if not (run_dir / "metrics.jsonl").exists() or (run_dir / "metrics.jsonl").stat().st_size == 0:
+                    continue
+                finished = read_run(run_dir)
+                if max(finished["val"], default=-1) < args.steps:  # still running, or stopped early
+                    continue
+            else:
+                finished = run(name, seed, args)
+            results[name].append(finished)
+            print(f"{name:>15} seed {seed}: {json.dumps(finished)}", flush=True)
+    results = {name: rows for name, rows in results.items() if rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
     steps = sorted(set.intersection(*(set(r["val"]) for rows in results.values() for r in rows)))
-    print(f"\n{args.steps} steps, seeds {args.seeds}; validation reward (mean +- sd over seeds) at steps {steps}")
+    print(f"\n{args.steps} steps; validation reward (mean +- sd over seeds) at steps {steps}")
     header = "".join(f"{'val@' + str(s):>17}" for s in steps)
-    print(f"{'algorithm':>15}{header}{'s/step':>9}{'s/trained sample':>18}{'transitions/step':>18}")
+    print(f"{'algorithm':>15}{'seeds':>6}{header}{'s/step':>9}{'s/trained sample':>18}{'transitions/step':>18}")
     for name, rows in results.items():
         vals = "".join(f"{_mean_sd([r['val'][s] for r in rows]):>17}" for s in steps)
         step_s = statistics.mean(r["step_s"] for r in rows)
         per_sample = statistics.mean(r["s_per_trained_sample"] for r in rows)
         transitions = statistics.mean(r["transitions_per_step"] for r in rows)
-        print(f"{name:>15}{vals}{step_s:>9.2f}{per_sample:>18.4f}{transitions:>18.1f}")
+        print(f"{name:>15}{len(rows):>6}{vals}{step_s:>9.2f}{per_sample:>18.4f}{transitions:>18.1f}")
     _plot(results, steps, Path(args.out) / "algorithms_val_reward.png")
 
 
