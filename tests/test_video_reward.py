@@ -7,7 +7,7 @@ import torch
 
 from verl_omni.models.color_scenes import PALETTE
 from verl_omni.rewards.color import GenEvalColorReward
-from verl_omni.rewards.registry import get_reward_fn
+from verl_omni.rewards.registry import get_reward_fn, reward_sample_kind
 from verl_omni.rewards.video import temporal_consistency
 
 SIZE = 8
@@ -57,3 +57,19 @@ def test_video_reward_refuses_images_and_bad_options():
         get_reward_fn("video_color", consistency_weight=1.5)
     with pytest.raises(ValueError, match="names no known colour"):
         reward(torch.zeros(1, 2, 3, SIZE, SIZE, dtype=torch.uint8), ["a car"])
+
+
+def test_the_registry_tells_video_rewards_from_image_rewards_and_the_recipe_matches_them_to_the_model():
+    from omegaconf import OmegaConf
+
+    from recipes.flowgrpo.validate import check_reward_sample_kind
+
+    kinds = {n: reward_sample_kind(n) for n in ("video_color", "geneval_color", "ocr-titles", "remote", "my.mod:fn")}
+    assert kinds == {"video_color": "video", "geneval_color": "image", "ocr-titles": "image", "remote": None,
+                     "my.mod:fn": None}  # fmt: skip
+    weighted = OmegaConf.create({"reward": {"name": None, "weights": {"geneval_color": 1.0, "video_color": 0.5}}})
+    with pytest.raises(ValueError, match=r"^reward\.weights='video_color': a FluxPipeline checkpoint generates images"):
+        check_reward_sample_kind(weighted, "FluxPipeline", "image")
+    with pytest.raises(ValueError, match=r"^reward\.weights='geneval_color': .* valid choices: video_color "):
+        check_reward_sample_kind(weighted, "WanPipeline", "video")
+    check_reward_sample_kind(OmegaConf.create({"reward": {"name": "my.mod:fn"}}), "WanPipeline", "video")  # unknown

@@ -288,8 +288,13 @@ def test_model_configs_select_wan_with_valid_frames_sizes_and_the_reference_sett
             "config error: actor_rollout_ref.rollout.diffusion.num_frames=5: a FluxPipeline checkpoint generates "
             "images; valid choices: null",
         ),
+        (
+            ["model=wan_tiny", "reward.name=geneval_color"],
+            "config error: reward.name='geneval_color': a WanPipeline checkpoint generates videos and this reward "
+            "scores images; valid choices: video_color (or a reward of your own: 'package.module:function')",
+        ),
     ],
-    ids=["wan_frames", "image_family"],
+    ids=["wan_frames", "image_family", "image_reward"],
 )
 def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, args, line):
     import os

@@ -30,6 +30,7 @@ from recipes.flowgrpo.data import (
 from recipes.flowgrpo.schema import RecipeConfig, parse_recipe_config
 from verl_omni.models.tiny_models import check_tiny_model
 from verl_omni.pipelines.registry import check_negative_prompt
+from verl_omni.rewards.registry import BUILTIN_REWARD_MODULES, reward_sample_kind
 from verl_omni.trainer.flowgrpo.sde_windows import window_schedule
 from verl_omni.trainer.flowgrpo.trained_steps import trained_step_count
 from verl_omni.workers.config.actor_fsdp import ACTOR_PREFIX, ActorFSDPConfig, check_training_split
@@ -226,6 +227,24 @@ def validate_image_sizes(cfg: DictConfig, model_path: str) -> None:
             spec.check_num_frames(f"actor_rollout_ref.rollout.{section}.num_frames", frames)
         key = f"actor_rollout_ref.rollout.{section}.negative_prompt"
         check_negative_prompt(spec.pipeline_class, key, OmegaConf.select(cfg, key) or "")
+    check_reward_sample_kind(cfg, spec.pipeline_class, "video" if spec.is_video else "image")
+
+
+def check_reward_sample_kind(cfg: DictConfig, pipeline_class: str, kind: str) -> None:
+    """A built-in reward scores images or videos: one that cannot score what the model generates (``geneval_color`` on
+    a Wan checkpoint) would fail at the first step, inside Ray; name it here instead."""
+    reward = cfg.get("reward") or {}
+    name = reward.get("name")
+    weights = reward.get("weights") or {}
+    terms = [("reward.name", name)] if name is not None else [("reward.weights", n) for n in weights]
+    for key, term in terms:
+        found = reward_sample_kind(str(term))
+        if found is not None and found != kind:
+            valid = sorted(n for n in BUILTIN_REWARD_MODULES if reward_sample_kind(n) == kind)
+            raise ValueError(
+                f"{key}={str(term)!r}: a {pipeline_class} checkpoint generates {kind}s and this reward scores "
+                f"{found}s; valid choices: {', '.join(valid)} (or a reward of your own: 'package.module:function')"
+            )
 
 
 def _transformer_module_names(model_path: str) -> list[str]:

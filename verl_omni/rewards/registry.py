@@ -35,6 +35,8 @@ BUILTIN_REWARD_MODULES: dict[str, str] = {
     "remote": "verl_omni.rewards.remote",
     "video_color": "verl_omni.rewards.video",
 }
+# The built-in rewards that score videos (B, F, 3, H, W) (a video family's samples); the other built-ins score images.
+VIDEO_REWARDS = frozenset({"video_color"})
 # A term of a weighted reward may be named ``<reward>-<label>`` (e.g. ``remote-geneval``): reward ``<reward>``
 # under its own name, so one reward (two reward services) can appear several times with different options.
 LABEL_SEPARATOR = "-"
@@ -92,6 +94,15 @@ def base_reward_name(name: str) -> str:
         return name
     base, sep, label = name.partition(LABEL_SEPARATOR)
     return base if sep and label and (base in _REGISTRY or base in BUILTIN_REWARD_MODULES) else name
+
+
+def reward_sample_kind(name: str) -> str | None:
+    """``"video"`` or ``"image"``: what the built-in reward ``name`` (or ``<reward>-<label>``) scores; None for a reward
+    the registry cannot tell (a ``module:function`` path, a reward service). Imports nothing."""
+    base = base_reward_name(name)
+    if base in VIDEO_REWARDS:
+        return "video"
+    return "image" if base in BUILTIN_REWARD_MODULES and base != "remote" else None
 
 
 def is_known_reward(name: str) -> bool:
