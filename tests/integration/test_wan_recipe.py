@@ -27,6 +27,7 @@ def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, lora_rank):
         "-m",
         "recipes.flowgrpo.main",
         "model=wan_tiny",
+        "server_routing.policy=prompt_uid_affinity",  # the recipe's default, named: the group co-locates
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
         "trainer.sample_freq=1",
