@@ -17,9 +17,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
-def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path, lora_rank):
-    """Full fine-tuning and LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Qwen-Image's blocks)."""
+def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path):
+    """LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Qwen-Image's blocks), as the real checkpoint's config
+    trains. Full fine-tuning needs nothing of the family beyond what the unit tests check (the exact recompute and a
+    full weight push to a server); the recipe runs it end to end on SD3 and FLUX: one recipe run per family here."""
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -28,7 +29,7 @@ def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path, lora_rank):
         "model=qwen_image_tiny",
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
-        f"actor_rollout_ref.model.lora_rank={lora_rank}",
+        "actor_rollout_ref.model.lora_rank=4",
         *SMALL_RUN,
         *NO_VALIDATION,
     ]

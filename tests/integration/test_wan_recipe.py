@@ -18,9 +18,11 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
-def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, lora_rank):
-    """Full fine-tuning and LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Wan's attention blocks)."""
+def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path):
+    """LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Wan's attention blocks), as the real checkpoint's
+    config trains. Full fine-tuning needs nothing of the family beyond what the unit tests check (the exact recompute
+    and a full weight push to a server); the recipe runs it end to end on SD3 and FLUX: one recipe run per family
+    here."""
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -31,7 +33,7 @@ def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, lora_rank):
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
         "trainer.sample_freq=1",
-        f"actor_rollout_ref.model.lora_rank={lora_rank}",
+        "actor_rollout_ref.model.lora_rank=4",
         *SMALL_RUN,
         *NO_VALIDATION,
     ]
