@@ -32,6 +32,9 @@ class ModelPipelines:
             which takes no ``num_frames``.
         default_size: ``(height, width)`` in pixels when the transformer config has no ``sample_size`` to derive
             it from (the pipeline's default); None: ``sample_size * vae_scale_factor``.
+        schedule: ``scheduler_sigmas(scheduler, num_inference_steps, height, width, vae_scale_factor, patch_size)``:
+            the family's N + 1 sigmas, which the vllm_omni server checks the engine's timesteps against (it loads
+            no pipeline to ask); set with ``vllm_omni``.
     """
 
     trainer: str
@@ -40,6 +43,7 @@ class ModelPipelines:
     true_cfg: bool = True
     num_frames: int | None = None
     default_size: tuple[int, int] | None = None
+    schedule: str | None = None
 
 
 MODEL_PIPELINES: dict[str, ModelPipelines] = {
@@ -47,12 +51,14 @@ MODEL_PIPELINES: dict[str, ModelPipelines] = {
         trainer="verl_omni.pipelines.sd3.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.sd3.diffusers_adapter.SD3DiffusersAdapter",
         vllm_omni="verl_omni.pipelines.sd3.vllm_omni_pipeline.SD3FlowGRPOPipeline",
+        schedule="verl_omni.pipelines.sd3.sampling.scheduler_sigmas",
     ),
-    # vllm-omni 0.28 has a FLUX pipeline (vllm_omni/diffusion/models/flux); no FlowGRPO subclass of it yet
     "FluxPipeline": ModelPipelines(
         trainer="verl_omni.pipelines.flux.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.flux.diffusers_adapter.FluxDiffusersAdapter",
+        vllm_omni="verl_omni.pipelines.flux.vllm_omni_pipeline.FluxFlowGRPOPipeline",
         true_cfg=False,
+        schedule="verl_omni.pipelines.flux.sampling.scheduler_sigmas",
     ),
     # Qwen-Image: true CFG with a negative prompt (guidance_scale is the pipeline's true_cfg_scale). vllm-omni 0.28
     # has a Qwen-Image pipeline (vllm_omni/diffusion/models/qwen_image); no FlowGRPO subclass of it yet.
@@ -93,6 +99,15 @@ def adapter_path(pipeline_class: str | None, backend: str, key: str = "actor_rol
 def load_adapter(pipeline_class: str, backend: str) -> Any:
     """Import and return ``backend``'s adapter class for ``pipeline_class``."""
     module, _, name = adapter_path(pipeline_class, backend).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_schedule(pipeline_class: str) -> Any:
+    """The family's ``scheduler_sigmas`` (see :attr:`ModelPipelines.schedule`) for ``pipeline_class``."""
+    path = MODEL_PIPELINES[pipeline_class].schedule
+    if path is None:
+        raise ValueError(f"{pipeline_class} declares no schedule function in verl_omni.pipelines.registry")
+    module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 

@@ -62,6 +62,27 @@ class FlowGRPOArgs:
         return cls(0.7, (0, int(num_inference_steps)), None)
 
 
+def request_groups(req: Any) -> list[tuple[FlowGRPOArgs, list[int]]]:
+    """Pipeline side: the rows of a vllm-omni request batch that can share one sampling run, with their knobs.
+
+    vllm-omni batches any concurrent requests; rows with different shapes, schedules, guidance or FlowGRPO knobs
+    run as separate sub-batches, in first-seen order. vllm-omni's start-up warm-up request (no ``extra_args``)
+    gets :meth:`FlowGRPOArgs.for_warmup`.
+    """
+    warmup = req.is_dummy_run()
+    groups: dict[tuple, list[int]] = {}
+    knobs: dict[tuple, FlowGRPOArgs] = {}
+    for i, sp in enumerate(req.sampling_params_list):
+        if warmup:
+            args = FlowGRPOArgs.for_warmup(sp.num_inference_steps)
+        else:
+            args = FlowGRPOArgs.from_extra_args(sp.extra_args)
+        key = (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, args, sp.max_sequence_length)
+        groups.setdefault(key, []).append(i)
+        knobs[key] = args
+    return [(knobs[key], rows) for key, rows in groups.items()]
+
+
 def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:
     """``results`` of ``AsyncOmni.collective_rpc``, or ``RuntimeError`` naming the replica, the call and the error.
 
@@ -150,11 +171,14 @@ def to_sample(
     sigmas: torch.Tensor,
     model_version: int,
     extra_fields: dict[str, Any],
+    true_cfg: bool = True,
 ) -> tuple[Sample, dict[str, Conditioning]]:
     """Server side: one vllm-omni ``OmniRequestOutput`` as a :class:`Sample` and its conditioning bundles, keyed by
     text (the prompt ``text`` and the negative prompt).
 
     ``sigmas`` is the request's full schedule (N + 1 values, from the same shared function the pipeline used).
+    ``true_cfg``: the family runs classifier-free guidance when ``guidance_scale > 1`` (False for a
+    guidance-distilled family such as FLUX.1-dev, which records no negative).
     Raises ``RuntimeError`` naming the request for an aborted or malformed output (e.g. a stock pipeline that
     records no trajectory).
     """
@@ -205,7 +229,7 @@ def to_sample(
                 bundles[keys[field]] = bundle
         if keys["conditioning"] is None:
             raise RuntimeError(f"vllm-omni request {request_id!r} recorded steps but not the prompt conditioning")
-        if params.do_cfg and keys["negative_conditioning"] is None:
+        if params.do_cfg and true_cfg and keys["negative_conditioning"] is None:
             raise RuntimeError(
                 f"vllm-omni request {request_id!r} sampled with CFG but returned no negative conditioning"
             )

@@ -32,6 +32,16 @@ def position_ids(text_length: int, height: int, width: int, device: torch.device
     return txt_ids, img_ids
 
 
+def has_guidance_embedding(transformer: torch.nn.Module) -> bool:
+    """Whether the transformer takes the guidance scale as an input (FLUX.1-dev) or not (FLUX.1-schnell).
+
+    Read from the diffusers config where there is one (the trainer's and the diffusers backend's model), else from
+    the module itself: vllm-omni's ``FluxTransformer2DModel`` has no ``config`` but the same ``guidance_embeds``.
+    """
+    config = getattr(transformer, "config", None)
+    return bool(config.guidance_embeds if config is not None else transformer.guidance_embeds)
+
+
 def predict_velocity(
     transformer: torch.nn.Module,
     latents: torch.Tensor,
@@ -54,7 +64,7 @@ def predict_velocity(
     dtype = dtype or next(transformer.parameters()).dtype
     enc = conditioning["prompt_embeds"]
     guidance = None
-    if transformer.config.guidance_embeds:
+    if has_guidance_embedding(transformer):
         guidance = torch.full((batch,), guidance_scale, dtype=torch.float32, device=latents.device)
     txt_ids, img_ids = position_ids(enc.shape[1], height, width, latents.device, dtype)
     out = transformer(

@@ -17,17 +17,18 @@ from verl_omni.protocol import Conditioning
 
 
 def scheduler_sigmas(
-    scheduler: Any, num_inference_steps: int, height: int, width: int, vae_scale_factor: int
+    scheduler: Any, num_inference_steps: int, height: int, width: int, vae_scale_factor: int, patch_size: int = 2
 ) -> torch.Tensor:
     """The sigmas (N + 1 values) of FLUX's ``FlowMatchEulerDiscreteScheduler`` as ``FluxPipeline`` sets them:
-    ``linspace(1, 1/N, N)`` shifted by ``mu``, which grows with the packed image's token count."""
+    ``linspace(1, 1/N, N)`` shifted by ``mu``, which grows with the packed image's token count (``patch_size``:
+    the 2x2 packing). SD3's signature, so a server can call either family's schedule the same way."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     config = scheduler.config
     sigmas = (
         None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     )
-    seq_len = (height // vae_scale_factor // 2) * (width // vae_scale_factor // 2)
+    seq_len = (height // vae_scale_factor // patch_size) * (width // vae_scale_factor // patch_size)
     mu = calculate_shift(
         seq_len,
         config.get("base_image_seq_len", 256),

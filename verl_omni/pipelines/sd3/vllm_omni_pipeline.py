@@ -21,7 +21,8 @@ from vllm_omni.platforms import current_omni_platform
 
 from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
 from verl_omni.pipelines.sd3.sampling import decode_latents, sample_flow_match_sde, scheduler_sigmas
-from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory
+from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory, request_groups
+from verl_omni.workers.rollout.vllm_omni_engine import load_tensor_lora
 
 _DEFAULT_MAX_SEQUENCE_LENGTH = 256
 
@@ -47,17 +48,8 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
 
         vllm-omni's start-up warm-up request (no ``extra_args``, no seed) runs the whole schedule as SDE steps.
         """
-        warmup = req.is_dummy_run()
-        groups: dict[tuple, list[int]] = {}
-        for i, sp in enumerate(req.sampling_params_list):
-            if warmup:
-                args = FlowGRPOArgs.for_warmup(sp.num_inference_steps)
-            else:
-                args = FlowGRPOArgs.from_extra_args(sp.extra_args)
-            key = (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, args, sp.max_sequence_length)
-            groups.setdefault(key, []).append(i)
         outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
-        for (*_, args, _), rows in groups.items():
+        for args, rows in request_groups(req):
             for i, out in zip(rows, self._sample(req, rows, args), strict=True):
                 outputs[i] = out
         return outputs
@@ -109,14 +101,4 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
     def _load_diffusion_lora_adapter(self, lora_request: Any, lora_path: str, dtype: torch.dtype) -> Any:
         """vllm-omni's hook for adapters it cannot read from disk: an in-memory LoRA (``lora_tensors`` and
         ``peft_config`` on the request, as verl's ``TensorLoRARequest``) becomes a vLLM ``LoRAModel``."""
-        tensors = getattr(lora_request, "lora_tensors", None)
-        if tensors is None:
-            return None
-        from vllm.lora.lora_model import LoRAModel
-        from vllm.lora.peft_helper import PEFTHelper
-
-        helper = PEFTHelper.from_dict(dict(lora_request.peft_config))
-        model = LoRAModel.from_lora_tensors(
-            lora_model_id=lora_request.lora_int_id, tensors=tensors, peft_helper=helper, device="cpu", dtype=dtype
-        )
-        return model, helper
+        return load_tensor_lora(lora_request, dtype)

@@ -22,6 +22,25 @@ class TensorLoRARequest(LoRARequest):
     lora_tensors: dict | None = None
 
 
+def load_tensor_lora(lora_request: Any, dtype: Any) -> Any:
+    """``(LoRAModel, PEFTHelper)`` of a :class:`TensorLoRARequest`, or None for any other request.
+
+    What verl-omni's custom pipelines answer to vllm-omni's ``_load_diffusion_lora_adapter`` hook (called for an
+    adapter it cannot read from disk), so every family loads the adapters the server sends the same way.
+    """
+    tensors = getattr(lora_request, "lora_tensors", None)
+    if tensors is None:
+        return None
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_dict(dict(lora_request.peft_config))
+    model = LoRAModel.from_lora_tensors(
+        lora_model_id=lora_request.lora_int_id, tensors=tensors, peft_helper=helper, device="cpu", dtype=dtype
+    )
+    return model, helper
+
+
 @dataclass(frozen=True)
 class VllmOmniApi:
     """The engine and the vllm-omni request types the server builds."""

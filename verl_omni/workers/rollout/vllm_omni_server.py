@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.registry import adapter_path
-from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
+from verl_omni.pipelines.registry import MODEL_PIPELINES, adapter_path, load_schedule
 from verl_omni.pipelines.vllm_omni_protocol import (
     LOAD_WEIGHTS_METHOD,
     WORKER_EXTENSION,
@@ -189,6 +188,8 @@ class VllmOmniRolloutServer(RolloutServerBase):
 
         self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.spec.path, subfolder="scheduler")
         self._sigmas: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._scheduler_sigmas = load_schedule(self.spec.pipeline_class)
+        self._true_cfg = MODEL_PIPELINES[self.spec.pipeline_class].true_cfg
         self._tokenizer: Any = None
         self.version = 0
         self._lora_request: Any = None
@@ -228,7 +229,7 @@ class VllmOmniRolloutServer(RolloutServerBase):
         """The request's full schedule (N + 1 sigmas), computed as the custom pipeline computes it."""
         key = (params.num_inference_steps, params.height, params.width)
         if key not in self._sigmas:
-            self._sigmas[key] = scheduler_sigmas(
+            self._sigmas[key] = self._scheduler_sigmas(
                 self._scheduler, *key, self.spec.vae_scale_factor, self.spec.patch_size
             )
         return self._sigmas[key]
@@ -277,7 +278,9 @@ class VllmOmniRolloutServer(RolloutServerBase):
             "queue_s": start - arrival,
             "generate_s": generate_s,
         }
-        sample, conditioning = to_sample(final, request_id, text, params, self.schedule(params), version, extra)
+        sample, conditioning = to_sample(
+            final, request_id, text, params, self.schedule(params), version, extra, true_cfg=self._true_cfg
+        )
         return SampleGroup(samples=[sample], conditioning=conditioning)
 
     # ----- weights, memory and control (verl's RolloutReplica calls these on every server) ----------
