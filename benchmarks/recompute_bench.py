@@ -60,7 +60,7 @@ def _train_batch(group: Any) -> Any:
 def _actor_group(model: str, samples: int, recompute: bool, name: str) -> Any:
     from verl.single_controller.ray import RayResourcePool
 
-    from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
+    from recipes.flowgrpo.config_compose import compose_recipe, training_sections
     from verl_omni.workers.diffusion_actor import actor_worker_group
 
     cfg = compose_recipe(
@@ -75,7 +75,7 @@ def _actor_group(model: str, samples: int, recompute: bool, name: str) -> Any:
         config_name="flowgrpo_sd35_medium_lora",
     )
     pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix=name)
-    group = actor_worker_group(cfg, diffusion_section(cfg), pool, name)
+    group = actor_worker_group(cfg, training_sections(cfg), pool, name)
     group.init_model()
     return group
 

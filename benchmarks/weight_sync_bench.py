@@ -31,12 +31,12 @@ def driver_bytes_per_sync(actor_wg: Any) -> dict[str, int]:
 def _actor_group(model: str, lora_rank: int, name: str) -> Any:
     from verl.single_controller.ray import RayResourcePool
 
-    from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
+    from recipes.flowgrpo.config_compose import compose_recipe, training_sections
     from verl_omni.workers.diffusion_actor import actor_worker_group
 
     cfg = compose_recipe(f"actor_rollout_ref.model.path={model}", f"actor_rollout_ref.model.lora_rank={lora_rank}")
     pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix=name)
-    group = actor_worker_group(cfg, diffusion_section(cfg), pool, name)
+    group = actor_worker_group(cfg, training_sections(cfg), pool, name)
     group.init_model()
     return group
 

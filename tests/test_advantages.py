@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats
+from verl_omni.workers.config.algorithm import AlgorithmConfig
 
 
 def test_per_group_normalisation_matches_closed_form():
@@ -122,7 +123,7 @@ def test_training_batch_keeps_nonzero_advantages_and_tops_up_to_the_ranks(world_
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
 
     trainer = FlowGRPOTrainer.__new__(FlowGRPOTrainer)  # only the fields _training_batch reads
-    trainer.drop_zero_advantage, trainer.trained_steps, trainer.actor_wg = True, 2, _Ranks(world_size)
+    trainer.algorithm, trainer.trained_steps, trainer.actor_wg = AlgorithmConfig(), 2, _Ranks(world_size)
     # rows 0 (a's mean), 4 (b's mean) and 6-8 (a constant group) have advantage 0; with 3 ranks the first two
     # of them top the 4 kept rows up to 6
     rewards = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0, 5.0, 2.0, 2.0, 2.0])
@@ -145,7 +146,7 @@ def test_training_batch_is_none_when_every_advantage_is_zero() -> None:
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
 
     trainer = FlowGRPOTrainer.__new__(FlowGRPOTrainer)
-    trainer.drop_zero_advantage, trainer.trained_steps, trainer.actor_wg = True, 3, _Ranks(2)
+    trainer.algorithm, trainer.trained_steps, trainer.actor_wg = AlgorithmConfig(), 3, _Ranks(2)
     assert trainer._training_batch(_rollout(4), torch.tensor([1.0, 1.0, 0.5, 0.5]), ["a", "a", "b", "b"]) == (
         None,
         0.0,

@@ -12,7 +12,7 @@ from verl.protocol import DataProto
 from recipes.flowgrpo.data import ValidationBatches, validation_seed
 from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer, OffPolicyBatchError
 from verl_omni.utils.seeding import row_seed
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.config.training import TrainingSections
 
 PROMPTS = ["a red cube", "a blue ball", "a green cone"]
 
@@ -60,7 +60,7 @@ def make_trainer(tmp_path: Path, n: int = 1, **trainer_keys) -> tuple[FlowGRPOTr
         actor_wg=None,
         replicas=[],
         run_dir=tmp_path,
-        diffusion=DiffusionRolloutConfig(),
+        sections=TrainingSections(),
         validation=ValidationBatches(PROMPTS, n=n, seed=42),
     )
     return trainer, rollout

@@ -18,6 +18,7 @@ from verl_omni.trainer.flowgrpo.old_log_prob import recompute_old_log_probs, rol
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.config.precision import precision_warning
+from verl_omni.workers.config.training import TrainingSections
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 
 
@@ -176,7 +177,7 @@ def test_step_line_reports_an_off_policy_first_step(tmp_path, capsys):
         actor_wg=None,
         replicas=[],
         run_dir=tmp_path,
-        diffusion=DiffusionRolloutConfig(),
+        sections=TrainingSections(),
     )
     metrics = {
         "reward/mean": 0.5,

@@ -8,7 +8,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from verl_omni.utils.config_paths import register_config_resolvers
+from verl_omni.workers.config.algorithm import AlgorithmConfig
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.config.training import TrainingSections
 
 RECIPE_CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
@@ -20,7 +22,9 @@ def compose_recipe(*overrides: str, config_name: str = "flowgrpo_tiny") -> DictC
         return compose(config_name, overrides=list(overrides))
 
 
-def diffusion_section(cfg: DictConfig) -> DiffusionRolloutConfig:
-    """The composed config's ``actor_rollout_ref.rollout.diffusion``, typed as the recipe's driver hands it to the
-    training ranks and the trainer."""
-    return DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.get("diffusion"))
+def training_sections(cfg: DictConfig) -> TrainingSections:
+    """The composed config's sections typed as the recipe's driver hands them to the training ranks and the trainer."""
+    return TrainingSections(
+        diffusion=DiffusionRolloutConfig.from_config(cfg.actor_rollout_ref.rollout.get("diffusion")),
+        algorithm=AlgorithmConfig.from_config(cfg.get("algorithm")),
+    )

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +37,10 @@ from verl_omni.models.tiny_models import built_tiny_model, ensure_tiny_model
 from verl_omni.utils.config_paths import register_config_resolvers
 from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 from verl_omni.utils.startup import StartupClock
+from verl_omni.workers.config.training import TrainingSections
 
 if TYPE_CHECKING:
     from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
-    from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 
 DEFAULT_CONFIG_NAME = "flowgrpo_tiny"
 TINY_MODEL_CACHE = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
@@ -153,12 +154,10 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     # replicas are placed first, then the training ranks, where the nodes' sizes steer them (see
     # docs/advanced_features/multinode.md).
     rollout = checked.config.rollout  # the typed sections every actor receives, parsed once
+    sections = TrainingSections(diffusion=rollout.diffusion, algorithm=checked.config.algorithm)
+    start_training = partial(_start_training_ranks, cfg, sections, startup, clock)
     beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-training-ranks")
-    training = (
-        beside.submit(_start_training_ranks, cfg, rollout.diffusion, startup, clock)
-        if len(cluster.nodes) == 1
-        else None
-    )
+    training = beside.submit(start_training) if len(cluster.nodes) == 1 else None
     # The replicas load their models while the agent-loop workers import (each takes seconds of CPU).
     launched = clock.now()
     with startup("start-up: launching the rollout replicas", ray_free_resources):
@@ -173,9 +172,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     with startup("start-up: loading the rollout replicas", ray_free_resources), clock.phase("replicas", launched):
         server_manager.wait_loaded()
 
-    actor_wg, layout = (
-        training or beside.submit(_start_training_ranks, cfg, rollout.diffusion, startup, clock)
-    ).result()
+    actor_wg, layout = (training or beside.submit(start_training)).result()
     beside.shutdown()
     print(
         f"Actor: {layout['strategy']} over {layout['world_size']} rank(s) on {layout['device']}, "
@@ -198,7 +195,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         replicas=server_manager.get_replicas(),
         load_balancer=server_manager.global_load_balancer,
         run_dir=run_dir,
-        diffusion=rollout.diffusion,
+        sections=sections,
         validation=ValidationBatches(
             checked.val,
             n=int(cfg.actor_rollout_ref.rollout.val_kwargs.n),
@@ -211,7 +208,7 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
 
 
 def _start_training_ranks(
-    cfg: DictConfig, diffusion: DiffusionRolloutConfig, startup: Callable[..., Any], clock: StartupClock
+    cfg: DictConfig, sections: TrainingSections, startup: Callable[..., Any], clock: StartupClock
 ) -> tuple[Any, dict]:
     """Place the training ranks (verl's ``RayResourcePool``, one placement group per node) and load the model in
     them; returns the worker group and rank 0's layout."""
@@ -226,7 +223,7 @@ def _start_training_ranks(
     pool = RayResourcePool(process_on_nodes=world, use_gpu=use_gpu, max_colocate_count=1, name_prefix="flowgrpo_actor")
     what = "start-up: placing the training ranks and loading the model"
     with startup(what, ray_free_resources), clock.phase("training_ranks"):
-        actor_wg = actor_worker_group(cfg, diffusion, pool, "flowgrpo_actor", use_gpu)  # waits for the placement group
+        actor_wg = actor_worker_group(cfg, sections, pool, "flowgrpo_actor", use_gpu)  # waits for the placement group
         layout = actor_wg.init_model()[0]
     return actor_wg, layout
 

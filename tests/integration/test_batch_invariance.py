@@ -18,7 +18,7 @@ import torch
 from verl.protocol import DataProto
 from verl.single_controller.ray import RayResourcePool
 
-from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
+from recipes.flowgrpo.config_compose import compose_recipe, training_sections
 from verl_omni.utils.batch_invariant import cpu_process_env
 from verl_omni.workers.diffusion_actor import actor_worker_group
 
@@ -112,7 +112,7 @@ def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_m
         "actor_rollout_ref.actor.kl_loss_coef=0.04",
     )
     pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix="bit_exact")
-    group = actor_worker_group(cfg, diffusion_section(cfg), pool, "bit_exact")
+    group = actor_worker_group(cfg, training_sections(cfg), pool, "bit_exact")
     try:
         group.init_model()
         (metrics,) = group.update_policy(_train_batch(groups))

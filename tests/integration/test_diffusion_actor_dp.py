@@ -11,7 +11,7 @@ import torch
 from verl.protocol import DataProto
 from verl.single_controller.ray import RayResourcePool, RayWorkerGroup
 
-from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
+from recipes.flowgrpo.config_compose import compose_recipe, training_sections
 from verl_omni.pipelines.sd3.sampling import compute_log_prob
 from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand
 from verl_omni.workers.diffusion_actor import actor_worker_group, load_transformer
@@ -70,7 +70,7 @@ def _batch(model_path: str, n: int = 8, steps: int = 2) -> DataProto:
 
 def _group(cfg, ranks: int, name: str) -> tuple[RayWorkerGroup, RayResourcePool]:
     pool = RayResourcePool(process_on_nodes=[ranks], use_gpu=False, max_colocate_count=1, name_prefix=name)
-    group = actor_worker_group(cfg, diffusion_section(cfg), pool, name)
+    group = actor_worker_group(cfg, training_sections(cfg), pool, name)
     return group, pool
 
 

@@ -21,7 +21,7 @@ import pytest
 import ray
 from diffusers import SD3Transformer2DModel
 
-from recipes.flowgrpo.config_compose import compose_recipe, diffusion_section
+from recipes.flowgrpo.config_compose import compose_recipe, training_sections
 from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 from verl_omni.workers.rollout.diffusers_replica import DiffusersRolloutReplica
@@ -71,7 +71,7 @@ def test_dead_replica_that_cannot_restart_is_dropped_from_weight_sync(ray_local,
         actor_wg=_ActorGroup(),
         replicas=replicas,
         run_dir=tmp_path,
-        diffusion=diffusion_section(cfg),
+        sections=training_sections(cfg),
     )
     trainer._sync_weights()
     assert trainer.weight_sync_driver_bytes == 0  # the driver passed a ref on

@@ -41,8 +41,7 @@ from verl_omni.trainer.flowgrpo.loss import (
 from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
 from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
-from verl_omni.workers.config.algorithm import AlgorithmConfig
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.config.training import TrainingSections
 from verl_omni.workers.ema import EMAWeights
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 from verl_omni.workers.rollout.backends import pipeline_class
@@ -78,20 +77,22 @@ def collect_all(worker_group: Any, output: list[Any]) -> list[Any]:
 
 
 def actor_worker_group(
-    config: DictConfig, diffusion: DiffusionRolloutConfig, pool: Any, name_prefix: str, use_gpu: bool = False
+    config: DictConfig, sections: TrainingSections, pool: Any, name_prefix: str, use_gpu: bool = False
 ) -> Any:
     """The training ranks: verl's ``RayWorkerGroup`` of :class:`DiffusionActorWorker` on ``pool`` (waits for its
-    placement group). Each rank gets the config and the driver's parsed ``diffusion`` section; on CPU its
+    placement group). Each rank gets the config and the driver's parsed ``sections``; on CPU its
     environment carries the replicas' numerics (thread count from ``trainer.cpu_threads``, MKL strict under
     ``diffusion.batch_invariant``), set before MKL loads."""
     from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
 
-    env = {} if use_gpu else cpu_process_env(int(config.trainer.get("cpu_threads", 0) or 0), diffusion.batch_invariant)
+    env = (
+        {}
+        if use_gpu
+        else cpu_process_env(int(config.trainer.get("cpu_threads", 0) or 0), sections.diffusion.batch_invariant)
+    )
     return RayWorkerGroup(
         resource_pool=pool,
-        ray_cls_with_init=RayClassWithInitArgs(
-            cls=ray.remote(DiffusionActorWorker), config=config, diffusion=diffusion
-        ),
+        ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(DiffusionActorWorker), config=config, sections=sections),
         name_prefix=name_prefix,
         device_name="cuda" if use_gpu else "cpu",
         worker_env=env,
@@ -101,12 +102,11 @@ def actor_worker_group(
 class DiffusionActorWorker(Worker):
     """Holds the trainable transformer, its optimizer and (when ``beta > 0``) the reference."""
 
-    def __init__(self, config: DictConfig, diffusion: DiffusionRolloutConfig):
-        """``diffusion``: the rollout's sampling section as the driver parsed it (the recompute must use the
-        sampler's guidance, noise level and chunking)."""
+    def __init__(self, config: DictConfig, sections: TrainingSections):
+        """``sections``: the typed sections as the driver parsed them (:class:`TrainingSections`)."""
         super().__init__()
         self.config = config
-        self.diffusion = diffusion
+        self.sections = sections
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
 
@@ -192,12 +192,12 @@ class DiffusionActorWorker(Worker):
         self.micro_batch_size = int(actor.get("ppo_micro_batch_size_per_gpu") or 1)
         self.mini_batch_size = int(actor.ppo_mini_batch_size)
         # The recomputation must use the sampler's guidance and noise level, or step 0 is off-policy.
-        diffusion = self.diffusion
+        diffusion = self.sections.diffusion
         self.guidance_scale = float(diffusion.guidance_scale)
         self.noise_level = float(diffusion.noise_level)
         self.sde_type = diffusion.sde_type
         # GRPO-Guard: the clipped ratio is normalised per step (needs each transition's old mean)
-        self.guard = AlgorithmConfig.from_config(cfg.get("algorithm")).name == "grpo_guard"
+        self.guard = self.sections.algorithm.name == "grpo_guard"
         # Batch-invariant: recompute at the replicas' fixed chunk shape (on CPU also without oneDNN, and with
         # MKL strict from the worker's environment), so step 0 reproduces the stored log-probs bit for bit.
         self.chunk_size = diffusion.chunk_size if diffusion.batch_invariant else None

@@ -30,8 +30,7 @@ from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint, 
 from verl_omni.utils.heartbeat import Heartbeat
 from verl_omni.utils.payload_bytes import held_bytes
 from verl_omni.utils.visualize import save_reward_curve, save_sample_grid
-from verl_omni.workers.config.algorithm import AlgorithmConfig
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
+from verl_omni.workers.config.training import TrainingSections
 
 if TYPE_CHECKING:
     from verl_omni.utils.startup import StartupClock
@@ -61,7 +60,8 @@ class FlowGRPOTrainer:
         replicas: the rollout replicas (``server_manager.get_replicas()``) that receive new weights; a replica
             whose server dies is replaced (``RolloutReplicaPool``).
         run_dir: where samples, curves, metrics and checkpoints go.
-        diffusion: the rollout's sampling section as the driver parsed it (which steps are trained).
+        sections: the typed ``diffusion`` and ``algorithm`` sections as the driver parsed them (which steps are
+            trained, the SDE windows).
         validation: the fixed validation rows (``ValidationBatches``: ``batches()`` and ``n``); None = never
             validate. When to validate comes from ``trainer.test_freq`` and ``trainer.val_before_train``.
         load_balancer: the clients' balancer actor, where a replacement replica is registered.
@@ -78,7 +78,7 @@ class FlowGRPOTrainer:
         actor_wg: Any,
         replicas: list[Any],
         run_dir: str | os.PathLike,
-        diffusion: DiffusionRolloutConfig,
+        sections: TrainingSections,
         tracker_factory: Callable[[], Tracking] | None = None,
         validation: Any = None,
         load_balancer: Any = None,
@@ -96,12 +96,13 @@ class FlowGRPOTrainer:
         self.test_freq = int(config.trainer.get("test_freq", -1) or -1)
         self.val_before_train = bool(config.trainer.get("val_before_train", False))
         actor = config.actor_rollout_ref.get("actor") or {}
+        diffusion = sections.diffusion
         self.trained_steps = trained_step_count(
             diffusion.num_inference_steps, diffusion.sde_window, float(actor.get("timestep_fraction", 1.0))
         )
         # Flow-GRPO-Fast / MixGRPO: each request's SDE window (all of it is trained); None: the fixed sde_window
         self.windows = window_schedule(
-            AlgorithmConfig.from_config(config.get("algorithm")),
+            sections.algorithm,
             diffusion.num_inference_steps,
             float(actor.get("timestep_fraction", 1.0)),
             diffusion.sde_window,
@@ -110,7 +111,7 @@ class FlowGRPOTrainer:
         if self.windows is not None:
             self.trained_steps = self.windows.size
         self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
-        self.drop_zero_advantage = bool((config.get("algorithm") or {}).get("drop_zero_advantage", True))
+        self.algorithm = sections.algorithm
         self.clip_range = float(actor.get("clip_ratio", 0.0) or 0.0)
         self.warn_clip_frac_first = float(config.trainer.get("warn_clip_frac_first", 0.05))
         self._warned_off_policy = False
@@ -260,7 +261,6 @@ class FlowGRPOTrainer:
             self._sync_weights()
         tracker = self._tracker_factory()
         save_freq = int(self.config.trainer.get("save_freq", -1) or -1)
-        algo = self.config.algorithm
         print(
             f"Outputs in {self.run_dir}/: samples/ (image grids), reward_curve.png, "
             f"{METRICS_FILE}, tensorboard/, checkpoints/"
@@ -273,7 +273,7 @@ class FlowGRPOTrainer:
         stop = GracefulStop(float(self.config.trainer.get("preempt_grace_s", 20)), write=tqdm.write)
         with stop:
             try:
-                self._loop(bar, tracker, algo, save_freq, stop)
+                self._loop(bar, tracker, save_freq, stop)
             except KeyboardInterrupt:
                 if not stop.expired:  # Ctrl-C twice (or a signal outside the grace logic): the caller reports it
                     raise
@@ -287,13 +287,13 @@ class FlowGRPOTrainer:
         self._save_reward_curve()
         return self.history
 
-    def _loop(self, bar: Any, tracker: Any, algo: DictConfig, save_freq: int, stop: GracefulStop) -> None:
+    def _loop(self, bar: Any, tracker: Any, save_freq: int, stop: GracefulStop) -> None:
         """The steps, each saved when ``save_freq`` says so or when a stop signal came during it."""
         for step in bar:
             # validation of the policy after `step` updates: the one this step's rollout samples from
             startup = self._startup_metrics() if step == self.start_step else {}
             val_metrics = self._validate(step) if self.validates_at(step) else {}
-            metrics = self._train_step(step, algo)
+            metrics = self._train_step(step)
             self.history.append({"step": step, **metrics})
             tracker.log(data={**metrics, **val_metrics, **startup}, step=step)
             tqdm.write(self._console_line(step, metrics, val_metrics))
@@ -331,7 +331,7 @@ class FlowGRPOTrainer:
             out = self.agent_loop_manager.generate_sequences(request)
         return out, version, time.perf_counter() - start
 
-    def _train_step(self, step: int, algo: DictConfig) -> dict[str, float]:
+    def _train_step(self, step: int) -> dict[str, float]:
         """One step. ``sync``: sample with the current policy, train, push the weights. ``one_step_off``: train on
         the samples drawn during the previous step (one version behind) while the next step's rollout samples with
         the weights the replicas hold; the new weights go out once that rollout is back."""
@@ -351,8 +351,8 @@ class FlowGRPOTrainer:
         advantages = compute_group_advantages(
             rewards,
             uids,
-            global_std=bool(algo.get("global_std", False)),
-            clip_max=algo.get("adv_clip_max"),
+            global_std=self.algorithm.global_std,
+            clip_max=self.algorithm.adv_clip_max,
         )
         out.batch["advantages"] = advantages
 
@@ -416,7 +416,7 @@ class FlowGRPOTrainer:
         batch.batch["log_probs"] = batch.batch["log_probs"][:, :k].contiguous()
         for key in ("latents", "sigmas"):
             batch.batch[key] = batch.batch[key][:, : k + 1].contiguous()
-        if not self.drop_zero_advantage:
+        if not self.algorithm.drop_zero_advantage:
             return compact(batch), 1.0
         keep = nonzero_advantage_rows(rewards, uids)
         kept = int(keep.sum())
