@@ -26,7 +26,7 @@ from verl_omni.pipelines.qwen_image.sampling import (
     sample_flow_match_sde,
     scheduler_sigmas,
 )
-from verl_omni.pipelines.registry import load_adapter, load_trainer_binding
+from verl_omni.pipelines.registry import adapter_path, load_adapter, load_trainer_binding
 from verl_omni.utils.batch_invariant import map_chunks
 from verl_omni.workers.rollout.model_spec import ModelSpec
 
@@ -65,8 +65,8 @@ def test_tiny_qwen_image_is_a_qwen_image_pipeline_the_registry_and_spec_read(pip
     assert spec.latent_shape(64, 64) == LATENT and (spec.default_height, spec.default_width) == (1024, 1024)
     assert load_adapter("QwenImagePipeline", "diffusers").__name__ == "QwenImageDiffusersAdapter"
     assert load_trainer_binding("QwenImagePipeline") is compute_log_prob
-    with pytest.raises(ValueError, match="valid choices: StableDiffusion3Pipeline"):
-        load_adapter("QwenImagePipeline", "vllm_omni")
+    # the vllm_omni adapter is imported only inside vllm-omni's workers: named here, loaded in tests/vllm_omni_engine
+    assert adapter_path("QwenImagePipeline", "vllm_omni").endswith(".vllm_omni_pipeline.QwenImageFlowGRPOPipeline")
     # the template's system prefix is as many tokens as the pipeline drops: the embeddings start at the prompt
     prefix = pipe.prompt_template_encode.split("{}")[0]
     assert len(pipe.tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx == 34

@@ -60,11 +60,12 @@ MODEL_PIPELINES: dict[str, ModelPipelines] = {
         true_cfg=False,
         schedule="verl_omni.pipelines.flux.sampling.scheduler_sigmas",
     ),
-    # Qwen-Image: true CFG with a negative prompt (guidance_scale is the pipeline's true_cfg_scale). vllm-omni 0.28
-    # has a Qwen-Image pipeline (vllm_omni/diffusion/models/qwen_image); no FlowGRPO subclass of it yet.
+    # Qwen-Image: true CFG with a negative prompt (guidance_scale is the pipeline's true_cfg_scale).
     "QwenImagePipeline": ModelPipelines(
         trainer="verl_omni.pipelines.qwen_image.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.qwen_image.diffusers_adapter.QwenImageDiffusersAdapter",
+        vllm_omni="verl_omni.pipelines.qwen_image.vllm_omni_pipeline.QwenImageFlowGRPOPipeline",
+        schedule="verl_omni.pipelines.qwen_image.sampling.scheduler_sigmas",
     ),
     # Wan 2.1 / 2.2 text-to-video with one transformer. vllm-omni 0.28 serves WanPipeline checkpoints with its
     # Wan22Pipeline (vllm_omni/diffusion/models/wan2_2); no FlowGRPO subclass of it yet. Defaults: WanPipeline's.

@@ -9,6 +9,8 @@ masked out of the transformer's attention and zeroed, as the stock pipeline zero
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,6 +63,18 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return QwenImagePipeline._unpack_latents(tokens, height, width, vae_scale_factor=1)[:, :, 0]
 
 
+@functools.cache
+def _takes_text_lengths(transformer_type: type) -> bool:
+    return "txt_seq_lens" in inspect.signature(transformer_type.forward).parameters
+
+
+def text_length_kwargs(transformer: torch.nn.Module, text_length: int, batch: int) -> dict[str, list[int]]:
+    """``{"txt_seq_lens": [L] * B}`` for vllm-omni's ``QwenImageTransformer2DModel``, which sizes the text RoPE from
+    it (``max(txt_seq_lens)``) and fails without it; ``{}`` for diffusers', which reads L from the embeddings.
+    Every text is padded to L here (masked), so both rotate the same L text positions."""
+    return {"txt_seq_lens": [text_length] * batch} if _takes_text_lengths(type(transformer)) else {}
+
+
 def predict_velocity(
     transformer: torch.nn.Module,
     latents: torch.Tensor,
@@ -88,13 +102,15 @@ def predict_velocity(
     img_shapes = [[(1, height // 2, width // 2)]] * batch
 
     def run(cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        embeds = cond["prompt_embeds"]
         return transformer(
             hidden_states=hidden,
             timestep=timestep,
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
             encoder_hidden_states_mask=cond["prompt_embeds_mask"],
             img_shapes=img_shapes,
             return_dict=False,
+            **text_length_kwargs(transformer, embeds.shape[1], batch),
         )[0].float()
 
     out = run(conditioning)

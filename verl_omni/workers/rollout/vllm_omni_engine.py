@@ -8,6 +8,8 @@ the vllm-omni extra. It does not import verl's vLLM helpers (``verl.utils.vllm``
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +24,21 @@ class TensorLoRARequest(LoRARequest):
     lora_tensors: dict | None = None
 
 
-def load_tensor_lora(lora_request: Any, dtype: Any) -> Any:
+def rename_module(name: str, renames: Mapping[str, str]) -> str:
+    """``name`` (a dotted module path, or a parameter name under one) with each whole-component match of a key of
+    ``renames`` (e.g. ``to_out.0``) replaced by its value (``to_out``)."""
+    for old, new in renames.items():
+        name = re.sub(rf"(^|\.){re.escape(old)}(?=\.|$)", rf"\g<1>{new}", name)
+    return name
+
+
+def load_tensor_lora(lora_request: Any, dtype: Any, renames: Mapping[str, str] | None = None) -> Any:
     """``(LoRAModel, PEFTHelper)`` of a :class:`TensorLoRARequest`, or None for any other request.
 
     What verl-omni's custom pipelines answer to vllm-omni's ``_load_diffusion_lora_adapter`` hook (called for an
     adapter it cannot read from disk), so every family loads the adapters the server sends the same way.
+    ``renames``: diffusers module names the engine's model spells otherwise (applied to the tensors' names and the
+    peft ``target_modules``), as vllm-omni's own loader renames an adapter it reads from disk.
     """
     tensors = getattr(lora_request, "lora_tensors", None)
     if tensors is None:
@@ -34,7 +46,13 @@ def load_tensor_lora(lora_request: Any, dtype: Any) -> Any:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    helper = PEFTHelper.from_dict(dict(lora_request.peft_config))
+    config = dict(lora_request.peft_config)
+    if renames:
+        tensors = {rename_module(k, renames): v for k, v in tensors.items()}
+        targets = config.get("target_modules")
+        if isinstance(targets, (list, tuple, set)):
+            config["target_modules"] = [rename_module(t, renames) for t in targets]
+    helper = PEFTHelper.from_dict(config)
     model = LoRAModel.from_lora_tensors(
         lora_model_id=lora_request.lora_int_id, tensors=tensors, peft_helper=helper, device="cpu", dtype=dtype
     )

@@ -1,0 +1,107 @@
+"""The vllm-omni backend's thin adapter for Qwen-Image: a custom vllm-omni pipeline that samples with FlowGRPO.
+
+vllm-omni's stock Qwen-Image pipeline records no trajectory. This subclass keeps what vllm-omni built (its loaders,
+the Qwen2.5-VL text encoder without its vision tower, its Qwen-Image transformer and VAE, weight loading, LoRA) and
+replaces only ``forward``: the texts are encoded, sampled (true CFG with the negative prompt, the per-token rescale)
+and decoded by the same code the diffusers backend runs (:class:`~.diffusers_adapter.QwenImageDiffusersAdapter`
+bound to vllm-omni's modules, which have the attributes it reads), so both backends and the trainer compute one
+function. The server loads it with ``custom_pipeline_args={"pipeline_class":
+"verl_omni.pipelines.qwen_image.vllm_omni_pipeline.QwenImageFlowGRPOPipeline"}``; the wire format is
+:mod:`verl_omni.pipelines.vllm_omni_protocol`.
+
+Imported only inside vllm-omni's worker processes (it imports vllm-omni at module level). Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from vllm_omni.diffusion.data import DiffusionOutput as OmniDiffusionOutput
+from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import QwenImagePipeline
+from vllm_omni.platforms import current_omni_platform
+
+from verl_omni.pipelines.qwen_image.diffusers_adapter import QwenImageDiffusersAdapter
+from verl_omni.pipelines.qwen_image.sampling import decode_latents
+from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory, request_groups
+from verl_omni.workers.rollout.model_spec import ModelSpec
+from verl_omni.workers.rollout.vllm_omni_engine import load_tensor_lora
+
+_DEFAULT_MAX_SEQUENCE_LENGTH = 256  # rollout.diffusion.max_sequence_length's default (the warm-up request)
+
+
+def _prompt_field(prompt: Any, key: str) -> str:
+    if isinstance(prompt, str):
+        return prompt if key == "prompt" else ""
+    return prompt.get(key) or ""
+
+
+class QwenImageFlowGRPOPipeline(QwenImagePipeline):
+    """vllm-omni's Qwen-Image pipeline sampling with FlowGRPO's SDE and returning the trajectory per request."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._spec = ModelSpec.from_path(self.od_config.model)
+        if current_omni_platform.is_cpu():  # verl-omni's CPU platform: float32 attention through CPU SDPA
+            from verl_omni.workers.rollout.vllm_omni_cpu_attention import route_sdpa_fallbacks
+
+            route_sdpa_fallbacks(self)
+
+    def forward(self, req: Any) -> list[OmniDiffusionOutput]:
+        """Run a vllm-omni request batch; requests with different shapes or knobs run as separate sub-batches.
+
+        ``guidance_scale`` is Qwen-Image's ``true_cfg_scale``: above 1 each request's negative prompt is encoded and
+        returned with the trajectory.
+        """
+        outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
+        for args, rows in request_groups(req):
+            for i, out in zip(rows, self._sample(req, rows, args), strict=True):
+                outputs[i] = out
+        return outputs
+
+    @torch.no_grad()
+    def _sample(self, req: Any, rows: Sequence[int], args: FlowGRPOArgs) -> list[OmniDiffusionOutput]:
+        sp = req.sampling_params_list[rows[0]]
+        adapter = QwenImageDiffusersAdapter(
+            self, self._spec, sp.max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH, self.device
+        )
+        prompts = [req.prompts[i] for i in rows]
+        encodings = adapter.encode([_prompt_field(p, "prompt") for p in prompts], args.chunk_size)
+        negatives = None
+        if sp.guidance_scale > 1.0:
+            negatives = adapter.encode([_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
+        seeds = [req.sampling_params_list[i].seed for i in rows]
+        generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
+        params = _Params(sp, args)
+        traj = adapter.sample(encodings, negatives, generators, params, args.chunk_size)
+        images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
+        return [
+            OmniDiffusionOutput(
+                output=images[j : j + 1],
+                **pack_trajectory(traj, j, encodings[j], negatives[j] if negatives else None),
+            )
+            for j in range(len(rows))
+        ]
+
+    def _load_diffusion_lora_adapter(self, lora_request: Any, lora_path: str, dtype: torch.dtype) -> Any:
+        """vllm-omni's hook for adapters it cannot read from disk: the server's in-memory LoRA.
+
+        vllm-omni's Qwen-Image attention holds its output projection as ``to_out``, diffusers' (and peft's) as
+        ``to_out.0``; vllm-omni renames it only for adapters it reads from disk. Without the rename the in-memory
+        adapter's ``to_out.0`` was bound to no layer (measured on CPU: log-probs 0.081 off the trainer's, 2.4e-7
+        without the first block's ``to_out.0`` in the trainer's adapter)."""
+        return load_tensor_lora(lora_request, dtype, renames={"to_out.0": "to_out"})
+
+
+class _Params:
+    """The resolved sampling parameters the diffusers adapter reads, from a vllm-omni request and its knobs."""
+
+    def __init__(self, sp: Any, args: FlowGRPOArgs) -> None:
+        self.num_inference_steps = sp.num_inference_steps
+        self.height = sp.height
+        self.width = sp.width
+        self.guidance_scale = sp.guidance_scale
+        self.noise_level = args.noise_level
+        self.sde_window = args.sde_window
+        self.sde_type = args.sde_type
