@@ -16,9 +16,10 @@ transformer runs in its own dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -265,6 +266,36 @@ def _denoise_step(
         return ode_step(v, x, sigma, sigma_next), None
     out = step(v, x, sigma, sigma_next, noise_level, noise=noise)
     return out.prev_sample, out.log_prob
+
+
+BundleVelocityFn = Callable[
+    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], "dict[str, torch.Tensor] | None"], torch.Tensor
+]
+
+
+def sample_with_bundles(
+    velocity: BundleVelocityFn,
+    fields: Sequence[str],
+    conditioning: Mapping[str, torch.Tensor],
+    negative_conditioning: Mapping[str, torch.Tensor] | None,
+    sigmas: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    latent_shape: Sequence[int],
+    **options: Any,
+) -> SDETrajectory:
+    """:func:`sample_sde_trajectory` for a model whose velocity takes its conditioning as bundles (dicts of the
+    model's ``fields``): ``velocity(x, sigma, positive, negative)``, ``negative`` None without CFG. The bundles'
+    tensors travel as the loop's per-sample tensors, so they are chunked with the batch; ``options`` are the loop's
+    (``noise_level``, ``sde_window``, ``chunk_size``, ``sde_type``)."""
+    names = list(fields)
+    negative = [None] * len(names) if negative_conditioning is None else [negative_conditioning[k] for k in names]
+
+    def bound(x: torch.Tensor, sigma: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
+        pos, neg = dict(zip(names, tensors[: len(names)], strict=True)), tensors[len(names) :]
+        return velocity(x, sigma, pos, None if neg[0] is None else dict(zip(names, neg, strict=True)))
+
+    tensors = [*(conditioning[k] for k in names), *negative]
+    return sample_sde_trajectory(bound, sigmas, tensors, generators, latent_shape, **options)
 
 
 @torch.no_grad()

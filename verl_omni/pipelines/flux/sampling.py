@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
 from verl_omni.pipelines.flux.conditioning import predict_velocity
 from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS
 from verl_omni.protocol import Conditioning
@@ -59,15 +59,12 @@ def sample_flow_match_sde(
     """FlowGRPO sampling of a FLUX transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory`
     with FLUX's velocity (embedded guidance, no negative); ``latent_shape`` is the unpacked (C, h, w), drawn as
     ``FluxPipeline`` draws its initial noise before packing."""
-    names = list(CONDITIONING_FIELDS)
-
-    def velocity(x: torch.Tensor, sigma: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        return predict_velocity(transformer, x, sigma, dict(zip(names, tensors, strict=True)), guidance_scale)
-
-    return sample_sde_trajectory(
-        velocity,
+    return sample_with_bundles(
+        lambda x, sigma, pos, _neg: predict_velocity(transformer, x, sigma, pos, guidance_scale),
+        CONDITIONING_FIELDS,
+        conditioning,
+        None,  # guidance-distilled: no negative
         sigmas,
-        [conditioning[k] for k in names],
         generators,
         latent_shape,
         noise_level=noise_level,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
 from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
 from verl_omni.utils.batch_invariant import map_chunks
@@ -55,18 +55,12 @@ def sample_flow_match_sde(
     """FlowGRPO sampling of an SD3 transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory`
     with SD3's (guided) velocity; see there for the arguments. ``conditioning`` (and the CFG negative) are batched
     bundles of :data:`~verl_omni.pipelines.sd3.conditioning.CONDITIONING_FIELDS`; ``latent_shape`` is (C, h, w)."""
-    names = list(CONDITIONING_FIELDS)
-    negative = [None] * len(names) if negative_conditioning is None else [negative_conditioning[k] for k in names]
-
-    def velocity(x: torch.Tensor, sigma: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
-        pos, neg = dict(zip(names, tensors[: len(names)], strict=True)), tensors[len(names) :]
-        neg_bundle = None if neg[0] is None else dict(zip(names, neg, strict=True))
-        return predict_velocity(transformer, x, sigma, pos, neg_bundle, guidance_scale)
-
-    return sample_sde_trajectory(
-        velocity,
+    return sample_with_bundles(
+        lambda x, sigma, pos, neg: predict_velocity(transformer, x, sigma, pos, neg, guidance_scale),
+        CONDITIONING_FIELDS,
+        conditioning,
+        negative_conditioning,
         sigmas,
-        [*(conditioning[k] for k in names), *negative],
         generators,
         latent_shape,
         noise_level=noise_level,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
 from verl_omni.pipelines.sd3.sampling import images_to_uint8
 from verl_omni.pipelines.wan.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
@@ -59,18 +59,12 @@ def sample_flow_match_sde(
     """FlowGRPO sampling of a Wan transformer: :func:`~verl_omni.pipelines.flow_match_sde.sample_sde_trajectory` with
     Wan's (guided) velocity; ``latent_shape`` is the video's ``(C, f, h, w)``, drawn as ``WanPipeline`` draws its
     initial noise (one generator per sample)."""
-    names = list(CONDITIONING_FIELDS)
-    negative = [None] * len(names) if negative_conditioning is None else [negative_conditioning[k] for k in names]
-
-    def velocity(x: torch.Tensor, sigma: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
-        pos, neg = dict(zip(names, tensors[: len(names)], strict=True)), tensors[len(names) :]
-        neg_bundle = None if neg[0] is None else dict(zip(names, neg, strict=True))
-        return predict_velocity(transformer, x, sigma, pos, neg_bundle, guidance_scale)
-
-    return sample_sde_trajectory(
-        velocity,
+    return sample_with_bundles(
+        lambda x, sigma, pos, neg: predict_velocity(transformer, x, sigma, pos, neg, guidance_scale),
+        CONDITIONING_FIELDS,
+        conditioning,
+        negative_conditioning,
         sigmas,
-        [*(conditioning[k] for k in names), *negative],
         generators,
         latent_shape,
         noise_level=noise_level,
