@@ -69,8 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
         ),
         (
             "algorithm.name=dance_grpo",
-            "config error: algorithm.name='dance_grpo' is not valid; valid choices: flow_grpo, flow_grpo_fast, mix_grpo, "
-            "grpo_guard",
+            "config error: algorithm.name='dance_grpo' is not valid; valid choices: flow_grpo, flow_grpo_fast, "
+            "mix_grpo, grpo_guard",
         ),
         ("algorithm.fast.window_size=0", "config error: algorithm.fast.window_size=0 must be a positive integer"),
         (
