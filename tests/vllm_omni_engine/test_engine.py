@@ -278,4 +278,4 @@ def test_the_vllm_omni_patch_series_applies_and_imports(capsys):
     from patches.check import main
 
     assert main(["--package", "vllm_omni"]) == 0, capsys.readouterr().out
-    assert "1 applied, 0 already upstream, 0 failed -- OK" in capsys.readouterr().out
+    assert "2 applied, 0 already upstream, 0 failed -- OK" in capsys.readouterr().out
