@@ -275,6 +275,12 @@ def test_model_configs_select_wan_with_valid_frames_sizes_and_the_reference_sett
     assert d.max_num_seqs % d.chunk_size == 0
 
 
+@pytest.fixture(scope="module")
+def refusal_cache(tmp_path_factory):
+    """One ``VERL_OMNI_CACHE`` for the refusals below: each tiny model is built once (Wan: about 12 s), not per case."""
+    return tmp_path_factory.mktemp("refusal_cache")
+
+
 @pytest.mark.parametrize(
     ("args", "line"),
     [
@@ -296,7 +302,7 @@ def test_model_configs_select_wan_with_valid_frames_sizes_and_the_reference_sett
     ],
     ids=["wan_frames", "image_family", "image_reward"],
 )
-def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, args, line):
+def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, refusal_cache, args, line):
     import os
     import subprocess
     import sys
@@ -309,7 +315,7 @@ def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "VERL_OMNI_CACHE": str(tmp_path / "cache")},  # the tiny model is built first, before Ray
+        env={**os.environ, "VERL_OMNI_CACHE": str(refusal_cache)},  # the tiny model is built first, before Ray
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert [e for e in proc.stderr.splitlines() if e.startswith("config error: ")] == [line], proc.stderr[-2000:]
