@@ -14,7 +14,7 @@ import logging
 import pytest
 import pytest_asyncio
 import torch
-from peft import LoraConfig
+from lora_adapters import random_lora
 from peft.utils import get_peft_model_state_dict
 
 from verl_omni.pipelines.sd3.sampling import compute_log_prob
@@ -83,19 +83,6 @@ def recompute(transformer: torch.nn.Module, out, table, guidance_scale: float = 
         return map_chunks(call, [x if x is None else x.contiguous() for x in inputs], CONFIG["chunk_size"])
 
 
-def random_lora(transformer: torch.nn.Module, seed: int) -> dict:
-    """A peft adapter on the recipe's default targets with lora_alpha = 2 r (the SD3.5 recipe's ratio) and
-    nonzero lora_B (peft initialises it to zero), so it changes the policy."""
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": "gaussian", "target_modules": targets}
-    transformer.add_adapter(LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in transformer.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-    return config
-
-
 async def test_the_cpu_platform_serves_the_custom_pipeline(server):
     assert cpu_omni_platform_plugin() == PLATFORM  # vLLM's CPU build, no CUDA device here
     ready = await server.ready()
@@ -141,7 +128,7 @@ async def test_every_trajectory_field_is_filled_and_recomputes_with_the_trainer(
 async def test_lora_sync_samples_the_policy_the_adapter_defines(server, tiny_sd3):
     base, _ = await one(server, "base", PROMPT, {"seed": 3})
     transformer = load_transformer(str(tiny_sd3)).eval()
-    lora_config = random_lora(transformer, seed=0)
+    lora_config = random_lora(transformer, seed=0, targets=["to_q", "to_k", "to_v", "to_out.0"])
     lora = get_peft_model_state_dict(transformer)
     assert await server.update_weights(lora_state_dict=lora, lora_config=lora_config, version=5) == 5
     tuned, tuned_table = await one(server, "tuned", PROMPT, {"seed": 3})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import torch
-from peft import LoraConfig
+from lora_adapters import random_lora
 from peft.utils import get_peft_model_state_dict
 
 from verl_omni.pipelines.flux.sampling import compute_log_prob
@@ -144,19 +144,6 @@ async def test_per_request_sde_window_sde_type_and_noise_level_are_honoured(serv
     assert ode.log_probs.shape == (0,) and ode_table == {} and ode.image.shape == (3, 64, 64)
 
 
-def random_lora(transformer: torch.nn.Module, seed: int) -> dict:
-    """A peft adapter on ``model=flux_dev``'s targets (both streams' attention, fused to_qkv / add_kv_proj in
-    vllm-omni, and MLPs; ``attn.to_q/k/v`` also match the single-stream blocks') with lora_alpha = 2 r and nonzero
-    lora_B, so it changes the policy."""
-    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": "gaussian", "target_modules": LORA_TARGETS}
-    transformer.add_adapter(LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in transformer.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-    return config
-
-
 LORA_TARGETS = [
     *("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj"),
     *("attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
@@ -171,7 +158,7 @@ async def test_lora_sync_samples_the_adapters_policy_and_matches_the_diffusers_b
     try:
         ref_base, _ = await one(reference, "ref-base", {"seed": 3})
         transformer = load_transformer(str(tiny_flux)).eval()
-        lora_config = random_lora(transformer, seed=0)
+        lora_config = random_lora(transformer, seed=0, targets=LORA_TARGETS)
         lora = get_peft_model_state_dict(transformer)
         await reference.update_weights(lora_state_dict=lora, lora_config=lora_config, version=5)
         ref_tuned, _ = await one(reference, "ref-tuned", {"seed": 3})

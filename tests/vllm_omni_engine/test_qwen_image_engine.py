@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import torch
-from peft import LoraConfig
+from lora_adapters import random_lora
 from peft.utils import get_peft_model_state_dict
 
 from verl_omni.pipelines.qwen_image.conditioning import CONDITIONING_FIELDS
@@ -122,24 +122,13 @@ async def test_trajectories_recompute_with_the_trainers_qwen_image_log_prob(serv
     assert worst <= RECOMPUTE_ATOL
 
 
-def random_lora(transformer: torch.nn.Module, seed: int) -> dict:
-    """A peft adapter on ``LORA_TARGETS`` with lora_alpha = 2 r and nonzero lora_B, so it changes the policy."""
-    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": "gaussian", "target_modules": LORA_TARGETS}
-    transformer.add_adapter(LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in transformer.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-    return config
-
-
 async def test_lora_sync_samples_the_adapters_policy_and_matches_the_diffusers_backend(server, tiny_qwen_image):
     base, _ = await one(server, "base", {"seed": 3})
     reference = DiffusersRolloutServer(str(tiny_qwen_image), CONFIG, server_id="diffusers-qwen-0", device="cpu")
     try:
         ref_base, _ = await one(reference, "ref-base", {"seed": 3})
         transformer = load_transformer(str(tiny_qwen_image)).eval()
-        lora_config = random_lora(transformer, seed=0)
+        lora_config = random_lora(transformer, seed=0, targets=LORA_TARGETS)
         lora = get_peft_model_state_dict(transformer)
         await reference.update_weights(lora_state_dict=lora, lora_config=lora_config, version=5)
         ref_tuned, _ = await one(reference, "ref-tuned", {"seed": 3})
