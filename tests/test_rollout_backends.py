@@ -98,5 +98,10 @@ def test_a_model_without_a_pipeline_for_the_backend_is_refused(backend, tmp_path
 def test_every_backend_serves_sd3_and_the_diffusers_adapter_loads():
     assert supported_pipelines("diffusers")[:2] == ("StableDiffusion3Pipeline", "FluxPipeline")
     assert "QwenImagePipeline" in supported_pipelines("diffusers")
-    assert supported_pipelines("vllm_omni") == ("StableDiffusion3Pipeline", "FluxPipeline", "QwenImagePipeline")
+    assert supported_pipelines("vllm_omni") == (
+        "StableDiffusion3Pipeline",
+        "FluxPipeline",
+        "QwenImagePipeline",
+        "WanPipeline",
+    )
     assert load_adapter("StableDiffusion3Pipeline", "diffusers").__name__ == "SD3DiffusersAdapter"

@@ -356,9 +356,9 @@ async def test_sleep_offloads_and_an_update_wakes_the_engine(make_server):
 def test_start_up_errors_name_the_problem(make_server, tmp_path):
     with pytest.raises(ValueError, match="device='tpu' is not a device of the vllm_omni rollout backend; valid"):
         VllmOmniRolloutServer(str(write_checkpoint(tmp_path / "a")), device="tpu")
-    wan = write_checkpoint(tmp_path / "wan", "WanPipeline")
-    with pytest.raises(ValueError, match=r"'WanPipeline' pipeline.*valid choices: StableDiffusion3Pipeline, Flux"):
-        VllmOmniRolloutServer(str(wan))
+    sdxl = write_checkpoint(tmp_path / "sdxl", "StableDiffusionXLPipeline")
+    with pytest.raises(ValueError, match=r"'StableDiffusionXLPipeline' pipeline.*valid choices: StableDiffusion3Pipel"):
+        VllmOmniRolloutServer(str(sdxl))
 
 
 def test_the_replica_is_registered_and_placed_like_the_diffusers_one(monkeypatch):

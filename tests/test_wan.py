@@ -13,7 +13,7 @@ import torch
 from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
 from verl_omni.models.tiny_wan import ensure_tiny_wan
 from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob, standard_normal
-from verl_omni.pipelines.registry import load_adapter, load_trainer_binding
+from verl_omni.pipelines.registry import adapter_path, load_adapter, load_trainer_binding
 from verl_omni.pipelines.wan.conditioning import predict_velocity
 from verl_omni.pipelines.wan.sampling import compute_log_prob, decode_videos, sample_flow_match_sde, scheduler_sigmas
 from verl_omni.utils.batch_invariant import map_chunks
@@ -60,8 +60,8 @@ def test_tiny_wan_is_a_wan_pipeline_the_registry_and_spec_read(pipe, wan_dir):
     assert spec.latent_shape(32, 32, 5) == LATENT and spec.latent_shape(32, 32) == (16, 4, 4)
     assert load_adapter("WanPipeline", "diffusers").__name__ == "WanDiffusersAdapter"
     assert load_trainer_binding("WanPipeline") is compute_log_prob
-    with pytest.raises(ValueError, match="valid choices: StableDiffusion3Pipeline"):
-        load_adapter("WanPipeline", "vllm_omni")
+    # vllm-omni's Wan22Pipeline subclass (imported only inside vllm-omni's workers)
+    assert adapter_path("WanPipeline", "vllm_omni").endswith("wan.vllm_omni_pipeline.WanFlowGRPOPipeline")
 
 
 def test_frame_counts_the_causal_vae_cannot_take_are_refused(wan_dir, tmp_path):
@@ -101,6 +101,48 @@ def test_scheduler_sigmas_read_the_published_unipc_flow_schedule():
     assert euler.shape == (11,) and not torch.allclose(euler, a, atol=1e-2)
     with pytest.raises(ValueError, match="sets no flow-matching schedule"):
         scheduler_sigmas(DDIMScheduler(), 10)
+
+
+def test_the_vllm_omni_wire_carries_frames_and_rounds_videos_as_the_diffusers_backend(pipe, wan_dir, tmp_path):
+    """The vllm_omni backend's side of Wan: the frame count in the request and its sub-batch key, the checkpoint's
+    own scheduler on the server, and videos back from vllm-omni's post-processing rounded as ``decode_videos``."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.video_processor import VideoProcessor
+
+    from verl_omni.pipelines.vllm_omni_protocol import sampling_kwargs, video_tensor
+    from verl_omni.pipelines.wan.sampling import decode_pixels, schedule_sigmas, videos_to_uint8
+    from verl_omni.workers.rollout.model_spec import load_scheduler
+
+    params = resolve_sampling_params(
+        {"num_frames": 5, "seed": 1}, DiffusionRolloutConfig(), ModelSpec.from_path(wan_dir)
+    )
+    assert sampling_kwargs(params, 16, None)["num_frames"] == 5
+    image_params = resolve_sampling_params({}, DiffusionRolloutConfig(), ModelSpec.from_path(ensure_tiny_sd3(tmp_path)))
+    assert "num_frames" not in sampling_kwargs(image_params, 16, None)
+    # the server's schedule is the sampler's: the class the checkpoint names (a published UniPC with its flow_shift)
+    assert type(load_scheduler(wan_dir)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert torch.equal(schedule_sigmas(load_scheduler(wan_dir), 4, 32, 32, 8, 2), scheduler_sigmas(pipe.scheduler, 4))
+    unipc_dir = tmp_path / "unipc"
+    (unipc_dir / "scheduler").mkdir(parents=True)
+    (unipc_dir / "model_index.json").write_text('{"scheduler": ["diffusers", "UniPCMultistepScheduler"]}')
+    UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero"
+    ).save_config(unipc_dir / "scheduler")
+    unipc = load_scheduler(unipc_dir)
+    assert type(unipc).__name__ == "UniPCMultistepScheduler" and unipc.config.flow_shift == 3.0
+    # frames: what vllm-omni's Wan post-processing makes of the decoded video, rounded as the diffusers backend
+    latents = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(0))
+    pixels = decode_pixels(pipe.vae, latents, None)
+    frames = VideoProcessor(vae_scale_factor=8).postprocess_video(pixels[1:2], output_type="np")  # (1, F, H, W, 3)
+    assert torch.equal(video_tensor(frames), videos_to_uint8(pixels)[1]) and video_tensor(frames).shape == (
+        5,
+        3,
+        32,
+        32,
+    )
+    assert torch.equal(videos_to_uint8(pixels), decode_videos(pipe.vae, latents, None))
+    with pytest.raises(ValueError, match="not \\(F, H, W, 3\\) frames"):
+        video_tensor(frames[0, 0])
 
 
 def test_ode_sampling_matches_the_stock_wan_pipeline(pipe):

@@ -68,10 +68,12 @@ MODEL_PIPELINES: dict[str, ModelPipelines] = {
         schedule="verl_omni.pipelines.qwen_image.sampling.scheduler_sigmas",
     ),
     # Wan 2.1 / 2.2 text-to-video with one transformer. vllm-omni 0.28 serves WanPipeline checkpoints with its
-    # Wan22Pipeline (vllm_omni/diffusion/models/wan2_2); no FlowGRPO subclass of it yet. Defaults: WanPipeline's.
+    # Wan22Pipeline (vllm_omni/diffusion/models/wan2_2), subclassed by the FlowGRPO pipeline. Defaults: WanPipeline's.
     "WanPipeline": ModelPipelines(
         trainer="verl_omni.pipelines.wan.sampling.compute_log_prob",
         diffusers="verl_omni.pipelines.wan.diffusers_adapter.WanDiffusersAdapter",
+        vllm_omni="verl_omni.pipelines.wan.vllm_omni_pipeline.WanFlowGRPOPipeline",
+        schedule="verl_omni.pipelines.wan.sampling.schedule_sigmas",
         num_frames=81,
         default_size=(480, 832),
     ),

@@ -7,11 +7,13 @@ runs inside vllm-omni's worker processes) cannot drift apart. Pure functions of 
 Request: the usual fields (steps, guidance, size, seed, ``lora_request``) plus ``extra_args[EXTRA_ARGS_KEY]`` =
 ``{"noise_level", "sde_window", "chunk_size", "sde_type"}``; the prompt is ``{"prompt", "negative_prompt"}``.
 
-Response, per request: ``images[0]`` the image; ``trajectory_log_probs`` (T,) float32; ``trajectory_timesteps``
-(T,) the transformer's timestep input of each recorded step; ``trajectory_latents`` a dict of tensors:
-``latents`` (T + 1, C, h, w), ``x_s`` before each recorded step then ``x_next`` of the last one (the recorded
-steps are consecutive), and the model's conditioning bundle under ``conditioning.<field>`` and the CFG
-negative's under ``negative_conditioning.<field>`` (absent when T == 0, the negative without CFG).
+Response, per request: ``images[0]`` the image (a video family's decoded video in [-1, 1], which vllm-omni's
+video post-processing hands back as floats in [0, 1], frames first); ``trajectory_log_probs`` (T,) float32;
+``trajectory_timesteps`` (T,) the transformer's timestep input of each recorded step; ``trajectory_latents`` a dict
+of tensors: ``latents`` (T + 1, C, h, w) (``(T + 1, C, f, h, w)`` for a video), ``x_s`` before each recorded step
+then ``x_next`` of the last one (the recorded steps are consecutive), and the model's conditioning bundle under
+``conditioning.<field>`` and the CFG negative's under ``negative_conditioning.<field>`` (absent when T == 0, the
+negative without CFG).
 Sigmas are not sent: the server recomputes the schedule with the same shared function and checks the timesteps.
 """
 
@@ -77,7 +79,8 @@ def request_groups(req: Any) -> list[tuple[FlowGRPOArgs, list[int]]]:
             args = FlowGRPOArgs.for_warmup(sp.num_inference_steps)
         else:
             args = FlowGRPOArgs.from_extra_args(sp.extra_args)
-        key = (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, args, sp.max_sequence_length)
+        frames = getattr(sp, "num_frames", None)  # a video family's; one sub-batch per frame count
+        key = (sp.height, sp.width, frames, sp.num_inference_steps, sp.guidance_scale, args, sp.max_sequence_length)
         groups.setdefault(key, []).append(i)
         knobs[key] = args
     return [(knobs[key], rows) for key, rows in groups.items()]
@@ -101,8 +104,9 @@ def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:
 
 
 def sampling_kwargs(params: SamplingParams, max_sequence_length: int, chunk_size: int | None) -> dict:
-    """Keyword arguments of vllm-omni's ``OmniSamplingParams`` for one resolved request."""
-    return {
+    """Keyword arguments of vllm-omni's ``OmniSamplingParams`` for one resolved request (``num_frames`` for a video
+    family's)."""
+    kwargs = {
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "height": params.height,
@@ -120,6 +124,9 @@ def sampling_kwargs(params: SamplingParams, max_sequence_length: int, chunk_size
             }
         },
     }
+    if params.num_frames is not None:
+        kwargs["num_frames"] = params.num_frames
+    return kwargs
 
 
 def engine_prompt(text: str, params: SamplingParams) -> dict[str, str]:
@@ -163,6 +170,24 @@ def image_tensor(image: Any) -> torch.Tensor:
     return tensor.contiguous()
 
 
+def video_tensor(video: Any) -> torch.Tensor:
+    """A video as vllm-omni's video post-processing returns it (floats in [0, 1], ``(1, F, H, W, 3)`` or
+    ``(F, H, W, 3)``; or a uint8 ``(F, 3, H, W)`` tensor) as a uint8 (F, 3, H, W) CPU tensor, rounded as
+    :func:`verl_omni.pipelines.sd3.sampling.images_to_uint8` rounds the diffusers backend's frames."""
+    if isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
+        tensor = video.detach().cpu()
+    else:
+        frames = torch.as_tensor(np.asarray(video, dtype=np.float32))
+        if frames.ndim == 5 and frames.shape[0] == 1:
+            frames = frames[0]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"engine video of shape {tuple(frames.shape)} is not (F, H, W, 3) frames")
+        tensor = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2)
+    if tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"engine video of dtype {tensor.dtype} and shape {tuple(tensor.shape)} is not RGB frames")
+    return tensor.contiguous()
+
+
 def to_sample(
     output: Any,
     request_id: str,
@@ -186,11 +211,16 @@ def to_sample(
     if not images:
         why = getattr(output, "error", None) or "no image (aborted, or the engine failed)"
         raise RuntimeError(f"vllm-omni request {request_id!r} returned {why}")
-    image = image_tensor(images[0])
-    if tuple(image.shape[1:]) != (params.height, params.width):
+    if params.num_frames is None:
+        image = image_tensor(images[0])
+        shape, wanted = tuple(image.shape[1:]), (params.height, params.width)
+    else:  # a video family: (F, 3, H, W)
+        image = video_tensor(images[0])
+        shape, wanted = (image.shape[0], *image.shape[2:]), (params.num_frames, params.height, params.width)
+    if shape != wanted:
         raise RuntimeError(
-            f"vllm-omni request {request_id!r} returned a {tuple(image.shape[1:])} image, "
-            f"{(params.height, params.width)} was requested"
+            f"vllm-omni request {request_id!r} returned a {shape} {'image' if len(shape) == 2 else 'video'}, "
+            f"{wanted} was requested"
         )
     start, end = recorded_window(params)
     steps = end - start

@@ -75,16 +75,41 @@ def sample_flow_match_sde(
 
 
 @torch.no_grad()
-def decode_videos(vae: torch.nn.Module, latents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """VAE-decode (B, C, f, h, w) latents to uint8 videos (B, F, 3, H, W) on the host, as ``WanPipeline`` does
-    (per-channel de-normalisation with the VAE's ``latents_mean`` / ``latents_std``, frames first as its video
-    processor returns them). Batch-invariant: chunks of ``chunk_size`` videos, padded with zeros."""
+def decode_pixels(vae: torch.nn.Module, latents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """VAE-decode (B, C, f, h, w) latents to videos (B, 3, F, H, W) in [-1, 1] (the VAE's dtype), as ``WanPipeline``
+    does before its video processor (per-channel de-normalisation with the VAE's ``latents_mean`` /
+    ``latents_std``). Batch-invariant: chunks of ``chunk_size`` videos, padded with zeros."""
     shape = (1, -1, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
     z = latents.to(vae.dtype) / inv_std + mean  # WanPipeline's arithmetic, so the frames match it bit for bit
-    videos = map_chunks(lambda zc: vae.decode(zc, return_dict=False)[0], [z], chunk_size, fill=0.0)
+    return map_chunks(lambda zc: vae.decode(zc, return_dict=False)[0], [z], chunk_size, fill=0.0)
+
+
+def videos_to_uint8(videos: torch.Tensor) -> torch.Tensor:
+    """Decoded videos (B, 3, F, H, W) in [-1, 1] as uint8 (B, F, 3, H, W) on the host, frames first as
+    ``WanPipeline``'s video processor returns them, rounded as it rounds."""
     return images_to_uint8(videos.permute(0, 2, 1, 3, 4))
+
+
+@torch.no_grad()
+def decode_videos(vae: torch.nn.Module, latents: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """VAE-decode (B, C, f, h, w) latents to uint8 videos (B, F, 3, H, W) on the host: :func:`decode_pixels`, then
+    :func:`videos_to_uint8`."""
+    return videos_to_uint8(decode_pixels(vae, latents, chunk_size))
+
+
+def schedule_sigmas(
+    scheduler: Any,
+    num_inference_steps: int,
+    height: int | None = None,
+    width: int | None = None,
+    vae_scale_factor: int | None = None,
+    patch_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`scheduler_sigmas` with the registry's schedule signature (the vllm_omni server's timestep check):
+    Wan's schedule does not depend on the video size, which is accepted and ignored."""
+    return scheduler_sigmas(scheduler, num_inference_steps)
 
 
 def compute_log_prob(

@@ -190,3 +190,17 @@ def _read_json(file: Path, key: str, path: Any) -> dict[str, Any]:
         raise ValueError(f"{key}={str(path)!r} is missing {file.relative_to(file.parents[1])}") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{key}={str(path)!r}: cannot read {file.name}: {err}") from None
+
+
+def load_scheduler(path: str | os.PathLike) -> Any:
+    """The checkpoint's own scheduler: the class its ``model_index.json`` names, loaded from ``scheduler/`` as
+    ``DiffusionPipeline.from_pretrained`` loads it (a Wan checkpoint's ``UniPCMultistepScheduler`` with its
+    ``flow_shift``; read as another class, its schedule would silently change)."""
+    import diffusers
+
+    entry = read_model_index(path).get("scheduler")
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else "FlowMatchEulerDiscreteScheduler"
+    scheduler_cls = getattr(diffusers, str(name), None)
+    if scheduler_cls is None:
+        raise ValueError(f"{path}: model_index.json names the scheduler {name!r}, which diffusers does not have")
+    return scheduler_cls.from_pretrained(str(path), subfolder="scheduler")

@@ -16,5 +16,10 @@ def cpu_omni_platform_plugin() -> str | None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu() and not torch.cuda.is_available():
+        # vLLM's CPU build has no importable torchvision, which vllm-omni's Wan package imports for pipelines
+        # text-to-video does not use: let the Wan pipeline load without it (in every vllm-omni process)
+        from verl_omni.pipelines.wan.vllm_omni_imports import register_wan2_2_package
+
+        register_wan2_2_package()
         return PLATFORM
     return None

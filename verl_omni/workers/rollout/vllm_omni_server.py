@@ -43,7 +43,7 @@ from verl_omni.utils.containers import plain
 from verl_omni.utils.peft_names import with_peft_prefix
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.diffusers_engine import resolve_torch_dtype
-from verl_omni.workers.rollout.model_spec import ModelSpec
+from verl_omni.workers.rollout.model_spec import ModelSpec, load_scheduler
 from verl_omni.workers.rollout.prompt_text import prompt_text
 from verl_omni.workers.rollout.server_base import RolloutServerBase
 
@@ -184,9 +184,7 @@ class VllmOmniRolloutServer(RolloutServerBase):
         self.engine_start_s = time.perf_counter() - start
         _exit_with_parent(self.engine, self.server_id)
 
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.spec.path, subfolder="scheduler")
+        self._scheduler = load_scheduler(self.spec.path)  # the class the checkpoint names, as the pipelines load it
         self._sigmas: dict[tuple[int, int, int], torch.Tensor] = {}
         self._scheduler_sigmas = load_schedule(self.spec.pipeline_class)
         self._true_cfg = MODEL_PIPELINES[self.spec.pipeline_class].true_cfg
