@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
         (
             "algorithm.name=dance_grpo",
             "config error: algorithm.name='dance_grpo' is not valid; valid choices: flow_grpo, flow_grpo_fast, "
-            "mix_grpo, grpo_guard",
+            "mix_grpo, grpo_guard, diffusion_nft",
         ),
         ("algorithm.fast.window_size=0", "config error: algorithm.fast.window_size=0 must be a positive integer"),
         (

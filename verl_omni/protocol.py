@@ -42,7 +42,8 @@ SAMPLING_FIELDS: dict[str, str] = {
     "negative_prompt": "str: the CFG negative prompt",
     "noise_level": "float >= 0: SDE noise level (paper 0.7); 0 = ODE sampling, nothing recorded",
     "sde_window": "[start, end) step indices sampled as (recorded) SDE steps, or null for all steps",
-    "sde_type": "the stochastic step of the SDE window: sde (FlowGRPO) or cps (coefficients-preserving sampling)",
+    "sde_type": "the step of the window: sde (FlowGRPO), cps (coefficients-preserving sampling) or ode (deterministic, "
+    "recorded with log-prob 0: DiffusionNFT)",
     "height": "int pixels, a multiple of vae_scale_factor * patch_size",
     "width": "int pixels, a multiple of vae_scale_factor * patch_size",
     "num_frames": "int frames of a video family (k * temporal_scale_factor + 1), or null: the family's default",

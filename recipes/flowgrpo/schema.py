@@ -16,7 +16,7 @@ from pydantic import Field
 
 from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig
-from verl_omni.workers.config.algorithm import AlgorithmConfig, check_guard_old_policy
+from verl_omni.workers.config.algorithm import AlgorithmConfig, check_guard_old_policy, check_nft_settings
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.config.ema import EMAConfig
 from verl_omni.workers.config.precision import ACTOR, IS_THRESHOLD_KEY, RECOMPUTE_KEY
@@ -207,6 +207,13 @@ class RecipeConfig(Section):
 
     def __post_init__(self) -> None:
         check_guard_old_policy(self.algorithm.name, self.trainer.rollout_mode, self.actor.recompute_old_log_prob)
+        window = self.rollout.diffusion.sde_window
+        check_nft_settings(
+            self.algorithm.name,
+            self.trainer.rollout_mode,
+            self.actor.recompute_old_log_prob,
+            None if window is None else list(window),
+        )
 
     @property
     def actor(self) -> ActorOptions:

@@ -196,6 +196,7 @@ def validate_model_options(cfg: DictConfig, model_path: str) -> None:
     Run once the model path is known (the tiny model is built first), still before Ray starts.
     """
     validate_image_sizes(cfg, model_path)
+    check_nft_cfg(cfg, model_path)
     model = cfg.actor_rollout_ref.model
     if int(model.get("lora_rank", 0) or 0) > 0:
         targets = model.get("target_modules")
@@ -208,6 +209,18 @@ def validate_model_options(cfg: DictConfig, model_path: str) -> None:
                 f"actor_rollout_ref.model.target_modules has {missing}, which match no module of the transformer; "
                 f"module names end in e.g. {leaves[:12]}"
             )
+
+
+def check_nft_cfg(cfg: DictConfig, model_path: str) -> None:
+    """DiffusionNFT without classifier-free guidance, on a family where ``guidance_scale > 1`` means CFG."""
+    from verl_omni.pipelines.registry import MODEL_PIPELINES
+    from verl_omni.workers.config.algorithm import check_nft_guidance
+    from verl_omni.workers.rollout.model_spec import ModelSpec
+
+    entry = MODEL_PIPELINES.get(ModelSpec.from_path(model_path).pipeline_class)
+    guidance = OmegaConf.select(cfg, "actor_rollout_ref.rollout.diffusion.guidance_scale", default=1.0)
+    name = OmegaConf.select(cfg, "algorithm.name", default="flow_grpo")
+    check_nft_guidance(name, float(guidance), entry is None or entry.true_cfg)
 
 
 def validate_image_sizes(cfg: DictConfig, model_path: str) -> None:

@@ -1,5 +1,6 @@
 """Each algorithm of ``algorithm.name`` through the recipe's real entry point, 2 steps on CPU: the same trainer,
-rollout and routing, on policy at the first inner step (batch-invariant: ``actor/ratio_max_abs_dev`` exactly 0),
+rollout and routing, on policy at the first inner step (batch-invariant: ``actor/ratio_max_abs_dev`` exactly 0;
+DiffusionNFT: its old policy equals the trained one, ``actor/nft_old_dev_max_first`` exactly 0, until it lags),
 training on the steps its windows say. One run per algorithm (a run is about a minute, mostly start-up)."""
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(run_dir: Path, cache: Path, *overrides: str) -> list[dict]:
-    """2 steps of the small run with ``overrides``; the per-step metrics."""
+def _run(run_dir: Path, cache: Path, *overrides: str, ratios: bool = True) -> list[dict]:
+    """2 steps of the small run with ``overrides``; the per-step metrics. ``ratios``: check the on-policy ratio (an
+    algorithm without log-probs has none)."""
     cmd = [
         sys.executable,
         "-m",
@@ -38,7 +40,7 @@ def _run(run_dir: Path, cache: Path, *overrides: str) -> list[dict]:
     rows = [r.get("data", r) for r in rows if "reward/mean" in r.get("data", r)]
     assert len(rows) == 2
     for row in rows:
-        assert row["actor/ratio_max_abs_dev"] == 0.0  # on policy, bit for bit
+        assert not ratios or row["actor/ratio_max_abs_dev"] == 0.0  # on policy, bit for bit
         assert row["actor/grad_norm"] > 0
     return rows
 
@@ -75,3 +77,19 @@ def test_grpo_guard_normalises_the_ratio_per_step(tmp_path, verl_omni_cache):
         assert row["actor/trained_steps"] == 3.0  # every step but the last (timestep_fraction 0.99 of 4)
         for t in range(3):  # the plain ratio and the normalised one the loss clips, per trained step
             assert {f"actor/ratio_mean_step{t}", f"actor/guard_ratio_std_step{t}"} <= row.keys()
+
+
+def test_diffusion_nft_trains_on_the_forward_process_of_its_old_policys_samples(tmp_path, verl_omni_cache):
+    rows = _run(tmp_path / "nft", verl_omni_cache, "algorithm.name=diffusion_nft", ratios=False)
+    for row in rows:
+        assert row["actor/trained_steps"] == 3.0  # noise levels per sample: int(4 x 0.99) of the 4 of its schedule
+        assert "actor/ratio_max_abs_dev" not in row and "rollout/sde_window_size" not in row
+        assert row["advantages/kept_fraction"] == 1.0  # every sample trains (the authors keep r = 1/2 rows)
+        assert row["actor/positive_loss"] > 0 and row["actor/negative_loss"] > 0
+    # one optimizer step per update (8 rows, mini-batch 8), after all of its losses: the decay after k steps is
+    # min(0.001 k, 0.5)
+    assert [r["actor/nft_old_decay"] for r in rows] == pytest.approx([0.001, 0.002])
+    # step 1: the old policy is a copy of the trained weights, so v_old = v_theta bit for bit before the update;
+    # step 2: it moved only 99.9% of the way to them (decay 0.001), so the sampling policy lags a little
+    assert rows[0]["actor/nft_old_dev_max_first"] == 0.0
+    assert 0 < rows[1]["actor/nft_old_dev_max_first"] < 1e-2

@@ -196,9 +196,39 @@ def cps_step_with_logprob(
     return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std_dev)
 
 
+def ode_step_with_logprob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> SDEStepOutput:
+    """The deterministic Euler step (:func:`ode_step`) in a step's signature, recorded with log-prob 0 and std 0:
+    no density is computed and ``noise`` / ``noise_level`` are ignored. A request with ``sde_type='ode'`` records
+    its whole deterministic trajectory, the clean sample and the schedule, for a forward-process algorithm
+    (DiffusionNFT) that needs those and no log-probs; never a training step of the GRPO algorithms (which the
+    config's ``diffusion.sde_type`` does not offer)."""
+    mean = ode_step(model_output, sample, sigma, sigma_next)
+    zeros = torch.zeros(sample.shape[0], dtype=torch.float32, device=sample.device)
+    return SDEStepOutput(
+        prev_sample=mean if prev_sample is None else prev_sample.float(),
+        log_prob=zeros,
+        prev_sample_mean=mean,
+        std_dev=torch.zeros_like(_per_sample(sigma, mean)),
+    )
+
+
 StepFn = Callable[..., SDEStepOutput]
-SDE_STEPS: dict[str, StepFn] = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
-"""``rollout.diffusion.sde_type`` -> its step (one signature): what the sampling loop and every trainer binding call."""
+SDE_STEPS: dict[str, StepFn] = {
+    "sde": sde_step_with_logprob,
+    "cps": cps_step_with_logprob,
+    "ode": ode_step_with_logprob,
+}
+"""``sde_type`` -> its step (one signature): what the sampling loop and every trainer binding call. ``sde`` and
+``cps`` are ``rollout.diffusion.sde_type``'s choices; ``ode`` only a request's (DiffusionNFT's rollout)."""
 
 
 def sde_step(sde_type: str) -> StepFn:

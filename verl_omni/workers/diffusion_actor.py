@@ -38,11 +38,12 @@ from verl_omni.trainer.flowgrpo.loss import (
     per_step_ratio_metrics,
     truncated_is_weights,
 )
+from verl_omni.trainer.flowgrpo.nft import draw_timesteps, nft_loss, old_policy_decay, optimality_probability
 from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
 from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
 from verl_omni.workers.config.training import TrainingSections
-from verl_omni.workers.ema import EMAWeights
+from verl_omni.workers.ema import EMAWeights, OldPolicyWeights
 from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
 from verl_omni.workers.rollout.backends import pipeline_class
 from verl_omni.workers.rollout.model_spec import read_model_index
@@ -178,6 +179,12 @@ class DiffusionActorWorker(Worker):
             if ema.get("enable", False)
             else None
         )
+        # DiffusionNFT: the old policy samples the rollouts and gives v_old; soft-updated after each training step
+        self.nft = self.sections.algorithm.name == "diffusion_nft"
+        self.nft_options = self.sections.algorithm.nft
+        self.nft_old = OldPolicyWeights(named_trainable) if self.nft else None
+        self.timestep_fraction = float(actor.get("timestep_fraction", 1.0))
+        self._optimizer_steps = 0
         optim = actor.optim
         self.optimizer = torch.optim.AdamW(
             self.trainable,
@@ -261,8 +268,14 @@ class DiffusionActorWorker(Worker):
             local * self.world_size, self.mini_batch_size, self.world_size, on_gpu=self.device.type != "cpu"
         )
         rows = np.arange(local)
-        batch["old_log_probs"] = batch.pop("log_probs")
-        steps = batch["old_log_probs"].shape[1]
+        if self.nft:  # no log-probs: K noise levels per sample out of the N of its sampling schedule
+            steps = int(batch["sigmas"].shape[1] * self.timestep_fraction)
+            nft_generator = torch.Generator().manual_seed(
+                int(self.config.trainer.seed) + 7919 * self._update_calls + 104729 * self.rank
+            )
+        else:
+            batch["old_log_probs"] = batch.pop("log_probs")
+            steps = batch["old_log_probs"].shape[1]
         rng = np.random.default_rng(int(self.config.trainer.seed) + 7919 * self._update_calls)
         self._update_calls += 1
         mini = min(self.mini_batch_size // self.world_size, len(rows))
@@ -282,7 +295,10 @@ class DiffusionActorWorker(Worker):
         first_clip: list[float] = []  # clip fraction of the first inner step (before any update), then the rest
         later_clip: list[float] = []
         first_log_ratios: list[torch.Tensor] = []  # every (sample, trained step) row before the first update
+        nft_rows: dict[str, list[dict[str, torch.Tensor]]] = {"first": [], "later": []}  # DiffusionNFT's v - v_old
         for epoch in range(self.ppo_epochs):
+            if self.nft:  # fresh forward-process draws per pass, as the authors per inner epoch
+                self._nft_prepare(batch, rows, micro, steps, nft_generator)
             order = rows[rng.permutation(len(rows))]
             for m_start in range(0, len(order), mini):
                 on_policy = epoch == 0 and m_start == 0
@@ -292,18 +308,26 @@ class DiffusionActorWorker(Worker):
                     idx = torch.as_tensor(mini_rows[u_start : u_start + micro])
                     weight = len(idx) / len(mini_rows) / steps
                     for t in range(steps):
-                        loss, metrics, log_ratio, log_ratios = self._loss_at_step(batch, idx, t)
-                        (loss * weight).backward()
-                        for name, value in log_ratios.items():
-                            step_ratios.setdefault(name, [[] for _ in range(steps)])[t].append(value)
-                        if on_policy:
-                            first_log_ratios.append(log_ratio)
-                        (first_clip if on_policy else later_clip).append(metrics["clip_frac"])
+                        if self.nft:
+                            loss, metrics, per_row = self._nft_loss_at_step(batch, idx, t)
+                            (loss * weight).backward()
+                            nft_rows["first" if on_policy else "later"].append(per_row)
+                        else:
+                            loss, metrics, log_ratio, log_ratios = self._loss_at_step(batch, idx, t)
+                            (loss * weight).backward()
+                            for name, value in log_ratios.items():
+                                step_ratios.setdefault(name, [[] for _ in range(steps)])[t].append(value)
+                            if on_policy:
+                                first_log_ratios.append(log_ratio)
+                            (first_clip if on_policy else later_clip).append(metrics["clip_frac"])
                         for key, value in metrics.items():
                             totals.setdefault(key, []).append(value)
                 grad_norm = self._step()
                 totals.setdefault("grad_norm", []).append(grad_norm)
         out.update({f"actor/{k}": float(np.mean(v)) for k, v in totals.items()})
+        if self.nft:
+            out.update(self._nft_finish(batch, nft_rows))
+            return self._common_metrics(out)
         out["actor/clip_frac_first"] = float(np.mean(first_clip))
         if later_clip:
             out["actor/clip_frac_later"] = float(np.mean(later_clip))
@@ -313,9 +337,109 @@ class DiffusionActorWorker(Worker):
         out["actor/ratio_max_abs_dev"] = float(torch.expm1(log_ratio).abs().max())
         out["actor/log_ratio_abs_mean"] = float(log_ratio.abs().mean())
         out.update(per_step_ratio_metrics(step_ratios))
+        return self._common_metrics(out)
+
+    def _common_metrics(self, out: dict[str, float]) -> dict[str, float]:
         out["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         with torch.no_grad():
             out["actor/param_norm"] = float(_full(torch.nn.utils.get_total_norm(self.trainable)))
+        return out
+
+    # ------------------------------------------------------------ DiffusionNFT
+    @torch.no_grad()
+    def _nft_prepare(
+        self, batch: dict[str, torch.Tensor], rows: np.ndarray, micro: int, steps: int, generator: torch.Generator
+    ) -> None:
+        """One pass's forward-process draws and the old policy's estimates: per sample ``steps`` distinct noise
+        levels of its sampling schedule (``batch['sigmas']``, (N, S)) and noise, ``x_t = (1 - t) x0 + t eps``
+        (``nft_x_t``, (N, steps, *latent), host), and the old (sampling) weights' data estimate ``x_t - t v_old``
+        at each (``nft_x0_old``), computed with the old weights swapped in, micro-batched as the update."""
+        x0 = batch["latents"][:, -1].float()
+        schedule = batch["sigmas"].float()
+        index = draw_timesteps(x0.shape[0], schedule.shape[1], steps, generator)
+        sigmas = torch.gather(schedule, 1, index)
+        eps = torch.randn((x0.shape[0], steps, *x0.shape[1:]), generator=generator, dtype=torch.float32)
+        t = sigmas.reshape(*sigmas.shape, *([1] * (x0.ndim - 1)))
+        batch["nft_sigmas"] = sigmas
+        batch["nft_x_t"] = (1.0 - t) * x0[:, None] + t * eps
+        x0_old = torch.zeros_like(batch["nft_x_t"])
+        with self.nft_old.swapped_in():
+            for start in range(0, len(rows), micro):
+                idx = torch.as_tensor(rows[start : start + micro])
+                for j in range(steps):
+                    x0_old[idx, j] = self._x0_estimate(self.model, batch, idx, j).float().cpu()
+        batch["nft_x0_old"] = x0_old
+
+    def _x0_estimate(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, j: int):
+        """``x_t - t v`` of ``model`` at rows ``idx``' ``j``-th draw: the family's trainer binding with a CPS step to
+        ``s_next = 0``, whose mean is exactly that estimate (``x0 (1 - 0) + x1 * 0``), as the replicas' velocity
+        (no CFG negative: DiffusionNFT is CFG-free)."""
+        dev = self.device
+        x_t = batch["nft_x_t"][idx, j].to(dev)
+        sigmas = batch["nft_sigmas"][idx, j].to(dev)
+        args = {
+            "latents": x_t,
+            "next_latents": x_t,
+            "sigmas": sigmas,
+            "sigmas_next": torch.zeros_like(sigmas),
+            "conditioning": self._bundle(batch, CONDITIONING_INDEX, idx),
+            "negative_conditioning": None,
+            "guidance_scale": self.guidance_scale,
+            "noise_level": self.noise_level,
+            "sde_type": "cps",
+            "detach_uncond": self.cfg_detach_uncond,
+            "dtype": self.compute_dtype,
+        }
+        return self._compute_log_prob(model, args)[1]
+
+    def _nft_loss_at_step(
+        self, batch: dict[str, torch.Tensor], idx: torch.Tensor, j: int
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+        """DiffusionNFT's loss of rows ``idx`` at their ``j``-th draw (:func:`nft_loss`), with the reference's
+        estimate when the KL term is on."""
+        x0_theta = self._x0_estimate(self.model, batch, idx, j)
+        x0_ref = None
+        if self.beta > 0:
+            with torch.no_grad(), self._reference():
+                ref_model = self.ref_model if self.ref_model is not None else self.model
+                x0_ref = self._x0_estimate(ref_model, batch, idx, j)
+        r = optimality_probability(batch["advantages"][idx].to(self.device).float(), self.nft_options.reward_norm)
+        return nft_loss(
+            x0_theta,
+            batch["nft_x0_old"][idx, j].to(self.device),
+            batch["latents"][idx, -1].to(self.device).float(),
+            batch["nft_sigmas"][idx, j].to(self.device),
+            r,
+            beta=self.nft_options.beta,
+            reward_norm=self.nft_options.reward_norm,
+            x0_ref=x0_ref,
+            kl_coef=self.beta,
+        )
+
+    def _nft_finish(
+        self, batch: dict[str, torch.Tensor], nft_rows: dict[str, list[dict[str, torch.Tensor]]]
+    ) -> dict[str, float]:
+        """The update's DiffusionNFT metrics, then the old policy's soft update (after ``k`` optimizer steps in all,
+        decay ``d(k)``). ``actor/nft_old_dev_max_first``: the largest ``|v_theta - v_old|`` before this update's
+        first optimizer step, i.e. how far the sampling policy lags the trained one (0 when the last decay was 0;
+        bit for bit under batch-invariant mode); ``_max`` over the whole update; ``_rms`` its root mean square."""
+        out: dict[str, float] = {}
+        every = nft_rows["first"] + nft_rows["later"]
+        if nft_rows["first"]:
+            out["actor/nft_old_dev_max_first"] = float(torch.cat([r["old_dev_max"] for r in nft_rows["first"]]).max())
+        if every:
+            out["actor/nft_old_dev_max"] = float(torch.cat([r["old_dev_max"] for r in every]).max())
+            out["actor/nft_old_dev_rms"] = float(torch.cat([r["old_dev_sq"] for r in every]).double().mean().sqrt())
+        advantages = batch["advantages"].float()
+        out["actor/nft_r_saturated"] = float((advantages.abs() >= self.nft_options.reward_norm).float().mean())
+        options = self.nft_options
+        decay = old_policy_decay(
+            self._optimizer_steps, options.old_decay_flat, options.old_decay_rate, options.old_decay_max
+        )
+        self.nft_old.soft_update(decay)
+        out["actor/nft_old_decay"] = decay
+        for key in ("nft_x_t", "nft_x0_old", "nft_sigmas"):
+            batch.pop(key, None)
         return out
 
     def _loss_at_step(
@@ -374,14 +498,18 @@ class DiffusionActorWorker(Worker):
 
         return log_prob
 
+    def _bundle(self, batch: dict[str, torch.Tensor], key: str, idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Rows ``idx``' conditioning bundle (``key``: the positive or negative index) expanded from the table."""
+        found = expand(self._table, batch[key][idx])
+        return None if found is None else {k: v.to(self.device) for k, v in found.items()}
+
     def _step_args(self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int) -> dict[str, Any]:
         """The model's ``compute_log_prob`` arguments for rows ``idx`` at trained step ``t``, on the device: step ``t``
         moves ``latents[:, t]`` to ``latents[:, t + 1]``; the conditioning is expanded from the table here."""
         dev = self.device
 
         def bundle(key: str) -> dict[str, torch.Tensor] | None:
-            found = expand(self._table, batch[key][idx])
-            return None if found is None else {k: v.to(dev) for k, v in found.items()}
+            return self._bundle(batch, key, idx)
 
         return {
             "latents": batch["latents"][idx, t].to(dev),
@@ -446,6 +574,7 @@ class DiffusionActorWorker(Worker):
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip))
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+            self._optimizer_steps += 1
             if self.ema is not None:
                 self.ema.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -453,7 +582,7 @@ class DiffusionActorWorker(Worker):
 
     # --------------------------------------------------------- weights, state
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def put_rollout_weights(self, ema: bool = False) -> dict[str, ray.ObjectRef] | None:
+    def put_rollout_weights(self, ema: bool = False, trained: bool = False) -> dict[str, ray.ObjectRef] | None:
         """What the rollout replicas load, put into Ray's object store by this worker: the LoRA adapter (with its
         config) or the full state dict, as ``update_weights`` keyword -> ``ObjectRef``.
 
@@ -465,16 +594,18 @@ class DiffusionActorWorker(Worker):
         model files in their own dtype, and this copy's are cast to the compute dtype (see ``precision``).
 
         ``ema=True``: the EMA weights instead of the trained ones (validation samples with them); an error when
-        ``actor.ema.enable`` is off. Every rank takes part in gathering the shards; rank 0 puts the full tensors
-        and returns the refs, the others None.
+        ``actor.ema.enable`` is off. DiffusionNFT's rollouts sample with its old policy: by default its weights go
+        out, ``trained=True`` the trained ones (its validation). Every rank takes part in gathering the shards;
+        rank 0 puts the full tensors and returns the refs, the others None.
         """
         if ema and self.ema is None:
             raise ValueError("put_rollout_weights(ema=True) but actor_rollout_ref.actor.ema.enable is false")
         lora = self.lora_config is not None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-        with self.ema.swapped_in() if ema else nullcontext():
+        swapped = self.ema if ema else (self.nft_old if not trained else None)
+        with swapped.swapped_in() if swapped is not None else nullcontext():
             state = get_model_state_dict(self.model, options=options)
-            if ema:  # on one CPU rank the state dict aliases the parameters, which get the trained values back
+            if swapped is not None:  # on one CPU rank the state dict aliases the parameters, which get theirs back
                 state = {k: v.clone() for k, v in state.items()}
         if self.rank != 0:
             return None
@@ -498,10 +629,18 @@ class DiffusionActorWorker(Worker):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         weights, optimizer = get_state_dict(self.model, self.optimizer, options=options)
         ema = self.ema.state_dict() if self.ema is not None else None  # a collective under FSDP: every rank
+        nft_old = self.nft_old.state_dict() if self.nft_old is not None else None
         if self.rank != 0:
             return None
         trainable = {k: v for k, v in weights.items() if k in self.trainable_names}  # buffers come from the model files
-        return {"trainable": trainable, "optimizer": optimizer, "update_calls": self._update_calls, "ema": ema}
+        return {
+            "trainable": trainable,
+            "optimizer": optimizer,
+            "update_calls": self._update_calls,
+            "optimizer_steps": self._optimizer_steps,
+            "ema": ema,
+            "nft_old": nft_old,
+        }
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -516,6 +655,14 @@ class DiffusionActorWorker(Worker):
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
         self._update_calls = int(state.get("update_calls", 0))
+        self._optimizer_steps = int(state.get("optimizer_steps", 0))
+        if self.nft_old is not None:
+            if state.get("nft_old") is None:
+                raise ValueError(
+                    "algorithm.name='diffusion_nft' but the checkpoint has no old-policy weights (saved by another "
+                    "algorithm); start a new run"
+                )
+            self.nft_old.load_state_dict(state["nft_old"])
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError(

@@ -84,3 +84,30 @@ class EMAWeights:
                 else:
                     self.shadow[i] = value.to(device=param.device, dtype=param.dtype).clone()
         self.steps = int(state["steps"])
+
+
+class OldPolicyWeights(EMAWeights):
+    """DiffusionNFT's old policy: a copy of the trained weights that samples the rollouts and gives ``v_old``, moved
+    towards the trained ones once per training step, ``old <- d old + (1 - d) theta`` with the caller's decay ``d``
+    (:func:`~verl_omni.trainer.flowgrpo.nft.old_policy_decay`); ``d = 0`` makes it the trained weights exactly.
+    ``steps`` counts the soft updates. Swapping in and (unsharded) checkpoints as :class:`EMAWeights`."""
+
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def soft_update(self, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"the old policy's decay must be in [0, 1), got {decay!r}")
+        for shadow, param in zip(self.shadow, self.params, strict=True):
+            if decay == 0.0:
+                shadow.copy_(param.detach())  # exactly the trained weights (lerp's rounding aside)
+            else:
+                shadow.lerp_(param.detach(), 1.0 - decay)
+        self.steps += 1
+
+    def after_optimizer_step(self) -> None:  # pragma: no cover - the old policy moves per training step only
+        raise TypeError("OldPolicyWeights moves with soft_update(decay), once per training step")

@@ -112,6 +112,8 @@ class FlowGRPOTrainer:
             self.trained_steps = self.windows.size
         self.validate_with_ema = bool((actor.get("ema") or {}).get("enable", False))
         self.algorithm = sections.algorithm
+        self.num_inference_steps = diffusion.num_inference_steps
+        self.validate_swap = self.validate_with_ema or self.nft
         self.clip_range = float(actor.get("clip_ratio", 0.0) or 0.0)
         self.warn_clip_frac_first = float(config.trainer.get("warn_clip_frac_first", 0.05))
         self._warned_off_policy = False
@@ -199,14 +201,19 @@ class FlowGRPOTrainer:
         save_checkpoint(self.ckpt_dir, step, state, keep_last=keep)
 
     def _sync_weights(self, ema: bool = False) -> float:
-        """Push the current policy (or its EMA, for validation) to every rollout replica, replacing dead ones.
+        """Push the sampling policy (or, ``ema=True``, the validation weights) to every rollout replica, replacing
+        dead ones. The sampling policy is the trained weights, DiffusionNFT's old policy; the validation weights
+        the EMA with ``actor.ema.enable``, else (DiffusionNFT) the trained ones.
 
-        The trained weights are tagged with ``self.version``, the EMA weights with :meth:`_ema_version` so an
-        EMA sample can never pass for an on-policy one. The actor puts the weights into Ray's object store and the
+        The sampling weights are tagged with ``self.version``, the validation weights with :meth:`_ema_version` so
+        such a sample can never pass for an on-policy one. The actor puts the weights into Ray's object store and the
         driver only hands the refs on: ``weight_sync_driver_bytes`` counts what the driver itself held (0).
         """
         start = time.perf_counter()
-        refs = self.actor_wg.put_rollout_weights(ema=ema)
+        if ema and self.nft:
+            refs = self.actor_wg.put_rollout_weights(ema=self.validate_with_ema, trained=True)
+        else:
+            refs = self.actor_wg.put_rollout_weights(ema=ema)
         refs = refs[0] if isinstance(refs, list) else refs
         self.weight_sync_driver_bytes = held_bytes(refs)
         self.rollout_replicas.push(refs, self._ema_version() if ema else self.version)
@@ -224,10 +231,19 @@ class FlowGRPOTrainer:
         if self.windows is not None and not validate:
             windows = [self.windows.window(rows.step, uid) for uid in rows.uids]
             non_tensors[ROW_SAMPLING_PARAMS] = object_column([{"sde_window": list(w)} for w in windows])
+        if self.nft and not validate:  # every step deterministic and recorded: the clean sample and the schedule
+            whole = {"sde_type": "ode", "sde_window": [0, self.num_inference_steps]}
+            non_tensors[ROW_SAMPLING_PARAMS] = object_column([dict(whole) for _ in rows.uids])
         return DataProto.from_dict(
             non_tensors=non_tensors,
             meta_info={"global_steps": rows.step, "seed": rows.base_seed, "validate": validate},
         )
+
+    @property
+    def nft(self) -> bool:
+        """DiffusionNFT: rollouts sample every step deterministically with its old policy and record the clean
+        sample and the schedule (no log-probs); validation samples with the trained weights (or their EMA)."""
+        return self.algorithm.name == "diffusion_nft"
 
     def _ema_version(self) -> int:
         """The version tag of the EMA weights at policy version ``v``: ``-1 - v`` (never a trained version)."""
@@ -397,7 +413,7 @@ class FlowGRPOTrainer:
         }
         for key, value in (out.meta_info.get("metrics") or {}).items():
             metrics[key] = float(value)
-        if ROW_SAMPLING_PARAMS in out.non_tensor_batch:
+        if self.windows is not None:
             metrics.update(window_metrics([p["sde_window"] for p in out.non_tensor_batch[ROW_SAMPLING_PARAMS]]))
         if "reward_s" in out.non_tensor_batch:
             metrics["timing_s/reward_mean_per_sample"] = float(np.mean(out.non_tensor_batch["reward_s"]))
@@ -406,17 +422,23 @@ class FlowGRPOTrainer:
     def _training_batch(self, out: DataProto, rewards: torch.Tensor, uids: list[str]) -> tuple[DataProto | None, float]:
         """The rows and steps the update trains on, and the kept share of the samples.
 
-        Steps: the first ``trained_steps`` recorded ones (``timestep_fraction``). Rows: with
+        Steps: the first ``trained_steps`` recorded ones (``timestep_fraction``); DiffusionNFT keeps the clean sample
+        (the last latents) and the ``N`` noise levels of the schedule it draws from, and no log-probs. Rows: with
         ``algorithm.drop_zero_advantage``, those whose advantage is not 0 (per sample, as the reference trainer);
         every training rank must run the same number of passes, so the first dropped rows (advantage exactly 0,
         no policy-gradient signal) top the count up to the next multiple of the ranks. None when no row is left.
         """
-        batch = out.select(batch_keys=list(TRAIN_KEYS), meta_info_keys=[CONDITIONING])
-        k = self.trained_steps  # step t moves latents[:, t] to latents[:, t + 1]
-        batch.batch["log_probs"] = batch.batch["log_probs"][:, :k].contiguous()
-        for key in ("latents", "sigmas"):
-            batch.batch[key] = batch.batch[key][:, : k + 1].contiguous()
-        if not self.algorithm.drop_zero_advantage:
+        keys = [k for k in TRAIN_KEYS if not (self.nft and k == "log_probs")]
+        batch = out.select(batch_keys=keys, meta_info_keys=[CONDITIONING])
+        if self.nft:
+            batch.batch["latents"] = batch.batch["latents"][:, -1:].contiguous()
+            batch.batch["sigmas"] = batch.batch["sigmas"][:, :-1].contiguous()  # the N levels, not the final 0
+        else:
+            k = self.trained_steps  # step t moves latents[:, t] to latents[:, t + 1]
+            batch.batch["log_probs"] = batch.batch["log_probs"][:, :k].contiguous()
+            for key in ("latents", "sigmas"):
+                batch.batch[key] = batch.batch[key][:, : k + 1].contiguous()
+        if not self.algorithm.drops_zero_advantage:
             return compact(batch), 1.0
         keep = nonzero_advantage_rows(rewards, uids)
         kept = int(keep.sum())
@@ -432,7 +454,8 @@ class FlowGRPOTrainer:
         ``val`` (when validated at this step) scores the policy this step's rollout sampled from.
         ``ratio_dev`` is max |ratio - 1| before the first update: 0 when training is exactly on-policy; when it
         exceeds the clip range the line says so (those rows start clipped). ``clip_first`` is the clip fraction of
-        that first inner step, ``clip`` the mean over all inner steps.
+        that first inner step, ``clip`` the mean over all inner steps. DiffusionNFT has no ratio: ``nft_dev_first``
+        is max |v_theta - v_old| before the first update (0 while the old policy is the trained one).
         """
         width = len(str(self.total_steps))
         parts = [f"step {step + 1:>{width}}/{self.total_steps}", f"reward {metrics['reward/mean']:.3f}"]
@@ -442,8 +465,11 @@ class FlowGRPOTrainer:
             f"kl {metrics.get('actor/kl', 0.0):.1e}",
             f"clip_first {metrics.get('actor/clip_frac_first', 0.0):.2f}",
             f"clip {metrics.get('actor/clip_frac', 0.0):.2f}",
-            f"ratio_dev {metrics.get('actor/ratio_max_abs_dev', float('nan')):.1e}",
         ]
+        if self.nft:
+            parts[-2:] = [f"nft_dev_first {metrics.get('actor/nft_old_dev_max_first', float('nan')):.1e}"]
+        else:
+            parts.append(f"ratio_dev {metrics.get('actor/ratio_max_abs_dev', float('nan')):.1e}")
         if metrics.get("actor/ratio_max_abs_dev", 0.0) > self.clip_range > 0:
             parts[-1] += f" > clip_ratio {self.clip_range:.1e}"
         parts.append(f"{metrics['timing_s/step']:.2f}s")
@@ -475,17 +501,17 @@ class FlowGRPOTrainer:
         """
         start = time.perf_counter()
         outs = []
-        if self.validate_with_ema:
+        if self.validate_swap:
             self._sync_weights(ema=True)
         try:
             for rows in self.validation.batches():
                 with self.heartbeat.phase(f"validation after {step} updates: {len(rows)} samples"):
                     out = self.agent_loop_manager.generate_sequences(self._make_batch(rows, validate=True))
-                expected = self._ema_version() if self.validate_with_ema else self.version
+                expected = self._ema_version() if self.validate_swap else self.version
                 self._check_on_policy(out, f"validation after step {step}", expected)
                 outs.append(out)
         finally:
-            if self.validate_with_ema:
+            if self.validate_swap:
                 self._sync_weights()
         out = DataProto.concat(outs)
         reward = out.batch["rewards"].float()
@@ -541,7 +567,13 @@ class FlowGRPOTrainer:
 
 # Per-rank metrics that are maxima: merged by max over ranks (a mean would hide one rank's deviation).
 _MAX_MERGED_METRICS = frozenset(
-    {"actor/ratio_max_abs_dev", "actor/rollout_log_prob_gap_max", "actor/rollout_ratio_max_abs_dev"}
+    {
+        "actor/ratio_max_abs_dev",
+        "actor/rollout_log_prob_gap_max",
+        "actor/rollout_ratio_max_abs_dev",
+        "actor/nft_old_dev_max_first",
+        "actor/nft_old_dev_max",
+    }
 )
 
 

@@ -1,9 +1,9 @@
 """Schema of the ``algorithm`` section: which RL algorithm the one FlowGRPO trainer runs, and its options.
 
 Torch-free, so the recipe checks it before torch, verl or Ray load. ``name`` picks the algorithm; each algorithm
-with options has its own subsection (``algorithm.fast``, ``algorithm.mix``), and a subsection changed from its
-defaults while another algorithm is chosen is refused (:func:`check_algorithm_options`): an option that would be
-ignored silently is most likely a mistake. The window rules that need the schedule live in
+with options has its own subsection (``algorithm.fast``, ``algorithm.mix``, ``algorithm.nft``), and a subsection
+changed from its defaults while another algorithm is chosen is refused (:func:`check_algorithm_options`): an option
+that would be ignored silently is most likely a mistake. The window rules that need the schedule live in
 :mod:`verl_omni.trainer.flowgrpo.sde_windows`. Docs: docs/advanced_features/algorithms.md.
 """
 
@@ -18,11 +18,12 @@ from verl_omni.workers.config.schema import ConfigError, Section, option, sectio
 ALGORITHM_PREFIX = "algorithm"
 # flow_grpo: every step SDE (or the fixed rollout.diffusion.sde_window); flow_grpo_fast: a random SDE window per
 # prompt group; mix_grpo: one SDE window for the whole batch that slides over the schedule as training advances;
-# grpo_guard: flow_grpo's sampling with GRPO-Guard's per-step ratio normalisation in the clipped loss.
-ALGORITHMS: tuple[str, ...] = ("flow_grpo", "flow_grpo_fast", "mix_grpo", "grpo_guard")
+# grpo_guard: flow_grpo's sampling with GRPO-Guard's per-step ratio normalisation in the clipped loss;
+# diffusion_nft: DiffusionNFT's forward-process objective on deterministic (ODE) samples, no log-probs, no CFG.
+ALGORITHMS: tuple[str, ...] = ("flow_grpo", "flow_grpo_fast", "mix_grpo", "grpo_guard", "diffusion_nft")
 _WINDOW_RANGE = "must be [start, end) step indices (two ints) or null"
 # algorithm -> its options subsection
-OPTION_SECTIONS: dict[str, str] = {"flow_grpo_fast": "fast", "mix_grpo": "mix"}
+OPTION_SECTIONS: dict[str, str] = {"flow_grpo_fast": "fast", "mix_grpo": "mix", "diffusion_nft": "nft"}
 
 
 @section(f"{ALGORITHM_PREFIX}.fast")
@@ -57,29 +58,61 @@ class MixOptions(Section):
     roll_back: bool = True
 
 
+@section(f"{ALGORITHM_PREFIX}.nft")
+class NFTOptions(Section):
+    """DiffusionNFT (Zheng et al. 2025): the forward-process objective. Defaults are the authors' (NVlabs/DiffusionNFT,
+    ``config/nft.py`` and ``scripts/train_nft_sd3.py``); docs/advanced_features/algorithms.md cites each.
+
+    beta: guidance strength of the implicit policies ``v+ = (1 - beta) v_old + beta v``, ``v- = (1 + beta) v_old -
+        beta v`` (authors: 1.0; their OCR and multi-reward configs 0.1).
+    reward_norm: ``Z`` in reward stds: the optimality probability is ``r = 1/2 + 1/2 clip(A / Z, -1, 1)`` of the
+        group-normalised advantage ``A``, and the loss is multiplied by ``Z`` (the authors' ``adv_clip_max = 5``).
+    old_decay_flat, old_decay_rate, old_decay_max: the old (sampling) policy's soft update after each training step,
+        ``old <- d old + (1 - d) theta`` with ``d = min(rate (k - flat), max)`` after ``k >= flat`` optimizer steps,
+        else 0 (authors' ``decay_type`` 1, their default: 0, 0.001, 0.5; type 2, OCR: 75, 0.0075, 0.999; type 0:
+        0, 0, 0, the old policy is the trained one).
+    """
+
+    beta: float = option(1.0, gt=0, note="guidance strength of the implicit positive / negative policies")
+    reward_norm: float = option(5.0, gt=0, note="reward stds that map to r = 0 or 1")
+    old_decay_flat: int = option(0, ge=0, note="optimizer steps before the old policy starts to lag")
+    old_decay_rate: float = option(0.001, ge=0, note="growth of the decay per optimizer step")
+    old_decay_max: float = option(0.5, ge=0, lt=1, note="the decay's ceiling")
+
+
 @section(ALGORITHM_PREFIX, closed=False)
 class AlgorithmConfig(Section):
     """The ``algorithm`` keys the trainer reads (verl's other ``algorithm`` keys pass through).
 
     adv_clip_max: clip advantages to ``[-adv_clip_max, adv_clip_max]`` (reference: 5); null = no clipping.
     global_std: divide by the batch's reward std instead of each group's.
-    drop_zero_advantage: leave samples whose advantage is 0 out of the update (as the reference).
+    drop_zero_advantage: leave samples whose advantage is 0 out of the update; null = per algorithm: true for the
+        GRPO algorithms (as FlowGRPO's reference), false for ``diffusion_nft`` (its authors train on every sample: at
+        ``r = 1/2`` a sample still pulls the policy toward the old one).
     """
 
     name: Literal[ALGORITHMS] = "flow_grpo"
     adv_clip_max: float | None = option(None, gt=0)
     global_std: bool = False
-    drop_zero_advantage: bool = True
+    drop_zero_advantage: bool | None = None
     fast: FastOptions = Field(default_factory=FastOptions)
     mix: MixOptions = Field(default_factory=MixOptions)
+    nft: NFTOptions = Field(default_factory=NFTOptions)
 
     def __post_init__(self) -> None:
         check_algorithm_options(self)
 
+    @property
+    def drops_zero_advantage(self) -> bool:
+        """``drop_zero_advantage`` resolved: null means true except for DiffusionNFT."""
+        if self.drop_zero_advantage is None:
+            return self.name != "diffusion_nft"
+        return self.drop_zero_advantage
+
 
 def check_algorithm_options(config: AlgorithmConfig) -> None:
     """Refuse options of an algorithm other than ``config.name`` that differ from their defaults."""
-    defaults = {"fast": FastOptions(), "mix": MixOptions()}
+    defaults = {"fast": FastOptions(), "mix": MixOptions(), "nft": NFTOptions()}
     own = OPTION_SECTIONS.get(config.name)
     for name, default in defaults.items():
         given = getattr(config, name)
@@ -104,4 +137,44 @@ def check_guard_old_policy(name: str, rollout_mode: str, recompute_old_log_prob:
             f"{ALGORITHM_PREFIX}.name='grpo_guard' with trainer.rollout_mode={rollout_mode!r}: the normalised ratio "
             "needs the old log-probs and the old means from the same weights; valid choices: trainer.rollout_mode="
             "sync, or actor_rollout_ref.actor.recompute_old_log_prob=true"
+        )
+
+
+def check_nft_settings(
+    name: str, rollout_mode: str, recompute_old_log_prob: bool, sde_window: list[int] | None
+) -> None:
+    """DiffusionNFT records no log-probs and samples every step deterministically: refuse the settings that need
+    log-probs or an SDE window. The CFG rule needs the model family: :func:`check_nft_guidance`."""
+    if name != "diffusion_nft":
+        return
+    where = f"{ALGORITHM_PREFIX}.name='diffusion_nft'"
+    if rollout_mode != "sync":
+        raise ConfigError(
+            f"trainer.rollout_mode={rollout_mode!r} with {where}: one_step_off corrects the lag of its samples with "
+            "log-prob ratios, which DiffusionNFT does not record (its old policy must be the one that sampled); "
+            "valid choices: trainer.rollout_mode=sync"
+        )
+    if recompute_old_log_prob:
+        raise ConfigError(
+            f"actor_rollout_ref.actor.recompute_old_log_prob=True with {where}: DiffusionNFT trains on the forward "
+            "process and uses no log-probs; valid choices: actor_rollout_ref.actor.recompute_old_log_prob=false"
+        )
+    if sde_window is not None:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.diffusion.sde_window={list(sde_window)!r} with {where}: DiffusionNFT samples "
+            "every step deterministically and trains on the clean sample; valid choices: "
+            "actor_rollout_ref.rollout.diffusion.sde_window=null"
+        )
+
+
+NFT_GUIDANCE_KEY = "actor_rollout_ref.rollout.diffusion.guidance_scale"
+
+
+def check_nft_guidance(name: str, guidance_scale: float, true_cfg: bool) -> None:
+    """DiffusionNFT is CFG-free: refuse ``guidance_scale > 1`` on a family where that runs classifier-free guidance
+    (``true_cfg``; a guidance-distilled family, FLUX.1, takes the scale as a transformer input and keeps it)."""
+    if name == "diffusion_nft" and true_cfg and guidance_scale > 1:
+        raise ConfigError(
+            f"{NFT_GUIDANCE_KEY}={guidance_scale!r} with {ALGORITHM_PREFIX}.name='diffusion_nft': DiffusionNFT is "
+            f"CFG-free (the authors sample and train with guidance_scale 1.0); valid choices: {NFT_GUIDANCE_KEY}=1.0"
         )

@@ -9,7 +9,7 @@ no verl import), so the recipe checks it before verl, torch or Ray load.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Literal
+from typing import Literal, get_args
 
 from verl_omni.workers.config.schema import ConfigError, Section, option, section
 
@@ -18,6 +18,9 @@ _CHUNK_RANGE = "must be an integer in [1, max_num_seqs={max_num_seqs}]"
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 SDEType = Literal["sde", "cps"]  # verl_omni.pipelines.flow_match_sde.SDE_STEPS (torch) holds their steps
+# A request may also ask for "ode": every window step deterministic, recorded with log-prob 0 (DiffusionNFT's
+# rollout, which needs the clean sample and the schedule and no density); not a choice of diffusion.sde_type.
+REQUEST_SDE_TYPES: tuple[str, ...] = (*get_args(SDEType), "ode")
 
 
 @section(DIFFUSION_CONFIG_PREFIX)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from typing import Any, get_args
+from typing import Any
 
 from verl_omni.pipelines.flow_match_sde import resolve_sde_window
 from verl_omni.pipelines.registry import check_negative_prompt
 from verl_omni.protocol import SAMPLING_FIELDS, SamplingParams
-from verl_omni.workers.config.diffusion import DiffusionRolloutConfig, SDEType
+from verl_omni.workers.config.diffusion import REQUEST_SDE_TYPES, DiffusionRolloutConfig
 from verl_omni.workers.rollout.model_spec import ModelSpec
 
 _MAX_SEED = 2**63
@@ -56,9 +56,9 @@ def resolve_sampling_params(
     noise_level = _number("noise_level", given.get("noise_level", defaults.noise_level), 0.0)
 
     sde_type = given.get("sde_type", defaults.sde_type)
-    if sde_type not in get_args(SDEType):
+    if sde_type not in REQUEST_SDE_TYPES:
         raise ValueError(
-            f"sampling_params.sde_type={sde_type!r} is not valid; valid choices: {', '.join(get_args(SDEType))}"
+            f"sampling_params.sde_type={sde_type!r} is not valid; valid choices: {', '.join(REQUEST_SDE_TYPES)}"
         )
 
     negative = given.get("negative_prompt", defaults.negative_prompt)
