@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 # Recommended settings, from the papers and the authors' configs (docs/advanced_features/algorithms.md); GRPO-Guard
-# and CPS alone on FlowGRPO's defaults.
+# and CPS alone on FlowGRPO's defaults. DiffusionNFT's "trained transitions" are (sample, noise level) pairs.
 # Flow-GRPO-Fast: a 2-step window in the first half of the schedule, CPS at noise level 0.8, no CFG (the tiny
 # default has none); MixGRPO: its 4-step window, moved one step every `shift_every` steps so that it crosses the
 # tiny schedule's positions during the run (set from --steps below).
@@ -47,6 +47,9 @@ ALGORITHMS: dict[str, list[str]] = {
     ],
     "mix_grpo": ["algorithm.name=mix_grpo"],
     "grpo_guard": ["algorithm.name=grpo_guard"],
+    # DiffusionNFT: the authors' defaults (beta 1, Z 5, old-policy decay type 1, no CFG), with their global reward std
+    # (config/base.py: sample.global_std = True); it samples deterministically, so noise_level plays no part
+    "diffusion_nft": ["algorithm.name=diffusion_nft", "algorithm.global_std=true"],
 }
 
 
