@@ -88,9 +88,10 @@ class QwenImageFlowGRPOPipeline(QwenImagePipeline):
         """vllm-omni's hook for adapters it cannot read from disk: the server's in-memory LoRA.
 
         vllm-omni's Qwen-Image attention holds its output projection as ``to_out``, diffusers' (and peft's) as
-        ``to_out.0``; vllm-omni renames it only for adapters it reads from disk. Without the rename the in-memory
-        adapter's ``to_out.0`` was bound to no layer (measured on CPU: log-probs 0.081 off the trainer's, 2.4e-7
-        without the first block's ``to_out.0`` in the trainer's adapter)."""
+        ``to_out.0``; vllm-omni renames it only when it merges an adapter file into the weights, not for its LoRA
+        manager (the upstream fix: patches/vllm-omni/0003). Without the rename the in-memory adapter's ``to_out.0``
+        was bound to no layer (measured on CPU: log-probs 0.081 off the trainer's, 2.4e-7 without the first block's
+        ``to_out.0`` in the trainer's adapter)."""
         return load_tensor_lora(lora_request, dtype, renames={"to_out.0": "to_out"})
 
 
