@@ -317,6 +317,49 @@ def test_model_configs_select_wan_with_valid_frames_sizes_and_the_reference_sett
     assert d.max_num_seqs % d.chunk_size == 0
 
 
+RECORD_ARGV = "import json, os, sys; print(json.dumps({'cwd': os.getcwd(), 'argv': sys.argv[1:]}))"
+
+
+@pytest.mark.parametrize("rollout", [None, "vllm_omni"])
+def test_the_wan_run_script_passes_the_checkpoint_backend_and_prompts_to_hydra(wan_dir, tmp_path, rollout):
+    """recipes/flowgrpo/run_wan_lora.sh with a stand-in interpreter (records its arguments instead of training)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recipes.flowgrpo.validate import validate_recipe_config
+
+    root = Path(__file__).resolve().parents[1]
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{RECORD_ARGV}" "$@"\n')
+    python.chmod(0o755)
+    (tmp_path / "my prompts.txt").write_text("a red ball\n")
+    env = {**os.environ, "PYTHON": str(python), "MODEL_PATH": wan_dir, "PROMPTS": str(tmp_path / "my prompts.txt")}
+    if rollout:
+        env["ROLLOUT"] = rollout
+    script = root / "recipes" / "flowgrpo" / "run_wan_lora.sh"
+    result = subprocess.run(
+        ["bash", str(script), "trainer.total_training_steps=7"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    call = json.loads(result.stdout)
+    assert call["cwd"] == str(root) and call["argv"][:3] == ["-m", "recipes.flowgrpo.main", "model=wan2_1_t2v_1_3b"]
+    cfg = _compose(*call["argv"][2:])
+    assert cfg.actor_rollout_ref.model.path == wan_dir and cfg.reward.name == "video_color"
+    assert cfg.data.train_files == str(tmp_path / "my prompts.txt")  # a path with a space, intact
+    assert cfg.actor_rollout_ref.rollout.name == (rollout or "diffusers") and cfg.trainer.total_training_steps == 7
+    if rollout is None:  # the vllm_omni backend validates only where its extra is installed
+        validate_recipe_config(cfg, available_gpus=8)
+    for bad_env, message in [
+        ({"ROLLOUT": "sglang"}, "ROLLOUT=sglang is not a rollout backend; valid choices: diffusers, vllm_omni"),
+        ({"MODEL_PATH": str(ensure_tiny_sd3(tmp_path / "sd3"))}, "is not a WanPipeline checkpoint"),
+    ]:
+        result = subprocess.run(["bash", str(script)], env={**env, **bad_env}, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
 @pytest.fixture(scope="module")
 def refusal_cache(tmp_path_factory):
     """One ``VERL_OMNI_CACHE`` for the refusals below: each tiny model is built once (Wan: about 12 s), not per case."""

@@ -1,4 +1,4 @@
-"""The FlowGRPO recipe on FLUX.1 and Qwen-Image with ``actor_rollout_ref.rollout.name=vllm_omni`` on CPU: the tiny
+"""The FlowGRPO recipe on FLUX.1, Qwen-Image and Wan with ``actor_rollout_ref.rollout.name=vllm_omni`` on CPU: the tiny
 model for 2 steps, two real vllm-omni replicas behind ``prompt_uid_affinity``, a LoRA adapter synced to them after
 step 1. A subprocess with its own local Ray, as a user runs it."""
 
@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 
 
-@pytest.mark.parametrize("model", ["flux_tiny", "qwen_image_tiny"])  # FLUX: embedded guidance; Qwen: true CFG 4
+# FLUX: embedded guidance; Qwen-Image: true CFG 4; Wan: 5-frame videos, true CFG 4.5
+@pytest.mark.parametrize("model", ["flux_tiny", "qwen_image_tiny", "wan_tiny"])
 def test_tiny_family_trains_lora_through_two_vllm_omni_replicas(tmp_path_factory, model):
     run_dir = tmp_path_factory.mktemp(f"vllm_omni_{model}_run")
     cache = tmp_path_factory.mktemp("cache")
