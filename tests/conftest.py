@@ -4,8 +4,16 @@ pretrained model, built once."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +81,53 @@ def verl_omni_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("verl_omni_cache")
     ensure_pretrained_tiny_sd3(cache / "tiny_sd3", seed=0, progress=False)  # where recipes.flowgrpo.main looks
     return cache
+
+
+@pytest.fixture(scope="session")
+def recipe_ray() -> Iterator[dict[str, str]]:
+    """One Ray cluster (``ray start --head``) that the recipe's subprocess runs join through ``RAY_ADDRESS``, as a
+    user joins a running cluster: a run then skips starting a Ray of its own (GCS, raylet, agents and prestarted
+    workers: about 15 CPU-seconds each time). Returns the environment variables a run needs. Its 4 CPUs are the
+    tiny config's ``ray_init.num_cpus``, which a joining run drops with a note. Token auth is off: the cluster
+    listens on 127.0.0.1 only and lives for this session."""
+    temp = Path(tempfile.mkdtemp(prefix="vo-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    log = temp / "head.log"
+    cmd = [ray_cli, "start", "--head", "--block", "--port=0", "--node-ip-address=127.0.0.1", "--num-cpus=4"]
+    cmd += ["--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    with log.open("w") as out:
+        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, address = time.monotonic() + 120, None
+        while address is None:
+            found = re.search(r"--address='([^']+)'", log.read_text())
+            address = found and found.group(1)
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head failed: {log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(verl_omni_cache):
+    """``tiny_model(name)``: the path of tiny model ``name`` (``actor_rollout_ref.model.tiny``: sd3, flux,
+    qwen_image, wan) in the session's cache, built on its first request (Wan: about 12 s) and then shared by every
+    test and every recipe run with ``VERL_OMNI_CACHE`` set to ``verl_omni_cache``, where the recipe looks for it."""
+    from recipes.flowgrpo.main import TINY_MODEL_CACHE
+    from verl_omni.models.tiny_models import ensure_tiny_model
+
+    cache = verl_omni_cache / TINY_MODEL_CACHE.name
+
+    def get(name: str) -> str:
+        return str(ensure_tiny_model(name, cache))
+
+    return get

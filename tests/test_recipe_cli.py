@@ -128,3 +128,18 @@ def assert_refused(args: list[str], message: str, run_dir: Path, env: dict[str, 
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (run_dir / "config.yaml").exists()  # nothing was written either
+
+
+def test_joining_a_cluster_drops_the_local_ray_sizes_with_a_note(capsys) -> None:
+    """The tiny config sizes its local Ray (num_cpus: 4); joining a running cluster, Ray refuses any size, so the
+    sizes are dropped (the cluster's own apply) and a line says so; every other argument is kept."""
+    from recipes.flowgrpo.main import _joining
+
+    ray_init = {"num_cpus": 4, "num_gpus": None, "include_dashboard": False, "runtime_env": {"env_vars": {}}}
+    assert _joining(ray_init) == {"include_dashboard": False, "runtime_env": {"env_vars": {}}}
+    assert capsys.readouterr().out == (
+        "Joining a running Ray cluster: ray_kwargs.ray_init.num_cpus=4 size(s) a local Ray only; the cluster's own "
+        "resources apply.\n"
+    )
+    assert _joining({"include_dashboard": False}) == {"include_dashboard": False}
+    assert capsys.readouterr().out == ""

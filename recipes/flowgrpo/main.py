@@ -9,6 +9,7 @@ code on GPUs. ``--cfg job`` prints the resolved config.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -62,6 +63,31 @@ def _built_tiny_model(cfg: DictConfig) -> str | None:
     return None if path is None else str(path)
 
 
+# What the driver uses, imported beside Ray's start; verl's worker modules among them, as the training ranks start
+# from a thread and concurrent imports of transformers' lazy modules fail.
+_DRIVER_MODULES = (
+    "verl.single_controller.ray",
+    "verl_omni.workers.diffusion_actor",
+    "verl_omni.agent_loop",
+    "verl_omni.workers.rollout.omni_llm_server",
+    "verl_omni.trainer.flowgrpo.trainer",
+    "verl_omni.utils.heartbeat",
+    "recipes.flowgrpo.data",
+)
+
+# ``ray.init`` arguments that size the local Ray a run starts; Ray refuses them when joining a running cluster.
+_LOCAL_RAY_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config")
+
+
+def _joining(ray_init: dict[str, Any]) -> dict[str, Any]:
+    """``ray_init`` without the local Ray's sizes: the cluster has its own (a note says which were set)."""
+    dropped = {k: ray_init[k] for k in _LOCAL_RAY_ONLY if ray_init.get(k) is not None}
+    if dropped:
+        sizes = ", ".join(f"ray_kwargs.ray_init.{k}={v}" for k, v in dropped.items())
+        print(f"Joining a running Ray cluster: {sizes} size(s) a local Ray only; the cluster's own resources apply.")
+    return {k: v for k, v in ray_init.items() if k not in _LOCAL_RAY_ONLY}
+
+
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> list[dict[str, float]]:
     """Validate, start Ray and the actors, train; returns the per-step metric history.
 
@@ -103,12 +129,14 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     runtime_env = dict(ray_init.get("runtime_env") or {})
     runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
     ray_init["runtime_env"] = runtime_env
+    clock = StartupClock()  # phases from the process's start, logged with the first step
     cluster: ClusterShape | None = None  # a cluster's nodes are only known once connected (cheap)
     if _joins_cluster(cfg) or "ray" in sys.modules:  # else Ray (about 1 s to import) loads after the checks
         import ray
 
         if not ray.is_initialized() and _joins_cluster(cfg):
-            ray.init(**ray_init)
+            with clock.phase("ray"):
+                ray.init(**_joining(ray_init))
         if ray.is_initialized():
             cluster = ray_cluster_shape()
     try:
@@ -116,25 +144,10 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         # before a local Ray or any model; a request the nodes cannot hold fails here, not as a pending actor
         model = cfg.actor_rollout_ref.model.get("path") or _built_tiny_model(cfg)
         checked = validate_recipe_config(cfg, overrides=overrides, cluster=cluster, image_size_model=model)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-    import ray
-    import verl.single_controller.ray  # noqa: F401  (loaded here: the training ranks start from a thread)
-
-    from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
-    from verl_omni.agent_loop import OmniAgentLoopManager
-    from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
-    from verl_omni.utils.heartbeat import Heartbeat, ray_free_resources
-    from verl_omni.workers.diffusion_actor import DiffusionActorWorker  # noqa: F401  (as verl above)
-    from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
-
-    clock = StartupClock()  # phases from the process's start, logged with the first step
-    if cfg.actor_rollout_ref.model.get("path") is None:
-        with open_dict(cfg):
-            model_cfg = cfg.actor_rollout_ref.model
-            model_cfg.path = str(ensure_tiny_model(model_cfg.get("tiny", "sd3"), TINY_MODEL_CACHE))
-    try:
+        if cfg.actor_rollout_ref.model.get("path") is None:
+            with open_dict(cfg):
+                model_cfg = cfg.actor_rollout_ref.model
+                model_cfg.path = str(ensure_tiny_model(model_cfg.get("tiny", "sd3"), TINY_MODEL_CACHE))
         validate_model_options(cfg, cfg.actor_rollout_ref.model.path)  # its configs only, still before Ray
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -142,10 +155,22 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    if not ray.is_initialized():
-        # not joining a cluster: start our own, even when another Ray (a `ray start` or a test) runs on this machine
-        with clock.phase("ray"):
-            ray.init(**({} if _joins_cluster(cfg) else {"address": "local"}), **ray_init)
+    import ray
+
+    # This process imports verl (seconds) while a local Ray's processes start (seconds too). Ray starts from the
+    # main thread: its processes die with the thread that started them (PR_SET_PDEATHSIG), and SIGTERM is handled
+    # there.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-imports") as importer:
+        imported = importer.submit(lambda: [importlib.import_module(name) for name in _DRIVER_MODULES])
+        if not ray.is_initialized():  # not joining a cluster: our own, even beside another Ray on this machine
+            with clock.phase("ray"):
+                ray.init(address="local", **ray_init)
+        imported.result()
+    from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
+    from verl_omni.agent_loop import OmniAgentLoopManager
+    from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
+    from verl_omni.utils.heartbeat import Heartbeat, ray_free_resources
+    from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
 
     # start-up waits on Ray placement: a progress line with Ray's free resources says whether it is one
     startup = Heartbeat(float(cfg.trainer.get("progress_interval_s", 60) or 0)).phase

@@ -1,6 +1,7 @@
 """The FlowGRPO recipe through its real entry point (`python -m recipes.flowgrpo.main`), on CPU.
 
-Each run is a subprocess with its own local Ray, exactly as a user runs it.
+Each run is a subprocess, exactly as a user runs it, joining the session's Ray cluster (``recipe_ray``) as a user joins
+a running cluster.
 """
 
 from __future__ import annotations
@@ -37,13 +38,9 @@ PLAIN_STEPS = 5
 KILL_STEPS = sorted(random.Random(29).sample(range(1, PLAIN_STEPS - 1), 2))
 
 
-def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "VERL_OMNI_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-
-
-def _main(run_dir: Path, cache: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
+def _main(run_dir: Path, env: dict[str, str], *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -59,23 +56,29 @@ def cache(verl_omni_cache) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory, cache) -> Path:
+def env(cache, recipe_ray) -> dict[str, str]:
+    """A run's environment: the session's cache and Ray cluster."""
+    return {**os.environ, "VERL_OMNI_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **recipe_ray}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, env) -> Path:
     """2 steps with a checkpoint after each, the default validation (before training and after the last step) and
     the default's two agent-loop workers; the tiny model comes from the cache (model.path=null)."""
     run_dir = tmp_path_factory.mktemp("run")
-    _main(run_dir, cache, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS)
+    _main(run_dir, env, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS)
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory, cache) -> Path:
+def plain_run(tmp_path_factory, env) -> Path:
     """PLAIN_STEPS steps straight through, without validation or checkpoints, on one agent-loop worker, losing a
     rollout replica (SIGKILL, as the OOM killer would) once KILL_STEPS[i] steps are logged, at a seeded moment within
     the next second (a tiny step is about that long, so in its rollout, update or weight sync, or the next step's):
     the replica's requests are resent and it is replaced. The other tests compare this run with undisturbed runs."""
     run_dir = tmp_path_factory.mktemp("plain")
     overrides = (f"trainer.total_training_steps={PLAIN_STEPS}", "trainer.save_freq=-1", *NO_VALIDATION)
-    proc = _run_until_a_step(run_dir, cache, *overrides)
+    proc = _run_until_a_step(run_dir, env, *overrides)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # a full pipe would block it
     reader.start()
@@ -194,11 +197,11 @@ def test_lost_replicas_are_replaced_and_no_sample_is_lost(plain_run, two_step_ru
         )
 
 
-def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cache):
+def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, env):
     # test_freq=2: the resumed run validates the checkpoint's policy before step 2, then after the last step
     first_run = _metrics(two_step_run / "metrics.jsonl")
     _main(
-        two_step_run, cache, f"trainer.total_training_steps={PLAIN_STEPS}", "trainer.save_freq=1", "trainer.test_freq=2"
+        two_step_run, env, f"trainer.total_training_steps={PLAIN_STEPS}", "trainer.save_freq=1", "trainer.test_freq=2"
     )
     # one metrics file: the steps logged before the checkpoint, then the resumed ones; the first launch's
     # final validation at step 2 is replaced by the resumed run's step 2, never duplicated
@@ -216,10 +219,10 @@ def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, cac
     assert resumed[0]["data"]["val/reward/mean"] == first_run[2]["data"]["val/reward/mean"]
 
 
-def _run_until_a_step(run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
+def _run_until_a_step(run_dir: Path, env: dict[str, str], *overrides: str) -> subprocess.Popen:
     """The recipe as a subprocess, returned once it has logged its first training step."""
     cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.is_file() and '"reward/mean"' in metrics.read_text()):
@@ -230,12 +233,12 @@ def _run_until_a_step(run_dir: Path, cache: Path, *overrides: str) -> subprocess
     return proc
 
 
-def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, cache, tmp_path):
+def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, env, tmp_path):
     """Preemption: SIGTERM lets the step in flight finish, writes a checkpoint and exits 0 (no checkpoint was due:
     save_freq=-1); the same command then continues like the uninterrupted run."""
     run_dir = tmp_path / "preempted"
     overrides = ("trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.sample_freq=-1", *NO_VALIDATION)
-    proc = _run_until_a_step(run_dir, cache, *overrides)
+    proc = _run_until_a_step(run_dir, env, *overrides)
     try:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=180)
@@ -247,7 +250,7 @@ def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, ca
     step, path = find_latest_checkpoint(run_dir / "checkpoints")
     assert load_checkpoint(path, weights_only=False)["trainer"]["step"] == step in (1, 2)
 
-    _main(run_dir, cache, *overrides)
+    _main(run_dir, env, *overrides)
     rows = [r["data"] for r in _metrics(run_dir / "metrics.jsonl") if "reward/mean" in r["data"]]
     straight = [r["data"] for r in _metrics(plain_run / "metrics.jsonl") if "reward/mean" in r["data"]]
     assert len(rows) == 3 and len(straight) == PLAIN_STEPS
@@ -255,9 +258,9 @@ def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, ca
         assert [r[key] for r in rows] == [r[key] for r in straight[:3]], key
 
 
-def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(cache, tmp_path):
+def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(env, tmp_path):
     run_dir = tmp_path / "interrupted"
-    proc = _run_until_a_step(run_dir, cache, "trainer.total_training_steps=200", "trainer.save_freq=1")
+    proc = _run_until_a_step(run_dir, env, "trainer.total_training_steps=200", "trainer.save_freq=1")
     try:
         deadline = time.monotonic() + 120  # the step's metrics are logged before its checkpoint is written
         while find_latest_checkpoint(run_dir / "checkpoints") is None and time.monotonic() < deadline:
