@@ -7,28 +7,22 @@ stock ``diffusers.FluxPipeline``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from verl_omni.models.tiny_flux import ensure_tiny_flux
 from verl_omni.pipelines.flux.conditioning import pack_latents, unpack_latents
 from verl_omni.pipelines.flux.sampling import compute_log_prob, sample_flow_match_sde, scheduler_sigmas
 from verl_omni.pipelines.registry import adapter_path, load_adapter, load_trainer_binding
 from verl_omni.utils.batch_invariant import map_chunks
 from verl_omni.workers.rollout.model_spec import ModelSpec
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "a red car", "a dog"]
 LATENT = (16, 8, 8)  # 64 x 64 pixels
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return str(ensure_tiny_flux(tmp_path_factory.mktemp("models"), seed=0))
+def flux_dir(tiny_model):
+    return tiny_model("flux")
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +184,7 @@ async def test_diffusers_server_serves_flux_with_conditioning_once_and_no_negati
 
 async def test_a_negative_prompt_is_refused_on_a_guidance_distilled_checkpoint(flux_dir):
     """FLUX.1-dev runs no classifier-free guidance: a negative prompt would be silently ignored, so it is an error
-    naming the field (per request at the server, and in the recipe config before Ray: see below)."""
+    naming the field (per request at the server; the recipe's config check before Ray: tests/test_model_configs.py)."""
     from verl_omni.workers.rollout.diffusers_server import DiffusersRolloutServer
 
     server = DiffusersRolloutServer(flux_dir, {"height": 64, "width": 64}, server_id="flux")
@@ -199,24 +193,3 @@ async def test_a_negative_prompt_is_refused_on_a_guidance_distilled_checkpoint(f
             await server.generate("r0", PROMPTS[0], {"seed": 0, "negative_prompt": "blurry"})
     finally:
         await server.close()
-
-
-def test_recipe_refuses_a_negative_prompt_on_flux_before_ray(flux_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [
-        f"actor_rollout_ref.model.path={flux_dir}",
-        "+actor_rollout_ref.rollout.diffusion_val.negative_prompt=blurry",
-        f"trainer.default_local_dir={run_dir}",
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "recipes.flowgrpo.main", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
-    assert errors == [
-        "config error: actor_rollout_ref.rollout.diffusion_val.negative_prompt='blurry': a FluxPipeline checkpoint is "
-        "guidance-distilled (guidance_scale is its embedded guidance; it runs no classifier-free guidance to use a "
-        "negative prompt); valid choices: ''"
-    ], proc.stderr[-2000:]
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
-    assert not (run_dir / "config.yaml").exists()

@@ -17,9 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipes.flowgrpo import config_compose
 from recipes.flowgrpo.validate import num_rollout_replicas, validate_model_options, validate_recipe_config
-from verl_omni.models.tiny_flux import ensure_tiny_flux
 from verl_omni.models.tiny_models import TINY_MODELS
-from verl_omni.models.tiny_qwen_image import ensure_tiny_qwen_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "flowgrpo" / "run_model_lora.sh"
@@ -32,10 +30,9 @@ def compose(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
+def tiny_models(tiny_model) -> dict[str, Path]:
     """The tiny FLUX and Qwen-Image checkpoints: pipelines of the real classes whose configs the checks read."""
-    cache = tmp_path_factory.mktemp("models")
-    return {"flux_dev": ensure_tiny_flux(cache), "qwen_image": ensure_tiny_qwen_image(cache)}
+    return {"flux_dev": Path(tiny_model("flux")), "qwen_image": Path(tiny_model("qwen_image"))}
 
 
 def test_sd3_tiny_is_the_default_and_sets_only_the_tiny_model() -> None:

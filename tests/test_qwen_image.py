@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_omni.models.tiny_qwen_image import TINY_QWEN_IMAGE_MAX_SEQUENCE_LENGTH, ensure_tiny_qwen_image
+from verl_omni.models.tiny_qwen_image import TINY_QWEN_IMAGE_MAX_SEQUENCE_LENGTH
 from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob
 from verl_omni.pipelines.qwen_image.conditioning import (
     encode_prompts,
@@ -38,8 +38,8 @@ CFG = 4.0  # the reference's true_cfg_scale
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return str(ensure_tiny_qwen_image(tmp_path_factory.mktemp("models"), seed=0))
+def qwen_dir(tiny_model):
+    return tiny_model("qwen_image")
 
 
 @pytest.fixture(scope="module")
