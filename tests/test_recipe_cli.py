@@ -79,6 +79,10 @@ REPO = Path(__file__).resolve().parents[1]
             "algorithm.name='flow_grpo' (which takes no algorithm options)",
         ),
         (
+            "algorithm.mix.schedule=linear",
+            "config error: algorithm.mix.schedule='linear' is not valid; valid choices: constant, decay, exp_decay",
+        ),
+        (
             "actor_rollout_ref.rollout.diffusion.sde_type=ddim",
             "config error: actor_rollout_ref.rollout.diffusion.sde_type='ddim' is not a valid SDE step; valid "
             "choices: sde, cps",

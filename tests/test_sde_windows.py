@@ -44,6 +44,64 @@ def test_mix_without_roll_back_stays_at_the_last_position():
     assert schedule.window(0, "a") == schedule.window(0, "b")  # one window for the whole step
 
 
+def _mix(**mix):
+    """MixGRPO on 8 steps (trained: int(8 x 0.99) = 7, the range [0, 7)) with a 2-step window: starts 0 to 5."""
+    return _schedule({"name": "mix_grpo", "mix": {"window_size": 2, **mix}})
+
+
+def test_mix_decay_shrinks_the_interval_linearly_as_the_window_moves():
+    # stay(s) = max(min, floor((max (7 - s) + min s) / 7)) = floor((4 (7 - s) + s) / 7) = floor((28 - 3 s) / 7)
+    schedule = _mix(schedule="decay", shift_every_max=4, shift_every_min=1)
+    assert [schedule.stay(s) for s in range(6)] == [4, 3, 3, 2, 2, 1]  # 28/7, 25/7, 22/7, 19/7, 16/7, 13/7
+    starts = [0] * 4 + [1] * 3 + [2] * 3 + [3] * 2 + [4] * 2 + [5]  # 15 steps, then the window rolls back
+    assert [schedule.window(step, "g")[0] for step in range(30)] == starts + starts
+
+
+def test_mix_decay_defaults_on_the_authors_schedule():
+    # the authors' decay: max 10, min 1 over their 23 window starts ([0, 23)), 4-step window, shift 1
+    schedule = _schedule(
+        {"name": "mix_grpo", "mix": {"schedule": "decay", "window_range": [0, 23]}}, steps=25, fraction=0.99
+    )
+    # stay(s) = max(1, floor((10 (23 - s) + s) / 23)) = floor((230 - 9 s) / 23); the last start is 23 - 4 = 19
+    assert [schedule.stay(s) for s in (0, 1, 2, 3, 5, 6, 19)] == [10, 9, 9, 8, 8, 7, 2]
+    assert [schedule.mix_start(t) for t in (0, 9, 10, 18, 19, 27, 28, 35, 36)] == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_mix_exp_decay_keeps_shift_every_to_the_threshold_then_decays():
+    # stay(s) = ceil(4 exp(-0.5 max(0, s - 2))): 4, 4, 4, then ceil(2.43) = 3, ceil(1.47) = 2, ceil(0.89) = 1
+    schedule = _mix(schedule="exp_decay", shift_every=4, decay_threshold=2, decay_rate=0.5)
+    assert [schedule.stay(s) for s in range(6)] == [4, 4, 4, 3, 2, 1]
+    starts = [0] * 4 + [1] * 4 + [2] * 4 + [3] * 3 + [4] * 2 + [5]  # 18 steps, then the window rolls back
+    assert [schedule.window(step, "g")[0] for step in range(36)] == starts + starts
+    held = _mix(schedule="exp_decay", shift_every=4, decay_threshold=2, decay_rate=0.5, roll_back=False)
+    assert [held.mix_start(step) for step in range(18)] == starts and held.mix_start(1000) == 5
+
+
+def test_mix_exp_decay_defaults_on_the_authors_schedule():
+    # the authors' exp_decay: shift_every 25, threshold 13, rate 0.1; starts 0 to 19 of [0, 23), 4-step window
+    schedule = _schedule(
+        {"name": "mix_grpo", "mix": {"schedule": "exp_decay", "window_range": [0, 23]}}, steps=25, fraction=0.99
+    )
+    # ceil(25 exp(-0.1 k)) for k = 1..6: ceil(22.62), ceil(20.47), ceil(18.52), ceil(16.76), ceil(15.16), ceil(13.72)
+    assert [schedule.stay(s) for s in range(13, 20)] == [25, 23, 21, 19, 17, 16, 14]
+    # 14 starts x 25 steps = 350, then 23 + 21 + 19 + 17 + 16 + 14 = 110: a 460-step cycle
+    assert [schedule.mix_start(t) for t in (349, 350, 372, 373, 445, 446, 459, 460)] == [13, 14, 14, 15, 18, 19, 19, 0]
+
+
+def test_mix_decay_without_roll_back_ends_on_the_last_start_even_when_shift_skips_it():
+    # starts 0, 2, 4 and then the last one, 5; stays floor((28 - 3 s) / 7): 4, 3, 2, 1
+    schedule = _mix(schedule="decay", shift=2, shift_every_max=4, shift_every_min=1, roll_back=False)
+    assert schedule.starts() == [0, 2, 4, 5]
+    assert [schedule.mix_start(step) for step in range(11)] == [0] * 4 + [2] * 3 + [4] * 2 + [5] * 2
+
+
+def test_mix_window_is_a_function_of_the_step_alone():
+    # a resumed run asks for step 37 first: the same window as a run that went through steps 0 to 36
+    for schedule in (_mix(schedule="decay"), _mix(schedule="exp_decay", decay_threshold=1), _mix(shift_every=3)):
+        walked = [schedule.window(step, "g") for step in range(60)]
+        assert [schedule.window(step, "other") for step in reversed(range(60))] == walked[::-1]
+
+
 def test_window_metrics_give_the_placement_per_sample():
     metrics = window_metrics([[0, 2], [0, 2], [2, 4], [1, 3]])
     assert metrics["rollout/sde_window_start_mean"] == 0.75
@@ -92,6 +150,42 @@ def test_window_metrics_give_the_placement_per_sample():
             "actor_rollout_ref.rollout.diffusion.guidance_scale=4.5 with algorithm.name='flow_grpo_fast': the authors "
             "train Fast without classifier-free guidance; valid choices: actor_rollout_ref.rollout.diffusion."
             "guidance_scale=1.0, or algorithm.fast.cfg=true",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"schedule": "linear"}},
+            {},
+            "algorithm.mix.schedule='linear' is not valid; valid choices: constant, decay, exp_decay",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"schedule": "decay", "shift_every_max": 2, "shift_every_min": 3}},
+            {},
+            "algorithm.mix.shift_every_min=3 is larger than algorithm.mix.shift_every_max=2: the decay schedule "
+            "shrinks the interval from max to min; valid choices: 1 to 2",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"decay_rate": 0.5}},
+            {},
+            "algorithm.mix.decay_rate=0.5 is not used by algorithm.mix.schedule='constant' (only by 'exp_decay'); "
+            "valid choices: set algorithm.mix.schedule to 'exp_decay', or leave algorithm.mix.decay_rate at its "
+            "default (0.1)",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"schedule": "decay", "shift_every": 5}},
+            {},
+            "algorithm.mix.shift_every=5 is not used by algorithm.mix.schedule='decay' (only by 'constant' and "
+            "'exp_decay')",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"schedule": "exp_decay", "decay_rate": 0}},
+            {},
+            "algorithm.mix.decay_rate=0 must be a finite number > 0",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"schedule": "exp_decay"}},
+            {},
+            "algorithm.mix.decay_threshold=13 is not before the window's last start 3 (algorithm.mix.window_range="
+            "[0, 7] (the default), window_size 4, shift 1): algorithm.mix.schedule='exp_decay' would move the window "
+            "as 'constant' does; valid choices: 0 to 2",
         ),
     ],
 )

@@ -64,7 +64,15 @@ def test_flow_grpo_fast_with_cps_trains_on_a_random_window_per_group(tmp_path, v
 
 
 def test_mix_grpo_slides_one_window_over_the_schedule(tmp_path, verl_omni_cache):
-    overrides = ("algorithm.name=mix_grpo", "algorithm.mix.window_size=2", "algorithm.mix.shift_every=1")
+    # a non-default schedule through Hydra and the trainer: exp_decay stays ceil(1 x exp(-0.1 max(0, s - 0))) = 1
+    # step at starts 0 and 1 of the range [0, 3) (4 steps, trained: 3): the 2-step window moves every step
+    overrides = (
+        "algorithm.name=mix_grpo",
+        "algorithm.mix.window_size=2",
+        "algorithm.mix.schedule=exp_decay",
+        "algorithm.mix.shift_every=1",
+        "algorithm.mix.decay_threshold=0",
+    )
     rows = _run(tmp_path / "mix", verl_omni_cache, *overrides)
     assert [r["rollout/sde_window_start_mean"] for r in rows] == [0.0, 1.0]
     assert all(r["rollout/sde_window_start_min"] == r["rollout/sde_window_start_max"] for r in rows)

@@ -8,7 +8,9 @@ on the window's steps only; they differ in where the window is:
   function of the seed, the step and the group), so a group's copies share one window and still fuse into one
   denoising batch on their replica, and a resumed run redraws the same windows.
 - ``mix_grpo`` (MixGRPO, Li et al. 2025): one window for the whole step, starting at ``window_range[0]`` and moving
-  ``shift`` steps later every ``shift_every`` training steps (``roll_back``: start over past the end).
+  ``shift`` steps later after the training steps its ``schedule`` gives for the position it is at (``constant``:
+  ``shift_every``; ``decay``, ``exp_decay``: fewer as it moves; ``roll_back``: start over past the end). The start
+  is a pure function of the training step, so a resumed run takes the same windows.
 
 The window travels as the request's ``sde_window`` sampling parameter (the rollout engines already sample and
 record exactly that window), so nothing in the engines or the trainer's recompute differs per algorithm. Every
@@ -19,6 +21,7 @@ torch loads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,7 +34,9 @@ GUIDANCE_KEY = "actor_rollout_ref.rollout.diffusion.guidance_scale"
 
 @dataclass(frozen=True)
 class WindowSchedule:
-    """Where the SDE window of a step's groups lies: ``[start, start + size)`` with ``low <= start <= high - size``."""
+    """Where the SDE window of a step's groups lies: ``[start, start + size)`` with ``low <= start <= high - size``.
+
+    MixGRPO's fields (``shift`` onwards) are :class:`~verl_omni.workers.config.algorithm.MixOptions`'."""
 
     algorithm: str
     size: int
@@ -40,24 +45,55 @@ class WindowSchedule:
     shift: int = 1
     shift_every: int = 1
     roll_back: bool = True
+    schedule: str = "constant"
+    shift_every_max: int = 10
+    shift_every_min: int = 1
+    decay_threshold: int = 13
+    decay_rate: float = 0.1
 
     @property
     def positions(self) -> int:
         """How many starts the window can take."""
         return self.high - self.size - self.low + 1
 
+    def starts(self) -> list[int]:
+        """MixGRPO's window starts in the order it takes them: ``low``, ``low + shift``, ... up to the last start
+        ``high - size``; without ``roll_back`` it ends at that last start even when ``shift`` skips it."""
+        last = self.high - self.size
+        starts = list(range(self.low, last + 1, self.shift))
+        if not self.roll_back and starts[-1] != last:
+            starts.append(last)
+        return starts
+
+    def stay(self, start: int) -> int:
+        """MixGRPO: the training steps the window stays at ``start`` before it moves (at least 1)."""
+        if self.schedule == "decay":  # linear from shift_every_max at ``low`` to shift_every_min at ``high``
+            span, done = self.high - self.low, start - self.low  # integers: floor exactly, no float rounding
+            linear = (self.shift_every_max * (span - done) + self.shift_every_min * done) // span
+            return max(self.shift_every_min, linear)
+        if self.schedule == "exp_decay":  # shift_every up to decay_threshold, then exponentially fewer
+            past = max(0, start - self.decay_threshold)
+            return math.ceil(self.shift_every * math.exp(-self.decay_rate * past))
+        return self.shift_every
+
+    def mix_start(self, step: int) -> int:
+        """MixGRPO: the window's start at training step ``step`` (0-based), from the step alone."""
+        starts = self.starts()
+        stays = [self.stay(start) for start in starts]
+        if self.roll_back:
+            step %= sum(stays)
+        for start, stay in zip(starts, stays, strict=True):
+            if step < stay:
+                return start
+            step -= stay
+        return starts[-1]  # no roll_back: past the end, the window stays at its last start
+
     def window(self, step: int, group: str) -> tuple[int, int]:
         """The window of prompt group ``group`` (its uid) at training step ``step``."""
         if self.algorithm == "flow_grpo_fast":
-            offset = stable_int("sde_window", group) % self.positions
+            start = self.low + stable_int("sde_window", group) % self.positions
         else:
-            moves = step // self.shift_every
-            last = self.high - self.size - self.low
-            if self.roll_back:
-                offset = self.shift * (moves % (last // self.shift + 1))
-            else:
-                offset = min(self.shift * moves, last)
-        start = self.low + offset
+            start = self.mix_start(step)
         return start, start + self.size
 
 
@@ -72,8 +108,9 @@ def window_schedule(
 
     Raises ``ValueError`` naming the key, the value and what is valid: a window range outside the schedule or
     beyond the trained steps (``timestep_fraction``), a window larger than its range, a fixed
-    ``rollout.diffusion.sde_window`` beside an algorithm that places the window itself, or CFG with Fast unless
-    ``algorithm.fast.cfg`` asks for it.
+    ``rollout.diffusion.sde_window`` beside an algorithm that places the window itself, CFG with Fast unless
+    ``algorithm.fast.cfg`` asks for it, or a MixGRPO ``exp_decay`` threshold at or past the window's last start
+    (it would move as ``constant`` does).
     """
     section = OPTION_SECTIONS.get(algorithm.name)
     if section not in ("fast", "mix"):
@@ -112,9 +149,29 @@ def window_schedule(
                 f"Fast without classifier-free guidance; valid choices: {GUIDANCE_KEY}=1.0, or {prefix}.cfg=true"
             )
         return WindowSchedule(algorithm.name, options.window_size, low, high)
-    return WindowSchedule(
-        algorithm.name, options.window_size, low, high, options.shift, options.shift_every, options.roll_back
+    schedule = WindowSchedule(
+        algorithm.name,
+        options.window_size,
+        low,
+        high,
+        shift=options.shift,
+        shift_every=options.shift_every,
+        roll_back=options.roll_back,
+        schedule=options.schedule,
+        shift_every_max=options.shift_every_max,
+        shift_every_min=options.shift_every_min,
+        decay_threshold=options.decay_threshold,
+        decay_rate=options.decay_rate,
     )
+    last = schedule.starts()[-1]
+    if options.schedule == "exp_decay" and options.decay_threshold >= last:
+        valid = f"0 to {last - 1}" if last > 0 else f"none, the window has one start; use {prefix}.schedule='constant'"
+        raise ValueError(
+            f"{prefix}.decay_threshold={options.decay_threshold} is not before the window's last start {last} "
+            f"({shown}, window_size {options.window_size}, shift {options.shift}): {prefix}.schedule='exp_decay' "
+            f"would move the window as 'constant' does; valid choices: {valid}"
+        )
+    return schedule
 
 
 def window_metrics(windows: Sequence[Sequence[int]]) -> dict[str, float]:

@@ -24,6 +24,16 @@ ALGORITHMS: tuple[str, ...] = ("flow_grpo", "flow_grpo_fast", "mix_grpo", "grpo_
 _WINDOW_RANGE = "must be [start, end) step indices (two ints) or null"
 # algorithm -> its options subsection
 OPTION_SECTIONS: dict[str, str] = {"flow_grpo_fast": "fast", "mix_grpo": "mix", "diffusion_nft": "nft"}
+# MixGRPO's window schedules (its code's sample_strategy "progressive", "decay", "exp_decay"), and the schedules
+# each schedule-specific option is used by: changed from its default under another schedule, it is refused
+MIX_SCHEDULES: tuple[str, ...] = ("constant", "decay", "exp_decay")
+MIX_SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "shift_every": ("constant", "exp_decay"),
+    "shift_every_max": ("decay",),
+    "shift_every_min": ("decay",),
+    "decay_threshold": ("exp_decay",),
+    "decay_rate": ("exp_decay",),
+}
 
 
 @section(f"{ALGORITHM_PREFIX}.fast")
@@ -45,17 +55,45 @@ class FastOptions(Section):
 @section(f"{ALGORITHM_PREFIX}.mix")
 class MixOptions(Section):
     """MixGRPO's sliding window: every sample of a step uses the same ``window_size`` SDE steps (ODE elsewhere); the
-    window starts at ``window_range[0]`` and moves ``shift`` steps later every ``shift_every`` training steps; past the
-    last position it starts over (``roll_back``) or stays there.
+    window starts at ``window_range[0]`` and moves ``shift`` steps later, staying at each position for the training
+    steps its ``schedule`` gives; past the last position it starts over (``roll_back``) or stays there. Defaults are
+    the authors' (Tencent-Hunyuan/MixGRPO); docs/advanced_features/algorithms.md cites each.
 
     window_range: null = the trained part of the schedule, ``[0, int(num_inference_steps * timestep_fraction))``.
+    schedule: training steps the window stays at start ``s`` (``s0 = window_range[0]``, ``s1 = window_range[1]``):
+        ``constant``: ``shift_every``;
+        ``decay``: ``max(min, floor(max (1 - p) + min p))``, ``p = (s - s0) / (s1 - s0)``, with ``max`` and ``min``
+        ``shift_every_max`` and ``shift_every_min`` (the authors' linear ``decay``);
+        ``exp_decay``: ``ceil(shift_every exp(-decay_rate max(0, s - decay_threshold)))``.
     """
 
     window_size: int = option(4, ge=1, note="SDE steps per trajectory")
     window_range: list[int] | None = option(None, why=_WINDOW_RANGE)
     shift: int = option(1, ge=1, note="schedule steps the window moves at a time")
+    schedule: Literal[MIX_SCHEDULES] = option("constant", note="how long the window stays at each position")
     shift_every: int = option(25, ge=1, note="training steps between two moves")
+    shift_every_max: int = option(10, ge=1, note="decay: training steps at the first position")
+    shift_every_min: int = option(1, ge=1, note="decay: training steps at the end of the range")
+    decay_threshold: int = option(13, ge=0, note="exp_decay: the last window start that keeps shift_every")
+    decay_rate: float = option(0.1, gt=0, note="exp_decay: the interval's decay per step past decay_threshold")
     roll_back: bool = True
+
+    def __post_init__(self) -> None:
+        prefix = f"{ALGORITHM_PREFIX}.mix"
+        for key, users in MIX_SCHEDULE_KEYS.items():
+            value, default = getattr(self, key), type(self).__pydantic_fields__[key].default
+            if self.schedule not in users and value != default:
+                raise ConfigError(
+                    f"{key}={value!r} is not used by {prefix}.schedule={self.schedule!r} (only by "
+                    f"{' and '.join(repr(u) for u in users)}); valid choices: set {prefix}.schedule to "
+                    f"{' or '.join(repr(u) for u in users)}, or leave {prefix}.{key} at its default ({default!r})"
+                )
+        if self.shift_every_min > self.shift_every_max:
+            raise ConfigError(
+                f"shift_every_min={self.shift_every_min!r} is larger than {prefix}.shift_every_max="
+                f"{self.shift_every_max!r}: the decay schedule shrinks the interval from max to min; valid "
+                f"choices: 1 to {self.shift_every_max}"
+            )
 
 
 @section(f"{ALGORITHM_PREFIX}.nft")
