@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 # 2 prompts x 4 samples (8 images, two groups) per step, 4 denoising steps at 32 x 32, metrics to a file; one
-# agent-loop worker process instead of the default's two (each imports verl: about 10 s of CPU; the split over
-# workers never changes a sample, and the runs that keep two say so).
+# agent-loop worker process (the tiny default's; named for the configs whose default is more).
 SMALL_RUN = [
     "data.train_batch_size=2",
     "actor_rollout_ref.rollout.n=4",
@@ -16,7 +15,7 @@ SMALL_RUN = [
     "trainer.logger=[console,file]",
     "actor_rollout_ref.rollout.agent.num_workers=1",
 ]
-# The default's two agent-loop workers: the batch split over workers, end to end.
+# Two agent-loop workers: the batch split over workers, end to end.
 TWO_AGENT_WORKERS = ["actor_rollout_ref.rollout.agent.num_workers=2"]
 # No validation rollouts (before training or during it).
 NO_VALIDATION = ["trainer.test_freq=-1", "trainer.val_before_train=false"]

@@ -1,13 +1,15 @@
 """The routing key's path uid -> agent loop -> client -> balancer -> replica, on real Ray actors.
 
 CPU, local Ray, the ``diffusers`` backend serving the tiny model, everything launched through
-``OmniLLMServerManager`` and ``OmniAgentLoopManager`` as the recipe does.
+``OmniLLMServerManager`` and ``OmniAgentLoopManager`` as the recipe does. One pair of agent-loop workers serves every
+test (each worker's start imports verl: about 10 CPU-seconds); a test points them at its replicas and policy.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -67,18 +69,24 @@ def two_replicas(ray_local, tiny_model_path):
             ray.kill(server)
 
 
-def _agent_loops(manager: OmniLLMServerManager, cfg) -> OmniAgentLoopManager:
-    return OmniAgentLoopManager.create(cfg, manager.get_client())
-
-
-def _shutdown(agent_loops: OmniAgentLoopManager) -> None:
-    for worker in agent_loops.agent_loop_workers:
+@pytest.fixture(scope="module")
+def workers(two_replicas, tiny_model_path) -> Iterator[OmniAgentLoopManager]:
+    """Two agent-loop workers (the recipe's default), shared by the module's tests."""
+    loops = OmniAgentLoopManager.create(_config(tiny_model_path, replicas=2, workers=2), two_replicas.get_client())
+    yield loops
+    for worker in loops.agent_loop_workers:
         ray.kill(worker)
 
 
-def test_uid_reaches_balancer_affinity_colocates_groups(two_replicas, tiny_model_path):
-    cfg = _config(tiny_model_path, replicas=2, workers=2)
-    loops = _agent_loops(two_replicas, cfg)
+def _agent_loops(workers: OmniAgentLoopManager, manager: OmniLLMServerManager) -> OmniAgentLoopManager:
+    """The shared workers, sending through ``manager``'s balancer (its current policy)."""
+    workers.set_client(manager.get_client())
+    return workers
+
+
+def test_uid_reaches_balancer_affinity_colocates_groups(two_replicas, workers):
+    two_replicas.set_routing(policy="prompt_uid_affinity")
+    loops = _agent_loops(workers, two_replicas)
     out = loops.generate_sequences(_batch())
     metrics = out.meta_info["metrics"]
     assert metrics["rollout_routing/colocation"] == 1.0
@@ -93,20 +101,22 @@ def test_uid_reaches_balancer_affinity_colocates_groups(two_replicas, tiny_model
     loops.set_client(two_replicas.get_client())
     metrics = loops.generate_sequences(_batch(step=1)).meta_info["metrics"]
     assert metrics["rollout_routing/colocation"] < 1.0  # request-id routing scatters the groups
-    _shutdown(loops)
 
 
-def test_same_seeds_same_samples_under_every_policy_replicas_and_workers(ray_local, two_replicas, tiny_model_path):
-    one_cfg = _config(tiny_model_path, replicas=1, workers=1, policy="least_inflight")
+def test_same_seeds_same_samples_under_every_policy_and_replica_count(
+    ray_local, two_replicas, tiny_model_path, workers
+):
+    """One replica, then two under each policy: the same samples, bit for bit. (The batch's split over one or two
+    agent-loop workers changes none either: tests/integration/test_flowgrpo_recipe.py runs both.)"""
+    one_cfg = _config(tiny_model_path, replicas=1, workers=2, policy="least_inflight")
     one_replica = OmniLLMServerManager.create(one_cfg, start_rank=10)
-    loops = _agent_loops(one_replica, one_cfg)
+    loops = _agent_loops(workers, one_replica)
     reference = _by_request(loops.generate_sequences(_batch(step=3)))
-    _shutdown(loops)
     for replica in one_replica.get_replicas():
         for server in replica.servers:
             ray.kill(server)
 
-    loops = _agent_loops(two_replicas, _config(tiny_model_path, replicas=2, workers=2))
+    loops = _agent_loops(workers, two_replicas)
     for policy in VALID_ROLLOUT_SERVER_ROUTING_POLICIES:
         two_replicas.set_routing(policy=policy)
         loops.set_client(two_replicas.get_client())
@@ -115,13 +125,11 @@ def test_same_seeds_same_samples_under_every_policy_replicas_and_workers(ray_loc
         for rid, (image, log_probs) in got.items():
             assert torch.equal(image, reference[rid][0]), (policy, rid)
             assert torch.equal(log_probs, reference[rid][1]), (policy, rid)
-    _shutdown(loops)
 
 
-def test_replica_removed_mid_run_loses_no_sample(two_replicas, tiny_model_path):
+def test_replica_removed_mid_run_loses_no_sample(two_replicas, workers):
     two_replicas.set_routing(policy="round_robin")
-    cfg = _config(tiny_model_path, replicas=2, workers=2)
-    loops = _agent_loops(two_replicas, cfg)
+    loops = _agent_loops(workers, two_replicas)
     balancer = loops.llm_client._load_balancer
     servers = ray.get(balancer.get_all_servers.remote())
     result: dict = {}
@@ -134,7 +142,6 @@ def test_replica_removed_mid_run_loses_no_sample(two_replicas, tiny_model_path):
     assert set(out.non_tensor_batch["rollout_server"]) <= set(servers)  # and says which replica served it
     after = loops.generate_sequences(_batch(step=6))
     assert set(after.non_tensor_batch["rollout_server"]) == {servers[0]}
-    _shutdown(loops)
     ray.get(balancer.add_servers.remote({servers[1]: two_replicas.get_replicas()[1].server_handle}))
 
 
@@ -152,10 +159,10 @@ def _calls(manager: OmniLLMServerManager, balancer) -> tuple[int, int, int]:
 # a policy that keeps a group whole and one that splits it; every policy's placement rule is unit-tested in
 # tests/test_request_routing.py (the group placement equals acquiring the copies one by one)
 @pytest.mark.parametrize("policy", ["prompt_uid_affinity", "least_inflight"])
-def test_a_group_is_placed_in_one_acquire_and_one_release(two_replicas, tiny_model_path, policy):
+def test_a_group_is_placed_in_one_acquire_and_one_release(two_replicas, policy, workers):
     """One request path: per group one acquire and one release, one server call per replica the group used."""
     two_replicas.set_routing(policy=policy)
-    loops = _agent_loops(two_replicas, _config(tiny_model_path, replicas=2, workers=2))
+    loops = _agent_loops(workers, two_replicas)
     client = two_replicas.get_client()
     before = _calls(two_replicas, client._load_balancer)
     out = loops.generate_sequences(_batch(step=7))
@@ -172,19 +179,17 @@ def test_a_group_is_placed_in_one_acquire_and_one_release(two_replicas, tiny_mod
     assert metrics["rollout_routing/requests_resent"] == 0.0
     for key in ("rollout_server", "rollout_batch_size", "rollout_cache_hit", "rollout_generate_s", "reward_s"):
         assert all(v is not None for v in out.non_tensor_batch[key]), key
-    _shutdown(loops)
 
 
-def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_replicas, tiny_model_path):
+def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_replicas, tiny_model_path, workers):
     cfg = _config(tiny_model_path, replicas=2, workers=2)
     two_replicas.set_routing(policy="least_inflight")  # the reference: both replicas alive
-    loops = _agent_loops(two_replicas, cfg)
+    loops = _agent_loops(workers, two_replicas)
     reference = loops.generate_sequences(_batch(step=8))
-    _shutdown(loops)
 
     doomed = OmniLLMServerManager.create(cfg, start_rank=20)  # its own replicas: one of them is killed
     client = doomed.get_client()
-    loops = _agent_loops(doomed, cfg)
+    loops = _agent_loops(workers, doomed)
     victim = doomed.get_replicas()[1]
     balancer = client._load_balancer
     result: dict = {}
@@ -203,7 +208,6 @@ def test_group_on_a_replica_that_dies_mid_run_loses_no_sample(ray_local, two_rep
     for key in ("image", "log_probs", "rewards"):  # every sample, and none changed by the resend
         assert torch.equal(out.batch[key], reference.batch[key]), key
     assert out.meta_info["metrics"]["rollout_routing/requests_resent"] > 0
-    _shutdown(loops)
     ray.kill(doomed.get_replicas()[0].server_handle)
 
 
@@ -221,10 +225,9 @@ def _wait_for_inflight(balancer, timeout_s: float = 120) -> None:
         time.sleep(0.005)
 
 
-def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replicas, tiny_model_path):
-    cfg = _config(tiny_model_path, replicas=2, workers=2)
+def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replicas, workers):
     two_replicas.set_routing(policy="prompt_uid_affinity")
-    loops = _agent_loops(two_replicas, cfg)
+    loops = _agent_loops(workers, two_replicas)
     reference = loops.generate_sequences(_batch(step=11))
     balancer = two_replicas.global_load_balancer
     thread, result = _in_background(loops, _batch(step=11))
@@ -246,13 +249,14 @@ def test_balancer_killed_mid_rollout_is_restarted_and_loses_no_sample(two_replic
         time.sleep(0.01)
     assert (status["total_inflight"], status["leases"]) == (0, 0), status["servers"]
     assert loops.generate_sequences(_batch(step=12)).batch["image"].shape[0] == PROMPTS * N
-    _shutdown(loops)
 
 
 def test_agent_loop_worker_killed_mid_rollout_reruns_its_share_and_frees_its_load(two_replicas, tiny_model_path):
-    cfg = _config(tiny_model_path, replicas=2, workers=2)
+    """Workers of its own: Ray restarts a killed worker from its creation arguments, so they must name the current
+    balancer (each ``set_routing`` of the other tests made a new one)."""
     two_replicas.set_routing(policy="prompt_uid_affinity")
-    loops = _agent_loops(two_replicas, cfg)
+    cfg = _config(tiny_model_path, replicas=2, workers=2)
+    loops = OmniAgentLoopManager.create(cfg, two_replicas.get_client())
     reference = loops.generate_sequences(_batch(step=13))
     balancer = loops.llm_client._load_balancer
     thread, result = _in_background(loops, _batch(step=13))
@@ -271,4 +275,5 @@ def test_agent_loop_worker_killed_mid_rollout_reruns_its_share_and_frees_its_loa
             break
         time.sleep(0.01)
     assert ray.get(balancer.get_total_inflight.remote()) == 0  # no phantom load steers later picks
-    _shutdown(loops)
+    for worker in loops.agent_loop_workers:
+        ray.kill(worker)

@@ -64,7 +64,7 @@ def env(cache, recipe_ray) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, env) -> Path:
     """2 steps with a checkpoint after each, the default validation (before training and after the last step) and
-    the default's two agent-loop workers; the tiny model comes from the cache (model.path=null)."""
+    two agent-loop workers (the batch split over them); the tiny model comes from the cache (model.path=null)."""
     run_dir = tmp_path_factory.mktemp("run")
     _main(run_dir, env, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS)
     return run_dir
