@@ -19,7 +19,13 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(run_dir: Path, cache: Path, *overrides: str, ratios: bool = True) -> list[dict]:
+@pytest.fixture(scope="module")
+def run_env(verl_omni_cache, recipe_ray) -> dict[str, str]:
+    """A run's environment: the session's model cache and Ray cluster."""
+    return {**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache), **recipe_ray}
+
+
+def _run(run_dir: Path, env: dict[str, str], *overrides: str, ratios: bool = True) -> list[dict]:
     """2 steps of the small run with ``overrides``; the per-step metrics. ``ratios``: check the on-policy ratio (an
     algorithm without log-probs has none)."""
     cmd = [
@@ -33,7 +39,6 @@ def _run(run_dir: Path, cache: Path, *overrides: str, ratios: bool = True) -> li
         "trainer.save_freq=-1",
         *overrides,
     ]
-    env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -45,7 +50,7 @@ def _run(run_dir: Path, cache: Path, *overrides: str, ratios: bool = True) -> li
     return rows
 
 
-def test_flow_grpo_fast_with_cps_trains_on_a_random_window_per_group(tmp_path, verl_omni_cache):
+def test_flow_grpo_fast_with_cps_trains_on_a_random_window_per_group(tmp_path, run_env):
     # 4 steps (trained: 3); Fast's default range is the first half, [0, 2): a 1-step window starts at 0 or 1.
     # With CPS at noise level 0.8, as the authors' Fast configs: the recompute goes through the same CPS step.
     overrides = (
@@ -54,7 +59,7 @@ def test_flow_grpo_fast_with_cps_trains_on_a_random_window_per_group(tmp_path, v
         "actor_rollout_ref.rollout.diffusion.sde_type=cps",
         "actor_rollout_ref.rollout.diffusion.noise_level=0.8",
     )
-    rows = _run(tmp_path / "fast", verl_omni_cache, *overrides)
+    rows = _run(tmp_path / "fast", run_env, *overrides)
     for row in rows:
         assert row["actor/trained_steps"] == 1.0 and row["rollout/sde_window_size"] == 1.0
         shares = {k: v for k, v in row.items() if k.startswith("rollout/sde_window_start/")}
@@ -63,7 +68,7 @@ def test_flow_grpo_fast_with_cps_trains_on_a_random_window_per_group(tmp_path, v
         assert all(4 * v == round(4 * v) for v in shares.values())  # whole groups of 4 copies share a window
 
 
-def test_mix_grpo_slides_one_window_over_the_schedule(tmp_path, verl_omni_cache):
+def test_mix_grpo_slides_one_window_over_the_schedule(tmp_path, run_env):
     # a non-default schedule through Hydra and the trainer: exp_decay stays ceil(1 x exp(-0.1 max(0, s - 0))) = 1
     # step at starts 0 and 1 of the range [0, 3) (4 steps, trained: 3): the 2-step window moves every step
     overrides = (
@@ -73,22 +78,22 @@ def test_mix_grpo_slides_one_window_over_the_schedule(tmp_path, verl_omni_cache)
         "algorithm.mix.shift_every=1",
         "algorithm.mix.decay_threshold=0",
     )
-    rows = _run(tmp_path / "mix", verl_omni_cache, *overrides)
+    rows = _run(tmp_path / "mix", run_env, *overrides)
     assert [r["rollout/sde_window_start_mean"] for r in rows] == [0.0, 1.0]
     assert all(r["rollout/sde_window_start_min"] == r["rollout/sde_window_start_max"] for r in rows)
     assert all(r["actor/trained_steps"] == 2.0 for r in rows)
 
 
-def test_grpo_guard_normalises_the_ratio_per_step(tmp_path, verl_omni_cache):
-    rows = _run(tmp_path / "guard", verl_omni_cache, "algorithm.name=grpo_guard")
+def test_grpo_guard_normalises_the_ratio_per_step(tmp_path, run_env):
+    rows = _run(tmp_path / "guard", run_env, "algorithm.name=grpo_guard")
     for row in rows:
         assert row["actor/trained_steps"] == 3.0  # every step but the last (timestep_fraction 0.99 of 4)
         for t in range(3):  # the plain ratio and the normalised one the loss clips, per trained step
             assert {f"actor/ratio_mean_step{t}", f"actor/guard_ratio_std_step{t}"} <= row.keys()
 
 
-def test_diffusion_nft_trains_on_the_forward_process_of_its_old_policys_samples(tmp_path, verl_omni_cache):
-    rows = _run(tmp_path / "nft", verl_omni_cache, "algorithm.name=diffusion_nft", ratios=False)
+def test_diffusion_nft_trains_on_the_forward_process_of_its_old_policys_samples(tmp_path, run_env):
+    rows = _run(tmp_path / "nft", run_env, "algorithm.name=diffusion_nft", ratios=False)
     for row in rows:
         assert row["actor/trained_steps"] == 3.0  # noise levels per sample: int(4 x 0.99) of the 4 of its schedule
         assert "actor/ratio_max_abs_dev" not in row and "rollout/sde_window_size" not in row

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_one_step_off_trains_each_step_on_the_previous_versions_samples(tmp_path, verl_omni_cache):
+def test_one_step_off_trains_each_step_on_the_previous_versions_samples(tmp_path, verl_omni_cache, recipe_ray):
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -31,7 +31,7 @@ def test_one_step_off_trains_each_step_on_the_previous_versions_samples(tmp_path
         "trainer.save_freq=-1",
         "trainer.rollout_mode=one_step_off",
     ]
-    env = {**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache), **recipe_ray}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path):
+def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, verl_omni_cache, recipe_ray):
     """LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Wan's attention blocks), as the real checkpoint's
     config trains. Full fine-tuning needs nothing of the family beyond what the unit tests check (the exact recompute
     and a full weight push to a server); the recipe runs it end to end on SD3 and FLUX: one recipe run per family
@@ -37,8 +37,8 @@ def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path):
         *SMALL_RUN,
         *NO_VALIDATION,
     ]
-    # the tiny Wan is built on first use into this run's cache (a few seconds, before Ray)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "VERL_OMNI_CACHE": str(tmp_path / "cache")}
+    # the tiny Wan is built on first use (about 12 s, before Ray) into the session's cache, or found there
+    env = {**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache), **recipe_ray}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
