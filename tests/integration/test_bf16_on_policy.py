@@ -44,9 +44,10 @@ SD35_ON_CPU = [
 ]
 
 
-def _run(model_path: str, run_dir: Path, *overrides: str) -> tuple[list[dict], str]:
-    """Train with the SD3.5 config on the tiny model; the training steps' metrics and the run's stderr."""
-    env = {**os.environ, "MODEL_PATH": model_path, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+def _run(model_path: str, run_dir: Path, ray: dict[str, str], *overrides: str) -> tuple[list[dict], str]:
+    """Train with the SD3.5 config on the tiny model, joining the session's Ray (``ray``: ``recipe_ray``); the
+    training steps' metrics and the run's stderr."""
+    env = {**os.environ, "MODEL_PATH": model_path, "PYTHONUNBUFFERED": "1", **ray}
     cmd = [
         sys.executable,
         "-m",
@@ -62,10 +63,10 @@ def _run(model_path: str, run_dir: Path, *overrides: str) -> tuple[list[dict], s
     return [r for r in rows if "reward/mean" in r], proc.stdout + proc.stderr
 
 
-def test_bf16_rollout_and_bf16_training_agree_at_the_sd35_settings(tiny_model_path, tmp_path):
+def test_bf16_rollout_and_bf16_training_agree_at_the_sd35_settings(tiny_model_path, tmp_path, recipe_ray):
     # 2 steps: the second samples with a trained (nonzero) adapter, which both sides must cast alike too
     run_dir = tmp_path / "bf16"
-    rows, output = _run(tiny_model_path, run_dir, "trainer.total_training_steps=2", "trainer.save_freq=2")
+    rows, output = _run(tiny_model_path, run_dir, recipe_ray, "trainer.total_training_steps=2", "trainer.save_freq=2")
     assert len(rows) == 2
     for data in rows:
         assert data["actor/clip_frac_first"] <= 0.01
@@ -80,10 +81,11 @@ def test_bf16_rollout_and_bf16_training_agree_at_the_sd35_settings(tiny_model_pa
     assert step == 2 and trainable and all("lora" in name for name in trainable)  # only the adapter is saved
 
 
-def test_fp32_rollout_with_bf16_training_is_on_policy_when_the_actor_recomputes(tiny_model_path, tmp_path):
+def test_fp32_rollout_with_bf16_training_is_on_policy_when_the_actor_recomputes(tiny_model_path, tmp_path, recipe_ray):
     rows, output = _run(
         tiny_model_path,
         tmp_path / "recompute",
+        recipe_ray,
         "trainer.total_training_steps=1",
         "actor_rollout_ref.rollout.diffusion.dtype=float32",
         "actor_rollout_ref.actor.recompute_old_log_prob=true",

@@ -1,5 +1,5 @@
 """The FlowGRPO recipe on the tiny FLUX.1 (``FluxPipeline``, embedded guidance 3.5), through its real entry point
-on CPU: a subprocess with its own local Ray, two diffusers replicas and prompt-affinity routing."""
+on CPU: a subprocess joining the session's Ray cluster, two diffusers replicas and prompt-affinity routing."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 from recipe_runs import NO_VALIDATION, SMALL_RUN
 
-from verl_omni.models.tiny_flux import ensure_tiny_flux
-
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
-def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank):
+def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank, tiny_model, recipe_ray):
     """Full fine-tuning and LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in FLUX's blocks)."""
-    model = ensure_tiny_flux(tmp_path / "models")
+    model = tiny_model("flux")
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -35,7 +33,7 @@ def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank):
         *SMALL_RUN,
         *NO_VALIDATION,
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **recipe_ray}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

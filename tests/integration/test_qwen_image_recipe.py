@@ -1,6 +1,6 @@
 """The FlowGRPO recipe on the tiny Qwen-Image (``model=qwen_image_tiny``: true CFG 4 with a negative prompt, prompts
-padded to one length), through its real entry point on CPU: a subprocess with its own local Ray, two diffusers
-replicas and prompt-affinity routing; the tiny model is built into the run's own cache on first use."""
+padded to one length), through its real entry point on CPU: a subprocess joining the session's Ray cluster, two
+diffusers replicas and prompt-affinity routing; the tiny model comes from the session's cache."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path):
+def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path, tiny_model, recipe_ray):
     """LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in Qwen-Image's blocks), as the real checkpoint's config
     trains. Full fine-tuning needs nothing of the family beyond what the unit tests check (the exact recompute and a
     full weight push to a server); the recipe runs it end to end on SD3 and FLUX: one recipe run per family here."""
@@ -33,11 +33,12 @@ def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path):
         *SMALL_RUN,
         *NO_VALIDATION,
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "VERL_OMNI_CACHE": str(tmp_path / "cache")}
+    model = tiny_model("qwen_image")  # where the recipe looks for it (the session's VERL_OMNI_CACHE)
+    env = {**os.environ, "VERL_OMNI_CACHE": str(Path(model).parents[1]), **recipe_ray}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     config = (run_dir / "config.yaml").read_text()
-    assert f"path: {tmp_path / 'cache' / 'tiny_sd3' / 'tiny-qwen-image-seed0'}" in config  # built on first use
+    assert f"path: {model}" in config  # model=qwen_image_tiny names the tiny model in the cache
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["data"] for r in rows if "actor/ratio_max_abs_dev" in r["data"]]
     assert len(steps) == 2

@@ -39,7 +39,7 @@ def _serve(reward: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, s
     return proc, match.group(1)
 
 
-def _train(run_dir: Path, cache: Path, url: str, steps: int) -> subprocess.CompletedProcess:
+def _train(run_dir: Path, cache: Path, ray: dict[str, str], url: str, steps: int) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -52,16 +52,17 @@ def _train(run_dir: Path, cache: Path, url: str, steps: int) -> subprocess.Compl
         "+reward.kwargs.retries=1",
         "+reward.kwargs.backoff_s=0.1",
     ]
-    env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **ray}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_a_service_breaking_mid_run_stops_it_and_keeps_every_checkpoint(verl_omni_cache, tmp_path):
+def test_a_service_breaking_mid_run_stops_it_and_keeps_every_checkpoint(verl_omni_cache, recipe_ray, tmp_path):
     run_dir = tmp_path / "run"
     (tmp_path / "broken").mkdir()
     broken, url = _serve("reward_faults:fails_after", tmp_path / "broken", FAIL_AFTER_IMAGES="16")
     try:
-        proc = _train(run_dir, verl_omni_cache, url, steps=4)  # steps 1 and 2 score 16 images; step 3 cannot
+        # steps 1 and 2 score 16 images; step 3 cannot
+        proc = _train(run_dir, verl_omni_cache, recipe_ray, url, steps=4)
     finally:
         broken.kill()
         broken.wait()
@@ -78,7 +79,7 @@ def test_a_service_breaking_mid_run_stops_it_and_keeps_every_checkpoint(verl_omn
     healthy_dir.mkdir()
     healthy, url = _serve("reward_faults:brightness", healthy_dir)
     try:
-        resumed = _train(run_dir, verl_omni_cache, url, steps=3)
+        resumed = _train(run_dir, verl_omni_cache, recipe_ray, url, steps=3)
     finally:
         healthy.kill()
         healthy.wait()
