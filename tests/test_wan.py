@@ -10,8 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
-from verl_omni.models.tiny_wan import ensure_tiny_wan
 from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob, standard_normal
 from verl_omni.pipelines.registry import adapter_path, load_adapter, load_trainer_binding
 from verl_omni.pipelines.wan.conditioning import predict_velocity
@@ -27,8 +25,8 @@ CFG = 4.5
 
 
 @pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return str(ensure_tiny_wan(tmp_path_factory.mktemp("models"), seed=0))
+def wan_dir(tiny_model):
+    return tiny_model("wan")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,7 @@ def test_tiny_wan_is_a_wan_pipeline_the_registry_and_spec_read(pipe, wan_dir):
     assert adapter_path("WanPipeline", "vllm_omni").endswith("wan.vllm_omni_pipeline.WanFlowGRPOPipeline")
 
 
-def test_frame_counts_the_causal_vae_cannot_take_are_refused(wan_dir, tmp_path):
+def test_frame_counts_the_causal_vae_cannot_take_are_refused(wan_dir, tiny_model):
     spec = ModelSpec.from_path(wan_dir)
     assert [spec.check_num_frames("k", n) for n in (1, 5, 33, 81)] == [1, 5, 33, 81]
     for bad in (0, 4, 6, 32, None, 5.0, True):
@@ -80,7 +78,7 @@ def test_frame_counts_the_causal_vae_cannot_take_are_refused(wan_dir, tmp_path):
     with pytest.raises(ValueError, match=r"^sampling_params\.num_frames=6: the WanPipeline VAE"):
         resolve_sampling_params({"num_frames": 6}, defaults, spec)
     # an image family takes no frame count (and gets none by default)
-    image_spec = ModelSpec.from_path(ensure_tiny_sd3(tmp_path / "sd3"))
+    image_spec = ModelSpec.from_path(tiny_model("sd3"))
     assert resolve_sampling_params({"seed": 0}, DiffusionRolloutConfig(), image_spec).num_frames is None
     with pytest.raises(ValueError, match=r"^sampling_params\.num_frames=5: a StableDiffusion3Pipeline checkpoint "):
         resolve_sampling_params({"num_frames": 5}, DiffusionRolloutConfig(), image_spec)
@@ -103,7 +101,9 @@ def test_scheduler_sigmas_read_the_published_unipc_flow_schedule():
         scheduler_sigmas(DDIMScheduler(), 10)
 
 
-def test_the_vllm_omni_wire_carries_frames_and_rounds_videos_as_the_diffusers_backend(pipe, wan_dir, tmp_path):
+def test_the_vllm_omni_wire_carries_frames_and_rounds_videos_as_the_diffusers_backend(
+    pipe, wan_dir, tiny_model, tmp_path
+):
     """The vllm_omni backend's side of Wan: the frame count in the request and its sub-batch key, the checkpoint's
     own scheduler on the server, and videos back from vllm-omni's post-processing rounded as ``decode_videos``."""
     from diffusers import UniPCMultistepScheduler
@@ -117,7 +117,7 @@ def test_the_vllm_omni_wire_carries_frames_and_rounds_videos_as_the_diffusers_ba
         {"num_frames": 5, "seed": 1}, DiffusionRolloutConfig(), ModelSpec.from_path(wan_dir)
     )
     assert sampling_kwargs(params, 16, None)["num_frames"] == 5
-    image_params = resolve_sampling_params({}, DiffusionRolloutConfig(), ModelSpec.from_path(ensure_tiny_sd3(tmp_path)))
+    image_params = resolve_sampling_params({}, DiffusionRolloutConfig(), ModelSpec.from_path(tiny_model("sd3")))
     assert "num_frames" not in sampling_kwargs(image_params, 16, None)
     # the server's schedule is the sampler's: the class the checkpoint names (a published UniPC with its flow_shift)
     assert type(load_scheduler(wan_dir)).__name__ == "FlowMatchEulerDiscreteScheduler"
@@ -321,7 +321,7 @@ RECORD_ARGV = "import json, os, sys; print(json.dumps({'cwd': os.getcwd(), 'argv
 
 
 @pytest.mark.parametrize("rollout", [None, "vllm_omni"])
-def test_the_wan_run_script_passes_the_checkpoint_backend_and_prompts_to_hydra(wan_dir, tmp_path, rollout):
+def test_the_wan_run_script_passes_the_checkpoint_backend_and_prompts_to_hydra(wan_dir, tmp_path, tiny_model, rollout):
     """recipes/flowgrpo/run_wan_lora.sh with a stand-in interpreter (records its arguments instead of training)."""
     import json
     import os
@@ -354,16 +354,10 @@ def test_the_wan_run_script_passes_the_checkpoint_backend_and_prompts_to_hydra(w
         validate_recipe_config(cfg, available_gpus=8)
     for bad_env, message in [
         ({"ROLLOUT": "sglang"}, "ROLLOUT=sglang is not a rollout backend; valid choices: diffusers, vllm_omni"),
-        ({"MODEL_PATH": str(ensure_tiny_sd3(tmp_path / "sd3"))}, "is not a WanPipeline checkpoint"),
+        ({"MODEL_PATH": tiny_model("sd3")}, "is not a WanPipeline checkpoint"),
     ]:
         result = subprocess.run(["bash", str(script)], env={**env, **bad_env}, capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr, result.stderr
-
-
-@pytest.fixture(scope="module")
-def refusal_cache(tmp_path_factory):
-    """One ``VERL_OMNI_CACHE`` for the refusals below: each tiny model is built once (Wan: about 12 s), not per case."""
-    return tmp_path_factory.mktemp("refusal_cache")
 
 
 @pytest.mark.parametrize(
@@ -387,7 +381,7 @@ def refusal_cache(tmp_path_factory):
     ],
     ids=["wan_frames", "image_family", "image_reward"],
 )
-def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, refusal_cache, args, line):
+def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, verl_omni_cache, args, line):
     import os
     import subprocess
     import sys
@@ -400,7 +394,7 @@ def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "VERL_OMNI_CACHE": str(refusal_cache)},  # the tiny model is built first, before Ray
+        env={**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache)},  # the tiny model is built (or found) before Ray
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert [e for e in proc.stderr.splitlines() if e.startswith("config error: ")] == [line], proc.stderr[-2000:]
