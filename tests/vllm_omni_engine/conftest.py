@@ -15,3 +15,10 @@ def tiny_sd3(tmp_path_factory) -> Path:
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
 
     return ensure_tiny_sd3(tmp_path_factory.mktemp("models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def verl_omni_cache(tmp_path_factory) -> Path:
+    """This folder's ``VERL_OMNI_CACHE``, empty until ``tiny_model(name)`` (tests/conftest.py) builds a model in it:
+    tests/conftest.py's builds the pretrained tiny SD3 up front (about 40 s of CPU), which no test here uses."""
+    return tmp_path_factory.mktemp("verl_omni_cache")

@@ -43,10 +43,8 @@ RECOMPUTE_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    from verl_omni.models.tiny_flux import ensure_tiny_flux
-
-    return ensure_tiny_flux(tmp_path_factory.mktemp("models"), seed=0)
+def tiny_flux(tiny_model) -> Path:
+    return Path(tiny_model("flux"))  # the session's build, which test_family_recipes.py's run trains too
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

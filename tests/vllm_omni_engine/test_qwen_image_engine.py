@@ -51,10 +51,8 @@ LORA_TARGETS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen_image(tmp_path_factory) -> Path:
-    from verl_omni.models.tiny_qwen_image import ensure_tiny_qwen_image
-
-    return ensure_tiny_qwen_image(tmp_path_factory.mktemp("models"), seed=0)
+def tiny_qwen_image(tiny_model) -> Path:
+    return Path(tiny_model("qwen_image"))  # the session's build, which test_family_recipes.py's run trains too
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

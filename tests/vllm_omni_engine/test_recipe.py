@@ -1,6 +1,9 @@
 """The FlowGRPO recipe end to end with ``actor_rollout_ref.rollout.name=vllm_omni`` on CPU: two real vllm-omni
 replicas behind ``prompt_uid_affinity`` routing, a LoRA adapter synced to them every step, and one replica killed
-with SIGKILL mid-run and replaced. The run is a subprocess with its own local Ray, as a user runs it."""
+with SIGKILL mid-run and replaced. The run is a subprocess joining the session's Ray cluster, as a user runs it
+against a running cluster. The model is the session's tiny random SD3 (test_engine.py's engine serves it too), not
+the recipe's default pretrained one: the same classes (the pretrained one differs in weights only, its VAE
+hand-set), without its pretraining (about 40 s of CPU); `make test`'s recipe runs train the default."""
 
 from __future__ import annotations
 
@@ -51,11 +54,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_vllm_omni_replicas_train_lora_and_survive_a_killed_replica(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("vllm_omni_run")
-    cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *OVERRIDES]
+def test_vllm_omni_replicas_train_lora_and_survive_a_killed_replica(tmp_path, tiny_sd3, verl_omni_cache, recipe_ray):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, **recipe_ray, "VERL_OMNI_CACHE": str(verl_omni_cache), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"actor_rollout_ref.model.path={tiny_sd3}"]
+    cmd += [f"trainer.default_local_dir={run_dir}", *OVERRIDES]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)

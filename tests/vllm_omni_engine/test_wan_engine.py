@@ -51,10 +51,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory) -> Path:
-    from verl_omni.models.tiny_wan import ensure_tiny_wan
-
-    return ensure_tiny_wan(tmp_path_factory.mktemp("models"), seed=0)
+def tiny_wan(tiny_model) -> Path:
+    return Path(tiny_model("wan"))  # the session's build, which test_family_recipes.py's run trains too
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
