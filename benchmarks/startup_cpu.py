@@ -1,0 +1,133 @@
+"""Where a recipe run's start-up goes: CPU-seconds per process (the driver, Ray's own processes, each actor).
+
+    python -m benchmarks.startup_cpu --rounds 2 [--baseline <git rev>] [-- <recipe overrides>]
+
+Runs ``python -m recipes.flowgrpo.main`` for one training step, samples every process of its tree (the driver,
+the local Ray it starts, Ray's workers and actors) with psutil, and prints CPU-seconds per role and the recipe's own
+start-up line. On 2 cores start-up is CPU-bound, so CPU-seconds say what a change saves even on a loaded machine,
+where wall times do not. ``--baseline``: the same run from a git worktree of that revision, interleaved round by
+round with this checkout's, and the ratio of the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_STEP = ["trainer.total_training_steps=1", "trainer.test_freq=-1", "trainer.val_before_train=false"]
+
+
+def _role(proc: psutil.Process, driver_pid: int) -> str:
+    """``driver``, ``ray::<Actor>`` as Ray titles an actor's process, or Ray's own process by its program name."""
+    if proc.pid == driver_pid:
+        return "driver"
+    cmdline = proc.cmdline()
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    for arg in cmdline[:3]:
+        name = Path(arg).name
+        if name.endswith(".py") or name in ("gcs_server", "raylet"):
+            return f"ray {name}"
+    return proc.name()
+
+
+def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, list[float]], str, float]:
+    """One run from checkout ``root``: CPU-seconds per role (one entry per process), the start-up line, wall s."""
+    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *ONE_STEP, *overrides]
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)  # a run of its own, as `make demo`
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        driver = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        last: dict[int, tuple[str, float]] = {}
+        parent = psutil.Process(driver.pid)
+        while driver.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for proc in tree:
+                try:
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        role = _role(proc, driver.pid)
+                    if proc.pid in last and last[proc.pid][0].startswith("ray::") and not role.startswith("ray::"):
+                        role = last[proc.pid][0]  # an exiting process has no command line: keep its title
+                    last[proc.pid] = (role, times.user + times.system)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue  # ended between listing and reading: its last sample stands
+            time.sleep(0.25)
+        wall = time.monotonic() - start
+        out.seek(0)
+        log = out.read()
+    if driver.returncode != 0:
+        raise RuntimeError(f"the run from {root} failed:\n{log[-3000:]}")
+    found = re.search(r"start-up to the first step [^\r\n]*", log)  # tqdm.write may follow a bar's \r
+    roles: dict[str, list[float]] = defaultdict(list)
+    for role, cpu in last.values():
+        roles[role].append(cpu)
+    return roles, found.group(0) if found else "(no start-up line)", wall
+
+
+def _table(runs: list[dict[str, list[float]]]) -> tuple[list[str], float]:
+    """Rows: role, processes, median CPU-s per run; and the median total."""
+    names = sorted({name for run in runs for name in run}, key=lambda n: -max(sum(r.get(n, [0.0])) for r in runs))
+    rows = []
+    for name in names:
+        per_run = [sum(run.get(name, [])) for run in runs]
+        count = max(len(run.get(name, [])) for run in runs)
+        rows.append(f"| {name} | {count} | {statistics.median(per_run):.1f} |")
+    total = statistics.median(sum(sum(v) for v in run.values()) for run in runs)
+    return rows, total
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baseline", help="a git revision to compare with, run from a temporary worktree")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides (after --)")
+    args = parser.parse_args(argv)
+    checkouts = {"this checkout": REPO}
+    with tempfile.TemporaryDirectory(prefix="startup-cpu-") as tmp:
+        if args.baseline:
+            worktree = Path(tmp) / "baseline"
+            add = ["git", "worktree", "add", "-q", "--detach", str(worktree), args.baseline]
+            subprocess.run(add, cwd=REPO, check=True)
+            checkouts = {f"baseline {args.baseline}": worktree, **checkouts}
+        try:
+            results: dict[str, list] = {name: [] for name in checkouts}
+            for round_ in range(args.rounds):
+                for index, (name, root) in enumerate(checkouts.items()):  # interleaved: load hits both alike
+                    load = os.getloadavg()[0]
+                    run_dir = Path(tmp) / f"run-{round_}-{index}"  # a fresh directory: nothing to resume
+                    roles, line, wall = measure(root, args.overrides, run_dir)
+                    results[name].append(roles)
+                    print(f"[{name}, round {round_ + 1}, load {load:.1f}] {wall:.1f} s wall; {line}", flush=True)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
+    totals = {}
+    for name, runs in results.items():
+        rows, totals[name] = _table(runs)
+        print(f"\n{name}: CPU-seconds per role, median of {len(runs)} run(s) of one training step")
+        print("| role | processes | CPU-s |\n| --- | --- | --- |")
+        print("\n".join(rows))
+        print(f"| total | | {totals[name]:.1f} |")
+    if args.baseline:
+        base, ours = totals.values()
+        print(f"\nthis checkout / baseline, total CPU-seconds: {ours / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
