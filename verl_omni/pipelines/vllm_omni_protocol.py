@@ -19,7 +19,7 @@ Sigmas are not sent: the server recomputes the schedule with the same shared fun
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,29 @@ def request_groups(req: Any) -> list[tuple[FlowGRPOArgs, list[int]]]:
         groups.setdefault(key, []).append(i)
         knobs[key] = args
     return [(knobs[key], rows) for key, rows in groups.items()]
+
+
+def sample_by_group(req: Any, sample: Callable[[Any, list[int], FlowGRPOArgs], list[Any]]) -> list[Any]:
+    """A FlowGRPO pipeline's ``forward``: ``sample(req, rows, args)`` per :func:`request_groups` sub-batch, the
+    outputs back in the batch's request order."""
+    outputs: list[Any] = [None] * req.num_reqs
+    for args, rows in request_groups(req):
+        for i, out in zip(rows, sample(req, rows, args), strict=True):
+            outputs[i] = out
+    return outputs
+
+
+def prompt_field(prompt: Any, key: str) -> str:
+    """``prompt`` or ``negative_prompt`` of a vllm-omni request's prompt (a text, or a dict of them); "" if absent."""
+    if isinstance(prompt, str):
+        return prompt if key == "prompt" else ""
+    return prompt.get(key) or ""
+
+
+def request_generators(req: Any, rows: Sequence[int], device: Any) -> list[torch.Generator]:
+    """One generator per row, seeded with its request's seed (vllm-omni's warm-up request has none: 0)."""
+    seeds = [req.sampling_params_list[i].seed for i in rows]
+    return [torch.Generator(device=device).manual_seed(seed or 0) for seed in seeds]
 
 
 def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:

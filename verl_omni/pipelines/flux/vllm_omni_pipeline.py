@@ -25,7 +25,12 @@ from vllm_omni.platforms import current_omni_platform
 from verl_omni.pipelines.flux.sampling import sample_flow_match_sde, scheduler_sigmas
 from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
 from verl_omni.pipelines.sd3.sampling import decode_latents
-from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory, request_groups
+from verl_omni.pipelines.vllm_omni_protocol import (
+    FlowGRPOArgs,
+    pack_trajectory,
+    request_generators,
+    sample_by_group,
+)
 from verl_omni.workers.rollout.vllm_omni_engine import load_tensor_lora
 
 _DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's
@@ -67,11 +72,7 @@ class FluxFlowGRPOPipeline(FluxPipeline):
         FLUX.1 is guidance-distilled: ``guidance_scale`` is the transformer's guidance input and a request's
         negative prompt (the server sends ``""``) is not encoded.
         """
-        outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
-        for args, rows in request_groups(req):
-            for i, out in zip(rows, self._sample(req, rows, args), strict=True):
-                outputs[i] = out
-        return outputs
+        return sample_by_group(req, self._sample)
 
     @torch.no_grad()
     def _sample(self, req: Any, rows: Sequence[int], args: FlowGRPOArgs) -> list[OmniDiffusionOutput]:
@@ -83,8 +84,7 @@ class FluxFlowGRPOPipeline(FluxPipeline):
             return embeds, pooled
 
         encodings = encode_texts(encode, [_prompt_text(req.prompts[i]) for i in rows], args.chunk_size)
-        seeds = [req.sampling_params_list[i].seed for i in rows]
-        generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
+        generators = request_generators(req, rows, self.device)
         sigmas = scheduler_sigmas(self.scheduler, sp.num_inference_steps, sp.height, sp.width, self.vae_scale_factor)
         latent_shape = (
             self.transformer.in_channels // 4,  # the 2x2 packing: 4 latent channels per token channel group

@@ -24,17 +24,17 @@ from vllm_omni.platforms import current_omni_platform
 
 from verl_omni.pipelines.qwen_image.diffusers_adapter import QwenImageDiffusersAdapter
 from verl_omni.pipelines.qwen_image.sampling import decode_latents
-from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory, request_groups
+from verl_omni.pipelines.vllm_omni_protocol import (
+    FlowGRPOArgs,
+    pack_trajectory,
+    prompt_field,
+    request_generators,
+    sample_by_group,
+)
 from verl_omni.workers.rollout.model_spec import ModelSpec
 from verl_omni.workers.rollout.vllm_omni_engine import load_tensor_lora
 
 _DEFAULT_MAX_SEQUENCE_LENGTH = 256  # rollout.diffusion.max_sequence_length's default (the warm-up request)
-
-
-def _prompt_field(prompt: Any, key: str) -> str:
-    if isinstance(prompt, str):
-        return prompt if key == "prompt" else ""
-    return prompt.get(key) or ""
 
 
 class QwenImageFlowGRPOPipeline(QwenImagePipeline):
@@ -54,11 +54,7 @@ class QwenImageFlowGRPOPipeline(QwenImagePipeline):
         ``guidance_scale`` is Qwen-Image's ``true_cfg_scale``: above 1 each request's negative prompt is encoded and
         returned with the trajectory.
         """
-        outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
-        for args, rows in request_groups(req):
-            for i, out in zip(rows, self._sample(req, rows, args), strict=True):
-                outputs[i] = out
-        return outputs
+        return sample_by_group(req, self._sample)
 
     @torch.no_grad()
     def _sample(self, req: Any, rows: Sequence[int], args: FlowGRPOArgs) -> list[OmniDiffusionOutput]:
@@ -67,12 +63,11 @@ class QwenImageFlowGRPOPipeline(QwenImagePipeline):
             self, self._spec, sp.max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH, self.device
         )
         prompts = [req.prompts[i] for i in rows]
-        encodings = adapter.encode([_prompt_field(p, "prompt") for p in prompts], args.chunk_size)
+        encodings = adapter.encode([prompt_field(p, "prompt") for p in prompts], args.chunk_size)
         negatives = None
         if sp.guidance_scale > 1.0:
-            negatives = adapter.encode([_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
-        seeds = [req.sampling_params_list[i].seed for i in rows]
-        generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
+            negatives = adapter.encode([prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
+        generators = request_generators(req, rows, self.device)
         params = _Params(sp, args)
         traj = adapter.sample(encodings, negatives, generators, params, args.chunk_size)
         images = decode_latents(self.vae, traj.final_latents, args.chunk_size)

@@ -21,16 +21,16 @@ from vllm_omni.platforms import current_omni_platform
 
 from verl_omni.pipelines.sd3.conditioning import encode_texts, stack_encodings
 from verl_omni.pipelines.sd3.sampling import decode_latents, sample_flow_match_sde, scheduler_sigmas
-from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory, request_groups
+from verl_omni.pipelines.vllm_omni_protocol import (
+    FlowGRPOArgs,
+    pack_trajectory,
+    prompt_field,
+    request_generators,
+    sample_by_group,
+)
 from verl_omni.workers.rollout.vllm_omni_engine import load_tensor_lora
 
 _DEFAULT_MAX_SEQUENCE_LENGTH = 256
-
-
-def _prompt_field(prompt: Any, key: str) -> str:
-    if isinstance(prompt, str):
-        return prompt if key == "prompt" else ""
-    return prompt.get(key) or ""
 
 
 class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
@@ -48,11 +48,7 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
 
         vllm-omni's start-up warm-up request (no ``extra_args``, no seed) runs the whole schedule as SDE steps.
         """
-        outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
-        for args, rows in request_groups(req):
-            for i, out in zip(rows, self._sample(req, rows, args), strict=True):
-                outputs[i] = out
-        return outputs
+        return sample_by_group(req, self._sample)
 
     @torch.no_grad()
     def _sample(self, req: Any, rows: Sequence[int], args: FlowGRPOArgs) -> list[OmniDiffusionOutput]:
@@ -63,13 +59,12 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
             return self.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, max_sequence_length=max_len)
 
         prompts = [req.prompts[i] for i in rows]
-        encodings = encode_texts(encode, [_prompt_field(p, "prompt") for p in prompts], args.chunk_size)
+        encodings = encode_texts(encode, [prompt_field(p, "prompt") for p in prompts], args.chunk_size)
         do_cfg = sp.guidance_scale > 1.0
         negatives = None
         if do_cfg:
-            negatives = encode_texts(encode, [_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
-        seeds = [req.sampling_params_list[i].seed for i in rows]
-        generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
+            negatives = encode_texts(encode, [prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
+        generators = request_generators(req, rows, self.device)
         sigmas = scheduler_sigmas(
             self.scheduler, sp.num_inference_steps, sp.height, sp.width, self.vae_scale_factor, self.patch_size
         )

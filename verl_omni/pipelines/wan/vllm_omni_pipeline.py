@@ -38,19 +38,19 @@ from vllm_omni.diffusion.data import DiffusionOutput as OmniDiffusionOutput  # n
 from vllm_omni.diffusion.models.wan2_2.pipeline_wan2_2 import Wan22Pipeline  # noqa: E402
 from vllm_omni.platforms import current_omni_platform  # noqa: E402
 
-from verl_omni.pipelines.vllm_omni_protocol import FlowGRPOArgs, pack_trajectory, request_groups  # noqa: E402
+from verl_omni.pipelines.vllm_omni_protocol import (  # noqa: E402
+    FlowGRPOArgs,
+    pack_trajectory,
+    prompt_field,
+    request_generators,
+    sample_by_group,
+)
 from verl_omni.pipelines.wan.diffusers_adapter import WanDiffusersAdapter  # noqa: E402
 from verl_omni.pipelines.wan.sampling import decode_pixels  # noqa: E402
 from verl_omni.workers.rollout.model_spec import ModelSpec, load_scheduler  # noqa: E402
 from verl_omni.workers.rollout.vllm_omni_engine import load_tensor_lora  # noqa: E402
 
 _DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline's
-
-
-def _prompt_field(prompt: Any, key: str) -> str:
-    if isinstance(prompt, str):
-        return prompt if key == "prompt" else ""
-    return prompt.get(key) or ""
 
 
 class WanFlowGRPOPipeline(Wan22Pipeline):
@@ -70,11 +70,7 @@ class WanFlowGRPOPipeline(Wan22Pipeline):
         """Run a vllm-omni request batch; requests with different shapes (frames included) or knobs run as separate
         sub-batches. ``guidance_scale`` above 1 runs true CFG with each request's negative prompt, which is encoded and
         returned with the trajectory."""
-        outputs: list[OmniDiffusionOutput | None] = [None] * req.num_reqs
-        for args, rows in request_groups(req):
-            for i, out in zip(rows, self._sample(req, rows, args), strict=True):
-                outputs[i] = out
-        return outputs
+        return sample_by_group(req, self._sample)
 
     @torch.no_grad()
     def _sample(self, req: Any, rows: Sequence[int], args: FlowGRPOArgs) -> list[OmniDiffusionOutput]:
@@ -83,12 +79,11 @@ class WanFlowGRPOPipeline(Wan22Pipeline):
             self, self._spec, sp.max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH, self.device
         )
         prompts = [req.prompts[i] for i in rows]
-        encodings = adapter.encode([_prompt_field(p, "prompt") for p in prompts], args.chunk_size)
+        encodings = adapter.encode([prompt_field(p, "prompt") for p in prompts], args.chunk_size)
         negatives = None
         if sp.guidance_scale > 1.0:
-            negatives = adapter.encode([_prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
-        seeds = [req.sampling_params_list[i].seed for i in rows]
-        generators = [torch.Generator(device=self.device).manual_seed(seed or 0) for seed in seeds]  # warm-up: None
+            negatives = adapter.encode([prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
+        generators = request_generators(req, rows, self.device)
         traj = adapter.sample(encodings, negatives, generators, _Params(sp, args), args.chunk_size)
         videos = decode_pixels(self.vae, traj.final_latents, args.chunk_size)
         return [
