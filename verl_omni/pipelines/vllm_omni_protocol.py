@@ -109,6 +109,21 @@ def request_generators(req: Any, rows: Sequence[int], device: Any) -> list[torch
     return [torch.Generator(device=device).manual_seed(seed or 0) for seed in seeds]
 
 
+class AdapterParams:
+    """The resolved sampling parameters a family's diffusers adapter reads, from a vllm-omni request and its
+    FlowGRPO knobs (``num_frames``: a video family's, else None)."""
+
+    def __init__(self, sp: Any, args: FlowGRPOArgs) -> None:
+        self.num_inference_steps = sp.num_inference_steps
+        self.height = sp.height
+        self.width = sp.width
+        self.num_frames = getattr(sp, "num_frames", None)
+        self.guidance_scale = sp.guidance_scale
+        self.noise_level = args.noise_level
+        self.sde_window = args.sde_window
+        self.sde_type = args.sde_type
+
+
 def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:
     """``results`` of ``AsyncOmni.collective_rpc``, or ``RuntimeError`` naming the replica, the call and the error.
 

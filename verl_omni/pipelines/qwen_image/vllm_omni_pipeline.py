@@ -25,6 +25,7 @@ from vllm_omni.platforms import current_omni_platform
 from verl_omni.pipelines.qwen_image.diffusers_adapter import QwenImageDiffusersAdapter
 from verl_omni.pipelines.qwen_image.sampling import decode_latents
 from verl_omni.pipelines.vllm_omni_protocol import (
+    AdapterParams,
     FlowGRPOArgs,
     pack_trajectory,
     prompt_field,
@@ -68,7 +69,7 @@ class QwenImageFlowGRPOPipeline(QwenImagePipeline):
         if sp.guidance_scale > 1.0:
             negatives = adapter.encode([prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
         generators = request_generators(req, rows, self.device)
-        params = _Params(sp, args)
+        params = AdapterParams(sp, args)
         traj = adapter.sample(encodings, negatives, generators, params, args.chunk_size)
         images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
         return [
@@ -88,16 +89,3 @@ class QwenImageFlowGRPOPipeline(QwenImagePipeline):
         was bound to no layer (measured on CPU: log-probs 0.081 off the trainer's, 2.4e-7 without the first block's
         ``to_out.0`` in the trainer's adapter)."""
         return load_tensor_lora(lora_request, dtype, renames={"to_out.0": "to_out"})
-
-
-class _Params:
-    """The resolved sampling parameters the diffusers adapter reads, from a vllm-omni request and its knobs."""
-
-    def __init__(self, sp: Any, args: FlowGRPOArgs) -> None:
-        self.num_inference_steps = sp.num_inference_steps
-        self.height = sp.height
-        self.width = sp.width
-        self.guidance_scale = sp.guidance_scale
-        self.noise_level = args.noise_level
-        self.sde_window = args.sde_window
-        self.sde_type = args.sde_type

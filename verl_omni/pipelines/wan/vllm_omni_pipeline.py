@@ -39,6 +39,7 @@ from vllm_omni.diffusion.models.wan2_2.pipeline_wan2_2 import Wan22Pipeline  # n
 from vllm_omni.platforms import current_omni_platform  # noqa: E402
 
 from verl_omni.pipelines.vllm_omni_protocol import (  # noqa: E402
+    AdapterParams,
     FlowGRPOArgs,
     pack_trajectory,
     prompt_field,
@@ -84,7 +85,7 @@ class WanFlowGRPOPipeline(Wan22Pipeline):
         if sp.guidance_scale > 1.0:
             negatives = adapter.encode([prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
         generators = request_generators(req, rows, self.device)
-        traj = adapter.sample(encodings, negatives, generators, _Params(sp, args), args.chunk_size)
+        traj = adapter.sample(encodings, negatives, generators, AdapterParams(sp, args), args.chunk_size)
         videos = decode_pixels(self.vae, traj.final_latents, args.chunk_size)
         return [
             OmniDiffusionOutput(
@@ -101,17 +102,3 @@ class WanFlowGRPOPipeline(Wan22Pipeline):
         vllm-omni renames it only when it merges an adapter file into the weights, not for the LoRA manager (the
         upstream fix: patches/vllm-omni/0003). Renamed here, or the adapter's ``to_out.0`` is bound to no layer."""
         return load_tensor_lora(lora_request, dtype, renames={"to_out.0": "to_out"})
-
-
-class _Params:
-    """The resolved sampling parameters the diffusers adapter reads, from a vllm-omni request and its knobs."""
-
-    def __init__(self, sp: Any, args: FlowGRPOArgs) -> None:
-        self.num_inference_steps = sp.num_inference_steps
-        self.height = sp.height
-        self.width = sp.width
-        self.num_frames = sp.num_frames
-        self.guidance_scale = sp.guidance_scale
-        self.noise_level = args.noise_level
-        self.sde_window = args.sde_window
-        self.sde_type = args.sde_type
