@@ -124,6 +124,32 @@ class AdapterParams:
         self.sde_type = args.sde_type
 
 
+def sample_true_cfg(
+    adapter: Any,
+    req: Any,
+    rows: Sequence[int],
+    args: FlowGRPOArgs,
+    device: Any,
+    decode: Callable[[torch.Tensor, int | None], torch.Tensor],
+) -> list[dict[str, Any]]:
+    """A true-CFG family's sub-batch through its diffusers ``adapter`` (Qwen-Image, Wan): the prompts (and, with
+    guidance above 1, the negatives) encoded, sampled, decoded by ``decode(latents, chunk_size)``; per row the
+    ``OmniDiffusionOutput`` fields (the media and the packed trajectory)."""
+    sp = req.sampling_params_list[rows[0]]
+    prompts = [req.prompts[i] for i in rows]
+    encodings = adapter.encode([prompt_field(p, "prompt") for p in prompts], args.chunk_size)
+    negatives = None
+    if sp.guidance_scale > 1.0:
+        negatives = adapter.encode([prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
+    generators = request_generators(req, rows, device)
+    traj = adapter.sample(encodings, negatives, generators, AdapterParams(sp, args), args.chunk_size)
+    media = decode(traj.final_latents, args.chunk_size)
+    return [
+        {"output": media[j : j + 1], **pack_trajectory(traj, j, encodings[j], negatives[j] if negatives else None)}
+        for j in range(len(rows))
+    ]
+
+
 def check_rpc_results(results: Any, method: str, server_id: str) -> list[Any]:
     """``results`` of ``AsyncOmni.collective_rpc``, or ``RuntimeError`` naming the replica, the call and the error.
 

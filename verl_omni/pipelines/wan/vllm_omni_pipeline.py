@@ -26,6 +26,7 @@ Imported only inside vllm-omni's worker processes (it imports vllm-omni at modul
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,12 +40,9 @@ from vllm_omni.diffusion.models.wan2_2.pipeline_wan2_2 import Wan22Pipeline  # n
 from vllm_omni.platforms import current_omni_platform  # noqa: E402
 
 from verl_omni.pipelines.vllm_omni_protocol import (  # noqa: E402
-    AdapterParams,
     FlowGRPOArgs,
-    pack_trajectory,
-    prompt_field,
-    request_generators,
     sample_by_group,
+    sample_true_cfg,
 )
 from verl_omni.pipelines.wan.diffusers_adapter import WanDiffusersAdapter  # noqa: E402
 from verl_omni.pipelines.wan.sampling import decode_pixels  # noqa: E402
@@ -79,21 +77,8 @@ class WanFlowGRPOPipeline(Wan22Pipeline):
         adapter = WanDiffusersAdapter(
             self, self._spec, sp.max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH, self.device
         )
-        prompts = [req.prompts[i] for i in rows]
-        encodings = adapter.encode([prompt_field(p, "prompt") for p in prompts], args.chunk_size)
-        negatives = None
-        if sp.guidance_scale > 1.0:
-            negatives = adapter.encode([prompt_field(p, "negative_prompt") for p in prompts], args.chunk_size)
-        generators = request_generators(req, rows, self.device)
-        traj = adapter.sample(encodings, negatives, generators, AdapterParams(sp, args), args.chunk_size)
-        videos = decode_pixels(self.vae, traj.final_latents, args.chunk_size)
-        return [
-            OmniDiffusionOutput(
-                output=videos[j : j + 1],
-                **pack_trajectory(traj, j, encodings[j], negatives[j] if negatives else None),
-            )
-            for j in range(len(rows))
-        ]
+        decode = partial(decode_pixels, self.vae)
+        return [OmniDiffusionOutput(**out) for out in sample_true_cfg(adapter, req, rows, args, self.device, decode)]
 
     def _load_diffusion_lora_adapter(self, lora_request: Any, lora_path: str, dtype: torch.dtype) -> Any:
         """vllm-omni's hook for adapters it cannot read from disk: the server's in-memory LoRA.
