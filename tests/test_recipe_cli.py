@@ -80,7 +80,8 @@ REPO = Path(__file__).resolve().parents[1]
         ),
         (
             "algorithm.mix.schedule=linear",
-            "config error: algorithm.mix.schedule='linear' is not valid; valid choices: constant, decay, exp_decay",
+            "config error: algorithm.mix.schedule='linear' is not valid; valid choices: constant, decay, exp_decay, "
+            "random",
         ),
         (
             "actor_rollout_ref.rollout.diffusion.sde_type=ddim",

@@ -95,6 +95,17 @@ def test_mix_decay_without_roll_back_ends_on_the_last_start_even_when_shift_skip
     assert [schedule.mix_start(step) for step in range(11)] == [0] * 4 + [2] * 3 + [4] * 2 + [5] * 2
 
 
+def test_mix_random_draws_one_start_per_step_from_the_seed_and_the_step():
+    schedule = _mix(schedule="random")  # starts 0 to 5, the authors' randint(0, max_timesteps - size + 1)
+    starts = [schedule.window(step, "g", seed=7)[0] for step in range(300)]
+    assert set(starts) == set(range(6))  # every position of the range, uniformly: each 50 +- 5 sd in 300 draws
+    assert all(20 <= starts.count(s) <= 80 for s in range(6))
+    assert schedule.window(3, "a", seed=7) == schedule.window(3, "b", seed=7)  # one window for the whole step
+    other = [schedule.window(step, "g", seed=8)[0] for step in range(300)]
+    assert other != starts  # another run's seed, another sequence
+    assert [schedule.window(step, "g", seed=7)[0] for step in reversed(range(300))] == starts[::-1]  # resumable
+
+
 def test_mix_window_is_a_function_of_the_step_alone():
     # a resumed run asks for step 37 first: the same window as a run that went through steps 0 to 36
     for schedule in (_mix(schedule="decay"), _mix(schedule="exp_decay", decay_threshold=1), _mix(shift_every=3)):
@@ -154,7 +165,7 @@ def test_window_metrics_give_the_placement_per_sample():
         (
             {"name": "mix_grpo", "mix": {"schedule": "linear"}},
             {},
-            "algorithm.mix.schedule='linear' is not valid; valid choices: constant, decay, exp_decay",
+            "algorithm.mix.schedule='linear' is not valid; valid choices: constant, decay, exp_decay, random",
         ),
         (
             {"name": "mix_grpo", "mix": {"schedule": "decay", "shift_every_max": 2, "shift_every_min": 3}},
@@ -174,6 +185,13 @@ def test_window_metrics_give_the_placement_per_sample():
             {},
             "algorithm.mix.shift_every=5 is not used by algorithm.mix.schedule='decay' (only by 'constant' and "
             "'exp_decay')",
+        ),
+        (
+            {"name": "mix_grpo", "mix": {"schedule": "random", "shift": 2}},
+            {},
+            "algorithm.mix.shift=2 is not used by algorithm.mix.schedule='random' (only by 'constant', 'decay' and "
+            "'exp_decay'); valid choices: set algorithm.mix.schedule to 'constant', 'decay' or 'exp_decay', or leave "
+            "algorithm.mix.shift at its default (1)",
         ),
         (
             {"name": "mix_grpo", "mix": {"schedule": "exp_decay", "decay_rate": 0}},

@@ -9,8 +9,9 @@ on the window's steps only; they differ in where the window is:
   denoising batch on their replica, and a resumed run redraws the same windows.
 - ``mix_grpo`` (MixGRPO, Li et al. 2025): one window for the whole step, starting at ``window_range[0]`` and moving
   ``shift`` steps later after the training steps its ``schedule`` gives for the position it is at (``constant``:
-  ``shift_every``; ``decay``, ``exp_decay``: fewer as it moves; ``roll_back``: start over past the end). The start
-  is a pure function of the training step, so a resumed run takes the same windows.
+  ``shift_every``; ``decay``, ``exp_decay``: fewer as it moves; ``roll_back``: start over past the end), or, with
+  ``schedule=random``, at a start drawn per step from a stable hash of the run's seed and the step. The start is a
+  pure function of the training step (and seed), so a resumed run takes the same windows.
 
 The window travels as the request's ``sde_window`` sampling parameter (the rollout engines already sample and
 record exactly that window), so nothing in the engines or the trainer's recompute differs per algorithm. Every
@@ -76,8 +77,11 @@ class WindowSchedule:
             return math.ceil(self.shift_every * math.exp(-self.decay_rate * past))
         return self.shift_every
 
-    def mix_start(self, step: int) -> int:
-        """MixGRPO: the window's start at training step ``step`` (0-based), from the step alone."""
+    def mix_start(self, step: int, seed: int = 0) -> int:
+        """MixGRPO: the window's start at training step ``step`` (0-based), from the step alone (``random``: and
+        the run's ``seed``)."""
+        if self.schedule == "random":  # every start of the range alike, one draw for the whole step
+            return self.low + stable_int("mix_window", seed, step) % self.positions
         starts = self.starts()
         stays = [self.stay(start) for start in starts]
         if self.roll_back:
@@ -88,12 +92,12 @@ class WindowSchedule:
             step -= stay
         return starts[-1]  # no roll_back: past the end, the window stays at its last start
 
-    def window(self, step: int, group: str) -> tuple[int, int]:
-        """The window of prompt group ``group`` (its uid) at training step ``step``."""
+    def window(self, step: int, group: str, seed: int = 0) -> tuple[int, int]:
+        """The window of prompt group ``group`` (its uid) at training step ``step`` of a run seeded ``seed``."""
         if self.algorithm == "flow_grpo_fast":
             start = self.low + stable_int("sde_window", group) % self.positions
         else:
-            start = self.mix_start(step)
+            start = self.mix_start(step, seed)
         return start, start + self.size
 
 

@@ -229,7 +229,7 @@ class FlowGRPOTrainer:
         tag = f"val{self.version}" if validate else f"step{rows.step}"
         non_tensors = rollout_rows(rows, tag)
         if self.windows is not None and not validate:
-            windows = [self.windows.window(rows.step, uid) for uid in rows.uids]
+            windows = [self.windows.window(rows.step, uid, rows.base_seed) for uid in rows.uids]
             non_tensors[ROW_SAMPLING_PARAMS] = object_column([{"sde_window": list(w)} for w in windows])
         if self.nft and not validate:  # every step deterministic and recorded: the clean sample and the schedule
             whole = {"sde_type": "ode", "sde_window": [0, self.num_inference_steps]}

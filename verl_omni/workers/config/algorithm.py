@@ -24,16 +24,24 @@ ALGORITHMS: tuple[str, ...] = ("flow_grpo", "flow_grpo_fast", "mix_grpo", "grpo_
 _WINDOW_RANGE = "must be [start, end) step indices (two ints) or null"
 # algorithm -> its options subsection
 OPTION_SECTIONS: dict[str, str] = {"flow_grpo_fast": "fast", "mix_grpo": "mix", "diffusion_nft": "nft"}
-# MixGRPO's window schedules (its code's sample_strategy "progressive", "decay", "exp_decay"), and the schedules
-# each schedule-specific option is used by: changed from its default under another schedule, it is refused
-MIX_SCHEDULES: tuple[str, ...] = ("constant", "decay", "exp_decay")
+# MixGRPO's window schedules (its code's sample_strategy "progressive", "decay", "exp_decay", "random"), and the
+# schedules each schedule-specific option is used by: changed from its default under another schedule, it is refused
+MIX_SCHEDULES: tuple[str, ...] = ("constant", "decay", "exp_decay", "random")
 MIX_SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "shift": ("constant", "decay", "exp_decay"),
+    "roll_back": ("constant", "decay", "exp_decay"),
     "shift_every": ("constant", "exp_decay"),
     "shift_every_max": ("decay",),
     "shift_every_min": ("decay",),
     "decay_threshold": ("exp_decay",),
     "decay_rate": ("exp_decay",),
 }
+
+
+def _listed(names: tuple[str, ...], conjunction: str) -> str:
+    """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``: the schedules an option is used by, for an error."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} {conjunction} {quoted[-1]}"
 
 
 @section(f"{ALGORITHM_PREFIX}.fast")
@@ -64,7 +72,9 @@ class MixOptions(Section):
         ``constant``: ``shift_every``;
         ``decay``: ``max(min, floor(max (1 - p) + min p))``, ``p = (s - s0) / (s1 - s0)``, with ``max`` and ``min``
         ``shift_every_max`` and ``shift_every_min`` (the authors' linear ``decay``);
-        ``exp_decay``: ``ceil(shift_every exp(-decay_rate max(0, s - decay_threshold)))``.
+        ``exp_decay``: ``ceil(shift_every exp(-decay_rate max(0, s - decay_threshold)))``;
+        ``random``: no sliding: each training step draws its start uniformly from the range (the authors'
+        ``random``), from a hash of the run's seed and the step.
     """
 
     window_size: int = option(4, ge=1, note="SDE steps per trajectory")
@@ -85,8 +95,8 @@ class MixOptions(Section):
             if self.schedule not in users and value != default:
                 raise ConfigError(
                     f"{key}={value!r} is not used by {prefix}.schedule={self.schedule!r} (only by "
-                    f"{' and '.join(repr(u) for u in users)}); valid choices: set {prefix}.schedule to "
-                    f"{' or '.join(repr(u) for u in users)}, or leave {prefix}.{key} at its default ({default!r})"
+                    f"{_listed(users, 'and')}); valid choices: set {prefix}.schedule to {_listed(users, 'or')}, or "
+                    f"leave {prefix}.{key} at its default ({default!r})"
                 )
         if self.shift_every_min > self.shift_every_max:
             raise ConfigError(
