@@ -15,6 +15,9 @@ SMALL_RUN = [
     "trainer.logger=[console,file]",
     "actor_rollout_ref.rollout.agent.num_workers=1",
 ]
+# One rollout replica (the tiny default has two): for runs whose subject is not routing over replicas; each replica
+# is a process that imports torch and diffusers and loads the model (about 10 CPU-s of a run's start-up).
+ONE_REPLICA = ["actor_rollout_ref.rollout.n_gpus_per_node=1"]
 # Two agent-loop workers: the batch split over workers, end to end.
 TWO_AGENT_WORKERS = ["actor_rollout_ref.rollout.agent.num_workers=2"]
 # No validation rollouts (before training or during it).

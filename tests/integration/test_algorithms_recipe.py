@@ -1,7 +1,8 @@
 """Each algorithm of ``algorithm.name`` through the recipe's real entry point, 2 steps on CPU: the same trainer,
 rollout and routing, on policy at the first inner step (batch-invariant: ``actor/ratio_max_abs_dev`` exactly 0;
 DiffusionNFT: its old policy equals the trained one, ``actor/nft_old_dev_max_first`` exactly 0, until it lags),
-training on the steps its windows say. One run per algorithm (a run is about a minute, mostly start-up)."""
+training on the steps its windows say. One run per algorithm, on one rollout replica (a run is about 40 s, mostly
+start-up)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from recipe_runs import NO_VALIDATION, SMALL_RUN
+from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,7 @@ def _run(run_dir: Path, env: dict[str, str], *overrides: str, ratios: bool = Tru
         f"trainer.default_local_dir={run_dir}",
         *SMALL_RUN,
         *NO_VALIDATION,
+        *ONE_REPLICA,
         "trainer.total_training_steps=2",
         "trainer.save_freq=-1",
         *overrides,

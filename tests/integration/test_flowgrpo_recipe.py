@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from process_tree import actor_pids
-from recipe_runs import NO_VALIDATION, SMALL_RUN, TWO_AGENT_WORKERS
+from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN, TWO_AGENT_WORKERS
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -246,6 +246,7 @@ def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, en
         "trainer.save_freq=-1",
         "trainer.sample_freq=-1",
         *NO_VALIDATION,
+        *ONE_REPLICA,  # the same samples as plain_run's two (batch-invariant mode: routing never changes a sample)
     )
     proc = _run_until_a_step(run_dir, env, *overrides)
     try:
@@ -269,7 +270,7 @@ def test_sigterm_checkpoints_exits_0_and_the_rerun_resumes_exactly(plain_run, en
 
 def test_ctrl_c_twice_stops_at_once_and_leaves_last_checkpoint_intact(env, tmp_path):
     run_dir = tmp_path / "interrupted"
-    proc = _run_until_a_step(run_dir, env, "trainer.total_training_steps=200", "trainer.save_freq=1")
+    proc = _run_until_a_step(run_dir, env, "trainer.total_training_steps=200", "trainer.save_freq=1", *ONE_REPLICA)
     try:
         deadline = time.monotonic() + 120  # the step's metrics are logged before its checkpoint is written
         while find_latest_checkpoint(run_dir / "checkpoints") is None and time.monotonic() < deadline:

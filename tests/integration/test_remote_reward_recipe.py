@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from recipe_runs import NO_VALIDATION, SMALL_RUN
+from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 # 2 prompts x 4 samples (8 images, two groups) per step, 4 denoising steps at 32 x 32, no validation
-FAST = [*SMALL_RUN, *NO_VALIDATION, "trainer.save_freq=1"]
+FAST = [*SMALL_RUN, *NO_VALIDATION, *ONE_REPLICA, "trainer.save_freq=1"]
 
 
 def _serve(reward: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from recipe_runs import NO_VALIDATION, SMALL_RUN
+from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ def test_one_step_off_trains_each_step_on_the_previous_versions_samples(tmp_path
         f"trainer.default_local_dir={run_dir}",
         *SMALL_RUN,
         *NO_VALIDATION,
+        *ONE_REPLICA,
         "trainer.total_training_steps=3",
         "trainer.save_freq=-1",
         "trainer.rollout_mode=one_step_off",
