@@ -7,7 +7,7 @@ asserted because batch-invariant mode fixes every call's shape on both sides. A 
 trains in bf16 with the old log-probs recomputed by the actor: on-policy by construction, the gap logged.
 
 The first run is also the recipe's LoRA path end to end: the adapter with KL to the adapter-disabled base and CFG,
-synced to the replicas and checkpointed alone.
+synced to the replica and checkpointed alone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipe_runs import ONE_REPLICA
 from recipe_runs import SD35_ON_CPU as SD35_CPU_BASE
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -28,9 +29,10 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 # The issue's CPU stand-in for the GPU recipe: only placement, size and batch shrink (one agent-loop worker, not
-# the config's four: each is a process importing verl).
+# the config's four, and one rollout replica: each is a process importing verl or diffusers).
 SD35_ON_CPU = [
     *SD35_CPU_BASE,
+    *ONE_REPLICA,
     "actor_rollout_ref.rollout.agent.num_workers=1",
     "data.train_batch_size=2",
     "actor_rollout_ref.rollout.n=4",
@@ -74,7 +76,7 @@ def test_bf16_rollout_and_bf16_training_agree_at_the_sd35_settings(tiny_model_pa
         assert data["actor/log_ratio_abs_mean"] == 0.0
     # neither the start-up precision warning nor the off-policy first-step warning
     assert "recompute_old_log_prob" not in output and "the first inner step clipped" not in output
-    assert rows[1]["rollout/model_version"] == 1.0  # the replicas served step 2 with the updated adapter
+    assert rows[1]["rollout/model_version"] == 1.0  # the replica served step 2 with the updated adapter
     assert rows[1]["actor/kl"] > 0.0  # the adapter moved the policy away from the base
     step, path = find_latest_checkpoint(run_dir / "checkpoints")
     trainable = load_checkpoint(path, weights_only=False)["actor"]["trainable"]
