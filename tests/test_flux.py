@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_omni.pipelines.flux.conditioning import pack_latents, unpack_latents
+from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob, standard_normal
+from verl_omni.pipelines.flux.conditioning import pack_latents, predict_velocity, unpack_latents
 from verl_omni.pipelines.flux.sampling import compute_log_prob, sample_flow_match_sde, scheduler_sigmas
 from verl_omni.pipelines.registry import adapter_path, load_adapter, load_trainer_binding
 from verl_omni.utils.batch_invariant import map_chunks
@@ -91,12 +92,33 @@ def test_ode_sampling_matches_the_stock_flux_pipeline(pipe):
 
 
 def test_recorded_log_probs_recompute_exactly_from_stored_latents(pipe):
+    """A sampled trajectory replayed step by step against the shared SDE math, with the embedded guidance."""
     cond = _cond(pipe, PROMPTS)
     sigmas = scheduler_sigmas(pipe.scheduler, 4, 64, 64, 8)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     traj = sample_flow_match_sde(pipe.transformer, sigmas, cond, gens, LATENT, guidance_scale=3.5, chunk_size=2)
     assert traj.latents.shape == (3, 5, *LATENT) and traj.log_probs.shape == (3, 4)
     assert torch.equal(traj.sigmas, sigmas)
+
+    # Replay: each sample's own initial noise and per-step noise, FLUX's velocity in the sampler's chunks of 2 rows,
+    # and the SDE step from the shared module: every recorded transition and its log-prob, bit for bit.
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    x = standard_normal((3, *LATENT), gens, "cpu")
+    assert torch.equal(x, traj.latents[:, 0])
+    for t in range(4):
+
+        def velocity(xs, embeds, pooled, sigma=sigmas[t]):
+            c = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            return predict_velocity(pipe.transformer, xs, sigma, c, 3.5)
+
+        with torch.no_grad():
+            v = map_chunks(velocity, [x, *cond.values()], 2)
+        noise = standard_normal(x.shape, gens, "cpu")
+        step = sde_step_with_logprob(v, x, sigmas[t], sigmas[t + 1], 0.7, noise=noise)
+        assert torch.equal(step.prev_sample, traj.latents[:, t + 1])
+        assert torch.equal(step.log_prob, traj.log_probs[:, t])
+        x = step.prev_sample
+    assert torch.equal(x, traj.final_latents)
 
     # Step by step, in the sampler's chunks of 2 rows: the trainer's recompute is bit-identical (ratio exactly 1).
     def recompute(x, nxt, sig, sig_next, embeds, pooled):
