@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 pytestmark = pytest.mark.integration
@@ -22,10 +21,7 @@ def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank, tiny_model,
     """Full fine-tuning and LoRA (the default targets to_q/to_k/to_v/to_out.0 exist in FLUX's blocks)."""
     model = tiny_model("flux")
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         f"actor_rollout_ref.model.path={model}",
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
@@ -36,7 +32,7 @@ def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank, tiny_model,
         *([] if lora_rank else ONE_REPLICA),
     ]
     env = {**os.environ, **recipe_ray}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = warm_recipe.run(args, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["data"] for r in rows if "actor/ratio_max_abs_dev" in r["data"]]
@@ -46,6 +42,7 @@ def test_two_steps_on_tiny_flux_train_on_policy(tmp_path, lora_rank, tiny_model,
         assert row["actor/ratio_max_abs_dev"] == 0.0
         assert row["rollout_routing/colocation"] == 1.0
         assert row["rollout_routing/replicas_used"] == (2.0 if lora_rank else 1.0)
+        assert row["rollout_routing/prompt_cache_hit_rate"] > 0  # a group's copies share one encoding
         assert row["actor/grad_norm"] > 0
     # the second step sampled with the updated weights (synced to every replica) and still trains on policy
     assert steps[1]["rollout/model_version"] == 1.0
