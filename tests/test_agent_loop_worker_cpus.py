@@ -9,11 +9,10 @@ agent-loop workers (0.01 CPU each) are placed before the training rank, and its 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from hydra.core.global_hydra import GlobalHydra
 from pipeline_dirs import write_json_pipeline
 from recipe_runs import SD35_ON_CPU
@@ -62,19 +61,13 @@ def test_a_node_the_replicas_and_training_fill_exactly_is_refused(model_env, tmp
 
 
 def test_cli_refuses_it_with_one_config_error_line(model_env, tmp_path):
-    proc = subprocess.run(
+    proc = warm_recipe.run(
         [
-            sys.executable,
-            "-m",
-            "recipes.flowgrpo.main",
             *ON_CPU,
             "ray_kwargs.ray_init.num_cpus=2",  # what null gives on a 2-core machine
             f"trainer.default_local_dir={tmp_path / 'run'}",
         ],
-        cwd=REPO,
         env={**os.environ, "MODEL_PATH": str(model_env)},
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

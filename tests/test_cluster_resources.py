@@ -7,12 +7,11 @@ Ray would otherwise leave the actor or placement group pending forever. In-proce
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from hydra.core.global_hydra import GlobalHydra
 
 from recipes.flowgrpo import config_compose
@@ -227,13 +226,7 @@ def test_local_cluster_is_one_node_with_ray_init_resources() -> None:
 def test_cli_refuses_nnodes_larger_than_the_local_ray_in_seconds(tmp_path: Path) -> None:
     """The recipe's entry point: one `config error:` line, exit 2, before a Ray instance or a model starts."""
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "recipes.flowgrpo.main", "trainer.nnodes=2", f"trainer.default_local_dir={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = warm_recipe.run(["trainer.nnodes=2", f"trainer.default_local_dir={tmp_path}"], timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,14 +130,8 @@ def test_qwen_image_config_samples_a_two_step_sde_window_with_true_cfg(
 def refused(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> str:
     """Run the recipe, expect exit 2 with one ``config error:`` line before Ray and nothing written; the line."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "recipes.flowgrpo.main", *args, f"trainer.default_local_dir={run_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
+    env = {**os.environ, **(env or {})}
+    proc = warm_recipe.run([*args, f"trainer.default_local_dir={run_dir}"], env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
     assert len(errors) == 1, proc.stderr[-2000:]

@@ -3,13 +3,12 @@ reading words this test draws with Pillow."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import warm_recipe
 from PIL import Image, ImageDraw, ImageFont
 
 from verl_omni.rewards import get_reward_fn, registered_rewards
@@ -146,20 +145,8 @@ def test_cuda_without_onnxruntime_gpu_is_refused() -> None:
 def test_recipe_refuses_a_prompt_file_without_marked_text(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a sign that says "OPEN"\na sign with nothing marked\n')
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.flowgrpo.main",
-            "reward.name=ocr",
-            f"data.train_files={prompts}",
-            f"trainer.default_local_dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["reward.name=ocr", f"data.train_files={prompts}", f"trainer.default_local_dir={tmp_path / 'run'}"]
+    proc = warm_recipe.run(args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1, proc.stderr[-2000:]

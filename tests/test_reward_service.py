@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import warm_recipe
 
 from verl_omni.rewards import get_reward_fn
 from verl_omni.rewards.remote import RemoteReward, RemoteRewardError
@@ -298,20 +299,8 @@ def test_bad_remote_options_name_the_option(options: dict, message: str) -> None
 
 def test_recipe_refuses_an_unreachable_service_before_ray(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.flowgrpo.main",
-            "reward.name=remote",
-            f"+reward.kwargs.url={url}",
-            f"trainer.default_local_dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["reward.name=remote", f"+reward.kwargs.url={url}", f"trainer.default_local_dir={tmp_path / 'run'}"]
+    proc = warm_recipe.run(args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1 and f"reward.kwargs.url='{url}': no reward service answers there" in lines[0], proc.stderr

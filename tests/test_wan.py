@@ -383,16 +383,12 @@ def test_the_wan_run_script_passes_the_checkpoint_backend_and_prompts_to_hydra(w
 )
 def test_a_frame_count_the_model_cannot_take_is_one_config_error_before_ray(tmp_path, verl_omni_cache, args, line):
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    import warm_recipe
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "recipes.flowgrpo.main", *args, f"trainer.default_local_dir={run_dir}"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
+    proc = warm_recipe.run(
+        [*args, f"trainer.default_local_dir={run_dir}"],
         timeout=300,
         env={**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache)},  # the tiny model is built (or found) before Ray
     )

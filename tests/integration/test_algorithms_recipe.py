@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 pytestmark = pytest.mark.integration
@@ -29,10 +28,7 @@ def run_env(verl_omni_cache, recipe_ray) -> dict[str, str]:
 def _run(run_dir: Path, env: dict[str, str], *overrides: str, ratios: bool = True) -> list[dict]:
     """2 steps of the small run with ``overrides``; the per-step metrics. ``ratios``: check the on-policy ratio (an
     algorithm without log-probs has none)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         f"trainer.default_local_dir={run_dir}",
         *SMALL_RUN,
         *NO_VALIDATION,
@@ -41,7 +37,7 @@ def _run(run_dir: Path, env: dict[str, str], *overrides: str, ratios: bool = Tru
         "trainer.save_freq=-1",
         *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    proc = warm_recipe.run(args, env=env, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r.get("data", r) for r in rows if "reward/mean" in r.get("data", r)]

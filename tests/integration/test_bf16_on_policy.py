@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import ONE_REPLICA
 from recipe_runs import SD35_ON_CPU as SD35_CPU_BASE
 
@@ -50,15 +49,12 @@ def _run(model_path: str, run_dir: Path, ray: dict[str, str], *overrides: str) -
     """Train with the SD3.5 config on the tiny model, joining the session's Ray (``ray``: ``recipe_ray``); the
     training steps' metrics and the run's stderr."""
     env = {**os.environ, "MODEL_PATH": model_path, "PYTHONUNBUFFERED": "1", **ray}
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         *SD35_ON_CPU,
         f"trainer.default_local_dir={run_dir}",
         *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = warm_recipe.run(args, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line)["data"] for line in lines if line.strip()]

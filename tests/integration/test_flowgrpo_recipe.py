@@ -1,7 +1,8 @@
 """The FlowGRPO recipe through its real entry point (`python -m recipes.flowgrpo.main`), on CPU.
 
-Each run is a subprocess, exactly as a user runs it, joining the session's Ray cluster (``recipe_ray``) as a user joins
-a running cluster.
+Each run is a process of its own, joining the session's Ray cluster (``recipe_ray``) as a user joins a running
+cluster: forked from a server that has imported the driver's modules (tests/warm_recipe.py), except
+``two_step_run``, a fresh interpreter exactly as a user types the command.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from process_tree import actor_pids
 from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN, TWO_AGENT_WORKERS
 
@@ -38,9 +40,16 @@ PLAIN_STEPS = 5
 KILL_STEPS = sorted(random.Random(29).sample(range(1, PLAIN_STEPS - 1), 2))
 
 
-def _main(run_dir: Path, env: dict[str, str], *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _main(
+    run_dir: Path, env: dict[str, str], *overrides: str, timeout: int = 420, cold: bool = False
+) -> subprocess.CompletedProcess:
+    """A run to its end. ``cold``: a fresh interpreter (``python -m``) instead of a warm fork (tests/warm_recipe.py)."""
+    args = [f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
+    if cold:
+        cmd = [sys.executable, "-m", warm_recipe.RECIPE_MODULE, *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = warm_recipe.run(args, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -64,9 +73,11 @@ def env(cache, recipe_ray) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, env) -> Path:
     """2 steps with a checkpoint after each, the default validation (before training and after the last step) and
-    two agent-loop workers (the batch split over them); the tiny model comes from the cache (model.path=null)."""
+    two agent-loop workers (the batch split over them); the tiny model comes from the cache (model.path=null). A
+    fresh interpreter, as a user types the command: the suite's one cold start of the recipe's driver, so an import
+    that only fails in a fresh process (import order, a module the warm server happened to load) fails here."""
     run_dir = tmp_path_factory.mktemp("run")
-    _main(run_dir, env, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS)
+    _main(run_dir, env, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS, cold=True)
     return run_dir
 
 
@@ -222,10 +233,10 @@ def test_resume_continues_like_an_uninterrupted_run(two_step_run, plain_run, env
     assert resumed[0]["data"]["val/reward/mean"] == first_run[2]["data"]["val/reward/mean"]
 
 
-def _run_until_a_step(run_dir: Path, env: dict[str, str], *overrides: str) -> subprocess.Popen:
-    """The recipe as a subprocess, returned once it has logged its first training step."""
-    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run_until_a_step(run_dir: Path, env: dict[str, str], *overrides: str) -> warm_recipe.WarmRecipe:
+    """The recipe as a process of its own, returned once it has logged its first training step."""
+    args = [f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
+    proc = warm_recipe.start(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.is_file() and '"reward/mean"' in metrics.read_text()):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -32,6 +30,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import ray
+import warm_recipe
 from hydra.core.global_hydra import GlobalHydra
 from ray.cluster_utils import Cluster
 
@@ -170,19 +169,13 @@ def test_request_the_cluster_cannot_hold_fails_in_seconds(nodes, tmp_path, tiny_
 def test_cli_joining_the_cluster_refuses_too_many_nodes_with_one_line(nodes, tmp_path):
     """`RAY_ADDRESS=<cluster> python -m recipes.flowgrpo.main ...`: exit 2 and one `config error:` line."""
     start = time.monotonic()
-    proc = subprocess.run(
+    proc = warm_recipe.run(
         [
-            sys.executable,
-            "-m",
-            "recipes.flowgrpo.main",
             "actor_rollout_ref.rollout.nnodes=5",
             "ray_kwargs.ray_init.num_cpus=null",
             f"trainer.default_local_dir={tmp_path}",
         ],
-        cwd=REPO,
         env={**os.environ, "RAY_ADDRESS": nodes.cluster.address},
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import NO_VALIDATION, SMALL_RUN
 
 pytestmark = pytest.mark.integration
@@ -22,10 +21,7 @@ def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path, tiny_model, reci
     trains. Full fine-tuning needs nothing of the family beyond what the unit tests check (the exact recompute and a
     full weight push to a server); the recipe runs it end to end on SD3 and FLUX: one recipe run per family here."""
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         "model=qwen_image_tiny",
         f"trainer.default_local_dir={run_dir}",
         "trainer.total_training_steps=2",
@@ -35,7 +31,7 @@ def test_two_steps_on_tiny_qwen_image_train_on_policy(tmp_path, tiny_model, reci
     ]
     model = tiny_model("qwen_image")  # where the recipe looks for it (the session's VERL_OMNI_CACHE)
     env = {**os.environ, "VERL_OMNI_CACHE": str(Path(model).parents[1]), **recipe_ray}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = warm_recipe.run(args, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     config = (run_dir / "config.yaml").read_text()
     assert f"path: {model}" in config  # model=qwen_image_tiny names the tiny model in the cache

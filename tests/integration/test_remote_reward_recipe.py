@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 from verl_omni.utils.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -40,10 +41,7 @@ def _serve(reward: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, s
 
 
 def _train(run_dir: Path, cache: Path, ray: dict[str, str], url: str, steps: int) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         f"trainer.default_local_dir={run_dir}",
         *FAST,
         f"trainer.total_training_steps={steps}",
@@ -53,7 +51,7 @@ def _train(run_dir: Path, cache: Path, ray: dict[str, str], url: str, steps: int
         "+reward.kwargs.backoff_s=0.1",
     ]
     env = {**os.environ, "VERL_OMNI_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **ray}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return warm_recipe.run(args, env=env, timeout=600)
 
 
 def test_a_service_breaking_mid_run_stops_it_and_keeps_every_checkpoint(verl_omni_cache, recipe_ray, tmp_path):

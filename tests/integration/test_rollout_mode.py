@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import NO_VALIDATION, ONE_REPLICA, SMALL_RUN
 
 pytestmark = pytest.mark.integration
@@ -20,10 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_one_step_off_trains_each_step_on_the_previous_versions_samples(tmp_path, verl_omni_cache, recipe_ray):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         f"trainer.default_local_dir={run_dir}",
         *SMALL_RUN,
         *NO_VALIDATION,
@@ -33,7 +29,7 @@ def test_one_step_off_trains_each_step_on_the_previous_versions_samples(tmp_path
         "trainer.rollout_mode=one_step_off",
     ]
     env = {**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache), **recipe_ray}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    proc = warm_recipe.run(args, env=env, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r.get("data", r) for r in rows if "reward/mean" in r.get("data", r)]

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from PIL import Image
 from recipe_runs import NO_VALIDATION, SMALL_RUN
 
@@ -24,10 +23,7 @@ def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, verl_omni_cac
     and a full weight push to a server); the recipe runs it end to end on SD3 and FLUX: one recipe run per family
     here."""
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         "model=wan_tiny",
         "server_routing.policy=prompt_uid_affinity",  # the recipe's default, named: the group co-locates
         f"trainer.default_local_dir={run_dir}",
@@ -39,7 +35,7 @@ def test_two_steps_on_tiny_wan_train_on_policy_on_videos(tmp_path, verl_omni_cac
     ]
     # the tiny Wan is built on first use (about 12 s, before Ray) into the session's cache, or found there
     env = {**os.environ, "VERL_OMNI_CACHE": str(verl_omni_cache), **recipe_ray}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = warm_recipe.run(args, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["data"] for r in rows if "actor/ratio_max_abs_dev" in r["data"]]
