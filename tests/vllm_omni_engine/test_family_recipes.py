@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_recipe
 from recipe_runs import NO_VALIDATION, SMALL_RUN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,10 +26,7 @@ def test_tiny_family_trains_lora_through_a_vllm_omni_replica(tmp_path, model, ti
     tiny_model(model.removesuffix("_tiny"))  # built once per session (the engine tests serve the same model)
     run_dir = tmp_path / "run"
     env = {**os.environ, **recipe_ray, "VERL_OMNI_CACHE": str(verl_omni_cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "recipes.flowgrpo.main",
+    args = [
         f"model={model}",
         "actor_rollout_ref.rollout.name=vllm_omni",
         "actor_rollout_ref.rollout.n_gpus_per_node=1",  # one replica
@@ -41,7 +37,7 @@ def test_tiny_family_trains_lora_through_a_vllm_omni_replica(tmp_path, model, ti
         *SMALL_RUN,
         *NO_VALIDATION,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    proc = warm_recipe.run(args, env=env, timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     steps = [json.loads(line)["data"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     assert len(steps) == STEPS

@@ -11,11 +11,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+import warm_recipe
 from process_tree import actor_pids, descends_from
 from recipe_runs import NO_VALIDATION, SMALL_RUN
 
@@ -57,9 +57,8 @@ def _alive(pid: int) -> bool:
 def test_vllm_omni_replicas_train_lora_and_survive_a_killed_replica(tmp_path, tiny_sd3, verl_omni_cache, recipe_ray):
     run_dir = tmp_path / "run"
     env = {**os.environ, **recipe_ray, "VERL_OMNI_CACHE": str(verl_omni_cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"actor_rollout_ref.model.path={tiny_sd3}"]
-    cmd += [f"trainer.default_local_dir={run_dir}", *OVERRIDES]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [f"actor_rollout_ref.model.path={tiny_sd3}", f"trainer.default_local_dir={run_dir}", *OVERRIDES]
+    proc = warm_recipe.start(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
