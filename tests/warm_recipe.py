@@ -27,12 +27,15 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_MODULE = "recipes.flowgrpo.main"
-# Variables the recipe and Ray read when a run starts, not when a module is imported: a run may set them.
+# Variables the recipe and Ray read when a run starts, not when a module is imported: a run may set them. The
+# last four are what a ``ray.init`` in the test process (``ray_local``) adds to its environment, which the runs
+# started after it inherit.
 RUN_TIME_VARIABLES = frozenset(
     {
         "RAY_ADDRESS",
@@ -42,6 +45,10 @@ RUN_TIME_VARIABLES = frozenset(
         "MODEL_PATH",
         "PICKSCORE_PATH",
         "PYTHONUNBUFFERED",
+        "PYTHONBREAKPOINT",
+        "RAY_CLIENT_MODE",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV",
+        "PYTEST_CURRENT_TEST",  # pytest's, set anew for every test
     }
 )
 _MAX_MESSAGE = 1 << 20
@@ -181,6 +188,7 @@ class _Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, self.path],
             cwd=REPO,
+            env=dict(os.environ),  # not the C environment, where a library of this process may have set more
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
@@ -203,10 +211,9 @@ class _Server:
             os.unlink(os.path.join(self._dir, name))
         os.rmdir(self._dir)
 
-    def takes(self, env: dict[str, str]) -> bool:
-        """Whether a run with ``env`` sees, in a forked child, what it would see in a fresh interpreter."""
-        differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-        return self.proc.poll() is None and differ <= RUN_TIME_VARIABLES
+    def import_time_differences(self, env: dict[str, str]) -> set[str]:
+        """The variables a run with ``env`` would see differently in a forked child than in a fresh interpreter."""
+        return {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)} - RUN_TIME_VARIABLES
 
 
 _server: _Server | None = None
@@ -229,25 +236,28 @@ def start(
     start_new_session: bool = False,
 ) -> Any:
     """``subprocess.Popen([sys.executable, "-m", "recipes.flowgrpo.main", *args], ...)``, forked warm where the
-    environment allows (see the module's docstring). ``stdout``/``stderr``: None (inherit), ``subprocess.PIPE``
-    (stdout only), ``subprocess.STDOUT`` (stderr only) or a file descriptor."""
+    environment allows (see the module's docstring). ``stdout``/``stderr``: None (inherit), ``subprocess.DEVNULL``,
+    ``subprocess.PIPE`` (stdout only), ``subprocess.STDOUT`` (stderr only) or a file descriptor."""
     env = dict(os.environ if env is None else env)
     cmd = [sys.executable, "-m", RECIPE_MODULE, *args]
-    cold = os.environ.get("VERL_OMNI_TEST_COLD_RECIPE") == "1"
-    if cold or not _the_server().takes(env):
-        kwargs = {"stdout": stdout, "stderr": stderr, "start_new_session": start_new_session}
+    kwargs = {"stdout": stdout, "stderr": stderr, "start_new_session": start_new_session}
+    if os.environ.get("VERL_OMNI_TEST_COLD_RECIPE") == "1":
         return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **kwargs)
     server = _the_server()
+    differ = server.import_time_differences(env)
+    if differ:  # said, so that a suite silently gone cold shows in pytest's warnings summary
+        warnings.warn(f"recipe run started cold: {sorted(differ)} differ from the warm driver's", stacklevel=2)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **kwargs)
     opened: list[int] = []
     pipe = None
     if stdout == subprocess.PIPE:
         read_end, write_end = os.pipe()
         pipe, stdout = os.fdopen(read_end, "r", errors="replace"), write_end
         opened.append(write_end)
-    out_fd = 1 if stdout is None else stdout
-    err_fd = 2 if stderr is None else out_fd if stderr == subprocess.STDOUT else stderr
-    null = os.open(os.devnull, os.O_RDONLY)
+    null = os.open(os.devnull, os.O_RDWR)
     opened.append(null)
+    out_fd = {None: 1, subprocess.DEVNULL: null}.get(stdout, stdout)
+    err_fd = {None: 2, subprocess.DEVNULL: null, subprocess.STDOUT: out_fd}.get(stderr, stderr)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(server.path)
@@ -287,4 +297,5 @@ def _serve_main(path: str) -> None:
         return
     import runpy
 
+    sys.modules.pop(RECIPE_MODULE)  # loaded by the preload; `-m` runs it as __main__ only, so does this
     runpy.run_module(RECIPE_MODULE, run_name="__main__", alter_sys=True)
