@@ -34,6 +34,11 @@ collect_ignore = [] if _installed("vllm-omni") else ["vllm_omni_engine"]
 # Keep Ray light on a 2-core machine: no dashboard, no usage stats, quiet logs.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Token auth off for every Ray the tests start or join (all local, for one session; recipe_ray's too): one mode for
+# all of them, as Ray reads it once per process, when its core library loads. Otherwise the first ray.init here
+# turns token auth on for this process's environment, and the runs it starts (and the warm driver, tests/
+# warm_recipe.py) would see another mode than the cluster they join.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 _RAY_LOCAL_INIT = {

@@ -33,13 +33,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_MODULE = "recipes.flowgrpo.main"
-# Variables the recipe and Ray read when a run starts, not when a module is imported: a run may set them. The
-# last four are what a ``ray.init`` in the test process (``ray_local``) adds to its environment, which the runs
-# started after it inherit.
+# Variables the recipe and Ray read when a run starts, not when a module is imported: a run may set them. Among
+# them what a ``ray.init`` or an in-process trainer in the test process adds to its environment, which the runs
+# started after it inherit. Not RAY_AUTH_MODE: Ray's core library reads it when loaded (tests/conftest.py fixes it).
 RUN_TIME_VARIABLES = frozenset(
     {
         "RAY_ADDRESS",
-        "RAY_AUTH_MODE",
         "RAY_USAGE_STATS_ENABLED",
         "VERL_OMNI_CACHE",
         "MODEL_PATH",
@@ -49,6 +48,11 @@ RUN_TIME_VARIABLES = frozenset(
         "RAY_CLIENT_MODE",
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV",
         "PYTEST_CURRENT_TEST",  # pytest's, set anew for every test
+        "TENSORBOARD_DIR",
+        "VERL_FILE_LOGGER_PATH",
+        # tensordict reads it at import, but only its set_lazy_legacy context writes it (leaving "False", the
+        # default, behind in the test process); the runs never set it
+        "LAZY_LEGACY_OP",
     }
 )
 _MAX_MESSAGE = 1 << 20
@@ -74,7 +78,9 @@ def _serve(path: str) -> dict[str, Any] | None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server.bind(path)
     server.listen(16)
-    print(json.dumps({"ready": True, "env": before}), flush=True)
+    # what a child starts from; a variable an import set (LAZY_LEGACY_OP: tensordict) that the test process's own
+    # imports set too then matches
+    print(json.dumps({"ready": True, "env": dict(os.environ)}), flush=True)
     children: dict[int, socket.socket] = {}
     while os.getppid() == parent:
         readable, _, _ = select.select([server], [], [], 0.05)
