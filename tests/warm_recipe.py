@@ -53,6 +53,7 @@ RUN_TIME_VARIABLES = frozenset(
         # tensordict reads it at import, but only its set_lazy_legacy context writes it (leaving "False", the
         # default, behind in the test process); the runs never set it
         "LAZY_LEGACY_OP",
+        "TORCHINDUCTOR_CACHE_DIR",  # a cache directory torch sets in the test process; read when compiling
     }
 )
 _MAX_MESSAGE = 1 << 20
@@ -240,6 +241,7 @@ def start(
     stdout: int | None = None,
     stderr: int | None = None,
     start_new_session: bool = False,
+    cold: bool = False,
 ) -> Any:
     """``subprocess.Popen([sys.executable, "-m", "recipes.flowgrpo.main", *args], ...)``, forked warm where the
     environment allows (see the module's docstring). ``stdout``/``stderr``: None (inherit), ``subprocess.DEVNULL``,
@@ -247,7 +249,7 @@ def start(
     env = dict(os.environ if env is None else env)
     cmd = [sys.executable, "-m", RECIPE_MODULE, *args]
     kwargs = {"stdout": stdout, "stderr": stderr, "start_new_session": start_new_session}
-    if os.environ.get("VERL_OMNI_TEST_COLD_RECIPE") == "1":
+    if cold or os.environ.get("VERL_OMNI_TEST_COLD_RECIPE") == "1":
         return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **kwargs)
     server = _the_server()
     differ = server.import_time_differences(env)
@@ -277,12 +279,17 @@ def start(
 
 
 def run(
-    args: list[str], *, env: dict[str, str] | None = None, cwd: Path | str = REPO, timeout: float | None = None
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | str = REPO,
+    timeout: float | None = None,
+    cold: bool = False,
 ) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, "-m", "recipes.flowgrpo.main", *args], capture_output=True, text=True,
     ...)``: on a timeout the run is killed and ``subprocess.TimeoutExpired`` raised, as ``subprocess.run`` does."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = start(args, env=env, cwd=cwd, stdout=out.fileno(), stderr=err.fileno())
+        proc = start(args, env=env, cwd=cwd, stdout=out.fileno(), stderr=err.fileno(), cold=cold)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

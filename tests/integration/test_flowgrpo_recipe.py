@@ -45,11 +45,7 @@ def _main(
 ) -> subprocess.CompletedProcess:
     """A run to its end. ``cold``: a fresh interpreter (``python -m``) instead of a warm fork (tests/warm_recipe.py)."""
     args = [f"trainer.default_local_dir={run_dir}", *FAST, *overrides]
-    if cold:
-        cmd = [sys.executable, "-m", warm_recipe.RECIPE_MODULE, *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    else:
-        proc = warm_recipe.run(args, env=env, timeout=timeout)
+    proc = warm_recipe.run(args, env=env, timeout=timeout, cold=cold)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
