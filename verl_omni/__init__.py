@@ -3,7 +3,13 @@
 Importing the package is light (no verl, torch or Ray): the modules that build verl objects register
 the overlay's extensions in verl's registries when they are imported
 (:func:`verl_omni.workers.rollout.backends.register_rollout_backends`); nothing patches verl.
+
+Importing it installs the known-noise log filters (:mod:`verl_omni.utils.log_noise`): every process that loads one of
+the overlay's classes, Ray workers included, loads this package first, before verl, so its workers need no
+``runtime_env`` hook (a ``runtime_env`` starts each worker through Ray's setup process: about 0.5 CPU-s a worker).
 """
+
+from verl_omni.utils.log_noise import quiet_known_noise
 
 __version__ = "0.1.0"
 
@@ -49,3 +55,4 @@ def check_verl_version() -> str | None:
 
 
 check_verl_version()
+quiet_known_noise()

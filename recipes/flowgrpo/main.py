@@ -36,7 +36,6 @@ from recipes.flowgrpo.validate import (
 )
 from verl_omni.models.tiny_models import built_tiny_model, ensure_tiny_model
 from verl_omni.utils.config_paths import register_config_resolvers
-from verl_omni.utils.log_noise import SETUP_HOOK, quiet_known_noise
 from verl_omni.utils.startup import StartupClock
 from verl_omni.workers.config.training import TrainingSections
 
@@ -125,10 +124,6 @@ def launch(cfg: DictConfig, overrides: list[str] | None = None) -> FlowGRPOTrain
         "log_to_driver": True,
         **{k: v for k, v in ray_init.items() if v is not None},
     }
-    quiet_known_noise()
-    runtime_env = dict(ray_init.get("runtime_env") or {})
-    runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
-    ray_init["runtime_env"] = runtime_env
     clock = StartupClock()  # phases from the process's start, logged with the first step
     cluster: ClusterShape | None = None  # a cluster's nodes are only known once connected (cheap)
     if _joins_cluster(cfg) or "ray" in sys.modules:  # else Ray (about 1 s to import) loads after the checks

@@ -73,7 +73,8 @@ def two_step_run(tmp_path_factory, env) -> Path:
     fresh interpreter, as a user types the command: the suite's one cold start of the recipe's driver, so an import
     that only fails in a fresh process (import order, a module the warm server happened to load) fails here."""
     run_dir = tmp_path_factory.mktemp("run")
-    _main(run_dir, env, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS, cold=True)
+    proc = _main(run_dir, env, "trainer.total_training_steps=2", "trainer.save_freq=1", *TWO_AGENT_WORKERS, cold=True)
+    (run_dir / "console.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
 
@@ -140,6 +141,16 @@ def test_two_steps_train_end_to_end(two_step_run, cache):
     trainer_state = load_checkpoint(path, weights_only=False)["trainer"]
     assert step == 2 and trainer_state["version"] == 2
     assert [v["step"] for v in trainer_state["val_history"]] == [0]  # the final validation follows the save
+
+
+def test_known_noise_is_quiet_in_every_process(two_step_run):
+    """The filters of verl_omni.utils.log_noise reach the Ray workers (installed when they import verl_omni, before
+    verl): the replicas, agent-loop workers and training rank log none of the listed messages (each of them logs
+    the first two, the replicas the third, when the filters are not installed: workers' logs reach the driver)."""
+    console = (two_step_run / "console.txt").read_text()
+    assert "start-up to the first step" in console
+    for noise in ("No supported accelerator detected", "is registered but not available", "requires torchvision"):
+        assert noise not in console
 
 
 def test_validation_is_logged_and_leaves_training_unchanged(two_step_run, plain_run):

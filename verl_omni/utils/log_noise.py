@@ -1,8 +1,8 @@
 """Silence the log lines a CPU run prints that carry no information for this project, and nothing else.
 
 Each entry names the logger and the start of the message, so a new warning from the same library still
-shows. Installed in the driver by the recipe and in every Ray worker through ``runtime_env``'s
-``worker_process_setup_hook`` (it runs before the worker imports verl, whose import logs the first of them).
+shows. Installed when ``verl_omni`` is imported: a Ray worker imports the package of the overlay class it runs
+before that class's module imports verl, whose import logs the first of them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ _KNOWN_NOISE: dict[str, tuple[str, ...]] = {
 }
 # diffusers reports T5 truncation as the text past CLIP's length: with short prompts that list is empty
 _EMPTY_TRUNCATION = "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3"
-SETUP_HOOK = "verl_omni.utils.log_noise.quiet_known_noise"
 
 
 class _DropByPrefix(logging.Filter):
