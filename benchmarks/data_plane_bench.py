@@ -59,7 +59,7 @@ def tiny_shapes() -> Shapes:
     import tempfile
 
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
-    from verl_omni.protocol import Request
+    from verl_omni.request import Request
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
     from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params

@@ -27,7 +27,7 @@ def _rollout(model: str, samples: int) -> Any:
     """``samples`` bf16 samples of two prompts from one engine (run inside a Ray task with the replica's env)."""
     import torch
 
-    from verl_omni.protocol import Request
+    from verl_omni.request import Request
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
     from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params

@@ -55,7 +55,7 @@ from recipes.flowgrpo.data import prompt_uid
 from verl_omni.agent_loop import OmniAgentLoopManager
 from verl_omni.pipelines.flow_match_sde import sde_step_with_logprob, standard_normal
 from verl_omni.pipelines.sd3.conditioning import predict_velocity
-from verl_omni.protocol import Request
+from verl_omni.request import Request
 from verl_omni.utils.arrays import object_column
 from verl_omni.utils.batch_invariant import map_chunks, onednn
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 import ray
@@ -399,6 +400,16 @@ async def test_two_replicas_serve_concurrent_groups_through_the_client(manager):
         assert torch.equal(alone.image, batched.image)
         assert torch.equal(alone.log_probs, batched.log_probs)
         assert torch.equal(alone.latents, batched.latents)
+
+
+async def test_the_balancer_holds_the_replicas_handles_without_loading_torch(manager):
+    """Ray imports a server actor's module in every process that receives its handle: the balancer (it holds each
+    replica's handle and hands them to clients) stays light because the diffusers server's module loads no torch."""
+    status = await manager.global_load_balancer.get_status.remote()
+    assert sorted(status["registered_handles"]) == ["diffusers-replica-0", "diffusers-replica-1"]
+    watched = ("verl_omni.workers.rollout.diffusers_server", "torch", "diffusers", "verl")
+    loaded = await manager.global_load_balancer.__ray_call__.remote(lambda _: [m for m in watched if m in sys.modules])
+    assert loaded == ["verl_omni.workers.rollout.diffusers_server"]
 
 
 async def test_bad_request_error_reaches_the_caller_not_a_hang(manager):

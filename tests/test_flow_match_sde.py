@@ -10,12 +10,12 @@ import torch
 from verl_omni.models.tiny_sd3 import build_tiny_sd3
 from verl_omni.pipelines.flow_match_sde import (
     ode_step,
-    resolve_sde_window,
     sde_std,
     sde_step_with_logprob,
     standard_normal,
 )
 from verl_omni.pipelines.sd3.sampling import compute_log_prob, sample_flow_match_sde
+from verl_omni.pipelines.sde_window import resolve_sde_window
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ CHUNK = 4
 
 def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[str, int]]]) -> list[list[Any]]:
     """One engine; each run is one fused batch of (prompt, seed) requests. Returns each run's SampleGroup."""
-    from verl_omni.protocol import Request
+    from verl_omni.request import Request
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
     from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine
     from verl_omni.workers.rollout.sampling_params import resolve_sampling_params

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from verl_omni.protocol import SAMPLING_FIELDS
+from verl_omni.request import SAMPLING_FIELDS
 from verl_omni.utils.seeding import row_seed
 
 __all__ = ["row_seed", "sampling_params"]

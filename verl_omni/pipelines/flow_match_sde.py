@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from verl_omni.pipelines.sde_window import resolve_sde_window
 from verl_omni.utils.batch_invariant import map_chunks
 
 TIMESTEP_SCALE = 1000.0  # SD3's num_train_timesteps: the transformer's timestep input is sigma * 1000
@@ -254,26 +255,6 @@ def standard_normal(
     return torch.stack(
         [torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32) for g in generator]
     )
-
-
-def resolve_sde_window(num_inference_steps: int, sde_window: Sequence[int] | None) -> tuple[int, int]:
-    """Validate an SDE window ``[start, end)`` of step indices; None means every step."""
-    if sde_window is None:
-        return 0, num_inference_steps
-    if (
-        not isinstance(sde_window, Sequence)
-        or isinstance(sde_window, str)
-        or len(sde_window) != 2
-        or not all(isinstance(i, int) and not isinstance(i, bool) for i in sde_window)
-    ):
-        raise ValueError(f"sde_window={sde_window!r} must be [start, end) step indices (two ints) or null")
-    start, end = sde_window
-    if not 0 <= start < end <= num_inference_steps:
-        raise ValueError(
-            f"sde_window={list(sde_window)!r} is outside the schedule: need 0 <= start < end <= "
-            f"num_inference_steps={num_inference_steps}"
-        )
-    return start, end
 
 
 VelocityFn = Callable[..., torch.Tensor]

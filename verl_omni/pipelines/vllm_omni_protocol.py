@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from verl_omni.pipelines.flow_match_sde import TIMESTEP_SCALE, SDETrajectory
-from verl_omni.protocol import Conditioning, Sample, SamplingParams
+from verl_omni.protocol import Conditioning, Sample
+from verl_omni.request import SamplingParams
 
 EXTRA_ARGS_KEY = "verl_omni_flowgrpo"
 # The worker extension (imports vllm-omni, so named here by path) and its full-weight RPC.

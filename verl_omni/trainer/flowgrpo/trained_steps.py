@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from verl_omni.pipelines.sde_window import resolve_sde_window
+
 TIMESTEP_FRACTION_KEY = "actor_rollout_ref.actor.timestep_fraction"
 
 
@@ -17,8 +19,6 @@ def trained_step_count(num_inference_steps: int, sde_window: Sequence[int] | Non
     """How many of the recorded steps (a prefix) are trained; raises ``ValueError`` naming the key if none.
 
     ``timestep_fraction`` is a number in (0, 1], as the recipe's schema declares it."""
-    from verl_omni.pipelines.flow_match_sde import resolve_sde_window
-
     start, end = resolve_sde_window(num_inference_steps, None if sde_window is None else list(sde_window))
     last = min(end, int(num_inference_steps * timestep_fraction))
     if last <= start:

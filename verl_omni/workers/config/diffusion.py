@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Literal, get_args
 
+from verl_omni.pipelines.sde_window import resolve_sde_window
 from verl_omni.workers.config.schema import ConfigError, Section, option, section
 
 DIFFUSION_CONFIG_PREFIX = "actor_rollout_ref.rollout.diffusion"
@@ -102,8 +103,6 @@ class DiffusionRolloutConfig(Section):
         """The rules between fields. Checks that need the model (image size against the VAE, SDE window against
         the schedule) are done when the replica reads the model, still before any actor starts."""
         if self.sde_window is not None:
-            from verl_omni.pipelines.flow_match_sde import resolve_sde_window
-
             try:
                 resolve_sde_window(self.num_inference_steps, list(self.sde_window))
             except (TypeError, ValueError) as err:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from verl_omni.pipelines.registry import MODEL_PIPELINES, load_adapter
-from verl_omni.protocol import Conditioning, Request, Sample, SampleGroup
+from verl_omni.protocol import Conditioning, Sample, SampleGroup
+from verl_omni.request import Request
 from verl_omni.utils.batch_invariant import mkl_is_strict, onednn
 from verl_omni.utils.containers import plain
 from verl_omni.utils.peft_names import without_peft_prefix

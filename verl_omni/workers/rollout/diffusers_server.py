@@ -15,6 +15,9 @@ default) every network call runs at exactly ``chunk_size`` samples, so its image
 batch it ran in: bit-identical on CPU (tested). On GPU the shapes are fixed the same way, but
 bit-identity has not been measured (no GPU in the test environment); without batch-invariant mode
 cuBLAS/cuDNN pick kernels by batch size and batched and lone results agree only to rounding.
+
+The module itself loads no torch (see :mod:`~verl_omni.workers.rollout.server_base`): the engine, torch and the
+sample types are imported by the methods that use them, which run in the replica's process only.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from verl_omni.protocol import Request, SampleGroup
+from verl_omni.request import Request
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
-from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, resolve_torch_dtype
 from verl_omni.workers.rollout.server_base import RolloutServerBase
+
+if TYPE_CHECKING:
+    import torch
+
+    from verl_omni.protocol import SampleGroup
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -71,6 +76,10 @@ class DiffusersRolloutServer(RolloutServerBase):
         device: str = "cpu",
         rollout_dtype: str | None = None,
     ):
+        import torch
+
+        from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, resolve_torch_dtype
+
         self.config = DiffusionRolloutConfig.from_config(config)
         self.server_id = server_id
         if device == "cpu":
@@ -113,6 +122,8 @@ class DiffusersRolloutServer(RolloutServerBase):
         pending = [_Pending(request, loop.create_future()) for request in requests]
         self._pending.extend(pending)
         self._wakeup.set()
+        from verl_omni.protocol import SampleGroup
+
         results = await asyncio.gather(*(p.future for p in pending), return_exceptions=True)
         for result in results:  # every future is awaited, so no failure goes unretrieved
             if isinstance(result, BaseException):
@@ -157,6 +168,8 @@ class DiffusersRolloutServer(RolloutServerBase):
         return batch
 
     async def _batch_loop(self) -> None:
+        from verl_omni.protocol import SampleGroup
+
         loop = asyncio.get_running_loop()
         while True:
             await self._wait_for_work()

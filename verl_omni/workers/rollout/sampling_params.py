@@ -12,9 +12,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from verl_omni.pipelines.flow_match_sde import resolve_sde_window
 from verl_omni.pipelines.registry import check_negative_prompt
-from verl_omni.protocol import SAMPLING_FIELDS, SamplingParams
+from verl_omni.pipelines.sde_window import resolve_sde_window
+from verl_omni.request import SAMPLING_FIELDS, SamplingParams
 from verl_omni.workers.config.diffusion import REQUEST_SDE_TYPES, DiffusionRolloutConfig
 from verl_omni.workers.rollout.model_spec import ModelSpec
 

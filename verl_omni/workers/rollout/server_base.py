@@ -4,18 +4,25 @@ A backend (diffusers, vllm-omni) implements how a list of admitted requests beco
 (``_generate``), how token-id prompts become text, and its weight, memory and control calls; the validation of
 requests and of weight updates, the call counters and the LLM-server hooks that mean nothing for diffusion are
 here, once.
+
+Importing this module (and a backend's server module) loads no torch: Ray imports a server actor's module in every
+process that receives the actor's handle, the balancer among them, which only routes. Tensor code imports what it
+uses where it runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from verl_omni.protocol import Request, SampleGroup
+from verl_omni.request import Request
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.model_spec import ModelSpec
 from verl_omni.workers.rollout.sampling_params import resolve_sampling_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from verl_omni.protocol import SampleGroup
 
 
 class RolloutServerBase:
@@ -47,7 +54,7 @@ class RolloutServerBase:
         video_data: Any = None,
         **kwargs: Any,
     ) -> SampleGroup:
-        """Generate one image for ``prompt_ids`` (prompt text or token ids); see ``protocol.SAMPLING_FIELDS``.
+        """Generate one image for ``prompt_ids`` (prompt text or token ids); see ``request.SAMPLING_FIELDS``.
 
         Raises ``ValueError`` (before anything is queued) for unknown kwargs or sampling fields and invalid values.
         """
@@ -64,6 +71,8 @@ class RolloutServerBase:
         prepared = [self._prepare(**request) for request in requests]
         self._calls += 1  # a call that fails validation queues nothing and is not counted
         if not prepared:
+            from verl_omni.protocol import SampleGroup
+
             return SampleGroup(samples=[])
         try:
             group = await self._generate(prepared)

@@ -38,7 +38,8 @@ from verl_omni.pipelines.vllm_omni_protocol import (
     sampling_kwargs,
     to_sample,
 )
-from verl_omni.protocol import Request, SampleGroup, SamplingParams
+from verl_omni.protocol import SampleGroup
+from verl_omni.request import Request, SamplingParams
 from verl_omni.utils.containers import plain
 from verl_omni.utils.peft_names import with_peft_prefix
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
