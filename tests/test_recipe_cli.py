@@ -118,7 +118,8 @@ def test_sd35_config_without_its_paths_names_the_env_vars(tmp_path: Path) -> Non
 
 
 def assert_refused(args: list[str], message: str, run_dir: Path, env: dict[str, str] | None = None) -> None:
-    """The recipe exits 2 with one ``config error:`` line holding ``message``, before Ray, writing nothing."""
+    """The recipe exits 2 with one ``config error:`` line holding ``message``, before Ray, writing nothing. A fresh
+    interpreter: a config error costs about as much as a fork of the warm driver (tests/warm_recipe.py) would."""
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.flowgrpo.main", *args],
         cwd=REPO,
@@ -133,6 +134,20 @@ def assert_refused(args: list[str], message: str, run_dir: Path, env: dict[str, 
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (run_dir / "config.yaml").exists()  # nothing was written either
+
+
+def test_a_config_error_comes_before_torch_verl_or_ray_load(tmp_path: Path) -> None:
+    """A fresh interpreter, as a user types the command: the refusal is printed before the heavy imports
+    (``-X importtime`` lists every module the run imported)."""
+    args = ["server_routing.policy=fastest", f"trainer.default_local_dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-X", "importtime", "-m", "recipes.flowgrpo.main", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
+    assert len(errors) == 1 and "'fastest' is not a valid routing policy" in errors[0]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported  # the import list is there
+    assert not imported & {"torch", "verl", "ray", "diffusers", "transformers"}, sorted(imported)[:50]
 
 
 def test_joining_a_cluster_drops_the_local_ray_sizes_with_a_note(capsys) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import select
@@ -76,6 +77,10 @@ def _serve(path: str) -> dict[str, Any] | None:
     before = dict(os.environ)
     _preload()
     added = {k: v for k, v in os.environ.items() if k not in before}  # import-time defaults (verl sets one)
+    # Out of the cyclic GC's reach: a child's collections would otherwise walk (and so copy, page by page) the whole
+    # preloaded heap it shares with this process: 1.7 s instead of 0.8 s for a config-error run, measured.
+    gc.collect()
+    gc.freeze()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server.bind(path)
     server.listen(16)
