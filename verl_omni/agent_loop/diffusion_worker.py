@@ -7,27 +7,30 @@ import logging
 import time
 from typing import Any
 
-import hydra
-import numpy as np
-import ray
-import torch
-from omegaconf import DictConfig, OmegaConf
-from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigWrap, _agent_loop_registry
-from verl.protocol import DataProto
+from verl_omni.utils.gc_pause import collector_paused
 
-from verl_omni.agent_loop.diffusion_agent_loop import (
-    DIFFUSION_AGENT_NAME,
-    DiffusionAgentLoopOutput,
-    missing_routing_key_field,
-    prompt_of,
-)
-from verl_omni.agent_loop.group_reward import reward_exposed_s, score_group
-from verl_omni.agent_loop.sampling import row_seed, sampling_params
-from verl_omni.protocol import CONDITIONING, stack_samples
-from verl_omni.rewards.weighted import WeightedReward
-from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS
-from verl_omni.utils.arrays import object_column
-from verl_omni.utils.ray_actor import restarted_actor
+with collector_paused():  # verl's agent loop, torch, transformers: objects that all survive (verl_omni.utils.gc_pause)
+    import hydra
+    import numpy as np
+    import ray
+    import torch
+    from omegaconf import DictConfig, OmegaConf
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker, DictConfigWrap, _agent_loop_registry
+    from verl.protocol import DataProto
+
+    from verl_omni.agent_loop.diffusion_agent_loop import (
+        DIFFUSION_AGENT_NAME,
+        DiffusionAgentLoopOutput,
+        missing_routing_key_field,
+        prompt_of,
+    )
+    from verl_omni.agent_loop.group_reward import reward_exposed_s, score_group
+    from verl_omni.agent_loop.sampling import row_seed, sampling_params
+    from verl_omni.protocol import CONDITIONING, stack_samples
+    from verl_omni.rewards.weighted import WeightedReward
+    from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS
+    from verl_omni.utils.arrays import object_column
+    from verl_omni.utils.ray_actor import restarted_actor
 
 logger = logging.getLogger(__name__)
 

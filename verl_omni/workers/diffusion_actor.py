@@ -13,40 +13,43 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
-import ray
-import torch
-import torch.distributed as dist
-from omegaconf import DictConfig
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.tensor import DTensor
-from verl.protocol import DataProto
-from verl.single_controller.base import Worker
-from verl.single_controller.base.decorator import Dispatch, register
+from verl_omni.utils.gc_pause import collector_paused
 
-from verl_omni.pipelines.registry import load_trainer_binding
-from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand, shard
-from verl_omni.trainer.flowgrpo.loss import (
-    flowgrpo_policy_loss,
-    guard_log_prob,
-    kl_std,
-    per_step_ratio_metrics,
-    truncated_is_weights,
-)
-from verl_omni.trainer.flowgrpo.nft import draw_timesteps, nft_loss, old_policy_decay, optimality_probability
-from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
-from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
-from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
-from verl_omni.workers.config.training import TrainingSections
-from verl_omni.workers.ema import EMAWeights, OldPolicyWeights
-from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
-from verl_omni.workers.rollout.backends import pipeline_class
-from verl_omni.workers.rollout.model_spec import read_model_index
+with collector_paused():  # verl, torch: objects that all survive (verl_omni.utils.gc_pause)
+    import numpy as np
+    import ray
+    import torch
+    import torch.distributed as dist
+    from omegaconf import DictConfig
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+    from verl.protocol import DataProto
+    from verl.single_controller.base import Worker
+    from verl.single_controller.base.decorator import Dispatch, register
+
+    from verl_omni.pipelines.registry import load_trainer_binding
+    from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand, shard
+    from verl_omni.trainer.flowgrpo.loss import (
+        flowgrpo_policy_loss,
+        guard_log_prob,
+        kl_std,
+        per_step_ratio_metrics,
+        truncated_is_weights,
+    )
+    from verl_omni.trainer.flowgrpo.nft import draw_timesteps, nft_loss, old_policy_decay, optimality_probability
+    from verl_omni.trainer.flowgrpo.old_log_prob import LogProbFn, recompute_old_log_probs, rollout_gap_metrics
+    from verl_omni.utils.batch_invariant import cpu_process_env, map_chunks, onednn, torch_threads
+    from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig, check_training_split
+    from verl_omni.workers.config.training import TrainingSections
+    from verl_omni.workers.ema import EMAWeights, OldPolicyWeights
+    from verl_omni.workers.precision import cast_floating_buffers, torch_dtype
+    from verl_omni.workers.rollout.backends import pipeline_class
+    from verl_omni.workers.rollout.model_spec import read_model_index
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -137,9 +140,10 @@ class DiffusionActorWorker(Worker):
         # Same seed on every rank: LoRA initialisation is identical, so sharding needs no broadcast.
         torch.manual_seed(int(cfg.trainer.seed))
 
-        self.model = load_transformer(model_cfg.path)
-        # the model family's log-prob of stored transitions: the same velocity and SDE step its rollout samples with
-        self.compute_log_prob = load_trainer_binding(pipeline_class(model_cfg.path))
+        with collector_paused():  # diffusers and the model load: objects that all survive
+            self.model = load_transformer(model_cfg.path)
+            # the family's log-prob of stored transitions: the same velocity and SDE step its rollout samples with
+            self.compute_log_prob = load_trainer_binding(pipeline_class(model_cfg.path))
         # The rollout's bf16 copy (from_pretrained) has bf16 buffers too; FSDP2 casts only parameters.
         self.compute_dtype = torch_dtype(self.fsdp.param_dtype)
         cast_floating_buffers(self.model, self.compute_dtype)

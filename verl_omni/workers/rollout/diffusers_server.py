@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from verl_omni.request import Request
+from verl_omni.utils.gc_pause import collector_paused
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.rollout.server_base import RolloutServerBase
 
@@ -76,16 +77,17 @@ class DiffusersRolloutServer(RolloutServerBase):
         device: str = "cpu",
         rollout_dtype: str | None = None,
     ):
-        import torch
+        with collector_paused():  # torch, diffusers and the model: objects that all survive
+            import torch
 
-        from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, resolve_torch_dtype
+            from verl_omni.workers.rollout.diffusers_engine import DiffusersEngine, resolve_torch_dtype
 
-        self.config = DiffusionRolloutConfig.from_config(config)
-        self.server_id = server_id
-        if device == "cpu":
-            torch.set_num_threads(self.config.cpu_threads)
-        dtype = resolve_torch_dtype(self.config.dtype, device, rollout_dtype)
-        self.engine = DiffusersEngine(model_path, self.config, device=device, dtype=dtype)
+            self.config = DiffusionRolloutConfig.from_config(config)
+            self.server_id = server_id
+            if device == "cpu":
+                torch.set_num_threads(self.config.cpu_threads)
+            dtype = resolve_torch_dtype(self.config.dtype, device, rollout_dtype)
+            self.engine = DiffusersEngine(model_path, self.config, device=device, dtype=dtype)
         self.spec = self.engine.spec
         threads = self.config.cpu_threads if device == "cpu" else None
         self._executor = ThreadPoolExecutor(
