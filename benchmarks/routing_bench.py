@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import time
 from collections import deque
 
 from verl.workers.rollout.router import GlobalRequestLoadBalancer
 
+from verl_omni.utils.gc_pause import collector_paused
 from verl_omni.workers.config.rollout_routing import VALID_ROLLOUT_SERVER_ROUTING_POLICIES, RolloutServerRoutingConfig
 from verl_omni.workers.rollout.request_routing import OmniRequestLoadBalancer
 
@@ -35,17 +35,16 @@ def time_pairs(lb, stream: list[tuple[str, str]], window: int, pass_key: bool) -
     """Seconds per acquire+release pair with ``window`` requests kept in flight (FIFO release)."""
     inflight: deque[str] = deque()
     acquire, release = lb.acquire_server, lb.release_server
-    gc.disable()
-    start = time.perf_counter()
-    for request_id, uid in stream:
-        server_id, _ = acquire(request_id, routing_key=uid) if pass_key else acquire(request_id)
-        inflight.append(server_id)
-        if len(inflight) > window:
+    with collector_paused():  # no collection inside the timed loop
+        start = time.perf_counter()
+        for request_id, uid in stream:
+            server_id, _ = acquire(request_id, routing_key=uid) if pass_key else acquire(request_id)
+            inflight.append(server_id)
+            if len(inflight) > window:
+                release(inflight.popleft())
+        while inflight:
             release(inflight.popleft())
-    while inflight:
-        release(inflight.popleft())
-    elapsed = time.perf_counter() - start
-    gc.enable()
+        elapsed = time.perf_counter() - start
     return elapsed / len(stream)
 
 
