@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from verl_omni.utils.startup import METRIC_PREFIX, StartupClock
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_origin_is_this_process_start() -> None:
@@ -49,3 +54,27 @@ def test_a_phase_that_fails_is_still_recorded() -> None:
     with pytest.raises(RuntimeError), clock.phase("replicas"):
         raise RuntimeError("a replica died at start-up")
     assert "replicas" in clock.phases
+
+
+def test_the_driver_imports_what_it_uses_beside_rays_start() -> None:
+    """What ``launch`` imports on its main thread once the import thread is done (and ``_start_training_ranks`` in
+    its own) must already be loaded by ``_import_driver_modules``, which runs beside Ray's start: a package's lazy
+    export named there instead of its module left verl's agent loop (0.7 s) to load on the main thread afterwards.
+    A fresh interpreter, as a run starts."""
+    code = """
+import sys
+from recipes.flowgrpo.main import _import_driver_modules
+_import_driver_modules()
+before = set(sys.modules)
+from recipes.flowgrpo.data import PromptBatcher, ValidationBatches
+from verl_omni.agent_loop import OmniAgentLoopManager
+from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer
+from verl_omni.utils.heartbeat import Heartbeat, ray_free_resources
+from verl_omni.workers.rollout.omni_llm_server import OmniLLMServerManager
+from verl.single_controller.ray import RayResourcePool
+from verl_omni.workers.diffusion_actor import actor_worker_group
+print(sorted(set(sys.modules) - before))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-3000:]
