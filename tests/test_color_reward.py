@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from verl_omni.models.palette import PALETTE
 from verl_omni.rewards import get_reward_fn, registered_rewards
-from verl_omni.rewards.color import PALETTE, parse_color, srgb_to_lab
+from verl_omni.rewards.color import parse_color, srgb_to_lab
 
 NAMES = list(PALETTE)
 

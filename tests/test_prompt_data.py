@@ -169,8 +169,9 @@ def test_shipped_validation_prompts_are_few_and_not_training_prompts():
 def test_shipped_prompts_fit_the_default_colour_reward():
     """Each prompt names one palette colour (geneval_color would refuse it otherwise); validation holds out
     colour/object pairs, never a colour; every word fits the tiny model's T5 (16 tokens)."""
+    from verl_omni.models.palette import PALETTE
     from verl_omni.models.tiny_sd3 import T5_MAX_LENGTH, _tiny_t5_tokenizer
-    from verl_omni.rewards.color import PALETTE, parse_color
+    from verl_omni.rewards.color import parse_color
 
     train = load_prompts(DEFAULT_PROMPTS_FILE)
     val = load_prompts(DEFAULT_VAL_PROMPTS_FILE, key=VAL_FILES_KEY)

@@ -194,3 +194,37 @@ def test_builtin_reward_modules_register_the_names_listed_and_load_only_when_nam
         "reward_factory('jpeg_compressibility'); assert 'verl_omni.rewards.pickscore' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_checking_builtin_reward_options_and_colour_prompts_loads_no_torch():
+    """The recipe checks ``reward.name``/``reward.kwargs`` (and the colour reward its prompt file) before Ray starts:
+    in a fresh interpreter, checking every built-in reward's options and a colour prompt must not import torch
+    (about 0.9 s of single-threaded start-up). On failure the message shows the import chain that loaded it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import json, sys, traceback\n"
+        "class FirstTorchImport:  # records who imports torch first; finds nothing itself\n"
+        "    stack = None\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and FirstTorchImport.stack is None:\n"
+        "            FirstTorchImport.stack = ''.join(traceback.format_stack()[:-1])\n"
+        "sys.meta_path.insert(0, FirstTorchImport())\n"
+        "from verl_omni.rewards.registry import BUILTIN_REWARD_MODULES, check_reward_options\n"
+        "for name in BUILTIN_REWARD_MODULES:\n"
+        "    check_reward_options(name, {})\n"
+        "from verl_omni.rewards.color import GenEvalColorReward\n"
+        "GenEvalColorReward.validate_prompts(['a red cube'])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+        "print(json.dumps({'torch_modules': loaded, 'first_import': FirstTorchImport.stack}))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, capture_output=True, text=True).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert not report["torch_modules"], (
+        f"torch loaded by the start-up reward check: {report['torch_modules'][:10]} ... "
+        f"first imported from:\n{report['first_import']}"
+    )

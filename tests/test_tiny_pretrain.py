@@ -11,9 +11,10 @@ import torch
 
 from verl_omni.models.color_scenes import COLORS, OBJECT_SHAPES, caption, random_scenes
 from verl_omni.models.color_vae import LATENT_FROM_RGB, color_vae, encode_mean
+from verl_omni.models.palette import PALETTE
 from verl_omni.models.tiny_pretrain import PretrainOptions, build_pretrained_tiny_sd3, ensure_pretrained_tiny_sd3
 from verl_omni.models.tiny_sd3 import read_stamp
-from verl_omni.rewards.color import PALETTE, GenEvalColorReward
+from verl_omni.rewards.color import GenEvalColorReward
 
 FAST = PretrainOptions(transformer_steps=4, num_latents=64)
 

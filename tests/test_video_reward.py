@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_omni.models.color_scenes import PALETTE
+from verl_omni.models.palette import PALETTE
 from verl_omni.rewards.color import GenEvalColorReward
 from verl_omni.rewards.registry import get_reward_fn, reward_sample_kind
 from verl_omni.rewards.video import temporal_consistency

@@ -1,11 +1,11 @@
 """Generated images of coloured shapes with captions: the data of the tiny model's local pretraining.
 
-A scene is one colour of ``PALETTE`` (the colours :mod:`verl_omni.rewards.color` scores): a solid background with one
-flat shape in a lighter or darker shade of it, so the colour covers the image (the colour reward counts pixels).
-Each object word of the
-colour prompts is drawn as a fixed shape, so the caption's object means something (the demo's short pretraining
-learns little of it: a shade over a few 8x8 latent cells); whether the caption's colour word agrees with the scene's
-colour is a knob (``color_agreement``), so pretraining can leave colour adherence for RL to learn.
+A scene is one colour of :data:`~verl_omni.models.palette.PALETTE` (the colours :mod:`verl_omni.rewards.color`
+scores): a solid background with one flat shape in a lighter or darker shade of it, so the colour covers the image
+(the colour reward counts pixels). Each object word of the colour prompts is drawn as a fixed shape, so the caption's
+object means something (the demo's short pretraining learns little of it: a shade over a few 8x8 latent cells);
+whether the caption's colour word agrees with the scene's colour is a knob (``color_agreement``), so pretraining can
+leave colour adherence for RL to learn.
 """
 
 from __future__ import annotations
@@ -14,17 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Well separated in CIELAB (smallest distance: blue-purple, 34; every other pair is at least 45 apart).
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (250, 150, 20),
-    "yellow": (245, 225, 35),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "purple": (150, 40, 180),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
+from verl_omni.models.palette import PALETTE
+
 COLORS: tuple[str, ...] = tuple(PALETTE)
 # The object words of recipes/flowgrpo/data/prompts.txt and val_prompts.txt, two per shape.
 OBJECT_SHAPES: dict[str, str] = {

@@ -8,21 +8,31 @@ its text conditioning. It is the CPU demo's reward (``reward.name=geneval_color`
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import TYPE_CHECKING
 
-import torch
-
-from verl_omni.models.color_scenes import PALETTE
+from verl_omni.models.palette import PALETTE
 from verl_omni.rewards.registry import register_reward, validate_reward_inputs
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TEMPERATURE = 10.0  # CIELAB units: a palette colour keeps >= 0.97 of its own soft assignment
 
-_SRGB_TO_XYZ = torch.tensor(
-    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
-    dtype=torch.float64,
-)
-_D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 _WORD = re.compile(r"[a-z]+")
+
+
+@functools.cache
+def _srgb_to_xyz_and_d65_white() -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear-sRGB -> XYZ matrix and the D65 white point (float64), built on first use."""
+    import torch  # here: checking the reward's options and prompts (the recipe's start-up check) needs no torch
+
+    srgb_to_xyz = torch.tensor(
+        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
+        dtype=torch.float64,
+    )
+    return srgb_to_xyz, torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 
 
 def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -30,9 +40,12 @@ def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 
     Euclidean distance in Lab is roughly perceptual, so "how close to red" means what it looks like.
     """
+    import torch
+
+    srgb_to_xyz, d65_white = _srgb_to_xyz_and_d65_white()
     c = rgb.to(torch.float64) / 255.0
     linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ _SRGB_TO_XYZ.T / _D65_WHITE
+    xyz = linear @ srgb_to_xyz.T / d65_white
     delta = 6.0 / 29.0
     f = torch.where(xyz > delta**3, xyz.clamp(min=delta**3) ** (1.0 / 3.0), xyz / (3 * delta**2) + 4.0 / 29.0)
     return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
@@ -75,6 +88,8 @@ class GenEvalColorReward:
     """
 
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE) -> None:
+        import torch
+
         self.temperature = _validate_temperature(temperature)
         self.names = tuple(PALETTE)
         self.palette_lab = srgb_to_lab(torch.tensor(list(PALETTE.values()), dtype=torch.float64))
@@ -87,6 +102,8 @@ class GenEvalColorReward:
             parse_color(prompt, tuple(PALETTE))
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        import torch
+
         validate_reward_inputs(images, prompts)
         targets = torch.tensor([self.names.index(parse_color(p, self.names)) for p in prompts], dtype=torch.long)
         if images.shape[0] == 0:

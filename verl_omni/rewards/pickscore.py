@@ -7,15 +7,19 @@ For GPU runs with the real checkpoint (``yuvalkirstain/PickScore_v1`` with the p
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from verl_omni.rewards.registry import register_reward, validate_reward_inputs
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MAX_TEXT_LENGTH = 77
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, str(dtype), None)
@@ -41,7 +45,7 @@ class PickScoreReward:
         model_path: str | os.PathLike | None = None,
         processor_path: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "float32",
         batch_size: int = 32,
     ) -> None:
         if not model_path:
@@ -51,6 +55,7 @@ class PickScoreReward:
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"reward option batch_size must be a positive int, got {batch_size!r}")
+        import torch  # here: checking the reward's options (the recipe's start-up check) needs no torch
         from transformers import AutoProcessor, CLIPModel
 
         self.device = torch.device(device)
@@ -67,18 +72,22 @@ class PickScoreReward:
             ) from exc
         self.model.to(self.device).eval().requires_grad_(False)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        import torch
+
         validate_reward_inputs(images, prompts)
-        scores = [
-            self._score(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
-            for start in range(0, images.shape[0], self.batch_size)
-        ]
+        with torch.no_grad():
+            scores = [
+                self._score(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
+                for start in range(0, images.shape[0], self.batch_size)
+            ]
         if not scores:
             return torch.zeros(0, dtype=torch.float32)
         return torch.cat(scores).float().cpu()
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        import torch
+
         pixels = [image.permute(1, 2, 0).cpu().numpy() for image in images]
         inputs = self.processor(
             text=list(prompts),

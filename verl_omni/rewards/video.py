@@ -8,16 +8,21 @@ shows it. Needs no weights (``reward.name=video_color``).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from verl_omni.rewards.color import DEFAULT_TEMPERATURE, GenEvalColorReward
 from verl_omni.rewards.registry import register_reward
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CONSISTENCY_WEIGHT = 0.25
 
 
 def validate_video_inputs(videos: torch.Tensor, prompts: list[str] | None = None) -> None:
     """Reject inputs a video reward would mis-score: it takes uint8 ``(B, F, 3, H, W)``, one prompt per video."""
+    import torch  # here: checking the reward's options and prompts (the recipe's start-up check) needs no torch
+
     if not isinstance(videos, torch.Tensor) or videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[2] != 3:
         desc = f"{videos.dtype} {tuple(videos.shape)}" if isinstance(videos, torch.Tensor) else type(videos).__name__
         raise ValueError(
@@ -30,6 +35,8 @@ def validate_video_inputs(videos: torch.Tensor, prompts: list[str] | None = None
 def temporal_consistency(videos: torch.Tensor) -> torch.Tensor:
     """``1 - mean |frame[f + 1] - frame[f]| / 255`` over consecutive frames, channels and pixels: (B,) in [0, 1];
     1 for a still video (and for a single frame)."""
+    import torch
+
     if videos.shape[1] < 2:
         return torch.ones(videos.shape[0], dtype=torch.float32)
     diff = (videos[:, 1:].to(torch.int16) - videos[:, :-1].to(torch.int16)).abs().to(torch.float64)
@@ -62,6 +69,8 @@ class VideoColorReward:
         self.frame_reward = GenEvalColorReward(temperature=temperature)
 
     def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        import torch
+
         validate_video_inputs(videos, prompts)
         batch, frames = videos.shape[:2]
         if batch == 0:
