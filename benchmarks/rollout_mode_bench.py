@@ -5,6 +5,10 @@ the last step. Reported per mode: the median seconds per step (the first step ex
 with), steps per second relative to ``sync``, and the validation reward after the last step, as mean and spread
 over the seeds. Equal threads: both modes use the recipe's replicas and training rank as configured.
 
+Also the CPU-seconds a steady step takes, over every process of the run (sampled as each step's metrics line
+lands), and from sync's the floor on this machine's cores: no schedule of a step's work can take less than its
+CPU-seconds divided by the cores, so that floor bounds what overlapping the rollout with the update can gain.
+
 Run: ``python -m benchmarks.rollout_mode_bench --steps 20 --seeds 1 2 3`` (minutes: one recipe run per mode and
 seed).
 """
@@ -13,17 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+from benchmarks.process_tree_cpu import ProcessTreeCPU
 
 MODES = ("sync", "one_step_off")
 
 
 def run(mode: str, seed: int, steps: int, out_dir: Path, extra: list[str]) -> dict[str, float]:
-    """One recipe run; its median step seconds (steps 2+) and its last validation reward."""
+    """One recipe run: its median step seconds (steps 2+), its CPU-seconds per step over steps 2 to the one before
+    the last (every process of the run, sampled as each step's metrics line lands) and its last validation reward."""
     run_dir = out_dir / f"{mode}-seed{seed}"
     command = [
         sys.executable,
@@ -38,12 +47,34 @@ def run(mode: str, seed: int, steps: int, out_dir: Path, extra: list[str]) -> di
         f"trainer.default_local_dir={run_dir}",
         *extra,
     ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = run_dir / "metrics.jsonl"
+    cpu_at_step: dict[int, float] = {}  # steps done -> the tree's CPU-s when that step's line was first seen
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    tree = ProcessTreeCPU(driver.pid)
+    while driver.poll() is None:
+        cpu = tree.sample()
+        done = _steps_done(metrics)
+        cpu_at_step.setdefault(done, cpu)
+        time.sleep(0.1)
+    if driver.returncode != 0:
+        raise subprocess.CalledProcessError(driver.returncode, command)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     rows = [r.get("data", r) for r in rows]
     step_s = [r["timing_s/step"] for r in rows if "timing_s/step" in r][1:]
     val = [r["val/reward/mean"] for r in rows if "val/reward/mean" in r]
-    return {"step_s": statistics.median(step_s), "val": val[-1]}
+    first, last = 1, steps - 1  # after step 1 (nothing to overlap), before the last (no rollout ahead, validation)
+    if first not in cpu_at_step or last not in cpu_at_step or last <= first:
+        raise RuntimeError(f"{mode} seed {seed}: steps {first} and {last} were not both seen; use --steps >= 3")
+    cpu_per_step = (cpu_at_step[last] - cpu_at_step[first]) / (last - first)
+    return {"step_s": statistics.median(step_s), "cpu_s_per_step": cpu_per_step, "val": val[-1]}
+
+
+def _steps_done(metrics: Path) -> int:
+    """Training steps logged so far (validation-only lines do not count)."""
+    try:
+        return sum('"timing_s/step"' in line for line in metrics.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,13 +90,28 @@ def main(argv: list[str] | None = None) -> None:
                 results[mode].append(run(mode, seed, args.steps, Path(tmp), args.overrides))
                 print(f"{mode:>13} seed {seed}: {results[mode][-1]}", flush=True)
     base = statistics.median(r["step_s"] for r in results["sync"])
-    print(f"\n{args.steps} steps, seeds {args.seeds}")
-    print(f"{'mode':>13}  {'s/step (median)':>15}  {'steps/s vs sync':>15}  {'val reward (mean +- sd)':>24}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n{args.steps} steps, seeds {args.seeds}, {cores} cores")
+    print(
+        f"{'mode':>13}  {'s/step (median)':>15}  {'steps/s vs sync':>15}  {'CPU-s/step':>10}  "
+        f"{'val reward (mean +- sd)':>24}"
+    )
     for mode, rows in results.items():
         step_s = statistics.median(r["step_s"] for r in rows)
+        cpu_s = statistics.median(r["cpu_s_per_step"] for r in rows)
         vals = [r["val"] for r in rows]
         spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        print(f"{mode:>13}  {step_s:>15.3f}  {base / step_s:>14.2f}x  {statistics.mean(vals):>15.3f} +- {spread:.3f}")
+        print(
+            f"{mode:>13}  {step_s:>15.3f}  {base / step_s:>14.2f}x  {cpu_s:>10.2f}  "
+            f"{statistics.mean(vals):>15.3f} +- {spread:.3f}"
+        )
+    # No schedule of a step's work on `cores` cores takes less than its CPU-seconds / cores: overlapping the rollout
+    # with the update can gain at most sync's step time over that floor (sync's work: the overlap adds, not removes).
+    floor = statistics.median(r["cpu_s_per_step"] for r in results["sync"]) / cores
+    print(
+        f"\nfloor on {cores} cores: sync's CPU-s per step / {cores} = {floor:.3f} s a step, so no overlap of this "
+        f"work can run more than {base / floor:.2f}x sync's steps per second here"
+    )
 
 
 if __name__ == "__main__":

@@ -19,27 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import psutil
+from benchmarks.process_tree_cpu import ProcessTreeCPU
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_STEP = ["trainer.total_training_steps=1", "trainer.test_freq=-1", "trainer.val_before_train=false"]
-
-
-def _role(proc: psutil.Process, driver_pid: int) -> str:
-    """``driver``, ``ray::<Actor>`` as Ray titles an actor's process, or Ray's own process by its program name."""
-    if proc.pid == driver_pid:
-        return "driver"
-    cmdline = proc.cmdline()
-    if cmdline and cmdline[0].startswith("ray::"):
-        return cmdline[0].split()[0]
-    for arg in cmdline[:3]:
-        name = Path(arg).name
-        if name.endswith(".py") or name in ("gcs_server", "raylet"):
-            return f"ray {name}"
-    return proc.name()
 
 
 def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, list[float]], str, float]:
@@ -50,23 +35,9 @@ def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, 
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
         driver = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        last: dict[int, tuple[str, float]] = {}
-        parent = psutil.Process(driver.pid)
+        tree = ProcessTreeCPU(driver.pid)
         while driver.poll() is None:
-            try:
-                tree = [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for proc in tree:
-                try:
-                    with proc.oneshot():
-                        times = proc.cpu_times()
-                        role = _role(proc, driver.pid)
-                    if proc.pid in last and last[proc.pid][0].startswith("ray::") and not role.startswith("ray::"):
-                        role = last[proc.pid][0]  # an exiting process has no command line: keep its title
-                    last[proc.pid] = (role, times.user + times.system)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue  # ended between listing and reading: its last sample stands
+            tree.sample()
             time.sleep(0.25)
         wall = time.monotonic() - start
         out.seek(0)
@@ -74,10 +45,7 @@ def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, 
     if driver.returncode != 0:
         raise RuntimeError(f"the run from {root} failed:\n{log[-3000:]}")
     found = re.search(r"start-up to the first step [^\r\n]*", log)  # tqdm.write may follow a bar's \r
-    roles: dict[str, list[float]] = defaultdict(list)
-    for role, cpu in last.values():
-        roles[role].append(cpu)
-    return roles, found.group(0) if found else "(no start-up line)", wall
+    return tree.by_role(), found.group(0) if found else "(no start-up line)", wall
 
 
 def _table(runs: list[dict[str, list[float]]]) -> tuple[list[str], float]:
