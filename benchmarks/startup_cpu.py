@@ -24,11 +24,13 @@ from pathlib import Path
 from benchmarks.process_tree_cpu import ProcessTreeCPU
 
 REPO = Path(__file__).resolve().parents[1]
+STARTUP_LINE = re.compile(r"start-up to the first step [^\r\n]*")  # tqdm.write may follow a bar's \r
 ONE_STEP = ["trainer.total_training_steps=1", "trainer.test_freq=-1", "trainer.val_before_train=false"]
 
 
-def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, list[float]], str, float]:
-    """One run from checkout ``root``: CPU-seconds per role (one entry per process), the start-up line, wall s."""
+def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, list[float]], str, float, float]:
+    """One run from checkout ``root``: CPU-seconds per role (one entry per process), the start-up line, wall s, and
+    the CPU-seconds the whole tree had used when the start-up line appeared (the work before the first step)."""
     cmd = [sys.executable, "-m", "recipes.flowgrpo.main", f"trainer.default_local_dir={run_dir}", *ONE_STEP, *overrides]
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)  # a run of its own, as `make demo`
@@ -36,16 +38,21 @@ def measure(root: Path, overrides: list[str], run_dir: Path) -> tuple[dict[str, 
     with tempfile.TemporaryFile("w+") as out:
         driver = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         tree = ProcessTreeCPU(driver.pid)
+        before_first_step = float("nan")
         while driver.poll() is None:
-            tree.sample()
+            cpu = tree.sample()
+            if before_first_step != before_first_step:  # nan: not seen yet
+                written = os.pread(out.fileno(), os.fstat(out.fileno()).st_size, 0)  # the run's offset untouched
+                if STARTUP_LINE.search(written.decode(errors="replace")):
+                    before_first_step = cpu
             time.sleep(0.25)
         wall = time.monotonic() - start
         out.seek(0)
         log = out.read()
     if driver.returncode != 0:
         raise RuntimeError(f"the run from {root} failed:\n{log[-3000:]}")
-    found = re.search(r"start-up to the first step [^\r\n]*", log)  # tqdm.write may follow a bar's \r
-    return tree.by_role(), found.group(0) if found else "(no start-up line)", wall
+    found = STARTUP_LINE.search(log)
+    return tree.by_role(), found.group(0) if found else "(no start-up line)", wall, before_first_step
 
 
 def _table(runs: list[dict[str, list[float]]]) -> tuple[list[str], float]:
@@ -75,23 +82,35 @@ def main(argv: list[str] | None = None) -> None:
             checkouts = {f"baseline {args.baseline}": worktree, **checkouts}
         try:
             results: dict[str, list] = {name: [] for name in checkouts}
+            firsts: dict[str, list[float]] = {name: [] for name in checkouts}
             for round_ in range(args.rounds):
                 for index, (name, root) in enumerate(checkouts.items()):  # interleaved: load hits both alike
                     load = os.getloadavg()[0]
                     run_dir = Path(tmp) / f"run-{round_}-{index}"  # a fresh directory: nothing to resume
-                    roles, line, wall = measure(root, args.overrides, run_dir)
+                    roles, line, wall, before_first_step = measure(root, args.overrides, run_dir)
                     results[name].append(roles)
-                    print(f"[{name}, round {round_ + 1}, load {load:.1f}] {wall:.1f} s wall; {line}", flush=True)
+                    firsts[name].append(before_first_step)
+                    print(
+                        f"[{name}, round {round_ + 1}, load {load:.1f}] {wall:.1f} s wall; {line}; "
+                        f"{before_first_step:.1f} CPU-s before the first step",
+                        flush=True,
+                    )
         finally:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
     totals = {}
+    cores = len(os.sched_getaffinity(0))
     for name, runs in results.items():
         rows, totals[name] = _table(runs)
         print(f"\n{name}: CPU-seconds per role, median of {len(runs)} run(s) of one training step")
         print("| role | processes | CPU-s |\n| --- | --- | --- |")
         print("\n".join(rows))
         print(f"| total | | {totals[name]:.1f} |")
+        before = statistics.median(firsts[name])
+        print(
+            f"before the first step: {before:.1f} CPU-s (median), so on {cores} cores no schedule of this start-up "
+            f"reaches its first step in under {before / cores:.1f} s"
+        )
     if args.baseline:
         base, ours = totals.values()
         print(f"\nthis checkout / baseline, total CPU-seconds: {ours / base:.2f}x")
