@@ -657,3 +657,13 @@ def test_model_dependent_settings_are_checked_from_its_configs(
     validate_model_options(compose_recipe(TINY, ["actor_rollout_ref.model.lora_rank=4"]), path)
     with pytest.raises(ValueError, match=pattern):
         validate_model_options(compose_recipe(TINY, overrides), path)
+
+
+def test_one_step_off_warns_what_it_costs_in_learning_and_sync_does_not(tiny_env: None, capsys) -> None:
+    """A measured cost, said where the mode is chosen: one ``warning:`` line on stderr, none in ``sync``."""
+    validate_recipe_config(compose_recipe(TINY), available_gpus=0)
+    assert "one_step_off" not in capsys.readouterr().err
+    validate_recipe_config(compose_recipe(TINY, ["trainer.rollout_mode=one_step_off"]), available_gpus=0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "one_step_off" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: trainer.rollout_mode=one_step_off trains each step")
+    assert "stale_gradient_bench" in lines[0]

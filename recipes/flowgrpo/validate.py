@@ -295,6 +295,18 @@ def _check_rollout_mode(recipe: Any) -> None:
         )
 
 
+def rollout_mode_warning(recipe: Any) -> str | None:
+    """``one_step_off`` with a log-prob objective: what it costs in learning, measured (None in ``sync``)."""
+    if recipe.trainer.rollout_mode != "one_step_off":
+        return None
+    return (
+        "trainer.rollout_mode=one_step_off trains each step on samples one version old, and the FlowGRPO ratio (a mean "
+        "over latent elements) cannot correct their gradients: on the CPU colour task it learned less per step and "
+        "per second than sync (benchmarks/stale_gradient_bench.py; docs/advanced_features/flowgrpo.md, "
+        "'Overlapping the rollout with training'); compare validation reward against wall time before relying on it"
+    )
+
+
 def num_rollout_replicas(cfg: DictConfig) -> int:
     """Replica count as verl's LLMServerManager computes it in standalone mode."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -413,9 +425,9 @@ def validate_recipe_config(
         check_cluster_resources(cfg, cluster, replicas, diffusion)
     if available_gpus is None:
         available_gpus = local_gpu_count() * trainer.nnodes
-    warning = precision_warning(cfg, diffusion, gpus_available=available_gpus > 0)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in (precision_warning(cfg, diffusion, gpus_available=available_gpus > 0), rollout_mode_warning(recipe)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     train_gpus = int(cfg.trainer.n_gpus_per_node) * trainer.nnodes
     ray_cpus = recipe.ray_kwargs.ray_init.num_cpus or 0
     if available_gpus == 0:
