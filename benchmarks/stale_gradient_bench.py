@@ -18,6 +18,10 @@ Per kind: the mean norm of one batch's gradient, the norm of the mean of ``M`` (
 bias does not), the cosine between the means of the two halves of the ``M`` (about 0 for noise; near 1 for a
 direction every batch shares) and the cosine of the kind's mean with the fresh mean. FlowGRPO's log-prob is a mean
 over latent elements, so its ratio stays near 1 and cannot weigh that part away.
+
+``--train-steps N`` first trains N steps from ``theta0`` in each of ``sync``, ``one_step_off`` and ``one_step_off``
+with every gradient on re-centred stale transitions (the same process and fixed prompts, the recipe's step order),
+and prints the reward of the batch the weights draw, per 5 steps: whether removing that part gives the learning back.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Batch:
     log_probs: torch.Tensor  # (N, STEPS)
     sigmas: torch.Tensor  # (STEPS + 1,)
     advantages: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,)
     conditioning: dict[str, torch.Tensor]
     noise: torch.Tensor | None = None  # (N, TRAINED, *latent): z of each trained transition at the sampling weights
 
@@ -62,7 +67,7 @@ class Policy:
 
         cache = Path(os.environ.get("VERL_OMNI_CACHE", Path.home() / ".cache" / "verl_omni")) / "tiny_sd3"
         spec = ModelSpec.from_path(str(ensure_tiny_model("sd3", cache)), backend="diffusers")
-        pipe = DiffusionPipeline.from_pretrained(spec.path, torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(spec.path, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -98,7 +103,9 @@ class Policy:
         rewards = self.reward(self.adapter.decode(trajectory.final_latents, CHUNK), self.texts)
         uids = [str(i // GROUP) for i in range(len(self.texts))]
         advantages = compute_group_advantages(rewards, uids, global_std=False, clip_max=5.0)
-        return Batch(trajectory.latents, trajectory.log_probs, trajectory.sigmas, advantages, self.conditioning)
+        return Batch(
+            trajectory.latents, trajectory.log_probs, trajectory.sigmas, advantages, rewards, self.conditioning
+        )
 
     def _transition(self, batch: Batch, rows: torch.Tensor, t: int, next_latents: torch.Tensor | None = None):
         from verl_omni.pipelines.sd3.sampling import compute_log_prob
@@ -160,12 +167,23 @@ class Policy:
         means, stds = self.means(batch)
         batch.noise = (batch.latents[:, 1 : TRAINED + 1] - means) / stds.view(1, TRAINED, *[1] * (means.dim() - 2))
 
-    def train(self, batch: Batch, optimizer_steps: int, seed: int) -> None:
-        """``optimizer_steps`` AdamW steps, one per equal share of the batch's rows (in a seeded order)."""
-        optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def train(
+        self,
+        batch: Batch,
+        optimizer_steps: int,
+        seed: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        recentre: bool = False,
+    ) -> None:
+        """``optimizer_steps`` AdamW steps, one per equal share of the batch's rows (in a seeded order); a fresh
+        optimizer unless one is passed; ``recentre``: every gradient on the batch's noise re-centred."""
+        optimizer = optimizer or self.optimizer()
         order = torch.randperm(batch.latents.shape[0], generator=torch.Generator().manual_seed(seed))
         for rows in order.chunk(optimizer_steps):
-            grad = self.gradient(batch, rows).float()
+            grad = self.gradient(batch, rows, recentre=recentre).float()
             offset = 0
             for p in self.params:
                 p.grad = grad[offset : offset + p.numel()].view_as(p).clone()
@@ -196,11 +214,58 @@ def report(kinds: dict[str, list[torch.Tensor]]) -> str:
     return "\n".join(lines)
 
 
+MODES = ("sync", "one_step_off", "one_step_off, re-centred")
+
+
+def learning_curve(policy: Policy, mode: str, steps: int, optimizer_steps: int, seed: int) -> list[float]:
+    """The mean reward of the batch the weights draw at each step, training as ``mode`` does from the weights the
+    policy holds now. ``sync`` trains on that batch. ``one_step_off`` draws it before the update, for the next step,
+    and trains on the batch the previous weights drew (the first step on an on-policy batch, as the recipe);
+    ``re-centred``: with that stale batch's noise moved onto the current means at every gradient."""
+    optimizer = policy.optimizer()
+    rewards: list[float] = []
+    stale = None if mode == "sync" else policy.sample(seed * 1_000 + 10_000)  # the recipe's first, on-policy batch
+    if stale is not None:
+        policy.record_noise(stale)
+    for step in range(steps):
+        drawn = policy.sample(seed * 1_000 + 10_001 + step)  # by the weights after `step` updates
+        rewards.append(float(drawn.rewards.mean()))
+        if stale is None:
+            policy.train(drawn, optimizer_steps, seed + step, optimizer)
+            continue
+        policy.record_noise(drawn)  # at the weights that drew it, for re-centring it next step
+        policy.train(stale, optimizer_steps, seed + step, optimizer, recentre=mode.endswith("re-centred"))
+        stale = drawn
+    return rewards
+
+
+def curves(policy: Policy, steps: int, optimizer_steps: int, seed: int) -> str:
+    """Each mode's learning curve from the same starting weights (restored after), as a table of 5-step means."""
+    start = [p.detach().clone() for p in policy.params]
+    rows = ["| mode | " + " | ".join(f"steps {i + 1}-{min(i + 5, steps)}" for i in range(0, steps, 5)) + " |"]
+    rows.append("| --- |" + " --- |" * len(range(0, steps, 5)))
+    for mode in MODES:
+        rewards = learning_curve(policy, mode, steps, optimizer_steps, seed)
+        with torch.no_grad():
+            for p, p0 in zip(policy.params, start, strict=True):
+                p.copy_(p0)
+        blocks = [sum(rewards[i : i + 5]) / len(rewards[i : i + 5]) for i in range(0, steps, 5)]
+        rows.append(f"| {mode} | " + " | ".join(f"{b:.3f}" for b in blocks) + " |")
+    return "reward of the batch the weights draw (mean of 64 samples, then of 5 steps)\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=12, help="M: batches of each kind (even, >= 2)")
     parser.add_argument("--optimizer-steps", type=int, default=4, help="K: AdamW steps from theta0 to theta1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="also train this many steps from theta0 in each of sync, one_step_off and one_step_off re-centred, and "
+        "print the reward of the batch the weights draw, per 5 steps",
+    )
     args = parser.parse_args(argv)
     if args.batches < 2 or args.batches % 2:
         parser.error(f"--batches {args.batches}: an even number >= 2 (the halves are compared)")
@@ -209,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     pick = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))[:PROMPTS_PER_BATCH]
     policy = Policy([prompts[i] for i in pick.tolist()])
     base = args.seed * 1_000
+    if args.train_steps:
+        print(curves(policy, args.train_steps, args.optimizer_steps, args.seed) + "\n", flush=True)
     stale = [policy.sample(base + 100 + j) for j in range(args.batches)]
     for batch in stale:
         policy.record_noise(batch)
