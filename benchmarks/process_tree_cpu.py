@@ -4,7 +4,6 @@ while it runs: on a machine with few cores the CPU work, not the wall time, says
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -28,9 +27,8 @@ class ProcessTreeCPU:
     """Samples the user + system CPU-seconds of ``pid`` and every descendant; a process that exits keeps its last
     sample (call :meth:`sample` often: what it used after that sample is not seen)."""
 
-    def __init__(self, pid: int, role: Callable[[psutil.Process, int], str] = process_role) -> None:
+    def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._role = role
         self._parent = psutil.Process(pid)
         self._last: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU-s at its last sample)
 
@@ -44,7 +42,7 @@ class ProcessTreeCPU:
             try:
                 with proc.oneshot():
                     times = proc.cpu_times()
-                    role = self._role(proc, self.pid)
+                    role = process_role(proc, self.pid)
                 previous = self._last.get(proc.pid)
                 if previous and previous[0].startswith("ray::") and not role.startswith("ray::"):
                     role = previous[0]  # an exiting process has no command line: keep its title

@@ -223,9 +223,10 @@ def learning_curve(policy: Policy, mode: str, steps: int, optimizer_steps: int, 
     and trains on the batch the previous weights drew (the first step on an on-policy batch, as the recipe);
     ``re-centred``: with that stale batch's noise moved onto the current means at every gradient."""
     optimizer = policy.optimizer()
+    recentre = mode.endswith("re-centred")
     rewards: list[float] = []
     stale = None if mode == "sync" else policy.sample(seed * 1_000 + 10_000)  # the recipe's first, on-policy batch
-    if stale is not None:
+    if recentre:
         policy.record_noise(stale)
     for step in range(steps):
         drawn = policy.sample(seed * 1_000 + 10_001 + step)  # by the weights after `step` updates
@@ -233,8 +234,9 @@ def learning_curve(policy: Policy, mode: str, steps: int, optimizer_steps: int, 
         if stale is None:
             policy.train(drawn, optimizer_steps, seed + step, optimizer)
             continue
-        policy.record_noise(drawn)  # at the weights that drew it, for re-centring it next step
-        policy.train(stale, optimizer_steps, seed + step, optimizer, recentre=mode.endswith("re-centred"))
+        if recentre:
+            policy.record_noise(drawn)  # at the weights that drew it, for re-centring it next step
+        policy.train(stale, optimizer_steps, seed + step, optimizer, recentre=recentre)
         stale = drawn
     return rewards
 
