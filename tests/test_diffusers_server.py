@@ -525,3 +525,21 @@ def test_replica_placement_one_gpu_each_when_the_cluster_has_gpus(tiny_dir, monk
     assert replica("+actor_rollout_ref.rollout.diffusion.device=cpu").placement() == ("cpu", 0.0)
     shared = replica("+actor_rollout_ref.rollout.diffusion.num_gpus_per_replica=0.5")
     assert shared.placement() == ("cuda", 0.5)
+
+
+async def test_requests_that_ask_for_their_noise_get_it_and_still_fuse_with_others(make_server):
+    """``record_noise`` changes the reply, not the sampling: such requests share a run with plain ones, get their draws
+    (``latents[t + 1]`` minus ``std_dev`` times it is the step's mean: tests/test_flow_match_sde.py) and the same
+    trajectory as without; a non-boolean value fails before anything is queued."""
+    server = make_server(sde_window=[1, 3])
+    asked, plain = await asyncio.gather(
+        server.generate_group(_group("n", range(2), record_noise=True)), server.generate_group(_group("p", range(2)))
+    )
+    assert {o.extra_fields["batch_size"] for o in [*asked.samples, *plain.samples]} == {4}
+    for noisy, bare in zip(asked.samples, plain.samples, strict=True):
+        assert noisy.noise.shape == (2, *noisy.latents.shape[1:]) and bare.noise is None
+        torch.testing.assert_close(noisy.latents, bare.latents, rtol=0, atol=1e-5)  # rows of one run: same inputs
+        torch.testing.assert_close(noisy.log_probs, bare.log_probs, rtol=0, atol=1e-5)
+        assert noisy.noise.std() > 0.5  # standard-normal draws, not zeros
+    with pytest.raises(ValueError, match=r"sampling_params.record_noise='yes' must be true or false"):
+        await server.generate_group(_group("b", range(1), record_noise="yes"))

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from verl.protocol import DataProto
 
 from verl_omni.agent_loop import DiffusionAgentLoopWorker
-from verl_omni.protocol import CONDITIONING, Sample, SampleGroup
+from verl_omni.protocol import CONDITIONING, NOISE, Sample, SampleGroup, stack_samples
+from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS
 from verl_omni.utils.arrays import object_column
 from verl_omni.workers.config.rollout_routing import RolloutServerRoutingConfig
 
@@ -37,6 +38,7 @@ class StubClient:
             latents=torch.cat([t, t[:1]]).view(3, 1, 1, 1),
             sigmas=torch.cat([t, t[:1]]),
             log_probs=t,
+            noise=t.view(2, 1, 1, 1) + 0.5 if sampling_params.get("record_noise") else None,
             conditioning=prompt,
             extra_fields={"server_id": "stub", "batch_size": 1, "cache_hit": False, "generate_s": 0.0},
         )
@@ -54,12 +56,14 @@ def _worker(client: StubClient) -> DiffusionAgentLoopWorker:
     return DiffusionAgentLoopWorker(config, client)
 
 
-def _batch(uids: list[str | None], agent: str | None = None) -> DataProto:
+def _batch(uids: list[str | None], agent: str | None = None, row_params: list[dict] | None = None) -> DataProto:
     non_tensors = {
         "prompt": object_column([f"prompt of {u}" for u in uids]),
         "uid": object_column(uids),
         "row_index": np.arange(10, 10 + len(uids)),
     }
+    if row_params is not None:
+        non_tensors[ROW_SAMPLING_PARAMS] = object_column(row_params)
     if agent is not None:
         non_tensors["agent_name"] = object_column([agent] * len(uids))
     return DataProto.from_dict(non_tensors=non_tensors, meta_info={"global_steps": 3, "seed": 7})
@@ -111,3 +115,21 @@ async def test_routing_key_field_other_than_uid_groups_by_that_field():
 async def test_a_routing_key_field_missing_from_the_batch_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"routing_key_field='group'.*not a field of the batch.*'prompt'"):
         await _worker(StubClient(routing_key_field="group")).generate_sequences(_batch(UIDS))
+
+
+async def test_rows_that_ask_for_their_noise_get_it_stacked_beside_their_latents():
+    """The trainer's one_step_off rows send ``record_noise``: each row's draws come back in the batch under ``noise``,
+    in row order; a batch mixing rows with and without noise is refused (the update re-centres all rows or none)."""
+    client = StubClient()
+    out = await _worker(client).generate_sequences(_batch(UIDS, row_params=[{"record_noise": True}] * len(UIDS)))
+    seeds = out.batch["latents"][:, 0, 0, 0, 0]
+    assert out.batch[NOISE].shape == (len(UIDS), 2, 1, 1, 1)
+    assert torch.equal(out.batch[NOISE][:, 0, 0, 0, 0], seeds + 0.5)
+
+    plain = await _worker(StubClient()).generate_sequences(_batch(UIDS))
+    assert NOISE not in plain.batch.keys()
+
+    with_noise = StubClient._output("r0", "p", {"seed": 1, "record_noise": True})
+    without = StubClient._output("r1", "p", {"seed": 2})
+    with pytest.raises(ValueError, match="1 of 2 samples carry their SDE noise"):
+        stack_samples([with_noise, without], [{}, {}])

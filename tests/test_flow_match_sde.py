@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from verl_omni.models.tiny_sd3 import build_tiny_sd3
 from verl_omni.pipelines.flow_match_sde import (
     ode_step,
+    score_transitions,
     sde_std,
+    sde_step,
     sde_step_with_logprob,
     standard_normal,
 )
@@ -248,3 +251,64 @@ def test_cfg_gradient_flows_through_the_conditional_branch_only_when_detached(de
     # d v / d w: g * pos (+ (1 - g) * neg when the unconditional branch is trained too)
     expected = g * 2.0 if detach_uncond else g * 2.0 + (1 - g) * 3.0
     assert model.w.grad.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_a_recentred_transitions_score_has_no_stale_part(sde_type):
+    """Re-centred on the current mean with the sampler's noise z, a transition's log-prob gradient is z / std_dev (per
+    element, averaged) through the mean; scored as stored, a transition drawn around an older mean adds
+    (mu_old - mu) / std_dev^2, the part every stale batch shares."""
+    g = torch.Generator().manual_seed(3)
+    x, v_old, z = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(3))
+    v = (v_old + 0.5 * torch.randn(4, 4, 8, 8, generator=g)).requires_grad_(True)
+    sigma, sigma_next = torch.full((4,), 0.8), torch.full((4,), 0.6)
+    stored = sde_step(sde_type)(v_old, x, sigma, sigma_next, 0.7, noise=z)
+    elements = z[0].numel()
+
+    log_prob, mean, std_dev = score_transitions(v, x, stored.prev_sample, sigma, sigma_next, 0.7, sde_type, noise=z)
+    (grad,) = torch.autograd.grad(log_prob.sum(), v, retain_graph=True)
+    (expected,) = torch.autograd.grad((mean * (z / std_dev / elements)).sum(), v)
+    torch.testing.assert_close(grad, expected)
+    # at other weights the moved sample's log-prob is still the sampler's: the ratio is 1
+    torch.testing.assert_close(log_prob.detach(), stored.log_prob, rtol=0, atol=1e-5)
+
+    stale_log_prob, stale_mean, _ = score_transitions(v, x, stored.prev_sample, sigma, sigma_next, 0.7, sde_type)
+    (stale_grad,) = torch.autograd.grad(stale_log_prob.sum(), v, retain_graph=True)
+    stale_part = (stored.prev_sample_mean - stale_mean.detach()) / std_dev**2 / elements
+    (expected_stale,) = torch.autograd.grad((stale_mean * (z / std_dev / elements + stale_part)).sum(), v)
+    torch.testing.assert_close(stale_grad, expected_stale)
+    assert (stale_grad - grad).abs().max() > 0.1 * grad.abs().max()
+
+
+def test_the_sampler_records_each_steps_noise_and_recentring_reproduces_it(pipe):
+    prompts = ["a photo of a cat", "a red car", "a dog"]
+    pe, npe, pp, npp = _encode(pipe, prompts)
+    sigmas = _sigmas(pipe, 4)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    cond, neg = _cond(pe, pp), _cond(npe, npp)
+    traj = sample_flow_match_sde(pipe.transformer, sigmas, cond, neg, gens, (4, 8, 8), guidance_scale=4.5)
+    assert traj.noise.shape == (3, 4, 4, 8, 8)
+
+    def score(transformer, t, noise=None):
+        s, s_next = traj.sigmas[t].expand(3), traj.sigmas[t + 1].expand(3)
+        return compute_log_prob(
+            transformer, traj.latents[:, t], traj.latents[:, t + 1], s, s_next, cond, neg, 4.5, 0.7, noise=noise
+        )
+
+    stale = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        for p in stale.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for t in range(4):
+        log_prob, mean, std_dev = score(pipe.transformer, t, traj.noise[:, t])
+        # same weights, same batch: the recorded step is exactly mean + std_dev * noise, its log-prob the stored one
+        assert torch.equal(mean + std_dev * traj.noise[:, t], traj.latents[:, t + 1])
+        assert torch.equal(log_prob, traj.log_probs[:, t])
+        # other weights: scored as stored the ratio moves; re-centred it stays 1 up to rounding
+        moved, _, _ = score(stale, t)
+        assert (moved - traj.log_probs[:, t]).abs().max() > 1e-4
+        recentred, _, _ = score(stale, t, traj.noise[:, t])
+        torch.testing.assert_close(recentred, traj.log_probs[:, t], rtol=0, atol=1e-5)
+
+    ode = sample_flow_match_sde(pipe.transformer, sigmas, cond, neg, gens, (4, 8, 8), noise_level=0.0)
+    assert ode.noise.shape == (3, 0, 4, 8, 8)

@@ -29,10 +29,11 @@ Conditioning = dict[str, torch.Tensor]
 CONDITIONING = "conditioning"
 CONDITIONING_INDEX = "conditioning_index"
 NEGATIVE_CONDITIONING_INDEX = "negative_conditioning_index"
-# Per-sample tensors a Sample carries, stacked under the same names in the batch.
+# Per-sample tensors a Sample carries, stacked under the same names in the batch; NOISE only when requested.
 SAMPLE_TENSORS = ("image", "latents", "sigmas", "log_probs")
-# What the policy update reads; everything else in the rollout batch stays on the driver.
-TRAIN_KEYS = ("latents", "sigmas", "log_probs", "advantages", CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX)
+NOISE = "noise"
+# What the policy update reads (NOISE where the rollout recorded it); the rest of a rollout batch stays on the driver.
+TRAIN_KEYS = ("latents", "sigmas", "log_probs", "advantages", CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, NOISE)
 
 
 class Sample(BaseModel):
@@ -48,6 +49,8 @@ class Sample(BaseModel):
             when ``T == 0``); step ``t`` moves ``latents[t]`` to ``latents[t + 1]``.
         sigmas: float32 ``(T + 1,)``: the noise levels of those latents (empty when ``T == 0``).
         log_probs: float32 ``(T,)``: ``log p(latents[t + 1] | latents[t])`` under the sampling policy.
+        noise: float32 ``(T, C, h, w)``: each recorded step's standard-normal draw (``latents[t + 1]`` is the step's
+            mean plus its std times ``noise[t]``), returned when the request sets ``record_noise``; else None.
         conditioning / negative_conditioning: keys of the text's (and the CFG negative's) entries in the group's
             conditioning table; None when nothing was recorded (or without CFG).
         model_version: weight version that produced the sample.
@@ -61,6 +64,7 @@ class Sample(BaseModel):
     latents: torch.Tensor
     sigmas: torch.Tensor
     log_probs: torch.Tensor
+    noise: torch.Tensor | None = None
     conditioning: str | None = None
     negative_conditioning: str | None = None
     model_version: int = 0
@@ -154,7 +158,13 @@ def stack_samples(samples: Sequence[Sample], tables: Sequence[Mapping[str, Condi
     """The batch tensors of ``samples`` (each with the table its keys refer to) and the merged table."""
     table = ConditioningTable()
     tensors: dict[str, torch.Tensor] = {}
-    for key in SAMPLE_TENSORS:
+    with_noise = sum(s.noise is not None for s in samples)
+    if with_noise not in (0, len(samples)):
+        raise ValueError(
+            f"{with_noise} of {len(samples)} samples carry their SDE noise: a batch's requests must all set "
+            "record_noise or none"
+        )
+    for key in SAMPLE_TENSORS + ((NOISE,) if with_noise else ()):
         values = [getattr(s, key) for s in samples]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) != 1:

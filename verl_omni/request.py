@@ -21,6 +21,8 @@ SAMPLING_FIELDS: dict[str, str] = {
     "recorded with log-prob 0: DiffusionNFT)",
     "height": "int pixels, a multiple of vae_scale_factor * patch_size",
     "width": "int pixels, a multiple of vae_scale_factor * patch_size",
+    "record_noise": "bool: also return each recorded step's standard-normal draw (Sample.noise), which the trainer "
+    "re-centres a stale sample with (trainer.rollout_mode=one_step_off)",
     "num_frames": "int frames of a video family (k * temporal_scale_factor + 1), or null: the family's default",
 }
 
@@ -39,6 +41,7 @@ class SamplingParams:
     width: int
     sde_type: str = "sde"
     num_frames: int | None = None  # None: an image
+    record_noise: bool = False  # what the reply carries, not how it is sampled: not in the batch key
 
     @property
     def do_cfg(self) -> bool:

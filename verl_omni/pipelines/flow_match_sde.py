@@ -58,6 +58,9 @@ class SDETrajectory:
         final_latents: (B, *latent_shape) denoised latents (before VAE decoding).
         latents: (B, T + 1, *latent_shape) ``x`` before every SDE step, then after the last (T = 0: empty).
         log_probs: (B, T) log-prob of every SDE step under the sampling policy.
+        noise: (B, T, *latent_shape) the standard-normal draw of every SDE step: ``latents[:, t + 1]`` is step
+            ``t``'s mean plus its std times ``noise[:, t]``. The trainer re-centres a stale transition with it
+            (``actor.recentre_stale``).
         sigmas: (T + 1,) the noise levels of ``latents`` (shared by the batch; T = 0: empty).
         step_indices: (T,) the indices of the SDE steps in the full schedule.
     """
@@ -65,6 +68,7 @@ class SDETrajectory:
     final_latents: torch.Tensor
     latents: torch.Tensor
     log_probs: torch.Tensor
+    noise: torch.Tensor
     sigmas: torch.Tensor
     step_indices: torch.Tensor
 
@@ -145,6 +149,32 @@ def sde_step_with_logprob(
         log_prob = -((prev_sample.detach() - mean) ** 2) / (2.0 * std_dev**2) - torch.log(std_dev) - _LOG_SQRT_2PI
         log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     return SDEStepOutput(prev_sample=prev_sample, log_prob=log_prob, prev_sample_mean=mean, std_dev=std_dev)
+
+
+def score_transitions(
+    velocity: torch.Tensor,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    sigmas_next: torch.Tensor,
+    noise_level: float,
+    sde_type: str = "sde",
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trainer's half of every family's ``compute_log_prob``: ``(log_prob, prev_sample_mean, std_dev)`` of the
+    stored transitions ``latents -> next_latents`` under the step of ``sde_type``, given the policy's velocity.
+
+    ``noise``: re-centre instead (``actor.recentre_stale``): score ``mean.detach() + std_dev * noise``, the sample
+    this policy would have drawn from the same state with the sampler's own draw. A stale transition's score then
+    carries no ``(mu_old - mu_theta) / std^2`` part (its gradient is ``noise / std_dev`` times the mean's), and its
+    log-prob equals the sampler's up to rounding at any weights. ``next_latents`` is then only the caller's.
+    """
+    step = sde_step(sde_type)
+    if noise is None:
+        out = step(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
+    else:
+        out = step(velocity, latents, sigmas, sigmas_next, noise_level, noise=noise)
+    return out.log_prob, out.prev_sample_mean, out.std_dev
 
 
 def cps_std(sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
@@ -354,7 +384,7 @@ def sample_sde_trajectory(
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     x = standard_normal((batch, *latent_shape), list(generators), device)
 
-    rec_x, rec_logp = [], []
+    rec_x, rec_logp, rec_noise = [], [], []
     for i in range(num_steps):
         sde = start <= i < end
         # drawn for the whole batch, one generator per sample, then chunked with the rest of the step's inputs
@@ -366,6 +396,7 @@ def sample_sde_trajectory(
         if sde:
             rec_x.append(x)
             rec_logp.append(log_prob)
+            rec_noise.append(noise)
         x = x_next
         if i + 1 == end and rec_x:
             rec_x.append(x)
@@ -374,6 +405,7 @@ def sample_sde_trajectory(
         final_latents=x,
         latents=torch.stack(rec_x, dim=1) if rec_x else torch.empty((batch, 0, *latent_shape), device=device),
         log_probs=torch.stack(rec_logp, dim=1) if rec_logp else torch.empty((batch, 0), device=device),
+        noise=torch.stack(rec_noise, dim=1) if rec_noise else torch.empty((batch, 0, *latent_shape), device=device),
         sigmas=sigmas[start : end + 1].clone() if end > start else sigmas[:0].clone(),
         step_indices=torch.arange(start, end, device=device),
     )

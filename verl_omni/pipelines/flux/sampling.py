@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, score_transitions
 from verl_omni.pipelines.flux.conditioning import predict_velocity
 from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS
 from verl_omni.protocol import Conditioning
@@ -87,6 +87,7 @@ def compute_log_prob(
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
     sde_type: str = "sde",
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` (B, C, h, w) under a FLUX ``transformer``.
 
@@ -97,5 +98,4 @@ def compute_log_prob(
     if negative_conditioning is not None:
         raise ValueError("FLUX.1 has no classifier-free guidance negative: negative_conditioning must be None")
     velocity = predict_velocity(transformer, latents, sigmas, conditioning, guidance_scale, dtype=dtype)
-    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
-    return out.log_prob, out.prev_sample_mean, out.std_dev
+    return score_transitions(velocity, latents, next_latents, sigmas, sigmas_next, noise_level, sde_type, noise)

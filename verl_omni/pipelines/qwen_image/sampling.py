@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, score_transitions
 from verl_omni.pipelines.flux.sampling import scheduler_sigmas
 from verl_omni.pipelines.qwen_image.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
@@ -81,6 +81,7 @@ def compute_log_prob(
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
     sde_type: str = "sde",
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` (B, C, h, w) under a Qwen-Image ``transformer``.
 
@@ -98,5 +99,4 @@ def compute_log_prob(
         detach_uncond=detach_uncond,
         dtype=dtype,
     )
-    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
-    return out.log_prob, out.prev_sample_mean, out.std_dev
+    return score_transitions(velocity, latents, next_latents, sigmas, sigmas_next, noise_level, sde_type, noise)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, score_transitions
 from verl_omni.pipelines.sd3.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
 from verl_omni.utils.batch_invariant import map_chunks
@@ -98,6 +98,7 @@ def compute_log_prob(
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
     sde_type: str = "sde",
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored transitions ``latents -> next_latents`` under ``transformer`` (with gradients).
 
@@ -110,6 +111,8 @@ def compute_log_prob(
         conditioning: the batched bundle the samples used; ``negative_conditioning`` is required when
             ``guidance_scale > 1`` (use the sampler's guidance scale).
         noise_level: the sampler's ``noise_level``; ``sde_type``: its step (``sde`` or ``cps``).
+        noise: (B, C, h, w) the sampler's draws: score the transitions re-centred on this policy's means
+            (:func:`~verl_omni.pipelines.flow_match_sde.score_transitions`), not ``next_latents``.
         detach_uncond: with CFG, back-propagate through the conditional branch only (the reference's choice;
             ``actor_rollout_ref.actor.cfg_detach_uncond``).
         dtype: the transformer's compute dtype (the trainer's mixed-precision ``param_dtype``); None: its
@@ -128,5 +131,4 @@ def compute_log_prob(
         detach_uncond=detach_uncond,
         dtype=dtype,
     )
-    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
-    return out.log_prob, out.prev_sample_mean, out.std_dev
+    return score_transitions(velocity, latents, next_latents, sigmas, sigmas_next, noise_level, sde_type, noise)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, sde_step
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_with_bundles, score_transitions
 from verl_omni.pipelines.sd3.sampling import images_to_uint8
 from verl_omni.pipelines.wan.conditioning import CONDITIONING_FIELDS, predict_velocity
 from verl_omni.protocol import Conditioning
@@ -125,6 +125,7 @@ def compute_log_prob(
     detach_uncond: bool = True,
     dtype: torch.dtype | None = None,
     sde_type: str = "sde",
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob of stored video transitions ``latents -> next_latents`` (B, C, f, h, w) under a Wan ``transformer``.
 
@@ -142,5 +143,4 @@ def compute_log_prob(
         detach_uncond=detach_uncond,
         dtype=dtype,
     )
-    out = sde_step(sde_type)(velocity, latents, sigmas, sigmas_next, noise_level, prev_sample=next_latents)
-    return out.log_prob, out.prev_sample_mean, out.std_dev
+    return score_transitions(velocity, latents, next_latents, sigmas, sigmas_next, noise_level, sde_type, noise)

@@ -188,6 +188,7 @@ class DiffusersEngine:
                     latents=traj.latents[i].to(cpu).clone(),
                     sigmas=sigmas.clone(),
                     log_probs=traj.log_probs[i].to(cpu).clone(),
+                    noise=traj.noise[i].to(cpu).clone() if req.params.record_noise else None,
                     conditioning=req.prompt if recorded else None,
                     negative_conditioning=req.params.negative_prompt if recorded and do_cfg else None,
                     model_version=version,

@@ -81,6 +81,10 @@ def resolve_sampling_params(
     frames = given.get("num_frames", defaults.num_frames)
     frames = spec.default_num_frames if frames is None else spec.check_num_frames("sampling_params.num_frames", frames)
 
+    record_noise = given.get("record_noise", False)
+    if not isinstance(record_noise, bool):
+        raise ValueError(f"sampling_params.record_noise={record_noise!r} must be true or false")
+
     return SamplingParams(
         seed=int(seed),
         num_inference_steps=int(steps),
@@ -92,6 +96,7 @@ def resolve_sampling_params(
         width=int(width),
         sde_type=sde_type,
         num_frames=frames,
+        record_noise=record_noise,
     )
 
 
