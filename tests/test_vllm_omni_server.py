@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from verl_omni.pipelines.flow_match_sde import sample_sde_trajectory
+from verl_omni.pipelines.flow_match_sde import SDETrajectory, sample_sde_trajectory
 from verl_omni.pipelines.sd3.sampling import scheduler_sigmas
 from verl_omni.pipelines.vllm_omni_protocol import (
     EXTRA_ARGS_KEY,
@@ -77,7 +77,8 @@ class FakeAsyncOmni:
     """A double of vllm-omni's ``AsyncOmni`` (vllm-omni needs CUDA) that behaves like it with our custom pipeline.
 
     ``hold`` (an ``asyncio.Event``) keeps every request in flight until set. ``mode`` = ``"stock"`` answers as
-    vllm-omni's stock SD3 pipeline (an image, no trajectory); ``"bad_timesteps"`` shifts the timesteps.
+    vllm-omni's stock SD3 pipeline (an image, no trajectory); ``"bad_timesteps"`` shifts the timesteps;
+    ``"no_noise"`` / ``"bad_noise"`` drop / cut the noise a request asked for. ``trajectories``: each answer's.
     """
 
     def __init__(self, model_path: str, kwargs: dict[str, Any]):  # noqa: D107
@@ -88,6 +89,7 @@ class FakeAsyncOmni:
         self.requests: list[tuple[Any, Any, str]] = []
         self.calls: list[tuple] = []
         self.aborted: set[str] = set()
+        self.trajectories: list[SDETrajectory] = []
         self.hold: asyncio.Event | None = None
         self.mode = "pipeline"
 
@@ -116,11 +118,16 @@ class FakeAsyncOmni:
         )
         cond = {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
         neg = None if negative[0] is None else {"prompt_embeds": negative[0][0], "pooled_prompt_embeds": negative[1][0]}
-        fields = pack_trajectory(traj, 0, cond, neg)
+        self.trajectories.append(traj)
+        fields = pack_trajectory(traj, 0, cond, neg, record_noise=args.record_noise)
         if self.mode == "stock":
             fields = {"trajectory_latents": None, "trajectory_timesteps": None, "trajectory_log_probs": None}
         elif self.mode == "bad_timesteps":
             fields["trajectory_timesteps"] = fields["trajectory_timesteps"] + 1.0
+        elif self.mode == "no_noise":
+            del fields["trajectory_latents"]["noise"]
+        elif self.mode == "bad_noise":
+            fields["trajectory_latents"]["noise"] = fields["trajectory_latents"]["noise"][1:]
         image = Image.fromarray(np.full((sp.height, sp.width, 3), sp.seed % 256, dtype=np.uint8))
         yield SimpleNamespace(request_id=request_id, images=[image], **fields)
 
@@ -197,7 +204,13 @@ async def test_a_request_becomes_one_vllm_omni_request_with_the_flowgrpo_knobs(m
     assert (sp.num_inference_steps, sp.guidance_scale, sp.seed, sp.height, sp.width) == (4, 5.0, 7, SIZE, SIZE)
     assert sp.max_sequence_length == 77 and sp.num_outputs_per_prompt == 1 and sp.return_trajectory_latents
     assert sp.extra_args == {
-        EXTRA_ARGS_KEY: {"noise_level": 0.7, "sde_window": [1, 3], "chunk_size": 2, "sde_type": "sde"}
+        EXTRA_ARGS_KEY: {
+            "noise_level": 0.7,
+            "sde_window": [1, 3],
+            "chunk_size": 2,
+            "sde_type": "sde",
+            "record_noise": False,
+        }
     }
     assert not hasattr(sp, "lora_request")
     kwargs = server.engine.kwargs
@@ -274,6 +287,29 @@ async def test_outputs_without_a_usable_trajectory_are_errors(make_server, mode,
     with pytest.raises(RuntimeError, match=match):
         await server.generate("r1", "a cat", STEPS)
     assert (await server.get_stats())["requests_failed"] == 1
+
+
+async def test_record_noise_returns_the_samplers_draws(make_server):
+    server = make_server()
+    plain = (await server.generate("plain", "a cat", {"seed": 3, **STEPS})).samples[0]
+    noisy = (await server.generate("noisy", "a cat", {"seed": 3, "record_noise": True, **STEPS})).samples[0]
+    assert plain.noise is None and torch.equal(noisy.latents, plain.latents)  # asking for it changes no sample
+    assert [sp.extra_args[EXTRA_ARGS_KEY]["record_noise"] for _, sp, _ in server.engine.requests] == [False, True]
+    plain_traj, noisy_traj = server.engine.trajectories
+    assert noisy.noise.shape == (4, 4, 8, 8) and torch.equal(noisy.noise, noisy_traj.noise[0])
+    assert "noise" not in pack_trajectory(plain_traj, 0, {}, None, record_noise=False)["trajectory_latents"]
+    ode = await server.generate("ode", "a cat", {"seed": 3, "record_noise": True, "noise_level": 0.0, **STEPS})
+    assert ode.samples[0].noise.shape == (0, 4, 8, 8)  # nothing recorded, as the latents
+
+
+@pytest.mark.parametrize(("mode", "got"), [("no_noise", "no noise"), ("bad_noise", r"noise of shape \(3, 4, 8, 8\)")])
+async def test_noise_asked_for_and_not_returned_is_an_error(make_server, mode, got):
+    server = make_server()
+    server.engine.mode = mode
+    with pytest.raises(
+        RuntimeError, match=rf"request 'r1' set record_noise and returned {got}; .* need \(4, 4, 8, 8\)"
+    ):
+        await server.generate("r1", "a cat", {"seed": 3, "record_noise": True, **STEPS})
 
 
 # ----- weights ---------------------------------------------------------------------------------------

@@ -60,8 +60,11 @@ async def one(server, *args, **kwargs):
     return group.samples[0], group.conditioning
 
 
-def recompute(transformer: torch.nn.Module, out, table, guidance_scale: float = 4.5) -> torch.Tensor:
-    """The trainer's log-probs of one output's recorded transitions, in the actor's batch-invariant chunks."""
+def recompute_steps(
+    transformer: torch.nn.Module, out, table, guidance_scale: float = 4.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trainer's ``(log_prob, mean, std_dev)`` of one output's recorded transitions, in the actor's
+    batch-invariant chunks."""
     steps = out.log_probs.shape[0]
     names = ("prompt_embeds", "pooled_prompt_embeds")
 
@@ -72,15 +75,19 @@ def recompute(transformer: torch.nn.Module, out, table, guidance_scale: float = 
     def call(latents, next_latents, sigmas, sigmas_next, pe, pp, npe, npp):
         negative = None if npe is None else dict(zip(names, (npe, npp), strict=True))
         cond = dict(zip(names, (pe, pp), strict=True))
-        log_prob = compute_log_prob(
+        return compute_log_prob(
             transformer, latents, next_latents, sigmas, sigmas_next, cond, negative, guidance_scale, 0.7
         )
-        return log_prob[0]
 
     inputs = [out.latents[:-1], out.latents[1:], out.sigmas[:-1], out.sigmas[1:]]
     inputs += rows(out.conditioning) + rows(out.negative_conditioning)
     with torch.no_grad():
         return map_chunks(call, [x if x is None else x.contiguous() for x in inputs], CONFIG["chunk_size"])
+
+
+def recompute(transformer: torch.nn.Module, out, table, guidance_scale: float = 4.5) -> torch.Tensor:
+    """The trainer's log-probs of one output's recorded transitions."""
+    return recompute_steps(transformer, out, table, guidance_scale)[0]
 
 
 async def test_the_cpu_platform_serves_the_custom_pipeline(server):
@@ -120,9 +127,19 @@ async def test_every_trajectory_field_is_filled_and_recomputes_with_the_trainer(
             "pooled_prompt_embeds",
         }
         assert out.extra_fields["sde_step_indices"] == [0, 1, 2, 3] and out.model_version == 0
+        assert out.noise is None  # only on request
         worst = max(worst, (recompute(transformer, out, group.conditioning) - out.log_probs).abs().max().item())
     print(f"max |trainer log-prob - vllm-omni log-prob| over 16 steps: {worst:.3g}")
     assert worst <= RECOMPUTE_ATOL
+
+
+async def test_record_noise_returns_each_steps_draw_about_the_trainers_mean(server, tiny_sd3):
+    out, table = await one(server, "noise", PROMPT, {"seed": 100, "record_noise": True})
+    assert out.noise.shape == out.latents[1:].shape and 0.9 < out.noise.std().item() < 1.1  # (T, C, h, w)
+    _, mean, std_dev = recompute_steps(load_transformer(str(tiny_sd3)).eval(), out, table)
+    gap = (out.latents[1:] - std_dev * out.noise - mean).abs().max().item()
+    print(f"max |x_next - std * noise - trainer's mean| over 4 steps: {gap:.3g}")
+    assert gap <= RECOMPUTE_ATOL
 
 
 async def test_lora_sync_samples_the_policy_the_adapter_defines(server, tiny_sd3):
@@ -212,8 +229,10 @@ async def test_abort_pauses_admission_rejects_and_resumes(server):
 
 
 async def test_ode_sampling_records_nothing(server):
-    out, table = await one(server, "ode", PROMPT, {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0})
+    params = {"seed": 1, "noise_level": 0.0, "guidance_scale": 1.0, "record_noise": True}
+    out, table = await one(server, "ode", PROMPT, params)
     assert out.latents.shape[0] == 0 and out.log_probs.shape == (0,) and out.sigmas.shape == (0,)
+    assert out.noise.shape == out.latents.shape  # no step drew any
     assert out.conditioning is None and table == {} and out.image.shape == (3, 64, 64)
 
 

@@ -5,7 +5,8 @@ three trajectory fields; this module says what goes where, on both sides, so the
 runs inside vllm-omni's worker processes) cannot drift apart. Pure functions of plain values: tested on CPU.
 
 Request: the usual fields (steps, guidance, size, seed, ``lora_request``) plus ``extra_args[EXTRA_ARGS_KEY]`` =
-``{"noise_level", "sde_window", "chunk_size", "sde_type"}``; the prompt is ``{"prompt", "negative_prompt"}``.
+``{"noise_level", "sde_window", "chunk_size", "sde_type", "record_noise"}``; the prompt is
+``{"prompt", "negative_prompt"}``.
 
 Response, per request: ``images[0]`` the image (a video family's decoded video in [-1, 1], which vllm-omni's
 video post-processing hands back as floats in [0, 1], frames first); ``trajectory_log_probs`` (T,) float32;
@@ -13,7 +14,8 @@ video post-processing hands back as floats in [0, 1], frames first); ``trajector
 of tensors: ``latents`` (T + 1, C, h, w) (``(T + 1, C, f, h, w)`` for a video), ``x_s`` before each recorded step
 then ``x_next`` of the last one (the recorded steps are consecutive), and the model's conditioning bundle under
 ``conditioning.<field>`` and the CFG negative's under ``negative_conditioning.<field>`` (absent when T == 0, the
-negative without CFG).
+negative without CFG); with ``record_noise`` also ``noise`` (T, C, h, w) (a video's ``(T, C, f, h, w)``), each
+recorded step's standard-normal draw (``latents[t + 1]`` is the step's mean plus its std times ``noise[t]``).
 Sigmas are not sent: the server recomputes the schedule with the same shared function and checks the timesteps.
 """
 
@@ -45,6 +47,7 @@ class FlowGRPOArgs:
     sde_window: tuple[int, int]
     chunk_size: int | None
     sde_type: str = "sde"
+    record_noise: bool = False
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> FlowGRPOArgs:
@@ -56,7 +59,13 @@ class FlowGRPOArgs:
                 "vllm_omni rollout server, which sets noise_level and sde_window there"
             )
         start, end = entry["sde_window"]
-        return cls(float(entry["noise_level"]), (int(start), int(end)), entry.get("chunk_size"), entry["sde_type"])
+        return cls(
+            float(entry["noise_level"]),
+            (int(start), int(end)),
+            entry.get("chunk_size"),
+            entry["sde_type"],
+            bool(entry.get("record_noise", False)),
+        )
 
     @classmethod
     def for_warmup(cls, num_inference_steps: int) -> FlowGRPOArgs:
@@ -146,7 +155,12 @@ def sample_true_cfg(
     traj = adapter.sample(encodings, negatives, generators, AdapterParams(sp, args), args.chunk_size)
     media = decode(traj.final_latents, args.chunk_size)
     return [
-        {"output": media[j : j + 1], **pack_trajectory(traj, j, encodings[j], negatives[j] if negatives else None)}
+        {
+            "output": media[j : j + 1],
+            **pack_trajectory(
+                traj, j, encodings[j], negatives[j] if negatives else None, record_noise=args.record_noise
+            ),
+        }
         for j in range(len(rows))
     ]
 
@@ -186,6 +200,7 @@ def sampling_kwargs(params: SamplingParams, max_sequence_length: int, chunk_size
                 "sde_window": list(params.sde_window),
                 "chunk_size": chunk_size,
                 "sde_type": params.sde_type,
+                "record_noise": params.record_noise,
             }
         },
     }
@@ -200,11 +215,19 @@ def engine_prompt(text: str, params: SamplingParams) -> dict[str, str]:
 
 
 def pack_trajectory(
-    traj: SDETrajectory, row: int, conditioning: Conditioning, negative: Conditioning | None
+    traj: SDETrajectory,
+    row: int,
+    conditioning: Conditioning,
+    negative: Conditioning | None,
+    *,
+    record_noise: bool,
 ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
     """Pipeline side: row ``row`` of a batch's trajectory, with its conditioning bundles, as vllm-omni
-    ``DiffusionOutput`` trajectory fields."""
+    ``DiffusionOutput`` trajectory fields. ``record_noise`` (the request's :class:`FlowGRPOArgs`): each step's
+    draw too, sent only when asked for (as large as the latents)."""
     payload: dict[str, torch.Tensor] = {"latents": traj.latents[row].float()}
+    if record_noise:  # empty when T == 0, as the latents
+        payload["noise"] = traj.noise[row].float()
     if traj.log_probs.shape[1]:
         payload.update({_POSITIVE + k: v.float() for k, v in conditioning.items()})
         payload.update({_NEGATIVE + k: v.float() for k, v in (negative or {}).items()})
@@ -306,6 +329,16 @@ def to_sample(
             f"vllm-omni request {request_id!r} recorded {log_probs.shape[0]} log-probs and {latents.shape[0]} "
             f"latents; its SDE window {[start, end]} needs {steps} and {expected_latents}"
         )
+    noise = None
+    if params.record_noise:
+        noise = torch.as_tensor(payload["noise"]).float().cpu() if "noise" in payload else None
+        wanted = (steps, *latents.shape[1:])
+        if noise is None or tuple(noise.shape) != wanted:
+            got = "no noise" if noise is None else f"noise of shape {tuple(noise.shape)}"
+            raise RuntimeError(
+                f"vllm-omni request {request_id!r} set record_noise and returned {got}; its {steps} recorded steps "
+                f"need {wanted}"
+            )
     step_sigmas = sigmas[start : end + 1].float() if steps else sigmas[:0].float()
     if not torch.allclose(timesteps, step_sigmas[:-1] * TIMESTEP_SCALE, rtol=1e-6, atol=1e-4):
         raise RuntimeError(
@@ -334,6 +367,7 @@ def to_sample(
         latents=latents,
         sigmas=step_sigmas.clone(),
         log_probs=log_probs,
+        noise=noise,
         model_version=model_version,
         extra_fields={**extra_fields, "seed": params.seed, "sde_step_indices": list(range(start, end))},
         **keys,

@@ -105,7 +105,9 @@ class FluxFlowGRPOPipeline(FluxPipeline):
         )
         images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
         return [
-            OmniDiffusionOutput(output=images[j : j + 1], **pack_trajectory(traj, j, encodings[j], None))
+            OmniDiffusionOutput(
+                output=images[j : j + 1], **pack_trajectory(traj, j, encodings[j], None, record_noise=args.record_noise)
+            )
             for j in range(len(rows))
         ]
 

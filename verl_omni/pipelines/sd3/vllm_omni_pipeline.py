@@ -89,7 +89,8 @@ class SD3FlowGRPOPipeline(StableDiffusion3Pipeline):
         images = decode_latents(self.vae, traj.final_latents, args.chunk_size)
         outputs = []
         for j in range(len(rows)):
-            trajectory = pack_trajectory(traj, j, encodings[j], negatives[j] if negatives else None)
+            negative = negatives[j] if negatives else None
+            trajectory = pack_trajectory(traj, j, encodings[j], negative, record_noise=args.record_noise)
             outputs.append(OmniDiffusionOutput(output=images[j : j + 1], **trajectory))
         return outputs
 
