@@ -1,16 +1,19 @@
 """``trainer.rollout_mode`` side by side: ``sync`` against ``one_step_off`` on the tiny default, same seeds.
 
-Each (mode, seed) is one run of the recipe (a subprocess, as a user runs it) with validation at step 0 and after
-the last step. Reported per mode: the median seconds per step (the first step excluded: it has nothing to overlap
-with), steps per second relative to ``sync``, and the validation reward after the last step, as mean and spread
-over the seeds. Equal threads: both modes use the recipe's replicas and training rank as configured.
+Modes: ``sync``; ``one_step_off`` (its default: stale transitions re-centred on the current means,
+``actor.recentre_stale``); ``one_step_off, as drawn`` (``recentre_stale=false``: the stale transitions scored as
+sampled). Each (mode, seed) is one run of the recipe (a subprocess, as a user runs it) with validation at step 0
+and after the last step. Reported per mode: the median seconds per step (the first step excluded: it has nothing
+to overlap with), steps per second relative to ``sync``, the training reward of the last 5 steps and the
+validation reward after the last step, each as mean and spread over the seeds. Equal threads: every mode uses the
+recipe's replicas and training rank as configured.
 
 Also the CPU-seconds a steady step takes, over every process of the run (sampled as each step's metrics line
 lands), and from sync's the floor on this machine's cores: no schedule of a step's work can take less than its
 CPU-seconds divided by the cores, so that floor bounds what overlapping the rollout with the update can gain.
 
 Run: ``python -m benchmarks.rollout_mode_bench --steps 20 --seeds 1 2 3`` (minutes: one recipe run per mode and
-seed).
+seed; ``--modes`` picks some).
 """
 
 from __future__ import annotations
@@ -27,18 +30,23 @@ from pathlib import Path
 
 from benchmarks.process_tree_cpu import ProcessTreeCPU
 
-MODES = ("sync", "one_step_off")
+MODES = {
+    "sync": ["trainer.rollout_mode=sync"],
+    "one_step_off": ["trainer.rollout_mode=one_step_off"],
+    "one_step_off, as drawn": ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.recentre_stale=false"],
+}
 
 
 def run(mode: str, seed: int, steps: int, out_dir: Path, extra: list[str]) -> dict[str, float]:
     """One recipe run: its median step seconds (steps 2+), its CPU-seconds per step over steps 2 to the one before
-    the last (every process of the run, sampled as each step's metrics line lands) and its last validation reward."""
-    run_dir = out_dir / f"{mode}-seed{seed}"
+    the last (every process of the run, sampled as each step's metrics line lands), the mean training reward of its
+    last 5 steps and its last validation reward."""
+    run_dir = out_dir / f"{mode.replace(', ', '-').replace(' ', '_')}-seed{seed}"
     command = [
         sys.executable,
         "-m",
         "recipes.flowgrpo.main",
-        f"trainer.rollout_mode={mode}",
+        *MODES[mode],
         f"trainer.seed={seed}",
         f"trainer.total_training_steps={steps}",
         f"trainer.test_freq={steps}",
@@ -62,11 +70,22 @@ def run(mode: str, seed: int, steps: int, out_dir: Path, extra: list[str]) -> di
     rows = [r.get("data", r) for r in rows]
     step_s = [r["timing_s/step"] for r in rows if "timing_s/step" in r][1:]
     val = [r["val/reward/mean"] for r in rows if "val/reward/mean" in r]
+    train = [r["reward/mean"] for r in rows if "reward/mean" in r]
     first, last = 1, steps - 1  # after step 1 (nothing to overlap), before the last (no rollout ahead, validation)
     if first not in cpu_at_step or last not in cpu_at_step or last <= first:
         raise RuntimeError(f"{mode} seed {seed}: steps {first} and {last} were not both seen; use --steps >= 3")
     cpu_per_step = (cpu_at_step[last] - cpu_at_step[first]) / (last - first)
-    return {"step_s": statistics.median(step_s), "cpu_s_per_step": cpu_per_step, "val": val[-1]}
+    return {
+        "step_s": statistics.median(step_s),
+        "cpu_s_per_step": cpu_per_step,
+        "train_last5": statistics.mean(train[-5:]),
+        "val": val[-1],
+    }
+
+
+def _spread(values: list[float]) -> str:
+    """Mean +- sample standard deviation over the seeds."""
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def _steps_done(metrics: Path) -> int:
@@ -81,29 +100,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("overrides", nargs="*", help="extra recipe overrides, for both modes")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), metavar="MODE")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides, for every mode")
     args = parser.parse_args(argv)
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    if "sync" not in args.modes:
+        parser.error("--modes must include sync: the other modes are reported relative to it")
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in args.modes}
     with tempfile.TemporaryDirectory(prefix="rollout_mode_bench_") as tmp:
         for seed in args.seeds:
-            for mode in MODES:  # interleaved, so load changes hit both modes alike
+            for mode in args.modes:  # interleaved, so load changes hit every mode alike
                 results[mode].append(run(mode, seed, args.steps, Path(tmp), args.overrides))
                 print(f"{mode:>13} seed {seed}: {results[mode][-1]}", flush=True)
     base = statistics.median(r["step_s"] for r in results["sync"])
     cores = len(os.sched_getaffinity(0))
     print(f"\n{args.steps} steps, seeds {args.seeds}, {cores} cores")
     print(
-        f"{'mode':>13}  {'s/step (median)':>15}  {'steps/s vs sync':>15}  {'CPU-s/step':>10}  "
-        f"{'val reward (mean +- sd)':>24}"
+        f"{'mode':>22}  {'s/step (median)':>15}  {'steps/s vs sync':>15}  {'CPU-s/step':>10}  "
+        f"{'train reward, last 5':>20}  {'val reward':>15}"
     )
     for mode, rows in results.items():
         step_s = statistics.median(r["step_s"] for r in rows)
         cpu_s = statistics.median(r["cpu_s_per_step"] for r in rows)
-        vals = [r["val"] for r in rows]
-        spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
         print(
-            f"{mode:>13}  {step_s:>15.3f}  {base / step_s:>14.2f}x  {cpu_s:>10.2f}  "
-            f"{statistics.mean(vals):>15.3f} +- {spread:.3f}"
+            f"{mode:>22}  {step_s:>15.3f}  {base / step_s:>14.2f}x  {cpu_s:>10.2f}  "
+            f"{_spread([r['train_last5'] for r in rows]):>20}  {_spread([r['val'] for r in rows]):>15}"
         )
     # No schedule of a step's work on `cores` cores takes less than its CPU-seconds / cores: overlapping the rollout
     # with the update can gain at most sync's step time over that floor (sync's work: the overlap adds, not removes).

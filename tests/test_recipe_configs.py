@@ -298,6 +298,22 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
             ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.ema.enable=true"],
             r"trainer\.rollout_mode='one_step_off' with actor_rollout_ref\.actor\.ema\.enable=true and validation on",
         ),
+        (
+            ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.recompute_old_log_prob=true"],
+            r"actor\.recompute_old_log_prob=true with trainer\.rollout_mode='one_step_off' and actor_rollout_ref\.actor"
+            r"\.recentre_stale=true: .*valid choices: actor_rollout_ref\.actor\.recompute_old_log_prob=false, or "
+            r"actor_rollout_ref\.actor\.recentre_stale=false",
+        ),
+        (
+            ["trainer.rollout_mode=one_step_off", "algorithm.name=grpo_guard"],
+            r"algorithm\.name='grpo_guard' with trainer\.rollout_mode='one_step_off': .*valid choices: trainer\."
+            r"rollout_mode=sync, or actor_rollout_ref\.actor\.recentre_stale=false with actor_rollout_ref\.actor\."
+            r"recompute_old_log_prob=true",
+        ),
+        (
+            ["actor_rollout_ref.actor.recentre_stale=maybe"],
+            r"actor_rollout_ref\.actor\.recentre_stale='maybe' is not valid; valid choices: true, false",
+        ),
         (["trainer.resume_mode=resume_path"], r"trainer\.resume_from_path=None is not a checkpoint directory"),
         (
             ["trainer.default_local_dir=/proc/verl_omni_run"],
@@ -395,6 +411,9 @@ def test_diffusion_routing_is_speed_aware_by_default_and_can_be_turned_off(tiny_
         "unknown-rollout-mode",
         "one-step-off-several-epochs",
         "one-step-off-ema-validation",
+        "recentred-and-recomputed",
+        "guard-one-step-off-recentred",
+        "non-bool-recentre",
         "resume-path-without-path",
         "unwritable-output",
         "plus-added-typo",
@@ -667,3 +686,15 @@ def test_one_step_off_warns_what_it_costs_in_learning_and_sync_does_not(tiny_env
     lines = [line for line in capsys.readouterr().err.splitlines() if "one_step_off" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: trainer.rollout_mode=one_step_off trains each step")
     assert "stale_gradient_bench" in lines[0]
+
+
+def test_grpo_guard_runs_one_step_off_on_samples_as_drawn_with_recomputed_old_log_probs(tiny_env: None) -> None:
+    """The one combination GRPO-Guard takes off-policy: no re-centring, old log-probs and means from one set of
+    weights (the update's start)."""
+    overrides = [
+        "trainer.rollout_mode=one_step_off",
+        "algorithm.name=grpo_guard",
+        "actor_rollout_ref.actor.recentre_stale=false",
+        "actor_rollout_ref.actor.recompute_old_log_prob=true",
+    ]
+    validate_recipe_config(compose_recipe(TINY, overrides), available_gpus=0)

@@ -32,8 +32,9 @@ NEGATIVE_CONDITIONING_INDEX = "negative_conditioning_index"
 # Per-sample tensors a Sample carries, stacked under the same names in the batch; NOISE only when requested.
 SAMPLE_TENSORS = ("image", "latents", "sigmas", "log_probs")
 NOISE = "noise"
-# What the policy update reads (NOISE where the rollout recorded it); the rest of a rollout batch stays on the driver.
-TRAIN_KEYS = ("latents", "sigmas", "log_probs", "advantages", CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, NOISE)
+# What the policy update reads (and NOISE, where the rollout recorded it); the rest of a rollout batch stays on the
+# driver.
+TRAIN_KEYS = ("latents", "sigmas", "log_probs", "advantages", CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX)
 
 
 class Sample(BaseModel):

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from verl_omni.trainer.flowgrpo.kl_forms import KL_FORMS
 from verl_omni.workers.config.actor_fsdp import ActorFSDPConfig
-from verl_omni.workers.config.algorithm import AlgorithmConfig, check_guard_old_policy, check_nft_settings
+from verl_omni.workers.config.algorithm import AlgorithmConfig, check_nft_settings, check_stale_samples
 from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
 from verl_omni.workers.config.ema import EMAConfig
 from verl_omni.workers.config.precision import ACTOR, IS_THRESHOLD_KEY, RECOMPUTE_KEY
@@ -113,6 +113,7 @@ class ActorOptions(Section):
     timestep_fraction: float = option(1.0, gt=0, le=1)
     cfg_detach_uncond: bool = False
     recompute_old_log_prob: bool = False
+    recentre_stale: bool = True
     rollout_is_threshold: float | None = option(
         None, gt=0, note="the cap C of the truncated importance weights min(p_old / p_rollout, C); verl's is 2.0"
     )
@@ -206,7 +207,12 @@ class RecipeConfig(Section):
     ray_kwargs: RayOptions = Field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
-        check_guard_old_policy(self.algorithm.name, self.trainer.rollout_mode, self.actor.recompute_old_log_prob)
+        check_stale_samples(
+            self.algorithm.name,
+            self.trainer.rollout_mode,
+            self.actor.recompute_old_log_prob,
+            self.actor.recentre_stale,
+        )
         window = self.rollout.diffusion.sde_window
         check_nft_settings(
             self.algorithm.name,

@@ -33,7 +33,7 @@ with collector_paused():  # verl, torch: objects that all survive (verl_omni.uti
     from verl.single_controller.base.decorator import Dispatch, register
 
     from verl_omni.pipelines.registry import load_trainer_binding
-    from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, expand, shard
+    from verl_omni.protocol import CONDITIONING, CONDITIONING_INDEX, NEGATIVE_CONDITIONING_INDEX, NOISE, expand, shard
     from verl_omni.trainer.flowgrpo.loss import (
         flowgrpo_policy_loss,
         guard_log_prob,
@@ -300,6 +300,7 @@ class DiffusionActorWorker(Worker):
         later_clip: list[float] = []
         first_log_ratios: list[torch.Tensor] = []  # every (sample, trained step) row before the first update
         nft_rows: dict[str, list[dict[str, torch.Tensor]]] = {"first": [], "later": []}  # DiffusionNFT's v - v_old
+        shifts: list[torch.Tensor] = []  # re-centred rows: (max |shift|, mean shift^2) per row and step
         for epoch in range(self.ppo_epochs):
             if self.nft:  # fresh forward-process draws per pass, as the authors per inner epoch
                 self._nft_prepare(batch, rows, micro, steps, nft_generator)
@@ -317,8 +318,10 @@ class DiffusionActorWorker(Worker):
                             (loss * weight).backward()
                             nft_rows["first" if on_policy else "later"].append(per_row)
                         else:
-                            loss, metrics, log_ratio, log_ratios = self._loss_at_step(batch, idx, t)
+                            loss, metrics, log_ratio, log_ratios, shift = self._loss_at_step(batch, idx, t)
                             (loss * weight).backward()
+                            if shift is not None:
+                                shifts.append(shift)
                             for name, value in log_ratios.items():
                                 step_ratios.setdefault(name, [[] for _ in range(steps)])[t].append(value)
                             if on_policy:
@@ -341,6 +344,10 @@ class DiffusionActorWorker(Worker):
         out["actor/ratio_max_abs_dev"] = float(torch.expm1(log_ratio).abs().max())
         out["actor/log_ratio_abs_mean"] = float(log_ratio.abs().mean())
         out.update(per_step_ratio_metrics(step_ratios))
+        if shifts:  # how stale the re-centred samples were, in noise stds (a mean would hide one far-moved row)
+            shift = torch.cat(shifts).double()
+            out["actor/recentre_shift_max"] = float(shift[:, 0].max())
+            out["actor/recentre_shift_rms"] = float(shift[:, 1].mean().sqrt())
         return self._common_metrics(out)
 
     def _common_metrics(self, out: dict[str, float]) -> dict[str, float]:
@@ -448,10 +455,13 @@ class DiffusionActorWorker(Worker):
 
     def _loss_at_step(
         self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int
-    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss and metrics of rows ``idx`` at trained step ``t``, their detached log-ratio as the loss clips it, and
-        the log-ratios to report per step (``ratio``: the plain one; with GRPO-Guard also ``guard_ratio``)."""
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """Loss and metrics of rows ``idx`` at trained step ``t``, their detached log-ratio as the loss clips it, the
+        log-ratios to report per step (``ratio``: the plain one; with GRPO-Guard also ``guard_ratio``) and, for
+        re-centred rows, how far this policy's means moved from the sampler's (:func:`_mean_shift`; else None)."""
         step_args = self._step_args(batch, idx, t)
+        if NOISE in batch:  # re-centred on this policy's means (actor.recentre_stale): no stale part in the score
+            step_args["noise"] = batch[NOISE][idx, t].to(self.device)
         log_prob, mean, std_dev = self._compute_log_prob(self.model, step_args)
         ref_mean = None
         if self.beta > 0:
@@ -460,6 +470,9 @@ class DiffusionActorWorker(Worker):
                 _, ref_mean, _ = self._compute_log_prob(ref_model, step_args)
         old_log_prob = batch["old_log_probs"][idx, t].to(self.device)
         log_ratios = {"ratio": (log_prob - old_log_prob).detach()}
+        shift = None
+        if NOISE in batch:
+            shift = _mean_shift(mean, std_dev, step_args["noise"], step_args["next_latents"])
         if self.guard:
             old_mean = batch["old_means"][idx, t].to(self.device)
             log_prob = guard_log_prob(log_prob, old_log_prob, mean, old_mean, std_dev)
@@ -479,7 +492,7 @@ class DiffusionActorWorker(Worker):
             beta=self.beta,
             is_weights=is_weights,
         )
-        return loss, metrics, (log_prob - old_log_prob).detach(), log_ratios
+        return loss, metrics, (log_prob - old_log_prob).detach(), log_ratios, shift
 
     @torch.no_grad()
     def _old_means(self, batch: dict[str, torch.Tensor], rows: np.ndarray, micro: int) -> torch.Tensor:
@@ -674,6 +687,20 @@ class DiffusionActorWorker(Worker):
                     "off); resume with ema.enable=false or start a new run"
                 )
             self.ema.load_state_dict(state["ema"])
+
+
+@torch.no_grad()
+def _mean_shift(
+    mean: torch.Tensor, std_dev: torch.Tensor, noise: torch.Tensor, next_latents: torch.Tensor
+) -> torch.Tensor:
+    """Per row, ``(max, mean of squares)`` over elements of ``(mu_theta - mu_old) / std_dev``: how far this policy's
+    transition means moved from the sampler's (``mu_old = next_latents - std_dev * noise``) in units of the step's
+    noise; the re-centring moves each stale sample by this much. Steps without noise (CPS's last) count 0."""
+    noisy = std_dev > 0
+    safe = torch.where(noisy, std_dev, torch.ones_like(std_dev))
+    shift = torch.where(noisy, (mean.float() - (next_latents.float() - std_dev * noise.float())) / safe, 0.0)
+    flat = shift.flatten(1)
+    return torch.stack([flat.abs().amax(dim=1), flat.square().mean(dim=1)], dim=1).cpu()
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:

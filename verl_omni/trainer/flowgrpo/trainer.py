@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from verl.protocol import DataProto
 from verl.utils.tracking import Tracking
 
-from verl_omni.protocol import CONDITIONING, TRAIN_KEYS, compact
+from verl_omni.protocol import CONDITIONING, NOISE, TRAIN_KEYS, compact
 from verl_omni.trainer.flowgrpo.advantages import compute_group_advantages, group_reward_stats, nonzero_advantage_rows
 from verl_omni.trainer.flowgrpo.preemption import GracefulStop
 from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS, rollout_rows
@@ -122,6 +122,8 @@ class FlowGRPOTrainer:
         self.weight_sync_driver_bytes = 0
         # one_step_off: the next step's rollout, sampled in this thread while the current step trains
         self.one_step_off = config.trainer.get("rollout_mode", "sync") == "one_step_off"
+        # ... whose stale transitions the actor re-centres on its means, with the noise the rollouts return
+        self.recentre_stale = self.one_step_off and bool(actor.get("recentre_stale", True))
         self._rollout_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
         self._next_rollout: tuple[DataProto, int, float] | None = None
         self.stopped: str | None = None  # why the run stopped before its last step (a stop signal), if it did
@@ -228,12 +230,19 @@ class FlowGRPOTrainer:
         """The rollout request for ``rows`` (a ``PromptBatch``), whose ``step`` and ``base_seed`` seed its rows."""
         tag = f"val{self.version}" if validate else f"step{rows.step}"
         non_tensors = rollout_rows(rows, tag)
-        if self.windows is not None and not validate:
-            windows = [self.windows.window(rows.step, uid, rows.base_seed) for uid in rows.uids]
-            non_tensors[ROW_SAMPLING_PARAMS] = object_column([{"sde_window": list(w)} for w in windows])
-        if self.nft and not validate:  # every step deterministic and recorded: the clean sample and the schedule
-            whole = {"sde_type": "ode", "sde_window": [0, self.num_inference_steps]}
-            non_tensors[ROW_SAMPLING_PARAMS] = object_column([dict(whole) for _ in rows.uids])
+        if not validate:
+            params: list[dict[str, Any]] = [{} for _ in rows.uids]
+            if self.windows is not None:
+                for row, uid in zip(params, rows.uids, strict=True):
+                    row["sde_window"] = list(self.windows.window(rows.step, uid, rows.base_seed))
+            if self.nft:  # every step deterministic and recorded: the clean sample and the schedule
+                for row in params:
+                    row.update(sde_type="ode", sde_window=[0, self.num_inference_steps])
+            if self.recentre_stale:
+                for row in params:
+                    row["record_noise"] = True
+            if any(params):
+                non_tensors[ROW_SAMPLING_PARAMS] = object_column(params)
         return DataProto.from_dict(
             non_tensors=non_tensors,
             meta_info={"global_steps": rows.step, "seed": rows.base_seed, "validate": validate},
@@ -428,14 +437,17 @@ class FlowGRPOTrainer:
         every training rank must run the same number of passes, so the first dropped rows (advantage exactly 0,
         no policy-gradient signal) top the count up to the next multiple of the ranks. None when no row is left.
         """
-        keys = [k for k in TRAIN_KEYS if not (self.nft and k == "log_probs")]
+        present = set(out.batch.keys())
+        keys = [k for k in (*TRAIN_KEYS, NOISE) if k in present and not (self.nft and k == "log_probs")]
         batch = out.select(batch_keys=keys, meta_info_keys=[CONDITIONING])
         if self.nft:
             batch.batch["latents"] = batch.batch["latents"][:, -1:].contiguous()
             batch.batch["sigmas"] = batch.batch["sigmas"][:, :-1].contiguous()  # the N levels, not the final 0
         else:
             k = self.trained_steps  # step t moves latents[:, t] to latents[:, t + 1]
-            batch.batch["log_probs"] = batch.batch["log_probs"][:, :k].contiguous()
+            for key in ("log_probs", NOISE):
+                if key in present:
+                    batch.batch[key] = batch.batch[key][:, :k].contiguous()
             for key in ("latents", "sigmas"):
                 batch.batch[key] = batch.batch[key][:, : k + 1].contiguous()
         if not self.algorithm.drops_zero_advantage:

@@ -176,15 +176,28 @@ def check_algorithm_options(config: AlgorithmConfig) -> None:
         )
 
 
-def check_guard_old_policy(name: str, rollout_mode: str, recompute_old_log_prob: bool) -> None:
-    """GRPO-Guard compares each transition's current mean with its mean under the weights the update starts from;
-    with ``trainer.rollout_mode=one_step_off`` those are not the weights that sampled (and whose log-probs the
-    rollout stored) unless the actor recomputes the old log-probs too."""
-    if name == "grpo_guard" and rollout_mode != "sync" and not recompute_old_log_prob:
+def check_stale_samples(name: str, rollout_mode: str, recompute_old_log_prob: bool, recentre_stale: bool) -> None:
+    """How ``trainer.rollout_mode=one_step_off`` handles samples one version old. Re-centred (``actor.recentre_stale``,
+    the default) each transition is moved onto the current means with the sampler's noise, so its log-prob is the
+    sampler's at any weights: a recomputed old log-prob would score the un-moved sample, and GRPO-Guard's
+    normalisation has no mean shift left to normalise. Not re-centred, GRPO-Guard needs the old log-probs and means
+    from the same weights, so the actor recomputes them."""
+    if rollout_mode == "sync":
+        return
+    actor = "actor_rollout_ref.actor"
+    if recentre_stale and recompute_old_log_prob:
+        raise ConfigError(
+            f"{actor}.recompute_old_log_prob=true with trainer.rollout_mode={rollout_mode!r} and "
+            f"{actor}.recentre_stale=true: a re-centred transition's log-prob is the sampler's at any weights and "
+            f"precision, there is nothing to recompute; valid choices: {actor}.recompute_old_log_prob=false, or "
+            f"{actor}.recentre_stale=false"
+        )
+    if name == "grpo_guard" and (recentre_stale or not recompute_old_log_prob):
         raise ConfigError(
             f"{ALGORITHM_PREFIX}.name='grpo_guard' with trainer.rollout_mode={rollout_mode!r}: the normalised ratio "
-            "needs the old log-probs and the old means from the same weights; valid choices: trainer.rollout_mode="
-            "sync, or actor_rollout_ref.actor.recompute_old_log_prob=true"
+            "needs the old log-probs and the old means from the same weights (and re-centring leaves no mean shift "
+            f"to normalise); valid choices: trainer.rollout_mode=sync, or {actor}.recentre_stale=false with "
+            f"{actor}.recompute_old_log_prob=true"
         )
 
 
