@@ -10,8 +10,8 @@ step) give ``theta1``, which samples ``M`` fresh batches. At ``theta1``, the Flo
 - ``fresh``: a batch ``theta1`` drew (what ``sync`` trains on);
 - ``stale``: a batch ``theta0`` drew, ratio against its stored log-probs (what ``one_step_off`` trains on);
 - ``re-centred``: the stale batch with each transition's noise moved onto ``theta1``'s mean,
-  ``x' = mu_theta1(x) + std z`` with ``z = (x_next - mu_theta0(x)) / std``: what ``theta1`` would have drawn
-  with the same noise from the same state;
+  ``x' = mu_theta1(x) + std z`` with ``z`` the sampler's own draw (``x_next = mu_theta0(x) + std z``): what
+  ``theta1`` would have drawn with the same noise from the same state, as ``actor.recentre_stale`` trains on;
 - ``stale - re-centred``: the part a stale transition adds, ``(mu_theta0 - mu_theta1) / std^2`` in its score.
 
 Per kind: the mean norm of one batch's gradient, the norm of the mean of ``M`` (noise shrinks like 1/sqrt(M), a
@@ -51,7 +51,7 @@ class Batch:
     advantages: torch.Tensor  # (N,)
     rewards: torch.Tensor  # (N,)
     conditioning: dict[str, torch.Tensor]
-    noise: torch.Tensor | None = None  # (N, TRAINED, *latent): z of each trained transition at the sampling weights
+    noise: torch.Tensor  # (N, STEPS, *latent): the sampler's draw of each transition
 
 
 class Policy:
@@ -104,39 +104,31 @@ class Policy:
         uids = [str(i // GROUP) for i in range(len(self.texts))]
         advantages = compute_group_advantages(rewards, uids, global_std=False, clip_max=5.0)
         return Batch(
-            trajectory.latents, trajectory.log_probs, trajectory.sigmas, advantages, rewards, self.conditioning
+            trajectory.latents,
+            trajectory.log_probs,
+            trajectory.sigmas,
+            advantages,
+            rewards,
+            self.conditioning,
+            trajectory.noise,
         )
 
-    def _transition(self, batch: Batch, rows: torch.Tensor, t: int, next_latents: torch.Tensor | None = None):
+    def _transition(self, batch: Batch, rows: torch.Tensor, t: int, recentre: bool = False):
+        """The trainer's log-prob of rows' step ``t`` (``recentre``: moved onto the current means with their noise,
+        as ``actor.recentre_stale`` does)."""
         from verl_omni.pipelines.sd3.sampling import compute_log_prob
 
         n = len(rows)
         return compute_log_prob(
             self.model,
             latents=batch.latents[rows, t],
-            next_latents=batch.latents[rows, t + 1] if next_latents is None else next_latents,
+            next_latents=batch.latents[rows, t + 1],
+            noise=batch.noise[rows, t] if recentre else None,
             sigmas=batch.sigmas[t].expand(n).contiguous(),
             sigmas_next=batch.sigmas[t + 1].expand(n).contiguous(),
             conditioning={k: v[rows] for k, v in batch.conditioning.items()},
             noise_level=NOISE,
         )
-
-    @torch.no_grad()
-    def means(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each trained transition's mean and std at the current weights: ``(N, TRAINED, *latent)`` and
-        ``(TRAINED,)``."""
-        from verl_omni.utils.batch_invariant import onednn
-
-        n = batch.latents.shape[0]
-        means = torch.empty(n, TRAINED, *batch.latents.shape[2:])
-        stds = torch.empty(TRAINED)
-        with onednn(enabled=False):
-            for start in range(0, n, CHUNK):
-                rows = torch.arange(start, min(start + CHUNK, n))
-                for t in range(TRAINED):
-                    _, means[rows, t], std = self._transition(batch, rows, t)
-                    stds[t] = std.flatten()[0]
-        return means, stds
 
     def gradient(self, batch: Batch, rows: torch.Tensor | None = None, recentre: bool = False) -> torch.Tensor:
         """The flattened gradient of the FlowGRPO loss over ``rows`` (all by default), weighted as one optimizer step
@@ -145,27 +137,17 @@ class Policy:
         from verl_omni.utils.batch_invariant import onednn
 
         rows = torch.arange(batch.latents.shape[0]) if rows is None else rows
-        centres = None
-        if recentre:
-            means, stds = self.means(batch)
-            centres = means + stds.view(1, TRAINED, *[1] * (means.dim() - 2)) * batch.noise
         self.model.zero_grad(set_to_none=True)
         with onednn(enabled=False):
             for start in range(0, len(rows), CHUNK):
                 chunk = rows[start : start + CHUNK]
                 for t in range(TRAINED):
-                    moved = None if centres is None else centres[chunk, t]
-                    log_prob, _, _ = self._transition(batch, chunk, t, moved)
+                    log_prob, _, _ = self._transition(batch, chunk, t, recentre)
                     loss, _ = flowgrpo_policy_loss(log_prob, batch.log_probs[chunk, t], batch.advantages[chunk], CLIP)
                     (loss * len(chunk) / len(rows) / TRAINED).backward()
         grad = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in self.params])
         self.model.zero_grad(set_to_none=True)
         return grad.double()
-
-    def record_noise(self, batch: Batch) -> None:
-        """Store each trained transition's noise ``z`` at the current (sampling) weights."""
-        means, stds = self.means(batch)
-        batch.noise = (batch.latents[:, 1 : TRAINED + 1] - means) / stds.view(1, TRAINED, *[1] * (means.dim() - 2))
 
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -226,16 +208,12 @@ def learning_curve(policy: Policy, mode: str, steps: int, optimizer_steps: int, 
     recentre = mode.endswith("re-centred")
     rewards: list[float] = []
     stale = None if mode == "sync" else policy.sample(seed * 1_000 + 10_000)  # the recipe's first, on-policy batch
-    if recentre:
-        policy.record_noise(stale)
     for step in range(steps):
         drawn = policy.sample(seed * 1_000 + 10_001 + step)  # by the weights after `step` updates
         rewards.append(float(drawn.rewards.mean()))
         if stale is None:
             policy.train(drawn, optimizer_steps, seed + step, optimizer)
             continue
-        if recentre:
-            policy.record_noise(drawn)  # at the weights that drew it, for re-centring it next step
         policy.train(stale, optimizer_steps, seed + step, optimizer, recentre=recentre)
         stale = drawn
     return rewards
@@ -279,8 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_steps:
         print(curves(policy, args.train_steps, args.optimizer_steps, args.seed) + "\n", flush=True)
     stale = [policy.sample(base + 100 + j) for j in range(args.batches)]
-    for batch in stale:
-        policy.record_noise(batch)
     policy.train(policy.sample(base + 1), args.optimizer_steps, args.seed)
     fresh = [policy.sample(base + 500 + j) for j in range(args.batches)]
     kinds = {

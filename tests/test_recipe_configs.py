@@ -678,14 +678,17 @@ def test_model_dependent_settings_are_checked_from_its_configs(
         validate_model_options(compose_recipe(TINY, overrides), path)
 
 
-def test_one_step_off_warns_what_it_costs_in_learning_and_sync_does_not(tiny_env: None, capsys) -> None:
-    """A measured cost, said where the mode is chosen: one ``warning:`` line on stderr, none in ``sync``."""
-    validate_recipe_config(compose_recipe(TINY), available_gpus=0)
-    assert "one_step_off" not in capsys.readouterr().err
-    validate_recipe_config(compose_recipe(TINY, ["trainer.rollout_mode=one_step_off"]), available_gpus=0)
+def test_one_step_off_as_drawn_warns_what_it_costs_in_learning_and_the_default_does_not(tiny_env: None, capsys) -> None:
+    """A measured cost, said where it is chosen: one ``warning:`` line on stderr for stale samples trained as drawn;
+    none in ``sync`` nor in ``one_step_off`` with re-centring (the default)."""
+    for quiet in ([], ["trainer.rollout_mode=one_step_off"]):
+        validate_recipe_config(compose_recipe(TINY, quiet), available_gpus=0)
+        assert "one_step_off" not in capsys.readouterr().err
+    as_drawn = ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.recentre_stale=false"]
+    validate_recipe_config(compose_recipe(TINY, as_drawn), available_gpus=0)
     lines = [line for line in capsys.readouterr().err.splitlines() if "one_step_off" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: trainer.rollout_mode=one_step_off trains each step")
-    assert "stale_gradient_bench" in lines[0]
+    assert len(lines) == 1
+    assert lines[0].startswith("warning: trainer.rollout_mode=one_step_off with actor_rollout_ref.actor.recentre_stale")
 
 
 def test_grpo_guard_runs_one_step_off_on_samples_as_drawn_with_recomputed_old_log_probs(tiny_env: None) -> None:

@@ -296,14 +296,16 @@ def _check_rollout_mode(recipe: Any) -> None:
 
 
 def rollout_mode_warning(recipe: Any) -> str | None:
-    """``one_step_off`` with a log-prob objective: what it costs in learning, measured (None in ``sync``)."""
-    if recipe.trainer.rollout_mode != "one_step_off":
+    """``one_step_off`` on stale samples as drawn (``actor.recentre_stale=false``): what it costs in learning,
+    measured. None in ``sync`` and with re-centring (the default)."""
+    if recipe.trainer.rollout_mode != "one_step_off" or recipe.actor.recentre_stale:
         return None
     return (
-        "trainer.rollout_mode=one_step_off trains each step on samples one version old, and the FlowGRPO ratio (a mean "
-        "over latent elements) cannot correct their gradients: on the CPU colour task it learned less per step and "
-        "per second than sync (benchmarks/stale_gradient_bench.py; docs/advanced_features/flowgrpo.md, "
-        "'Overlapping the rollout with training'); compare validation reward against wall time before relying on it"
+        "trainer.rollout_mode=one_step_off with actor_rollout_ref.actor.recentre_stale=false trains on samples one "
+        "version old as drawn, and the FlowGRPO ratio (a mean over latent elements) cannot correct their gradients: on "
+        "the CPU colour task it learned less per step than sync and than re-centred one_step_off "
+        "(benchmarks/rollout_mode_bench.py; docs/advanced_features/flowgrpo.md, 'Overlapping the rollout with "
+        "training'); compare validation reward against wall time before relying on it"
     )
 
 
