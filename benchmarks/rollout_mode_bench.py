@@ -2,18 +2,20 @@
 
 Modes: ``sync``; ``one_step_off`` (its default: stale transitions re-centred on the current means,
 ``actor.recentre_stale``); ``one_step_off, as drawn`` (``recentre_stale=false``: the stale transitions scored as
-sampled). Each (mode, seed) is one run of the recipe (a subprocess, as a user runs it) with validation at step 0
-and after the last step. Reported per mode: the median seconds per step (the first step excluded: it has nothing
-to overlap with), steps per second relative to ``sync``, the training reward of the last 5 steps and the
-validation reward after the last step, each as mean and spread over the seeds. Equal threads: every mode uses the
-recipe's replicas and training rank as configured.
+sampled); ``one_step_off, 1 replica`` (one rollout thread beside the trainer's instead of two, so as many busy
+threads as ``sync`` has while it samples; the same samples, under batch-invariant mode). ``--modes`` picks some; the
+default runs the first three, which use the recipe's replicas and training rank as configured. Each (mode, seed) is
+one run of the recipe (a subprocess, as a user runs it) with validation at step 0 and after the last step. Reported
+per mode: the median seconds per step (the first step excluded: it has nothing to overlap with), steps per second
+relative to ``sync``, the training reward of the last 5 steps and the validation reward after the last step, each as
+mean and spread over the seeds.
 
 Also the CPU-seconds a steady step takes, over every process of the run (sampled as each step's metrics line
 lands), and from sync's the floor on this machine's cores: no schedule of a step's work can take less than its
 CPU-seconds divided by the cores, so that floor bounds what overlapping the rollout with the update can gain.
 
 Run: ``python -m benchmarks.rollout_mode_bench --steps 20 --seeds 1 2 3`` (minutes: one recipe run per mode and
-seed; ``--modes`` picks some).
+seed).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MODES = {
     "sync": ["trainer.rollout_mode=sync"],
     "one_step_off": ["trainer.rollout_mode=one_step_off"],
     "one_step_off, as drawn": ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.actor.recentre_stale=false"],
+    # one rollout thread beside the trainer's: two busy threads on two cores while both run, as sync's two replicas
+    "one_step_off, 1 replica": ["trainer.rollout_mode=one_step_off", "actor_rollout_ref.rollout.n_gpus_per_node=1"],
 }
 
 
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), metavar="MODE")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES)[:3], metavar="MODE")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, for every mode")
     args = parser.parse_args(argv)
     if "sync" not in args.modes:
