@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from verl.protocol import DataProto
 
-from recipes.flowgrpo.data import ValidationBatches, validation_seed
+from recipes.flowgrpo.data import PromptBatch, ValidationBatches, validation_seed
+from verl_omni.trainer.flowgrpo.rollout_batch import ROW_SAMPLING_PARAMS
 from verl_omni.trainer.flowgrpo.trainer import FlowGRPOTrainer, OffPolicyBatchError
 from verl_omni.utils.seeding import row_seed
 from verl_omni.workers.config.training import TrainingSections
@@ -44,12 +45,14 @@ class NoBatcher:
         raise AssertionError("validation read a training batch")
 
 
-def make_trainer(tmp_path: Path, n: int = 1, **trainer_keys) -> tuple[FlowGRPOTrainer, FakeRollout]:
+def make_trainer(
+    tmp_path: Path, n: int = 1, actor: dict | None = None, **trainer_keys
+) -> tuple[FlowGRPOTrainer, FakeRollout]:
     config = OmegaConf.create(
         {
             "trainer": {"total_training_steps": 25, "seed": 42, "test_freq": 10, "val_before_train": True}
             | trainer_keys,
-            "actor_rollout_ref": {"rollout": {"agent": {"num_workers": 2}}},
+            "actor_rollout_ref": {"rollout": {"agent": {"num_workers": 2}}, "actor": actor or {}},
         }
     )
     rollout = FakeRollout()
@@ -116,3 +119,19 @@ def test_validation_refuses_a_stale_policy(tmp_path):
 def test_validation_schedule_follows_verl(tmp_path, keys, steps):
     trainer, _ = make_trainer(tmp_path, **keys)
     assert [s for s in range(trainer.total_steps + 1) if trainer.validates_at(s)] == steps
+
+
+@pytest.mark.parametrize(
+    ("mode", "recentre", "asks"),
+    [("one_step_off", True, True), ("one_step_off", False, False), ("sync", True, False)],
+)
+def test_training_requests_ask_for_their_noise_only_to_recentre_stale_samples(tmp_path, mode, recentre, asks):
+    """``one_step_off`` re-centres its stale transitions with the sampler's noise (``actor.recentre_stale``): only then
+    does a training request ask its replica to return it; validation never does."""
+    trainer, _ = make_trainer(tmp_path, actor={"recentre_stale": recentre}, rollout_mode=mode)
+    rows = PromptBatch(
+        step=3, base_seed=7, prompts=PROMPTS, uids=["a", "b", "c"], row_index=[0, 1, 2], prompt_index=[0, 1, 2]
+    )
+    params = trainer._make_batch(rows).non_tensor_batch.get(ROW_SAMPLING_PARAMS)
+    assert (params is not None and all(p == {"record_noise": True} for p in params)) == asks
+    assert ROW_SAMPLING_PARAMS not in trainer._make_batch(rows, validate=True).non_tensor_batch
