@@ -189,6 +189,9 @@ def test_step_line_reports_an_off_policy_first_step(tmp_path, capsys):
     line = trainer._console_line(0, metrics, {})
     assert "clip_first 0.85" in line and "ratio_dev 9.8e-03 > clip_ratio 1.0e-04" in line
     assert "> clip_ratio" not in trainer._console_line(0, {**metrics, "actor/ratio_max_abs_dev": 0.0}, {})
+    assert "shift" not in line
+    recentred = trainer._console_line(1, {**metrics, "actor/recentre_shift_rms": 0.0751}, {})
+    assert "shift 0.075" in recentred  # one_step_off: how far the stale transitions were moved, in noise stds
     trainer._warn_off_policy(0, metrics)
     trainer._warn_off_policy(1, metrics)  # once per run
     out = capsys.readouterr().out

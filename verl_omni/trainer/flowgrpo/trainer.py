@@ -467,7 +467,8 @@ class FlowGRPOTrainer:
         ``ratio_dev`` is max |ratio - 1| before the first update: 0 when training is exactly on-policy; when it
         exceeds the clip range the line says so (those rows start clipped). ``clip_first`` is the clip fraction of
         that first inner step, ``clip`` the mean over all inner steps. DiffusionNFT has no ratio: ``nft_dev_first``
-        is max |v_theta - v_old| before the first update (0 while the old policy is the trained one).
+        is max |v_theta - v_old| before the first update (0 while the old policy is the trained one). ``shift``
+        (re-centred ``one_step_off`` steps) is the rms distance, in noise stds, the stale transitions were moved.
         """
         width = len(str(self.total_steps))
         parts = [f"step {step + 1:>{width}}/{self.total_steps}", f"reward {metrics['reward/mean']:.3f}"]
@@ -484,6 +485,8 @@ class FlowGRPOTrainer:
             parts.append(f"ratio_dev {metrics.get('actor/ratio_max_abs_dev', float('nan')):.1e}")
         if metrics.get("actor/ratio_max_abs_dev", 0.0) > self.clip_range > 0:
             parts[-1] += f" > clip_ratio {self.clip_range:.1e}"
+        if "actor/recentre_shift_rms" in metrics:
+            parts.append(f"shift {metrics['actor/recentre_shift_rms']:.3f}")
         parts.append(f"{metrics['timing_s/step']:.2f}s")
         return "  ".join(parts)
 
