@@ -52,7 +52,6 @@ with collector_paused():  # verl, torch: objects that all survive (verl_omni.uti
     from verl_omni.workers.rollout.model_spec import read_model_index
 
 _DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-RECENTRED = "recentred_next_latents"  # update-local: each re-centred transition's x_next, (N, T, *latent)
 
 
 def load_transformer(model_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -295,24 +294,17 @@ class DiffusionActorWorker(Worker):
             out["timing_s/old_log_prob"] = time.perf_counter() - start
         if self.guard:
             batch["old_means"] = self._old_means(batch, rows, micro)
-        # each pass's row order, drawn up front (the same draws, in the same order, as drawing them pass by pass)
-        orders = [rows[rng.permutation(len(rows))] for _ in range(self.ppo_epochs)]
-        shifts: list[torch.Tensor] = []  # re-centred rows: (max |shift|, mean shift^2) per row and step
-        if NOISE in batch and not self.nft:
-            start = time.perf_counter()
-            batch[RECENTRED] = torch.empty_like(batch["latents"][:, 1:], dtype=torch.float32)
-            # the first mini-batch is re-centred in its own forward (the weights are still the update's start)
-            shifts += self._recentre(batch, orders[0][mini:], micro)
-            out["timing_s/recentre"] = time.perf_counter() - start
         totals: dict[str, list[float]] = {}
         step_ratios: dict[str, list[list[torch.Tensor]]] = {}  # "ratio" / "guard_ratio" -> per trained step
         first_clip: list[float] = []  # clip fraction of the first inner step (before any update), then the rest
         later_clip: list[float] = []
         first_log_ratios: list[torch.Tensor] = []  # every (sample, trained step) row before the first update
         nft_rows: dict[str, list[dict[str, torch.Tensor]]] = {"first": [], "later": []}  # DiffusionNFT's v - v_old
-        for epoch, order in enumerate(orders):
+        shifts: list[torch.Tensor] = []  # re-centred rows: (max |shift|, mean shift^2) per row and step
+        for epoch in range(self.ppo_epochs):
             if self.nft:  # fresh forward-process draws per pass, as the authors per inner epoch
                 self._nft_prepare(batch, rows, micro, steps, nft_generator)
+            order = rows[rng.permutation(len(rows))]
             for m_start in range(0, len(order), mini):
                 on_policy = epoch == 0 and m_start == 0
                 mini_rows = order[m_start : m_start + mini]
@@ -326,7 +318,7 @@ class DiffusionActorWorker(Worker):
                             (loss * weight).backward()
                             nft_rows["first" if on_policy else "later"].append(per_row)
                         else:
-                            loss, metrics, log_ratio, log_ratios, shift = self._loss_at_step(batch, idx, t, on_policy)
+                            loss, metrics, log_ratio, log_ratios, shift = self._loss_at_step(batch, idx, t)
                             (loss * weight).backward()
                             if shift is not None:
                                 shifts.append(shift)
@@ -352,7 +344,6 @@ class DiffusionActorWorker(Worker):
         out["actor/ratio_max_abs_dev"] = float(torch.expm1(log_ratio).abs().max())
         out["actor/log_ratio_abs_mean"] = float(log_ratio.abs().mean())
         out.update(per_step_ratio_metrics(step_ratios))
-        batch.pop(RECENTRED, None)
         if shifts:  # how stale the re-centred samples were, in noise stds (a mean would hide one far-moved row)
             shift = torch.cat(shifts).double()
             out["actor/recentre_shift_max"] = float(shift[:, 0].max())
@@ -463,22 +454,14 @@ class DiffusionActorWorker(Worker):
         return out
 
     def _loss_at_step(
-        self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int, first: bool
+        self, batch: dict[str, torch.Tensor], idx: torch.Tensor, t: int
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """Loss and metrics of rows ``idx`` at trained step ``t``, their detached log-ratio as the loss clips it, the
         log-ratios to report per step (``ratio``: the plain one; with GRPO-Guard also ``guard_ratio``) and, for
-        rows re-centred here, how far the update's starting means are from the sampler's (:func:`_mean_shift`; else
-        None). ``first``: the update's first mini-batch, whose weights are still the update's start.
-
-        Re-centred rows (``actor.recentre_stale``) are scored at ``mu_start(x) + std z``: the first mini-batch moves
-        its rows in this forward (and keeps them for a further pass), later ones read what :meth:`_recentre` stored,
-        so the clipped ratio compares the current policy with the update's start, as in ``sync``."""
+        re-centred rows, how far this policy's means moved from the sampler's (:func:`_mean_shift`; else None)."""
         step_args = self._step_args(batch, idx, t)
-        recentre_here = RECENTRED in batch and first
-        if recentre_here:
+        if NOISE in batch:  # re-centred on this policy's means (actor.recentre_stale): no stale part in the score
             step_args["noise"] = batch[NOISE][idx, t].to(self.device)
-        elif RECENTRED in batch:
-            step_args["next_latents"] = batch[RECENTRED][idx, t].to(self.device)
         log_prob, mean, std_dev = self._compute_log_prob(self.model, step_args)
         ref_mean = None
         if self.beta > 0:
@@ -488,10 +471,8 @@ class DiffusionActorWorker(Worker):
         old_log_prob = batch["old_log_probs"][idx, t].to(self.device)
         log_ratios = {"ratio": (log_prob - old_log_prob).detach()}
         shift = None
-        if recentre_here:
-            noise = step_args["noise"]
-            batch[RECENTRED][idx, t] = (mean.detach() + std_dev * noise).float().cpu()
-            shift = _mean_shift(mean, std_dev, noise, step_args["next_latents"])
+        if NOISE in batch:
+            shift = _mean_shift(mean, std_dev, step_args["noise"], step_args["next_latents"])
         if self.guard:
             old_mean = batch["old_means"][idx, t].to(self.device)
             log_prob = guard_log_prob(log_prob, old_log_prob, mean, old_mean, std_dev)
@@ -525,22 +506,6 @@ class DiffusionActorWorker(Worker):
             for t in range(steps):
                 means[idx, t] = self._compute_log_prob(self.model, self._step_args(batch, idx, t))[1].float().cpu()
         return means
-
-    @torch.no_grad()
-    def _recentre(self, batch: dict[str, torch.Tensor], rows: np.ndarray, micro: int) -> list[torch.Tensor]:
-        """Rows ``rows``' stale transitions moved onto the means of the weights the update starts from,
-        ``mu_start(x) + std z`` with the sampler's noise ``z``, into ``batch[RECENTRED]`` (host); per micro-batch and
-        step, how far those means are from the sampler's (:func:`_mean_shift`). One no-grad forward per transition:
-        what keeps the clip of later mini-batches against the update's start, as in ``sync``."""
-        shifts = []
-        for begin in range(0, len(rows), micro):
-            idx = torch.as_tensor(rows[begin : begin + micro])
-            for t in range(batch[RECENTRED].shape[1]):
-                step_args = {**self._step_args(batch, idx, t), "noise": batch[NOISE][idx, t].to(self.device)}
-                _, mean, std_dev = self._compute_log_prob(self.model, step_args)
-                batch[RECENTRED][idx, t] = (mean + std_dev * step_args["noise"]).float().cpu()
-                shifts.append(_mean_shift(mean, std_dev, step_args["noise"], step_args["next_latents"]))
-        return shifts
 
     def _policy_log_prob(self, batch: dict[str, torch.Tensor]) -> LogProbFn:
         """``(rows, t) -> log_prob``: the current policy's log-prob of stored transitions, as the update computes it."""

@@ -178,10 +178,10 @@ def check_algorithm_options(config: AlgorithmConfig) -> None:
 
 def check_stale_samples(name: str, rollout_mode: str, recompute_old_log_prob: bool, recentre_stale: bool) -> None:
     """How ``trainer.rollout_mode=one_step_off`` handles samples one version old. Re-centred (``actor.recentre_stale``,
-    the default) each transition is moved onto the means of the update's starting weights with the sampler's noise,
-    so its log-prob is the sampler's at any weights: a recomputed old log-prob would score the un-moved sample.
-    GRPO-Guard's per-step normalisation is not combined with re-centring (untested); not re-centred, it needs the
-    old log-probs and means from the same weights, so the actor recomputes them."""
+    the default) each transition is moved onto the current means with the sampler's noise, so its log-prob is the
+    sampler's at any weights: a recomputed old log-prob would score the un-moved sample, and GRPO-Guard's
+    normalisation has no mean shift left to normalise. Not re-centred, GRPO-Guard needs the old log-probs and means
+    from the same weights, so the actor recomputes them."""
     if rollout_mode == "sync":
         return
     actor = "actor_rollout_ref.actor"
@@ -195,8 +195,8 @@ def check_stale_samples(name: str, rollout_mode: str, recompute_old_log_prob: bo
     if name == "grpo_guard" and (recentre_stale or not recompute_old_log_prob):
         raise ConfigError(
             f"{ALGORITHM_PREFIX}.name='grpo_guard' with trainer.rollout_mode={rollout_mode!r}: the normalised ratio "
-            "needs the old log-probs and the old means from the same weights, and is not combined with re-centring; "
-            f"valid choices: trainer.rollout_mode=sync, or {actor}.recentre_stale=false with "
+            "needs the old log-probs and the old means from the same weights (and re-centring leaves no mean shift "
+            f"to normalise); valid choices: trainer.rollout_mode=sync, or {actor}.recentre_stale=false with "
             f"{actor}.recompute_old_log_prob=true"
         )
 
