@@ -29,7 +29,9 @@ SAMPLING = {"num_inference_steps": 4, "guidance_scale": 4.5, "height": 32, "widt
 CHUNK = 4
 
 
-def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[str, int]]]) -> list[list[Any]]:
+def _engine_runs(
+    model_path: str, config: dict[str, Any], runs: list[list[tuple[str, int]]], record_noise: bool = False
+) -> list[list[Any]]:
     """One engine; each run is one fused batch of (prompt, seed) requests. Returns each run's SampleGroup."""
     from verl_omni.request import Request
     from verl_omni.workers.config.diffusion import DiffusionRolloutConfig
@@ -42,19 +44,23 @@ def _engine_runs(model_path: str, config: dict[str, Any], runs: list[list[tuple[
     outputs = []
     for run in runs:
         requests = [
-            Request(f"r{i}", prompt, resolve_sampling_params({"seed": seed}, cfg, engine.spec))
+            Request(
+                f"r{i}", prompt, resolve_sampling_params({"seed": seed, "record_noise": record_noise}, cfg, engine.spec)
+            )
             for i, (prompt, seed) in enumerate(run)
         ]
         outputs.append(engine.run_batch(requests))
     return outputs
 
 
-def _remote_engine_runs(model_path: str, runs: list[list[tuple[str, int]]], **config: Any) -> list[list[Any]]:
+def _remote_engine_runs(
+    model_path: str, runs: list[list[tuple[str, int]]], record_noise: bool = False, **config: Any
+) -> list[list[Any]]:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable by workers
     config = {**SAMPLING, "chunk_size": CHUNK, **config}
     env = cpu_process_env(config.get("cpu_threads", 1), config.get("batch_invariant", True))
     task = ray.remote(_engine_runs).options(num_cpus=1, runtime_env={"env_vars": env})
-    return ray.get(task.remote(model_path, config, runs))
+    return ray.get(task.remote(model_path, config, runs, record_noise))
 
 
 def test_one_sample_alone_in_a_full_batch_and_in_a_ragged_batch_has_the_same_bits(ray_local, tiny_model_path):
@@ -84,12 +90,13 @@ def test_one_sample_alone_in_a_full_batch_and_in_a_ragged_batch_has_the_same_bit
 
 def _train_batch(groups: list[Any]) -> DataProto:
     """The trainer's update batch from rollout groups, as the agent loop and trainer assemble it."""
-    from verl_omni.protocol import CONDITIONING, TRAIN_KEYS, stack_samples
+    from verl_omni.protocol import CONDITIONING, NOISE, TRAIN_KEYS, stack_samples
 
     samples = [s for g in groups for s in g.samples]
     tensors, table = stack_samples(samples, [g.conditioning for g in groups for _ in g.samples])
     tensors["advantages"] = torch.linspace(-1.0, 1.0, len(samples))
-    return DataProto.from_dict(tensors={k: tensors[k] for k in TRAIN_KEYS}, meta_info={CONDITIONING: table})
+    keys = [k for k in (*TRAIN_KEYS, NOISE) if k in tensors]
+    return DataProto.from_dict(tensors={k: tensors[k] for k in keys}, meta_info={CONDITIONING: table})
 
 
 def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_model_path):
@@ -124,3 +131,48 @@ def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_m
     assert metrics["actor/ratio_max_abs_dev"] == 0.0
     assert metrics["actor/log_ratio_abs_mean"] == 0.0
     assert metrics["actor/kl"] == 0.0  # policy and reference (same weights) give the same means, bit for bit
+
+
+def test_re_centring_fresh_samples_trains_exactly_as_sync_and_leaves_later_mini_batches_unclipped(
+    ray_local, tiny_model_path
+):
+    """``one_step_off``'s re-centring (``actor.recentre_stale``) at the weights that sampled moves nothing: an update of
+    one mini-batch on re-centred transitions equals the plain one bit for bit. With two mini-batches the second is
+    re-centred on the weights the first moved, so its ratio stays 1 and a clip range that clips the plain update's
+    second mini-batch clips none of it (the trade docs/advanced_features/flowgrpo.md states)."""
+    runs = [[(f"prompt {i % 2}", i) for i in range(8)]]
+    (rollout,) = _remote_engine_runs(tiny_model_path, runs, record_noise=True)
+    with_noise = _train_batch([rollout])
+    plain = _train_batch([rollout])
+    plain.batch.pop("noise")
+    results = {}
+    for mini_batch in (8, 4):
+        cfg = compose_recipe(
+            f"actor_rollout_ref.model.path={tiny_model_path}",
+            *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
+            f"actor_rollout_ref.rollout.diffusion.chunk_size={CHUNK}",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={mini_batch}",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+            "actor_rollout_ref.actor.clip_ratio=1e-6",
+        )
+        pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix="recentre")
+        group = actor_worker_group(cfg, training_sections(cfg), pool, "recentre")
+        try:
+            group.init_model()
+            (start,) = group.state_dict()
+            (as_drawn,) = group.update_policy(plain)
+            group.load_state_dict(start)
+            (recentred,) = group.update_policy(with_noise)
+            results[mini_batch] = as_drawn, recentred
+        finally:
+            for worker in group.workers:
+                ray.kill(worker)
+            for pg in pool.pgs or []:
+                ray.util.remove_placement_group(pg)
+    as_drawn, recentred = results[8]
+    assert recentred["actor/recentre_shift_max"] < 1e-5  # the sampler's own weights: nothing to move but rounding
+    trained = {k: v for k, v in as_drawn.items() if k.startswith("actor/")}
+    assert trained == {k: v for k, v in recentred.items() if k in trained}
+    as_drawn, recentred = results[4]
+    assert as_drawn["actor/clip_frac_later"] > 0.0 and recentred["actor/clip_frac_later"] == 0.0
+    assert as_drawn["actor/clip_frac_first"] == recentred["actor/clip_frac_first"] == 0.0
