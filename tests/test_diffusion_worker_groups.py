@@ -127,7 +127,7 @@ async def test_rows_that_ask_for_their_noise_get_it_stacked_beside_their_latents
     assert torch.equal(out.batch[NOISE][:, 0, 0, 0, 0], seeds + 0.5)
 
     plain = await _worker(StubClient()).generate_sequences(_batch(UIDS))
-    assert NOISE not in plain.batch.keys()
+    assert NOISE not in plain.batch
 
     with_noise = StubClient._output("r0", "p", {"seed": 1, "record_noise": True})
     without = StubClient._output("r1", "p", {"seed": 2})

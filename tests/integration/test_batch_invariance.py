@@ -10,6 +10,8 @@ or loaded: every network call of a sample runs at exactly ``chunk_size`` samples
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -99,6 +101,28 @@ def _train_batch(groups: list[Any]) -> DataProto:
     return DataProto.from_dict(tensors={k: tensors[k] for k in keys}, meta_info={CONDITIONING: table})
 
 
+@contextmanager
+def _actor_group(model_path: str, name: str, *overrides: str) -> Iterator[Any]:
+    """One training rank in a ``RayWorkerGroup`` (the recipe's worker, initialised) for the rollout's sampling
+    settings and ``overrides``; its worker and placement group are gone after."""
+    cfg = compose_recipe(
+        f"actor_rollout_ref.model.path={model_path}",
+        *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
+        f"actor_rollout_ref.rollout.diffusion.chunk_size={CHUNK}",
+        *overrides,
+    )
+    pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix=name)
+    group = actor_worker_group(cfg, training_sections(cfg), pool, name)
+    try:
+        group.init_model()
+        yield group
+    finally:
+        for worker in group.workers:
+            ray.kill(worker)
+        for pg in pool.pgs or []:
+            ray.util.remove_placement_group(pg)
+
+
 def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_model_path):
     """A real rollout (fused 6 + 2, CFG), then the actor with ragged 3-sample micro-batches padded to the chunk
     and the full-model reference pass (KL): before the update the ratio is exactly 1 and the KL exactly 0.
@@ -107,10 +131,7 @@ def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_m
     actor recomputes with the replicas' count."""
     runs = [[(f"prompt {i % 2}", i) for i in range(6)], [("prompt 1", 6), ("prompt 0", 7)]]
     groups = _remote_engine_runs(tiny_model_path, runs, cpu_threads=3)
-    cfg = compose_recipe(
-        f"actor_rollout_ref.model.path={tiny_model_path}",
-        *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
-        f"actor_rollout_ref.rollout.diffusion.chunk_size={CHUNK}",
+    overrides = (
         "actor_rollout_ref.rollout.diffusion.cpu_threads=3",
         "trainer.cpu_threads=1",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",  # one optimizer step, after every micro-batch
@@ -118,16 +139,8 @@ def test_trainer_recomputes_the_rollouts_log_probs_bit_for_bit(ray_local, tiny_m
         "actor_rollout_ref.actor.use_kl_loss=true",
         "actor_rollout_ref.actor.kl_loss_coef=0.04",
     )
-    pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix="bit_exact")
-    group = actor_worker_group(cfg, training_sections(cfg), pool, "bit_exact")
-    try:
-        group.init_model()
+    with _actor_group(tiny_model_path, "bit_exact", *overrides) as group:
         (metrics,) = group.update_policy(_train_batch(groups))
-    finally:
-        for worker in group.workers:
-            ray.kill(worker)
-        for pg in pool.pgs or []:
-            ray.util.remove_placement_group(pg)
     assert metrics["actor/ratio_max_abs_dev"] == 0.0
     assert metrics["actor/log_ratio_abs_mean"] == 0.0
     assert metrics["actor/kl"] == 0.0  # policy and reference (same weights) give the same means, bit for bit
@@ -147,28 +160,17 @@ def test_re_centring_fresh_samples_trains_exactly_as_sync_and_leaves_later_mini_
     plain.batch.pop("noise")
     results = {}
     for mini_batch in (8, 4):
-        cfg = compose_recipe(
-            f"actor_rollout_ref.model.path={tiny_model_path}",
-            *(f"actor_rollout_ref.rollout.diffusion.{k}={v}" for k, v in SAMPLING.items()),
-            f"actor_rollout_ref.rollout.diffusion.chunk_size={CHUNK}",
+        overrides = (
             f"actor_rollout_ref.actor.ppo_mini_batch_size={mini_batch}",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
             "actor_rollout_ref.actor.clip_ratio=1e-6",
         )
-        pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1, name_prefix="recentre")
-        group = actor_worker_group(cfg, training_sections(cfg), pool, "recentre")
-        try:
-            group.init_model()
+        with _actor_group(tiny_model_path, "recentre", *overrides) as group:
             (start,) = group.state_dict()
             (as_drawn,) = group.update_policy(plain)
             group.load_state_dict(start)
             (recentred,) = group.update_policy(with_noise)
             results[mini_batch] = as_drawn, recentred
-        finally:
-            for worker in group.workers:
-                ray.kill(worker)
-            for pg in pool.pgs or []:
-                ray.util.remove_placement_group(pg)
     as_drawn, recentred = results[8]
     assert recentred["actor/recentre_shift_max"] < 1e-5  # the sampler's own weights: nothing to move but rounding
     trained = {k: v for k, v in as_drawn.items() if k.startswith("actor/")}
