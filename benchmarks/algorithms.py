@@ -98,7 +98,8 @@ def read_run(run_dir: Path) -> dict:
     }
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
+    """Mean +- sample standard deviation over seeds, as the benchmarks print it."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} +- {spread:.3f}"
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     header = "".join(f"{'val@' + str(s):>17}" for s in steps)
     print(f"{'algorithm':>15}{'seeds':>6}{header}{'s/step':>9}{'s/trained sample':>18}{'transitions/step':>18}")
     for name, rows in results.items():
-        vals = "".join(f"{_mean_sd([r['val'][s] for r in rows]):>17}" for s in steps)
+        vals = "".join(f"{mean_sd([r['val'][s] for r in rows]):>17}" for s in steps)
         step_s = statistics.mean(r["step_s"] for r in rows)
         per_sample = statistics.mean(r["s_per_trained_sample"] for r in rows)
         transitions = statistics.mean(r["transitions_per_step"] for r in rows)

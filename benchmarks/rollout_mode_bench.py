@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.algorithms import mean_sd
 from benchmarks.process_tree_cpu import ProcessTreeCPU
 
 MODES = {
@@ -87,11 +88,6 @@ def run(mode: str, seed: int, steps: int, out_dir: Path, extra: list[str]) -> di
     }
 
 
-def _spread(values: list[float]) -> str:
-    """Mean +- sample standard deviation over the seeds."""
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-
-
 def _steps_done(metrics: Path) -> int:
     """Training steps logged so far (validation-only lines do not count)."""
     try:
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_s = statistics.median(r["cpu_s_per_step"] for r in rows)
         print(
             f"{mode:>22}  {step_s:>15.3f}  {base / step_s:>14.2f}x  {cpu_s:>10.2f}  "
-            f"{_spread([r['train_last5'] for r in rows]):>20}  {_spread([r['val'] for r in rows]):>15}"
+            f"{mean_sd([r['train_last5'] for r in rows]):>20}  {mean_sd([r['val'] for r in rows]):>15}"
         )
     # No schedule of a step's work on `cores` cores takes less than its CPU-seconds / cores: overlapping the rollout
     # with the update can gain at most sync's step time over that floor (sync's work: the overlap adds, not removes).
