@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from session_dir import session_dir
+from session_dir import built_once, session_dir
 
 
 def _installed(distribution: str) -> bool:
@@ -83,12 +83,9 @@ def verl_omni_cache(tmp_path_factory):
     """A ``VERL_OMNI_CACHE`` directory holding the recipe's default pretrained tiny model, built once per session
     (about 25 s on two cores) and shared by the tests that need it, as a user's cache is shared by their runs. One
     build for all xdist workers: the first builds it under a lock, the others wait and reuse it."""
-    from filelock import FileLock
-
     from verl_omni.models.tiny_pretrain import ensure_pretrained_tiny_sd3
 
-    cache = session_dir(tmp_path_factory) / "verl_omni_cache"
-    with FileLock(f"{cache}.lock"):
+    with built_once(session_dir(tmp_path_factory) / "verl_omni_cache") as cache:
         ensure_pretrained_tiny_sd3(cache / "tiny_sd3", seed=0, progress=False)  # where recipes.flowgrpo.main looks
     return cache
 
@@ -132,15 +129,13 @@ def tiny_model(verl_omni_cache):
     """``tiny_model(name)``: the path of tiny model ``name`` (``actor_rollout_ref.model.tiny``: sd3, flux,
     qwen_image, wan) in the session's cache, built on its first request (Wan: about 12 s) and then shared by every
     test and every recipe run with ``VERL_OMNI_CACHE`` set to ``verl_omni_cache``, where the recipe looks for it."""
-    from filelock import FileLock
-
     from recipes.flowgrpo.main import TINY_MODEL_CACHE
     from verl_omni.models.tiny_models import ensure_tiny_model
 
     cache = verl_omni_cache / TINY_MODEL_CACHE.name
 
     def get(name: str) -> str:
-        with FileLock(f"{cache}.{name}.lock"):  # one build for all xdist workers, as verl_omni_cache's
+        with built_once(cache / name):  # one build for all xdist workers (a lock named for the model)
             return str(ensure_tiny_model(name, cache))
 
     return get

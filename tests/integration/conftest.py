@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from session_dir import session_dir
+from session_dir import built_once, session_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     """The tiny SD3-architecture pipeline, built locally once per test session (nothing downloaded)."""
-    from filelock import FileLock
-
     from verl_omni.models.tiny_sd3 import ensure_tiny_sd3
 
-    models = session_dir(tmp_path_factory) / "models"
-    with FileLock(f"{models}.lock"):  # one build for all xdist workers
+    with built_once(session_dir(tmp_path_factory) / "models") as models:
         return str(ensure_tiny_sd3(models / "tiny_sd3"))
